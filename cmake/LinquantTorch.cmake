@@ -1,0 +1,82 @@
+# Finds LibTorch from the active Python's torch package and decides whether to build CUDA kernels.
+#
+# Inputs (cache variables, or environment variables of the same name):
+#   LINQUANT_CUDA        1 / 0 / unset: force CUDA on / off, or build it when torch is a CUDA build
+#                        and nvcc is found.
+#   LINQUANT_CUDA_ARCHS  CUDA architectures, e.g. "80;90" (the default) or "90".
+# Outputs: Torch's variables and targets, LINQUANT_TORCH_LIBRARIES, LINQUANT_WITH_CUDA.
+
+find_package(Python3 COMPONENTS Interpreter REQUIRED)
+
+execute_process(
+  COMMAND "${Python3_EXECUTABLE}" -c
+          "import torch; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or '')"
+  OUTPUT_VARIABLE _lq_torch_info
+  RESULT_VARIABLE _lq_torch_rc
+  OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(NOT _lq_torch_rc EQUAL 0)
+  message(FATAL_ERROR "linquant: `import torch` failed with ${Python3_EXECUTABLE}; install torch first")
+endif()
+string(REPLACE "\n" ";" _lq_torch_info "${_lq_torch_info}")
+list(GET _lq_torch_info 0 _lq_torch_prefix)
+list(LENGTH _lq_torch_info _lq_n)
+set(LINQUANT_TORCH_CUDA_VERSION "")
+if(_lq_n GREATER 1)
+  list(GET _lq_torch_info 1 LINQUANT_TORCH_CUDA_VERSION)
+endif()
+list(APPEND CMAKE_PREFIX_PATH "${_lq_torch_prefix}")
+
+if(NOT DEFINED LINQUANT_CUDA AND DEFINED ENV{LINQUANT_CUDA})
+  set(LINQUANT_CUDA "$ENV{LINQUANT_CUDA}")
+endif()
+if(NOT DEFINED LINQUANT_CUDA_ARCHS)
+  if(DEFINED ENV{LINQUANT_CUDA_ARCHS})
+    set(LINQUANT_CUDA_ARCHS "$ENV{LINQUANT_CUDA_ARCHS}")
+  else()
+    set(LINQUANT_CUDA_ARCHS "80;90")
+  endif()
+endif()
+
+set(LINQUANT_WITH_CUDA OFF)
+if(LINQUANT_TORCH_CUDA_VERSION AND NOT (DEFINED LINQUANT_CUDA AND NOT LINQUANT_CUDA))
+  # Point CMake (and torch's FindCUDA) at the toolkit itself rather than an nvcc wrapper on PATH.
+  foreach(_root "$ENV{CUDA_HOME}" "$ENV{CUDA_PATH}" /usr/local/cuda)
+    if(NOT CMAKE_CUDA_COMPILER AND _root AND EXISTS "${_root}/bin/nvcc")
+      set(CMAKE_CUDA_COMPILER "${_root}/bin/nvcc")
+      set(CUDA_TOOLKIT_ROOT_DIR "${_root}")
+      set(CUDAToolkit_ROOT "${_root}")
+    endif()
+  endforeach()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(LINQUANT_WITH_CUDA ON)
+  elseif(LINQUANT_CUDA)
+    message(FATAL_ERROR "linquant: LINQUANT_CUDA=1 but no CUDA compiler (nvcc) was found")
+  else()
+    message(STATUS "linquant: torch is a CUDA build but nvcc was not found; building CPU only")
+  endif()
+elseif(LINQUANT_CUDA AND NOT LINQUANT_TORCH_CUDA_VERSION)
+  message(FATAL_ERROR "linquant: LINQUANT_CUDA=1 but the installed torch is a CPU-only build")
+endif()
+
+if(LINQUANT_WITH_CUDA)
+  # Torch's CMake turns TORCH_CUDA_ARCH_LIST into -gencode flags; give it ours ("80;90" -> "8.0;9.0")
+  # so it does not fall back to building for every architecture.
+  set(_lq_arch_list "")
+  foreach(_arch IN LISTS LINQUANT_CUDA_ARCHS)
+    string(REGEX REPLACE "^([0-9]+)([0-9a])$" "\\1.\\2" _dotted "${_arch}")
+    list(APPEND _lq_arch_list "${_dotted}")
+  endforeach()
+  set(TORCH_CUDA_ARCH_LIST "${_lq_arch_list}")
+  set(CMAKE_CUDA_ARCHITECTURES OFF)
+  enable_language(CUDA)
+endif()
+
+find_package(Torch REQUIRED)
+# What linquant links: torch's libraries less NVRTC, which it never uses and which pip-installed
+# toolkits often lack (torch's CMake then leaves a NOTFOUND entry behind).
+set(LINQUANT_TORCH_LIBRARIES ${TORCH_LIBRARIES})
+list(FILTER LINQUANT_TORCH_LIBRARIES EXCLUDE REGEX "nvrtc|NOTFOUND")
+message(STATUS "linquant: torch at ${_lq_torch_prefix}, CUDA kernels: ${LINQUANT_WITH_CUDA}"
+               " (archs ${LINQUANT_CUDA_ARCHS})")

@@ -1,0 +1,80 @@
+// The affine quantization formulas of docs/architecture.md, shared by the CPU and CUDA kernels
+// and by the GoogleTest suites. Torch-free, host and device.
+//
+//   q     = clamp(round(x / s) + z, qmin, qmax)     round = half to even
+//   x_hat = s * (q - z)
+//
+// Every step is one correctly rounded fp32 operation (no reciprocal, no fused multiply-add), so
+// a float32 PyTorch reference, the CPU kernels and the CUDA kernels agree bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "float_convert.h"
+
+namespace linquant::core {
+inline namespace LINQUANT_CPU_ISA {
+
+struct QRange {
+  int32_t qmin;
+  int32_t qmax;
+};
+
+// Symmetric values are signed, asymmetric values unsigned (docs/architecture.md).
+LQ_HD QRange q_range(int bits, bool symmetric) {
+  return symmetric ? QRange{-(1 << (bits - 1)), (1 << (bits - 1)) - 1} : QRange{0, (1 << bits) - 1};
+}
+
+struct QParams {
+  float scale;
+  int32_t zero_point;
+};
+
+// Zero points are kept within +-2^23 so that q - z is exact in fp32; a group whose offset from 0
+// exceeds 2^23 quantization steps clips at its far end instead.
+constexpr float kZeroPointLimit = 8388608.0f;
+
+LQ_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return std::nearbyint(v);
+#endif
+}
+
+LQ_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Scale and zero point of one group from its minimum and maximum (an empty group passes 0, 0).
+// A constant group c gets s = |c| (1 for c = 0) so it dequantizes exactly to c. A non-constant
+// group's scale is at least FLT_MIN so that x / s never divides by zero. A returned scale of +inf
+// means the group's range overflows fp32; callers report it.
+LQ_HD QParams qparams_from_minmax(float mn, float mx, int bits, bool symmetric) {
+  const QRange r = q_range(bits, symmetric);
+  float s;
+  if (mx == mn) {
+    s = mx == 0.0f ? 1.0f : fabsf(mx);
+  } else if (symmetric) {
+    const float amax = fabsf(mn) > fabsf(mx) ? fabsf(mn) : fabsf(mx);
+    s = amax / static_cast<float>(r.qmax);
+  } else {
+    s = (mx - mn) / static_cast<float>(r.qmax - r.qmin);
+  }
+  const float kFloatMin = 1.17549435e-38f;
+  s = s < kFloatMin ? kFloatMin : s;
+  if (symmetric) return QParams{s, 0};
+  const float z = round_half_even(static_cast<float>(r.qmin) - mn / s);
+  return QParams{s, static_cast<int32_t>(clampf(z, -kZeroPointLimit, kZeroPointLimit))};
+}
+
+// round(x / s) + z, clamped. Integer-valued floats add exactly while the sum is within the q range,
+// and rounding is monotone, so clamping after the addition is exact.
+LQ_HD int32_t quantize_value(float x, float s, int32_t z, int32_t qmin, int32_t qmax) {
+  const float v = round_half_even(x / s) + static_cast<float>(z);
+  return static_cast<int32_t>(clampf(v, static_cast<float>(qmin), static_cast<float>(qmax)));
+}
+
+LQ_HD float dequantize_value(int32_t q, float s, int32_t z) { return s * static_cast<float>(q - z); }
+
+}  // namespace LINQUANT_CPU_ISA
+}  // namespace linquant::core

@@ -1,0 +1,54 @@
+// Torch-free CPU inner loops of choose_qparams / quantize / dequantize over one contiguous span
+// that shares a single scale and zero point. The loops are written for the compiler's vectorizer
+// (`omp simd`, no branches); csrc/cpu/kernels_isa.cpp compiles them once per instruction set.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "quant_math.h"
+
+namespace linquant::core {
+inline namespace LINQUANT_CPU_ISA {
+
+// Minimum and maximum of x[0:n] folded into *mn / *mx; *nonfinite becomes non-zero if any
+// element is NaN or Inf (NaNs are otherwise invisible to min/max).
+template <typename T>
+void minmax_span(const T* x, int64_t n, float* mn, float* mx, uint32_t* nonfinite) {
+  float lo = *mn, hi = *mx;
+  uint32_t bad = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    bad |= is_nonfinite(v) ? 1u : 0u;
+  }
+  *mn = lo;
+  *mx = hi;
+  *nonfinite |= bad;
+}
+
+// Q is int8_t (symmetric) or uint8_t (asymmetric).
+template <typename T, typename Q>
+void quantize_span(const T* x, int64_t n, float s, int32_t z, QRange r, Q* q, uint32_t* nonfinite) {
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]);
+    bad |= is_nonfinite(v) ? 1u : 0u;
+    q[i] = static_cast<Q>(quantize_value(v, s, z, r.qmin, r.qmax));
+  }
+  *nonfinite |= bad;
+}
+
+template <typename Q, typename T>
+void dequantize_span(const Q* q, int64_t n, float s, int32_t z, T* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = from_float<T>(dequantize_value(static_cast<int32_t>(q[i]), s, z));
+  }
+}
+
+}  // namespace LINQUANT_CPU_ISA
+}  // namespace linquant::core

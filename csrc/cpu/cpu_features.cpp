@@ -1,0 +1,54 @@
+#include "cpu_features.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+namespace linquant::cpu {
+namespace {
+
+CpuIsa detect() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return CpuIsa::avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return CpuIsa::avx2;
+  }
+#endif
+  return CpuIsa::baseline;
+}
+
+CpuIsa choose() {
+  const CpuIsa best = detect();
+  const char* want = std::getenv("LINQUANT_CPU_ISA");
+  if (want == nullptr) return best;
+  for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
+    // An override can only narrow: asking for more than the CPU has keeps what it has.
+    if (std::strcmp(want, cpu_isa_name(isa)) == 0 && isa <= best) return isa;
+  }
+  return best;
+}
+
+}  // namespace
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512:
+      return "avx512";
+    case CpuIsa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = choose();
+  return isa;
+}
+
+}  // namespace linquant::cpu

@@ -1,0 +1,125 @@
+#include "quant_layout.h"
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+
+namespace linquant {
+namespace {
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::ostringstream os;
+  os << shape;
+  return os.str();
+}
+
+}  // namespace
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "linquant: bits must be between 2 and 8, got ", bits);
+}
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "linquant: ", name,
+                    " must be float32, float16 or bfloat16, got ", dt);
+}
+
+QuantLayout make_layout(const at::Tensor& x, std::optional<int64_t> axis,
+                        std::optional<int64_t> group_size) {
+  TORCH_CHECK_VALUE(!(axis.has_value() && group_size.has_value()),
+                    "linquant: axis and group_size are exclusive (groups run along the last dim); "
+                    "got axis=",
+                    *axis, " and group_size=", *group_size);
+  QuantLayout l;
+  const int64_t dim = x.dim();
+  if (axis.has_value()) {
+    int64_t a = *axis;
+    TORCH_CHECK_VALUE(a >= -dim && a < dim, "linquant: axis ", a, " is out of range for x of shape ",
+                      shape_str(x.sizes()), " (", dim, " dims)");
+    a = a < 0 ? a + dim : a;
+    l.granularity = Granularity::per_channel;
+    l.axis = a;
+    l.rows = x.size(a);
+    l.cols = 1;
+    for (int64_t d = 0; d < dim; ++d) l.cols *= d == a ? 1 : x.size(d);
+    l.group = l.cols;
+    l.groups = 1;
+  } else if (group_size.has_value()) {
+    const int64_t g = *group_size;
+    TORCH_CHECK_VALUE(g >= 1, "linquant: group_size must be >= 1, got ", g);
+    TORCH_CHECK_VALUE(dim >= 1, "linquant: group_size needs x with at least one dim, got a 0-dim tensor");
+    l.granularity = Granularity::per_group;
+    l.rows = 1;
+    for (int64_t d = 0; d + 1 < dim; ++d) l.rows *= x.size(d);
+    l.cols = x.size(-1);
+    l.group = g;
+    l.groups = (l.cols + g - 1) / g;
+  } else {
+    l.granularity = Granularity::per_tensor;
+    l.rows = 1;
+    l.cols = x.numel();
+    l.group = l.cols;
+    l.groups = 1;
+  }
+  return l;
+}
+
+std::vector<int64_t> param_shape(const at::Tensor& x, const QuantLayout& l) {
+  switch (l.granularity) {
+    case Granularity::per_channel: {
+      std::vector<int64_t> shape(x.dim(), 1);
+      shape[*l.axis] = l.rows;
+      return shape;
+    }
+    case Granularity::per_group: {
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = l.groups;
+      return shape;
+    }
+    default:
+      return {};
+  }
+}
+
+at::Tensor to_rows(const at::Tensor& x, const QuantLayout& l) {
+  at::Tensor t = l.axis.has_value() ? x.movedim(*l.axis, 0) : x;
+  return t.contiguous().view({l.rows, l.cols});
+}
+
+at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const QuantLayout& l) {
+  if (!l.axis.has_value()) return rows.view(like.sizes());
+  auto moved = like.sizes().vec();
+  moved.erase(moved.begin() + *l.axis);
+  moved.insert(moved.begin(), l.rows);
+  return rows.view(moved).movedim(0, *l.axis).contiguous();
+}
+
+at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& l) {
+  TORCH_CHECK_VALUE(scale.device() == x.device(), "linquant: scale is on ", scale.device(),
+                    " but the input is on ", x.device());
+  check_float_dtype(scale, "scale");
+  TORCH_CHECK_VALUE(scale.numel() == l.num_params(), "linquant: scale must have ", l.num_params(),
+                    " elements (shape ", shape_str(param_shape(x, l)), ") for this granularity, got shape ",
+                    shape_str(scale.sizes()));
+  at::Tensor s = scale.to(at::kFloat).contiguous().view({-1});
+  if (s.numel() > 0) {
+    TORCH_CHECK_VALUE(!(s <= 0).logical_or_(s.isinf()).logical_or_(s.isnan()).any().item<bool>(),
+                      "linquant: scale must hold finite positive values");
+  }
+  return s;
+}
+
+at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x, const QuantLayout& l) {
+  TORCH_CHECK_VALUE(zero_point.device() == x.device(), "linquant: zero_point is on ",
+                    zero_point.device(), " but the input is on ", x.device());
+  TORCH_CHECK_VALUE(at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false),
+                    "linquant: zero_point must be an integer tensor (int32), got ",
+                    zero_point.scalar_type());
+  TORCH_CHECK_VALUE(zero_point.numel() == l.num_params(), "linquant: zero_point must have ",
+                    l.num_params(), " elements (shape ", shape_str(param_shape(x, l)),
+                    ") for this granularity, got shape ", shape_str(zero_point.sizes()));
+  return zero_point.to(at::kInt).contiguous().view({-1});
+}
+
+}  // namespace linquant

@@ -1,0 +1,53 @@
+// Argument checks and the granularity layout shared by every backend of the quantize family.
+//
+// Every granularity is reduced to one picture: the input seen as a contiguous [rows, cols] matrix
+// whose rows are split into groups of `group` consecutive elements (the last one may be shorter),
+// each group owning one scale / zero point, stored row-major as [rows, groups]:
+//   per-tensor        rows = 1,         cols = numel,       group = cols
+//   per-channel (a)   rows = size(a),   cols = numel/rows,  group = cols   (axis a moved to front)
+//   per-group (g)     rows = numel/K,   cols = K (last dim), group = g
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+#include <vector>
+
+namespace linquant {
+
+enum class Granularity { per_tensor, per_channel, per_group };
+
+struct QuantLayout {
+  Granularity granularity = Granularity::per_tensor;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t group = 0;
+  int64_t groups = 0;           // groups per row: ceil(cols / group)
+  std::optional<int64_t> axis;  // per-channel only: the axis, normalized to >= 0
+
+  int64_t num_params() const { return rows * groups; }
+};
+
+void check_bits(int64_t bits);
+void check_float_dtype(const at::Tensor& t, const char* name);
+
+// Validates axis / group_size against the input's shape and returns the layout.
+QuantLayout make_layout(const at::Tensor& x, std::optional<int64_t> axis,
+                        std::optional<int64_t> group_size);
+
+// Shape of the scale / zero-point tensors: [] per-tensor, x's shape with every dim but `axis` set
+// to 1 per-channel, x.shape[:-1] + [groups] per-group.
+std::vector<int64_t> param_shape(const at::Tensor& x, const QuantLayout& layout);
+
+// x as the contiguous [rows, cols] matrix of the layout, and back.
+at::Tensor to_rows(const at::Tensor& x, const QuantLayout& layout);
+at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const QuantLayout& layout);
+
+// Checks scale / zero_point against x and the layout (device, dtype, element count, values) and
+// returns them as contiguous fp32 / int32 vectors of layout.num_params() elements.
+at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout);
+at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
+                              const QuantLayout& layout);
+
+}  // namespace linquant

@@ -1,0 +1,20 @@
+// Every schema of the `linquant` op library, in one place. Backends only register kernels
+// (TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and cuda/*.cu); fake kernels live in
+// python/linquant/_ops.py. docs/architecture.md documents the semantics.
+#include <torch/library.h>
+
+TORCH_LIBRARY(linquant, m) {
+  // Scale (float32) and zero point (int32; all zeros when symmetric) of x at the granularity
+  // chosen by axis / group_size (both None: per-tensor).
+  m.def(
+      "choose_qparams(Tensor x, int bits, bool symmetric, int? axis=None, int? group_size=None)"
+      " -> (Tensor scale, Tensor zero_point)");
+  // q = clamp(round(x / scale) + zero_point): int8 when zero_point is None (symmetric), else uint8.
+  m.def(
+      "quantize(Tensor x, Tensor scale, Tensor? zero_point, int bits, int? axis=None,"
+      " int? group_size=None) -> Tensor");
+  // x_hat = scale * (q - zero_point) in dtype (float32 when None).
+  m.def(
+      "dequantize(Tensor q, Tensor scale, Tensor? zero_point, int? axis=None, int? group_size=None,"
+      " ScalarType? dtype=None) -> Tensor");
+}
