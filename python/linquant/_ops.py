@@ -1,0 +1,80 @@
+"""Thin Python wrappers over `torch.ops.linquant.*`, with the fake (shape-only) kernel of each op
+beside it so torch.compile and torch.export trace through the ops without running them."""
+
+from typing import Optional, Tuple
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def param_shape(shape, axis: Optional[int], group_size: Optional[int]) -> list:
+    """Shape of the scale / zero-point tensors for a tensor of `shape` (see docs/architecture.md):
+    [] per-tensor; `shape` with every dim but `axis` set to 1 per-channel; shape[:-1] + [groups]
+    per-group, with groups = ceil(shape[-1] / group_size)."""
+    ndim = len(shape)
+    if axis is not None and group_size is not None:
+        raise ValueError("linquant: axis and group_size are exclusive (groups run along the last dim)")
+    if axis is not None:
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"linquant: axis {axis} is out of range for x of shape {list(shape)}")
+        axis = axis % ndim
+        return [shape[d] if d == axis else 1 for d in range(ndim)]
+    if group_size is not None:
+        if group_size < 1:
+            raise ValueError(f"linquant: group_size must be >= 1, got {group_size}")
+        if ndim == 0:
+            raise ValueError("linquant: group_size needs x with at least one dim, got a 0-dim tensor")
+        return list(shape[:-1]) + [(shape[-1] + group_size - 1) // group_size]
+    return []
+
+
+def _check_bits(bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"linquant: bits must be between 2 and 8, got {bits}")
+
+
+@torch.library.register_fake("linquant::choose_qparams")
+def _choose_qparams_fake(x, bits, symmetric, axis=None, group_size=None):
+    _check_bits(bits)
+    shape = param_shape(x.shape, axis, group_size)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("linquant::quantize")
+def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
+    _check_bits(bits)
+    param_shape(x.shape, axis, group_size)
+    return torch.empty_like(x, dtype=torch.int8 if zero_point is None else torch.uint8,
+                            memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("linquant::dequantize")
+def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=None):
+    param_shape(q.shape, axis, group_size)
+    return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
+
+
+def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,
+                   group_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scale (float32) and zero point (int32, or None when symmetric) for quantizing `x`.
+
+    `axis=None, group_size=None` is per-tensor; `axis=k` gives one scale per index of dim k;
+    `group_size=g` gives groups of g consecutive elements along the last dim (a last group that
+    is shorter than g is allowed)."""
+    scale, zero_point = torch.ops.linquant.choose_qparams.default(x, bits, symmetric, axis, group_size)
+    return scale, (None if symmetric else zero_point)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None, bits: int = 8,
+             axis: Optional[int] = None, group_size: Optional[int] = None) -> torch.Tensor:
+    """q = clamp(round(x / scale) + zero_point): int8 in [-2^(b-1), 2^(b-1)-1] when zero_point is
+    None (symmetric), uint8 in [0, 2^b-1] otherwise. Rounding is half to even."""
+    return torch.ops.linquant.quantize.default(x, scale, zero_point, bits, axis, group_size)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None,
+               axis: Optional[int] = None, group_size: Optional[int] = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_hat = scale * (q - zero_point), computed in float32 and returned in `dtype`."""
+    return torch.ops.linquant.dequantize.default(q, scale, zero_point, axis, group_size, dtype)
