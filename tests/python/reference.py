@@ -1,0 +1,75 @@
+"""Independent plain-PyTorch references for the quantize family.
+
+Written from docs/architecture.md's formulas, one float32 tensor operation per step (each
+correctly rounded, as the kernels promise), looping over groups instead of sharing the kernels'
+[rows, cols] layout, so a layout or rounding mistake in the kernels shows as a mismatch."""
+
+import torch
+
+FLT_MIN = torch.finfo(torch.float32).tiny
+ZERO_POINT_LIMIT = 2.0**23
+
+
+def q_range(bits, symmetric):
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def group_slices(k, group_size):
+    return [slice(j, min(j + group_size, k)) for j in range(0, k, group_size)]
+
+
+def _reduce(xf, axis, group_size, fn):
+    """min or max of each quantization group, shaped like the scale."""
+    if group_size is not None:
+        cols = [fn(xf[..., sl], dim=-1, keepdim=True) if sl.stop > sl.start else
+                torch.zeros(xf.shape[:-1] + (1,)) for sl in group_slices(xf.shape[-1], group_size)]
+        return torch.cat(cols, dim=-1) if cols else xf.new_zeros(xf.shape[:-1] + (0,))
+    if axis is not None:
+        dims = [d for d in range(xf.dim()) if d != axis % xf.dim()]
+        if xf.numel() == 0:
+            shape = [xf.shape[d] if d == axis % xf.dim() else 1 for d in range(xf.dim())]
+            return xf.new_zeros(shape)
+        return fn(xf, dim=dims, keepdim=True) if dims else xf.clone()
+    return fn(xf) if xf.numel() else xf.new_zeros(())
+
+
+def ref_qparams(x, bits, symmetric, axis=None, group_size=None):
+    xf = x.float()
+    mn = _reduce(xf, axis, group_size, torch.amin)
+    mx = _reduce(xf, axis, group_size, torch.amax)
+    qmin, qmax = q_range(bits, symmetric)
+    if symmetric:
+        s = torch.maximum(mn.abs(), mx.abs()) / qmax
+    else:
+        s = (mx - mn) / (qmax - qmin)
+    constant = torch.where(mx == 0, torch.ones_like(mx), mx.abs())
+    s = torch.where(mn == mx, constant, s)
+    s = torch.clamp(s, min=FLT_MIN)
+    if symmetric:
+        return s, None
+    z = torch.round(qmin - mn / s).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).to(torch.int32)
+    return s, z
+
+
+def broadcast_params(p, x, axis=None, group_size=None):
+    """Expand a per-group / per-channel / per-tensor parameter to x's shape."""
+    if group_size is not None:
+        return p.repeat_interleave(group_size, dim=-1)[..., : x.shape[-1]]
+    return p.expand(x.shape) if p.dim() else p
+
+
+def ref_quantize(x, scale, zero_point, bits, axis=None, group_size=None):
+    qmin, qmax = q_range(bits, zero_point is None)
+    s = broadcast_params(scale.float(), x, axis, group_size)
+    v = torch.round(x.float() / s)
+    if zero_point is not None:
+        v = v + broadcast_params(zero_point, x, axis, group_size).float()
+    return v.clamp(qmin, qmax).to(torch.int8 if zero_point is None else torch.uint8)
+
+
+def ref_dequantize(q, scale, zero_point, axis=None, group_size=None, dtype=torch.float32):
+    s = broadcast_params(scale.float(), q, axis, group_size)
+    qi = q.to(torch.int32)
+    if zero_point is not None:
+        qi = qi - broadcast_params(zero_point.to(torch.int32), q, axis, group_size)
+    return (s * qi.float()).to(dtype)
