@@ -43,7 +43,11 @@ LQ_HD float round_half_even(float v) {
 #endif
 }
 
-LQ_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// Two flat selects rather than a nested one: the vectorizer if-converts this form.
+LQ_HD float clampf(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
 
 // Scale and zero point of one group from its minimum and maximum (an empty group passes 0, 0).
 // A constant group c gets s = |c| (1 for c = 0) so it dequantizes exactly to c. A non-constant

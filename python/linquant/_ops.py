@@ -29,6 +29,12 @@ def param_shape(shape, axis: Optional[int], group_size: Optional[int]) -> list:
     return []
 
 
+def _check_devices(x, scale, zero_point) -> None:
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"linquant: {name} is on {t.device} but the input is on {x.device}")
+
+
 def _check_bits(bits: int) -> None:
     if not 2 <= bits <= 8:
         raise ValueError(f"linquant: bits must be between 2 and 8, got {bits}")
@@ -44,6 +50,7 @@ def _choose_qparams_fake(x, bits, symmetric, axis=None, group_size=None):
 @torch.library.register_fake("linquant::quantize")
 def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
     _check_bits(bits)
+    _check_devices(x, scale, zero_point)
     param_shape(x.shape, axis, group_size)
     return torch.empty_like(x, dtype=torch.int8 if zero_point is None else torch.uint8,
                             memory_format=torch.contiguous_format)
@@ -51,6 +58,7 @@ def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
 
 @torch.library.register_fake("linquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=None):
+    _check_devices(q, scale, zero_point)
     param_shape(q.shape, axis, group_size)
     return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
 

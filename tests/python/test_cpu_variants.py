@@ -1,0 +1,39 @@
+"""Each CPU instruction-set variant (chosen at run time; LINQUANT_CPU_ISA narrows the choice)
+gives the reference's bits. Every variant runs in its own process, since the choice is made once."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+SCRIPT = """
+import torch, linquant as lq
+from reference import ref_qparams, ref_quantize, ref_dequantize
+g = torch.Generator().manual_seed(SEED)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    x = (torch.randn(9, 203, generator=g) * 3 + 1).to(dtype)
+    for bits in (2, 4, 8):
+        for sym in (True, False):
+            for axis, gs in ((None, None), (0, None), (1, None), (None, 64)):
+                s, z = lq.choose_qparams(x, bits, sym, axis, gs)
+                rs, rz = ref_qparams(x, bits, sym, axis, gs)
+                assert torch.equal(s, rs) and (sym or torch.equal(z, rz))
+                q = lq.quantize(x, s, z, bits, axis, gs)
+                assert torch.equal(q, ref_quantize(x, rs, rz, bits, axis, gs))
+                for od in (torch.float32, torch.float16, torch.bfloat16):
+                    assert torch.equal(lq.dequantize(q, s, z, axis, gs, od), ref_dequantize(q, rs, rz, axis, gs, od))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_isa_variant_matches_reference(isa, gen):
+    seed = gen.initial_seed()
+    env = dict(os.environ, LINQUANT_CPU_ISA=isa, PYTHONPATH=str(HERE))
+    out = subprocess.run([sys.executable, "-c", SCRIPT.replace("SEED", str(seed))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

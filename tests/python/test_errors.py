@@ -1,0 +1,123 @@
+"""Bad input raises a clear ValueError naming the argument; never a crash, garbage or NaN."""
+
+import re
+
+import pytest
+import torch
+
+import linquant as lq
+
+
+def raises(match):
+    return pytest.raises(ValueError, match=match)
+
+
+X = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, -3])
+def test_bits_out_of_range(bits):
+    with raises("bits must be between 2 and 8"):
+        lq.choose_qparams(X, bits=bits)
+    with raises("bits must be between 2 and 8"):
+        lq.quantize(X, torch.tensor(1.0), bits=bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8, torch.bool])
+def test_wrong_input_dtype(dtype):
+    with raises(re.escape("x must be float32, float16 or bfloat16")):
+        lq.choose_qparams(X.to(dtype))
+    with raises(re.escape("x must be float32, float16 or bfloat16")):
+        lq.quantize(X.to(dtype), torch.tensor(1.0))
+
+
+def test_dequantize_wrong_q_dtype_and_output_dtype():
+    with raises("q must be int8"):
+        lq.dequantize(X, torch.tensor(1.0))
+    with raises("dtype must be float32, float16 or bfloat16"):
+        lq.dequantize(X.to(torch.int8), torch.tensor(1.0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("axis", [2, -3, 100])
+def test_axis_out_of_range(axis):
+    with raises(f"axis {axis} is out of range"):
+        lq.choose_qparams(X, axis=axis)
+    with raises(f"axis {axis} is out of range"):
+        lq.quantize(X, torch.ones(4, 1), axis=axis)
+
+
+def test_axis_and_group_size_are_exclusive():
+    with raises("axis and group_size are exclusive"):
+        lq.choose_qparams(X, axis=0, group_size=4)
+
+
+@pytest.mark.parametrize("g", [0, -4])
+def test_bad_group_size(g):
+    with raises("group_size must be >= 1"):
+        lq.choose_qparams(X, group_size=g)
+    with raises("at least one dim"):
+        lq.choose_qparams(torch.tensor(1.0), group_size=4)
+
+
+def test_scale_shape_mismatch():
+    with raises(re.escape("scale must have 4 elements (shape [4, 1])")):
+        lq.quantize(X, torch.ones(8), axis=0)
+    with raises(re.escape("scale must have 12 elements (shape [4, 3])")):
+        lq.quantize(X, torch.ones(4, 2), group_size=3)
+    with raises(re.escape("scale must have 1 elements (shape [])")):
+        lq.dequantize(X.to(torch.int8), torch.ones(2))
+
+
+def test_zero_point_mismatch():
+    s = torch.ones(4, 1)
+    with raises("zero_point must have 4 elements"):
+        lq.quantize(X, s, torch.zeros(3, dtype=torch.int32), axis=0)
+    with raises("zero_point must be an integer tensor"):
+        lq.quantize(X, s, torch.zeros(4, 1), axis=0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_scale_values(bad):
+    s = torch.ones(4, 1)
+    s[2] = bad
+    with raises("scale must hold finite positive values"):
+        lq.quantize(X, s, axis=0)
+    with raises("scale must hold finite positive values"):
+        lq.dequantize(X.to(torch.int8), s, axis=0)
+
+
+def test_scale_dtype():
+    with raises("scale must be float32, float16 or bfloat16"):
+        lq.quantize(X, torch.ones((), dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_or_inf_input(bad, dtype):
+    x = torch.randn(3, 300).to(dtype)
+    x[1, 257] = bad
+    for kw in ({}, {"axis": 0}, {"group_size": 32}):
+        with raises("x contains NaN or Inf"):
+            lq.choose_qparams(x, **kw)
+    with raises("x contains NaN or Inf"):
+        lq.quantize(x, torch.tensor(0.1))
+
+
+def test_range_overflowing_a_float32_scale():
+    x = torch.tensor([-3e38, 3e38])
+    with raises("overflows a float32 scale"):
+        lq.choose_qparams(x, symmetric=False)
+
+
+def test_mismatched_devices():
+    # Without a GPU the meta device stands in for "another device": the dispatcher then routes to
+    # the fake kernel, which checks devices as the real kernels do (test_cuda.py covers CUDA).
+    with raises("scale is on meta but the input is on cpu"):
+        lq.quantize(X, torch.ones((), device="meta"))
+    with raises("zero_point is on meta but the input is on cpu"):
+        lq.dequantize(X.to(torch.uint8), torch.ones(()), torch.zeros((), dtype=torch.int32, device="meta"))
+
+
+def test_metrics_shape_mismatch():
+    with raises("x has shape"):
+        lq.metrics(X, X[:2])
