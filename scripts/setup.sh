@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what linquant needs on a fresh Debian machine (GoogleTest, torch, build and test tools),
+# then builds the op library and installs the Python package. Safe to re-run: what is already
+# there is kept and the build is incremental.
+#   LINQUANT_TORCH_VERSION  torch to install (default 2.14.1, the CUDA 13.0 build)
+#   LINQUANT_CUDA=0/1, LINQUANT_CUDA_ARCHS="80;90"  passed to CMake (see cmake/LinquantTorch.cmake)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+torch_version=${LINQUANT_TORCH_VERSION:-2.14.1}
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+if [ ! -f /usr/include/gtest/gtest.h ]; then
+  echo "== installing GoogleTest (apt)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libgtest-dev >/dev/null
+fi
+
+have_torch=$(python3 -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [ "$have_torch" != "$torch_version" ]; then
+  echo "== installing torch==$torch_version (pip)"
+  python3 -m pip install -q --disable-pip-version-check "torch==$torch_version"
+fi
+python3 -m pip install -q --disable-pip-version-check "setuptools>=64" wheel "cmake>=3.24" ninja pytest numpy
+
+echo "== building and installing linquant"
+python3 -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+cmake --build build -j "$(nproc)"
