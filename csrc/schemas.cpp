@@ -17,4 +17,9 @@ TORCH_LIBRARY(linquant, m) {
   m.def(
       "dequantize(Tensor q, Tensor scale, Tensor? zero_point, int? axis=None, int? group_size=None,"
       " ScalarType? dtype=None) -> Tensor");
+  // Values in [0, 2^bits) packed along the last dim into uint8, lowest index in the lowest bits;
+  // the last dim becomes ceil(n * bits / 8). bits 1..8.
+  m.def("pack(Tensor q, int bits) -> Tensor");
+  // Inverse of pack: `size` is the original last dim.
+  m.def("unpack(Tensor packed, int bits, int size) -> Tensor");
 }

@@ -11,3 +11,18 @@ CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
 
 }  // namespace linquant::cpu
+
+// In a per-ISA file: the name `fn_<isa>` of the table getter this compilation defines.
+#define LINQUANT_ISA_CAT2(a, b) a##b
+#define LINQUANT_ISA_CAT(a, b) LINQUANT_ISA_CAT2(a, b)
+#define LINQUANT_ISA_NAME(fn) LINQUANT_ISA_CAT(fn##_, LINQUANT_CPU_ISA)
+
+// The kernel table `fn_<isa>()` of the chosen instruction set; only x86-64 builds the AVX copies.
+#if defined(__x86_64__)
+#define LINQUANT_PICK_ISA(fn)                                                     \
+  (::linquant::cpu::cpu_isa() == ::linquant::cpu::CpuIsa::avx512 ? fn##_avx512() \
+   : ::linquant::cpu::cpu_isa() == ::linquant::cpu::CpuIsa::avx2 ? fn##_avx2()   \
+                                                                 : fn##_baseline())
+#else
+#define LINQUANT_PICK_ISA(fn) fn##_baseline()
+#endif

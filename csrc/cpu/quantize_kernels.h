@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "cpu_features.h"
+
 namespace linquant::cpu {
 
 enum FloatType { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -20,11 +22,11 @@ struct QuantizeKernels {
   DequantizeFn dequantize[2][3];  // [IntType of q][FloatType of out]
 };
 
-const QuantizeKernels& quantize_kernels();
-
 // One table per ISA, each defined by its own compilation of quantize_kernels_isa.cpp.
 const QuantizeKernels& quantize_kernels_baseline();
 const QuantizeKernels& quantize_kernels_avx2();
 const QuantizeKernels& quantize_kernels_avx512();
+
+inline const QuantizeKernels& quantize_kernels() { return LINQUANT_PICK_ISA(quantize_kernels); }
 
 }  // namespace linquant::cpu

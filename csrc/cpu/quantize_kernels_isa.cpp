@@ -3,9 +3,6 @@
 #include "../core/quantize_span.h"
 #include "quantize_kernels.h"
 
-#define LQ_CAT2(a, b) a##b
-#define LQ_CAT(a, b) LQ_CAT2(a, b)
-
 namespace linquant::cpu {
 namespace {
 
@@ -42,6 +39,6 @@ const QuantizeKernels kTable = {
 
 }  // namespace
 
-const QuantizeKernels& LQ_CAT(quantize_kernels_, LINQUANT_CPU_ISA)() { return kTable; }
+const QuantizeKernels& LINQUANT_ISA_NAME(quantize_kernels)() { return kTable; }
 
 }  // namespace linquant::cpu

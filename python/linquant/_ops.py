@@ -63,6 +63,30 @@ def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=Non
     return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
 
 
+def _check_pack_args(t, name: str, bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"linquant: bits must be between 1 and 8 for packing, got {bits}")
+    if t.dim() == 0:
+        raise ValueError(f"linquant: {name} must have at least one dim, got a 0-dim tensor")
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes that n values of `bits` bits take when packed."""
+    return (n * bits + 7) // 8
+
+
+@torch.library.register_fake("linquant::pack")
+def _pack_fake(q, bits):
+    _check_pack_args(q, "q", bits)
+    return q.new_empty(list(q.shape[:-1]) + [packed_size(q.shape[-1], bits)], dtype=torch.uint8)
+
+
+@torch.library.register_fake("linquant::unpack")
+def _unpack_fake(packed, bits, size):
+    _check_pack_args(packed, "packed", bits)
+    return packed.new_empty(list(packed.shape[:-1]) + [size], dtype=torch.uint8)
+
+
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,
                    group_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (float32) and zero point (int32, or None when symmetric) for quantizing `x`.
@@ -86,3 +110,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x_hat = scale * (q - zero_point), computed in float32 and returned in `dtype`."""
     return torch.ops.linquant.dequantize.default(q, scale, zero_point, axis, group_size, dtype)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs values in [0, 2^bits) along the last dim into uint8: element i of a row occupies bits
+    [i*bits, (i+1)*bits) of the row's little-endian bit stream, so the lowest index sits in the
+    lowest bits of its byte (pack([0, 1, 2, 3], 2) == [228]). A last dim that does not fill the
+    final byte is padded with zero bits: the packed last dim is ceil(n * bits / 8). bits 1..8."""
+    return torch.ops.linquant.pack.default(q, bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 values with last dim `size` (the original last dim)."""
+    return torch.ops.linquant.unpack.default(packed, bits, size)

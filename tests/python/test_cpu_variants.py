@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = """
 import torch, linquant as lq
 from reference import ref_qparams, ref_quantize, ref_dequantize
+from test_pack import ref_pack as lq_ref_pack
 g = torch.Generator().manual_seed(SEED)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     x = (torch.randn(9, 203, generator=g) * 3 + 1).to(dtype)
@@ -26,6 +27,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 assert torch.equal(q, ref_quantize(x, rs, rz, bits, axis, gs))
                 for od in (torch.float32, torch.float16, torch.bfloat16):
                     assert torch.equal(lq.dequantize(q, s, z, axis, gs, od), ref_dequantize(q, rs, rz, axis, gs, od))
+for bits in range(1, 9):
+    v = torch.randint(0, 2 ** bits, (5, 203), generator=g, dtype=torch.uint8)
+    p = lq.pack(v, bits)
+    assert torch.equal(p, lq_ref_pack(v, bits)) and torch.equal(lq.unpack(p, bits, 203), v)
 print("ok")
 """
 
