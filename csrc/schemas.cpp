@@ -22,4 +22,11 @@ TORCH_LIBRARY(linquant, m) {
   m.def("pack(Tensor q, int bits) -> Tensor");
   // Inverse of pack: `size` is the original last dim.
   m.def("unpack(Tensor packed, int bits, int size) -> Tensor");
+  // y = x @ dequantize(qweight).T + bias for x [..., K] in fp32/fp16/bf16 (y in x's dtype), with
+  // qweight in the quantized-weight format: int8 [N, K] (8-bit symmetric), uint8 [N, K] (8-bit
+  // asymmetric) or uint8 [N, ceil(K * bits / 8)] packed; scales / zeros [N, ceil(K / group_size)];
+  // zeros None means symmetric. group_size None is per-channel.
+  m.def(
+      "linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None, int bits=8,"
+      " int? group_size=None) -> Tensor");
 }

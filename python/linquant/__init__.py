@@ -11,9 +11,10 @@ from ._library import library_path, load_library
 
 load_library()
 
-from ._ops import choose_qparams, dequantize, pack, packed_size, quantize, unpack  # noqa: E402
+from ._ops import choose_qparams, dequantize, linear, pack, packed_size, quantize, unpack  # noqa: E402
 from .metrics import metrics  # noqa: E402
+from .weights import QuantizedWeight, dequantize_weight, quantize_weight  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["choose_qparams", "quantize", "dequantize", "pack", "unpack", "packed_size", "metrics",
-           "library_path"]
+__all__ = ["choose_qparams", "quantize", "dequantize", "pack", "unpack", "packed_size", "linear",
+           "quantize_weight", "dequantize_weight", "QuantizedWeight", "metrics", "library_path"]

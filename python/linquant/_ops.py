@@ -87,6 +87,18 @@ def _unpack_fake(packed, bits, size):
     return packed.new_empty(list(packed.shape[:-1]) + [size], dtype=torch.uint8)
 
 
+@torch.library.register_fake("linquant::linear")
+def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=None):
+    if bits not in (8, 4, 2):
+        raise ValueError(f"linquant: linear supports bits 8, 4 and 2, got {bits}")
+    if x.dim() == 0 or qweight.dim() != 2:
+        raise ValueError("linquant: linear needs x [..., K] and a 2-D qweight")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"linquant: {name} is on {t.device} but x is on {x.device}")
+    return x.new_empty(list(x.shape[:-1]) + [qweight.shape[0]])
+
+
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,
                    group_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (float32) and zero point (int32, or None when symmetric) for quantizing `x`.
@@ -123,3 +135,10 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
     """Inverse of `pack`: uint8 values with last dim `size` (the original last dim)."""
     return torch.ops.linquant.unpack.default(packed, bits, size)
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,
+           bias: Optional[torch.Tensor] = None, bits: int = 8, group_size: Optional[int] = None) -> torch.Tensor:
+    """y = x @ W_hat.T + bias with W_hat = scales * (q - zeros) from the quantized-weight format
+    (see `quantize_weight`); x [..., K] in float32/float16/bfloat16, y [..., N] in x's dtype."""
+    return torch.ops.linquant.linear.default(x, qweight, scales, zeros, bias, bits, group_size)

@@ -1,0 +1,84 @@
+// CPU kernel of the weight-only quantized linear op (W8A16 / W4A16 / W2A16).
+//   small M: the per-ISA GEMV streams each weight row once, dequantizing in registers;
+//   large M: weight rows are dequantized tile by tile into an L2-sized fp32 buffer and multiplied
+//            with ATen's GEMM, so the weight is read once and the GEMM runs at its own speed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../linear_checks.h"
+#include "linear_kernels.h"
+
+namespace linquant::cpu {
+namespace {
+
+// Above this many activation rows the dequantize + GEMM path wins (bench/bench_linear.py).
+constexpr int64_t kGemvMaxRows = 8;
+// Weight rows dequantized per GEMM call: about 2 MiB of fp32, which stays in L2/L3.
+constexpr int64_t kTileBytes = int64_t{2} << 20;
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                      std::optional<int64_t> group_size) {
+  const LinearShape sh = check_linear_args(x, qweight, scales, zeros, bias, bits, group_size);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "linquant: x must be on the CPU for this kernel, got ", x.device());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = sh.N;
+  if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
+
+  const int64_t per_byte = 8 / bits;
+  const at::Tensor x2 = x.reshape({sh.M, sh.K}).to(at::kFloat).contiguous();
+  const at::Tensor w = qweight.contiguous();
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const at::Tensor z = zeros.has_value() ? zeros->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+
+  LinearArgs a;
+  a.M = sh.M;
+  a.N = sh.N;
+  a.K = sh.K;
+  a.bits = static_cast<int>(bits);
+  a.signed_q = bits == 8 && sh.symmetric;
+  a.row_bytes = sh.row_bytes;
+  a.group = sh.group;
+  a.groups = sh.groups;
+  a.w = reinterpret_cast<const uint8_t*>(w.const_data_ptr());
+  a.scales = s.const_data_ptr<float>();
+  a.zeros = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
+  a.zero_const = sh.symmetric && bits < 8 ? 1 << (bits - 1) : 0;  // stored offset of signed sub-byte values
+  a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
+  a.y = y.data_ptr<float>();
+  const LinearKernels& k = linear_kernels();
+
+  if (sh.M <= kGemvMaxRows) {
+    // Activation streams (see linear_kernels.h): x padded to whole bytes of weights, byte-major.
+    const at::Tensor padded = at::constant_pad_nd(x2, {0, sh.row_bytes * per_byte - sh.K});
+    const at::Tensor xd = per_byte == 1 ? x2
+                                        : padded.view({sh.M, sh.row_bytes, per_byte}).transpose(1, 2).contiguous();
+    const at::Tensor xg = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K});
+    const at::Tensor xsum = xg.view({sh.M, sh.groups, sh.group}).sum(-1).contiguous();
+    a.xd = xd.const_data_ptr<float>();
+    a.xsum = xsum.const_data_ptr<float>();
+    at::parallel_for(0, sh.N, 16, [&](int64_t n0, int64_t n1) { k.gemv(a, n0, n1); });
+  } else {
+    const int64_t tile = std::clamp<int64_t>(kTileBytes / (4 * std::max<int64_t>(sh.K, 1)), 16, 1024);
+    at::Tensor wtile = at::empty({tile, sh.K}, x2.options());
+    for (int64_t n0 = 0; n0 < sh.N; n0 += tile) {
+      const int64_t n1 = std::min(n0 + tile, sh.N);
+      float* dst = wtile.data_ptr<float>();
+      at::parallel_for(n0, n1, 4, [&](int64_t r0, int64_t r1) { k.dequant_rows(a, r0, r1, dst + (r0 - n0) * sh.K); });
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, wtile.narrow(0, 0, n1 - n0).t()));
+    }
+    if (b.defined()) y.add_(b);
+  }
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linquant, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace linquant::cpu

@@ -1,0 +1,50 @@
+// Table of the weight-only quantized linear CPU inner loops for one instruction set, filled by
+// linear_kernels_isa.cpp (compiled once per ISA) and chosen at run time by linear_kernels().
+//
+// The weight is docs/architecture.md's format: row n of `w` holds K values of `bits` bits packed
+// along K (lowest index in the lowest bits). The activations come pre-arranged so that the kernels
+// read both sides contiguously: for bits < 8 a byte holds PER = 8 / bits values, and `xd` holds
+// PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Then
+// y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] q[n, k] - z[n, g] * xsum[m, g]) + bias[n].
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_features.h"
+
+namespace linquant::cpu {
+
+struct LinearArgs {
+  int64_t M = 0, N = 0, K = 0;
+  int bits = 8;
+  bool signed_q = false;  // int8 symmetric weights hold signed values
+  int64_t row_bytes = 0;  // bytes per weight row: ceil(K * bits / 8)
+  int64_t group = 0;      // values per group (per-channel: K); a multiple of 8 / bits
+  int64_t groups = 0;     // G = ceil(K / group)
+  const uint8_t* w = nullptr;       // [N, row_bytes]
+  const float* scales = nullptr;    // [N, G]
+  const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
+  int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
+  const float* xd = nullptr;        // [M, PER, row_bytes] activation streams
+  const float* xsum = nullptr;      // [M, G] activation sums per group
+  const float* bias = nullptr;      // [N] or nullptr
+  float* y = nullptr;               // [M, N]
+};
+
+struct LinearKernels {
+  // Rows [n_begin, n_end) of y for every m, streaming each weight row once.
+  using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
+  // Dequantized rows [n_begin, n_end) of the weight into out[(n - n_begin) * K + k], fp32.
+  using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
+
+  GemvFn gemv;
+  DequantFn dequant_rows;
+};
+
+const LinearKernels& linear_kernels_baseline();
+const LinearKernels& linear_kernels_avx2();
+const LinearKernels& linear_kernels_avx512();
+
+inline const LinearKernels& linear_kernels() { return LINQUANT_PICK_ISA(linear_kernels); }
+
+}  // namespace linquant::cpu

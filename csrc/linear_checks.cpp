@@ -1,0 +1,71 @@
+#include "linear_checks.h"
+
+#include <ATen/ATen.h>
+
+#include "quant_layout.h"
+
+namespace linquant {
+
+LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                              int64_t bits, std::optional<int64_t> group_size) {
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant: linear supports bits 8, 4 and 2, got ", bits);
+  check_float_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "linquant: x must have at least one dim [..., K], got a 0-dim tensor");
+  for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, std::pair{&scales, "scales"}}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "linquant: ", name, " is on ", t->device(),
+                      " but x is on ", x.device());
+  }
+  LinearShape s;
+  s.symmetric = !zeros.has_value();
+  s.K = x.size(-1);
+  s.M = s.K == 0 ? 0 : x.numel() / s.K;
+  if (s.K == 0) {
+    s.M = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) s.M *= x.size(d);
+  }
+
+  const at::ScalarType want_q = bits == 8 && s.symmetric ? at::kChar : at::kByte;
+  TORCH_CHECK_VALUE(qweight.scalar_type() == want_q, "linquant: qweight must be ",
+                    want_q == at::kChar ? "int8 (8-bit symmetric)" : "uint8 (packed, or 8-bit asymmetric)",
+                    " for bits=", bits, s.symmetric ? " symmetric" : " asymmetric", ", got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2, "linquant: qweight must be 2-D [out_features, packed in_features], got ",
+                    qweight.dim(), " dims");
+  s.N = qweight.size(0);
+  s.row_bytes = (s.K * bits + 7) / 8;
+  TORCH_CHECK_VALUE(qweight.size(1) == s.row_bytes, "linquant: x has in_features K=", s.K, ", which at ", bits,
+                    " bits packs into ", s.row_bytes, " bytes per weight row, but qweight has ", qweight.size(1));
+
+  const int64_t per_byte = 8 / bits;
+  if (group_size.has_value()) {
+    const int64_t g = *group_size;
+    TORCH_CHECK_VALUE(g >= 1 && g % per_byte == 0, "linquant: group_size must be a positive multiple of ",
+                      per_byte, " at ", bits, " bits (groups start on byte boundaries), got ", g);
+    s.group = g;
+  } else {
+    s.group = s.row_bytes * per_byte;  // per-channel: one group per row, K rounded up to whole bytes
+  }
+  s.groups = s.K == 0 ? 1 : (s.K + s.group - 1) / s.group;
+
+  check_float_dtype(scales, "scales");
+  TORCH_CHECK_VALUE(scales.numel() == s.N * s.groups, "linquant: scales must be [", s.N, ", ", s.groups,
+                    "] (out_features x ceil(K / group_size)), got shape ", scales.sizes());
+  if (zeros.has_value()) {
+    TORCH_CHECK_VALUE(zeros->device() == x.device(), "linquant: zeros is on ", zeros->device(), " but x is on ",
+                      x.device());
+    TORCH_CHECK_VALUE(at::isIntegralType(zeros->scalar_type(), /*includeBool=*/false),
+                      "linquant: zeros must be an integer tensor (int32), got ", zeros->scalar_type());
+    TORCH_CHECK_VALUE(zeros->numel() == s.N * s.groups, "linquant: zeros must be [", s.N, ", ", s.groups,
+                      "] like scales, got shape ", zeros->sizes());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device() == x.device(), "linquant: bias is on ", bias->device(), " but x is on ",
+                      x.device());
+    check_float_dtype(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->numel() == s.N, "linquant: bias must have out_features=", s.N, " elements, got shape ",
+                      bias->sizes());
+  }
+  return s;
+}
+
+}  // namespace linquant

@@ -1,0 +1,56 @@
+"""The quantized-weight format of docs/architecture.md, from and back to a float weight."""
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._ops import choose_qparams, dequantize, pack, quantize, unpack
+
+
+class QuantizedWeight(NamedTuple):
+    qweight: torch.Tensor           # int8 [N, K] | uint8 [N, K] (8-bit asym) | uint8 [N, ceil(K*bits/8)]
+    scales: torch.Tensor            # [N, G] in the compute dtype
+    zeros: Optional[torch.Tensor]   # int32 [N, G], None when symmetric
+    bits: int
+    group_size: Optional[int]       # None: per-channel
+    in_features: int
+
+
+def _granularity(group_size):
+    return {"axis": 0} if group_size is None else {"group_size": group_size}
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[int] = None,
+                    symmetric: bool = True, dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+    """Quantizes a linear weight [N, K] per output channel (group_size None) or per group of
+    `group_size` input features. Scales are stored in `dtype` (default: the weight's dtype) and the
+    values are quantized with the stored scales, so dequantization is self-consistent."""
+    if weight.dim() != 2:
+        raise ValueError(f"linquant: weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if bits not in (8, 4, 2):
+        raise ValueError(f"linquant: the weight format supports bits 8, 4 and 2, got {bits}")
+    dtype = dtype or weight.dtype
+    w = weight.detach()
+    gran = _granularity(group_size)
+    scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
+    scale = scale.to(dtype).clamp_min(torch.finfo(dtype).tiny)
+    q = quantize(w, scale, zp, bits=bits, **gran)
+    if bits < 8:
+        if symmetric:  # signed values are stored offset by 2^(bits-1)
+            q = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        q = pack(q, bits)
+    n = weight.shape[0]
+    return QuantizedWeight(q, scale.reshape(n, -1), None if zp is None else zp.reshape(n, -1), bits,
+                           group_size, weight.shape[1])
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The float weight [N, K] that a QuantizedWeight stands for."""
+    q = qw.qweight
+    if qw.bits < 8:
+        q = unpack(q, qw.bits, qw.in_features)
+        if qw.zeros is None:
+            q = (q.to(torch.int16) - (1 << (qw.bits - 1))).to(torch.int8)
+    gran = _granularity(qw.group_size)
+    scales = qw.scales if qw.group_size is not None else qw.scales.reshape(-1, 1)
+    return dequantize(q, scales, qw.zeros, dtype=dtype or qw.scales.dtype, **gran)
