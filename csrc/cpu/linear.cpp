@@ -15,7 +15,7 @@ namespace linquant::cpu {
 namespace {
 
 // Above this many activation rows the dequantize + GEMM path wins (bench/bench_linear.py).
-constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kGemvMaxRows = 1 << 20;
 // Weight rows dequantized per GEMM call: about 2 MiB of fp32, which stays in L2/L3.
 constexpr int64_t kTileBytes = int64_t{2} << 20;
 
@@ -58,11 +58,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     const at::Tensor padded = at::constant_pad_nd(x2, {0, sh.row_bytes * per_byte - sh.K});
     const at::Tensor xd = per_byte == 1 ? x2
                                         : padded.view({sh.M, sh.row_bytes, per_byte}).transpose(1, 2).contiguous();
-    const at::Tensor xg = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K});
-    const at::Tensor xsum = xg.view({sh.M, sh.groups, sh.group}).sum(-1).contiguous();
     a.xd = xd.const_data_ptr<float>();
-    a.xsum = xsum.const_data_ptr<float>();
-    at::parallel_for(0, sh.N, 16, [&](int64_t n0, int64_t n1) { k.gemv(a, n0, n1); });
+    // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
+    const int64_t blocks = (sh.N + 3) / 4;
+    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { k.gemv(a, b0 * 4, std::min(b1 * 4, sh.N)); });
   } else {
     const int64_t tile = std::clamp<int64_t>(kTileBytes / (4 * std::max<int64_t>(sh.K, 1)), 16, 1024);
     at::Tensor wtile = at::empty({tile, sh.K}, x2.options());

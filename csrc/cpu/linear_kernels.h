@@ -5,7 +5,7 @@
 // along K (lowest index in the lowest bits). The activations come pre-arranged so that the kernels
 // read both sides contiguously: for bits < 8 a byte holds PER = 8 / bits values, and `xd` holds
 // PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Then
-// y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] q[n, k] - z[n, g] * xsum[m, g]) + bias[n].
+// y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
 
 #include <cstdint>
@@ -26,7 +26,6 @@ struct LinearArgs {
   const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   const float* xd = nullptr;        // [M, PER, row_bytes] activation streams
-  const float* xsum = nullptr;      // [M, G] activation sums per group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
 };

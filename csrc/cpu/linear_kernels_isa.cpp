@@ -1,7 +1,7 @@
 // Weight-only quantized linear inner loops, compiled once per instruction set (see
 // linear_kernels.h for the data layout). The AVX-512 and AVX2 copies dequantize in registers while
-// streaming each weight row once and keep up to kTile activation rows' accumulators in registers;
-// the baseline copy is plain C++.
+// streaming each weight row once, tiled over weight and activation rows; the baseline copy is
+// plain C++.
 #include <algorithm>
 #include <cstring>
 
@@ -14,20 +14,14 @@
 namespace linquant::cpu {
 namespace {
 
-// Activation rows processed together: their accumulators stay in registers while a weight chunk
-// is converted once.
-constexpr int kTile = 4;
-
 struct RowParams {
   float s;
   int32_t z;
-  float sz;  // s * z, for the xsum correction
 };
 
 inline RowParams params(const LinearArgs& a, int64_t n, int64_t g) {
-  const float s = a.scales[n * a.groups + g];
   const int32_t z = a.zeros != nullptr ? a.zeros[n * a.groups + g] : a.zero_const;
-  return {s, z, s * static_cast<float>(z)};
+  return {a.scales[n * a.groups + g], z};
 }
 
 inline const float* xstream(const LinearArgs& a, int64_t m, int r) {
@@ -45,85 +39,84 @@ inline int32_t weight_int(const uint8_t* wrow, int64_t j, int r) {
 }
 
 template <int BITS, bool SIGNED>
-inline float weight_value(const uint8_t* wrow, int64_t j, int r) {
-  return static_cast<float>(weight_int<BITS, SIGNED>(wrow, j, r));
-}
-
-template <int BITS, bool SIGNED>
 void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = a.w + n * a.row_bytes;
     for (int64_t m = 0; m < a.M; ++m) {
-      float total = 0.0f;
+      float acc = 0.0f;
       for (int64_t g = 0; g < a.groups; ++g) {
         const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-        float acc = 0.0f;
+        const RowParams p = params(a, n, g);
         for (int r = 0; r < PER; ++r) {
           const float* x = xstream(a, m, r);
-          for (int64_t j = b0; j < b1; ++j) acc += x[j] * weight_value<BITS, SIGNED>(wrow, j, r);
+          for (int64_t j = b0; j < b1; ++j) {
+            acc += x[j] * (p.s * static_cast<float>(weight_int<BITS, SIGNED>(wrow, j, r) - p.z));
+          }
         }
-        const RowParams p = params(a, n, g);
-        total += p.s * acc - p.sz * a.xsum[m * a.groups + g];
       }
-      a.y[m * a.N + n] = total + (a.bias != nullptr ? a.bias[n] : 0.0f);
+      a.y[m * a.N + n] = acc + (a.bias != nullptr ? a.bias[n] : 0.0f);
     }
   }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// ---- AVX-512: 16 weight bytes per step, masked tails -------------------------------------------
-template <int BITS, bool SIGNED, int MT>
-void gemv_tile_avx512(const LinearArgs& a, int64_t n, int64_t m0) {
+// ---- AVX-512 -------------------------------------------------------------------------------------
+// A tile of NT weight rows x MT activation rows: each 16-byte weight chunk is loaded and
+// dequantized exactly (s * (q - z), as linquant::dequantize) once per tile, each activation vector
+// once per tile, and MT * NT accumulators stay in registers. Masked loads end groups and rows.
+template <int BITS, bool SIGNED, int MT, int NT>
+void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
-  const uint8_t* wrow = a.w + n * a.row_bytes;
   const __m512i low_bits = _mm512_set1_epi32((1 << BITS) - 1);
-  __m512 total[MT];
-  float corr[MT];
-  for (int t = 0; t < MT; ++t) {
-    total[t] = _mm512_setzero_ps();
-    corr[t] = 0.0f;
-  }
+  const float* xs[MT][PER];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < PER; ++r) xs[t][r] = xstream(a, m0 + t, r);
+  __m512 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-    __m512 acc[MT];
-    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 sv[NT];
+    __m512i zv[NT];
+    for (int u = 0; u < NT; ++u) {
+      const RowParams p = params(a, n0 + u, g);
+      sv[u] = _mm512_set1_ps(p.s);
+      zv[u] = _mm512_set1_epi32(p.z);
+    }
     for (int64_t j = b0; j < b1; j += 16) {
       const int64_t rem = b1 - j;
       const __mmask16 mask = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
-      const __m128i wb = _mm_maskz_loadu_epi8(mask, wrow + j);
-      const __m512i wi = SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_cvtepu8_epi32(wb);
+      __m512i wi[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m128i wb = _mm_maskz_loadu_epi8(mask, a.w + (n0 + u) * a.row_bytes + j);
+        wi[u] = SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_cvtepu8_epi32(wb);
+      }
 #pragma GCC unroll 4
       for (int r = 0; r < PER; ++r) {
-        const __m512i q = BITS == 8 ? wi : _mm512_and_si512(_mm512_srli_epi32(wi, r * BITS), low_bits);
-        const __m512 wv = _mm512_cvtepi32_ps(q);
+        __m512 wv[NT];
+        for (int u = 0; u < NT; ++u) {
+          const __m512i q = BITS == 8 ? wi[u] : _mm512_and_si512(_mm512_srli_epi32(wi[u], r * BITS), low_bits);
+          wv[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zv[u])), sv[u]);
+        }
         for (int t = 0; t < MT; ++t) {
-          const __m512 xv = _mm512_maskz_loadu_ps(mask, xstream(a, m0 + t, r) + j);
-          acc[t] = _mm512_fmadd_ps(wv, xv, acc[t]);
+          const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t][r] + j);
+          for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_fmadd_ps(wv[u], xv, acc[t][u]);
         }
       }
     }
-    const RowParams p = params(a, n, g);
-    const __m512 s = _mm512_set1_ps(p.s);
-    for (int t = 0; t < MT; ++t) {
-      total[t] = _mm512_fmadd_ps(acc[t], s, total[t]);
-      corr[t] += p.sz * a.xsum[(m0 + t) * a.groups + g];
-    }
   }
-  const float b = a.bias != nullptr ? a.bias[n] : 0.0f;
-  for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n] = _mm512_reduce_add_ps(total[t]) - corr[t] + b;
-}
-
-template <int BITS, bool SIGNED, int MT>
-void gemv_tile(const LinearArgs& a, int64_t n, int64_t m0) {
-  gemv_tile_avx512<BITS, SIGNED, MT>(a, n, m0);
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
+  }
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
-// ---- AVX2: 8 weight bytes per step, scalar tails ------------------------------------------------
+// ---- AVX2: the same tiling with 8-byte chunks; group and row ends go through a zero-padded copy --
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -131,79 +124,90 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int BITS, bool SIGNED, int MT>
-void gemv_tile(const LinearArgs& a, int64_t n, int64_t m0) {
+inline __m256i lane_mask(int64_t rem) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(rem, 8))), lanes);
+}
+
+template <int BITS, bool SIGNED, int MT, int NT>
+void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
-  const uint8_t* wrow = a.w + n * a.row_bytes;
   const __m256i low_bits = _mm256_set1_epi32((1 << BITS) - 1);
-  __m256 total[MT];
-  float corr[MT];
-  for (int t = 0; t < MT; ++t) {
-    total[t] = _mm256_setzero_ps();
-    corr[t] = 0.0f;
-  }
+  const float* xs[MT][PER];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < PER; ++r) xs[t][r] = xstream(a, m0 + t, r);
+  __m256 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-    __m256 acc[MT];
-    float tail[MT];
-    for (int t = 0; t < MT; ++t) {
-      acc[t] = _mm256_setzero_ps();
-      tail[t] = 0.0f;
+    __m256 sv[NT];
+    __m256i zv[NT];
+    for (int u = 0; u < NT; ++u) {
+      const RowParams p = params(a, n0 + u, g);
+      sv[u] = _mm256_set1_ps(p.s);
+      zv[u] = _mm256_set1_epi32(p.z);
     }
-    int64_t j = b0;
-    for (; j + 8 <= b1; j += 8) {
-      const __m128i wb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow + j));
-      const __m256i wi = SIGNED ? _mm256_cvtepi8_epi32(wb) : _mm256_cvtepu8_epi32(wb);
+    for (int64_t j = b0; j < b1; j += 8) {
+      const int64_t rem = b1 - j;
+      const __m256i mask = lane_mask(rem);
+      __m256i wi[NT];
+      for (int u = 0; u < NT; ++u) {
+        const uint8_t* src = a.w + (n0 + u) * a.row_bytes + j;
+        uint64_t bytes = 0;
+        std::memcpy(&bytes, src, rem >= 8 ? 8 : static_cast<size_t>(rem));
+        const __m128i wb = _mm_cvtsi64_si128(static_cast<long long>(bytes));
+        wi[u] = SIGNED ? _mm256_cvtepi8_epi32(wb) : _mm256_cvtepu8_epi32(wb);
+      }
 #pragma GCC unroll 4
       for (int r = 0; r < PER; ++r) {
-        const __m256i q = BITS == 8 ? wi : _mm256_and_si256(_mm256_srli_epi32(wi, r * BITS), low_bits);
-        const __m256 wv = _mm256_cvtepi32_ps(q);
+        __m256 wv[NT];
+        for (int u = 0; u < NT; ++u) {
+          const __m256i q = BITS == 8 ? wi[u] : _mm256_and_si256(_mm256_srli_epi32(wi[u], r * BITS), low_bits);
+          wv[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, zv[u])), sv[u]);
+        }
         for (int t = 0; t < MT; ++t) {
-          acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xstream(a, m0 + t, r) + j), acc[t]);
+          const __m256 xv = _mm256_maskload_ps(xs[t][r] + j, mask);
+          for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_fmadd_ps(wv[u], xv, acc[t][u]);
         }
       }
     }
-    for (; j < b1; ++j) {
-      for (int r = 0; r < PER; ++r) {
-        const float wv = weight_value<BITS, SIGNED>(wrow, j, r);
-        for (int t = 0; t < MT; ++t) tail[t] += wv * xstream(a, m0 + t, r)[j];
-      }
-    }
-    const RowParams p = params(a, n, g);
-    const __m256 s = _mm256_set1_ps(p.s);
-    for (int t = 0; t < MT; ++t) {
-      total[t] = _mm256_fmadd_ps(acc[t], s, total[t]);
-      corr[t] += p.sz * a.xsum[(m0 + t) * a.groups + g] - p.s * tail[t];
-    }
   }
-  const float b = a.bias != nullptr ? a.bias[n] : 0.0f;
-  for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n] = hsum256(total[t]) - corr[t] + b;
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum256(acc[t][u]) + b;
+  }
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
 #endif
 
+// Activation rows and weight rows per register tile.
+constexpr int kTileM = 4;
+constexpr int kTileN = 4;
+
+template <int BITS, bool SIGNED, int NT>
+void tile_rows(const LinearArgs& a, int64_t n0) {
+  int64_t m = 0;
+  for (; m + kTileM <= a.M; m += kTileM) tile_simd<BITS, SIGNED, kTileM, NT>(a, n0, m);
+  switch (a.M - m) {
+    case 3:
+      return tile_simd<BITS, SIGNED, 3, NT>(a, n0, m);
+    case 2:
+      return tile_simd<BITS, SIGNED, 2, NT>(a, n0, m);
+    case 1:
+      return tile_simd<BITS, SIGNED, 1, NT>(a, n0, m);
+    default:
+      return;
+  }
+}
+
 template <int BITS, bool SIGNED>
 void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 #if defined(LINQUANT_HAVE_SIMD_GEMV)
-  for (int64_t n = n0; n < n1; ++n) {
-    // The weight row is read from memory by the first tile and from L1/L2 by the others.
-    int64_t m = 0;
-    for (; m + kTile <= a.M; m += kTile) gemv_tile<BITS, SIGNED, kTile>(a, n, m);
-    switch (a.M - m) {
-      case 3:
-        gemv_tile<BITS, SIGNED, 3>(a, n, m);
-        break;
-      case 2:
-        gemv_tile<BITS, SIGNED, 2>(a, n, m);
-        break;
-      case 1:
-        gemv_tile<BITS, SIGNED, 1>(a, n, m);
-        break;
-      default:
-        break;
-    }
-  }
+  int64_t n = n0;
+  for (; n + kTileN <= n1; n += kTileN) tile_rows<BITS, SIGNED, kTileN>(a, n);
+  for (; n < n1; ++n) tile_rows<BITS, SIGNED, 1>(a, n);
 #else
   gemv_scalar<BITS, SIGNED>(a, n0, n1);
 #endif
