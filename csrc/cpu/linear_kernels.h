@@ -26,6 +26,7 @@ struct LinearArgs {
   const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   const float* xd = nullptr;        // [M, PER, row_bytes] activation streams
+  const float* xsum = nullptr;      // [M, G] activation sums per group (8-bit asymmetric only)
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
 };

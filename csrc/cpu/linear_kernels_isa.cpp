@@ -24,8 +24,9 @@ inline RowParams params(const LinearArgs& a, int64_t n, int64_t g) {
   return {a.scales[n * a.groups + g], z};
 }
 
+template <int PER>
 inline const float* xstream(const LinearArgs& a, int64_t m, int r) {
-  return a.xd + (m * (8 / a.bits) + r) * a.row_bytes;
+  return a.xd + (m * PER + r) * a.row_bytes;
 }
 
 // ---- plain C++ (baseline ISA, and every ISA's fallback for tails) -------------------------------
@@ -50,7 +51,7 @@ void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
         const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
         const RowParams p = params(a, n, g);
         for (int r = 0; r < PER; ++r) {
-          const float* x = xstream(a, m, r);
+          const float* x = xstream<PER>(a, m, r);
           for (int64_t j = b0; j < b1; ++j) {
             acc += x[j] * (p.s * static_cast<float>(weight_int<BITS, SIGNED>(wrow, j, r) - p.z));
           }
@@ -63,43 +64,93 @@ void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // ---- AVX-512 -------------------------------------------------------------------------------------
-// A tile of NT weight rows x MT activation rows: each 16-byte weight chunk is loaded and
-// dequantized exactly (s * (q - z), as linquant::dequantize) once per tile, each activation vector
-// once per tile, and MT * NT accumulators stay in registers. Masked loads end groups and rows.
-template <int BITS, bool SIGNED, int MT, int NT>
-void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
+// Register tiles of NT weight rows x MT activation rows: each 16-byte weight chunk is loaded once
+// per tile, each activation vector once per tile. Masked loads end groups and rows.
+inline __mmask16 chunk_mask(int64_t rem) {
+  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+}
+
+// 8-bit: products of the raw integers accumulate per group and are scaled once per group; the
+// zero point comes out afterwards through the group's activation sum: s * (sum q x - z * sum x).
+template <bool SIGNED, int MT, int NT>
+void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const float* xs[MT];
+  for (int t = 0; t < MT; ++t) xs[t] = xstream<1>(a, m0 + t, 0);
+  __m512 total[MT * NT];
+  for (int i = 0; i < MT * NT; ++i) total[i] = _mm512_setzero_ps();
+  float corr[MT * NT] = {};
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t b0 = g * a.group, b1 = std::min(b0 + a.group, a.row_bytes);
+    __m512 acc[MT * NT];
+    for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = b0; j < b1; j += 16) {
+      const __mmask16 mask = chunk_mask(b1 - j);
+      __m512 wv[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m128i wb = _mm_maskz_loadu_epi8(mask, wrow[u] + j);
+        wv[u] = _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_cvtepu8_epi32(wb));
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t] + j);
+        for (int u = 0; u < NT; ++u) acc[t * NT + u] = _mm512_fmadd_ps(wv[u], xv, acc[t * NT + u]);
+      }
+    }
+    for (int u = 0; u < NT; ++u) {
+      const RowParams p = params(a, n0 + u, g);
+      const __m512 sv = _mm512_set1_ps(p.s);
+      const float sz = p.s * static_cast<float>(p.z);
+      for (int t = 0; t < MT; ++t) {
+        total[t * NT + u] = _mm512_fmadd_ps(acc[t * NT + u], sv, total[t * NT + u]);
+        corr[t * NT + u] += sz * (SIGNED ? 0.0f : a.xsum[(m0 + t) * a.groups + g]);
+      }
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) {
+      a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t * NT + u]) - corr[t * NT + u] + b;
+    }
+  }
+}
+
+// 4 and 2 bits: per group and row, a 16-entry table of the dequantized values s * (i - z) (entry
+// i for the value i & (2^BITS - 1)), so one permute turns packed indices straight into weights
+// (it reads only the low 4 bits of each index: no masking needed).
+template <int BITS, int MT, int NT>
+void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
-  const __m512i low_bits = _mm512_set1_epi32((1 << BITS) - 1);
+  const __m512i entry_values = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32((1 << BITS) - 1));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
   const float* xs[MT][PER];
   for (int t = 0; t < MT; ++t)
-    for (int r = 0; r < PER; ++r) xs[t][r] = xstream(a, m0 + t, r);
+    for (int r = 0; r < PER; ++r) xs[t][r] = xstream<PER>(a, m0 + t, r);
   __m512 acc[MT][NT];
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-    __m512 sv[NT];
-    __m512i zv[NT];
+    __m512 table[NT];
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
-      sv[u] = _mm512_set1_ps(p.s);
-      zv[u] = _mm512_set1_epi32(p.z);
+      table[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(entry_values, _mm512_set1_epi32(p.z))),
+                               _mm512_set1_ps(p.s));
     }
     for (int64_t j = b0; j < b1; j += 16) {
-      const int64_t rem = b1 - j;
-      const __mmask16 mask = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+      const __mmask16 mask = chunk_mask(b1 - j);
       __m512i wi[NT];
       for (int u = 0; u < NT; ++u) {
-        const __m128i wb = _mm_maskz_loadu_epi8(mask, a.w + (n0 + u) * a.row_bytes + j);
-        wi[u] = SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_cvtepu8_epi32(wb);
+        wi[u] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, wrow[u] + j));
       }
 #pragma GCC unroll 4
       for (int r = 0; r < PER; ++r) {
         __m512 wv[NT];
         for (int u = 0; u < NT; ++u) {
-          const __m512i q = BITS == 8 ? wi[u] : _mm512_and_si512(_mm512_srli_epi32(wi[u], r * BITS), low_bits);
-          wv[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zv[u])), sv[u]);
+          wv[u] = _mm512_permutexvar_ps(r == 0 ? wi[u] : _mm512_srli_epi32(wi[u], r * BITS), table[u]);
         }
         for (int t = 0; t < MT; ++t) {
           const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t][r] + j);
@@ -111,6 +162,15 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int u = 0; u < NT; ++u) {
     const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
     for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
+  }
+}
+
+template <int BITS, bool SIGNED, int MT, int NT>
+void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
+  if constexpr (BITS == 8) {
+    tile8<SIGNED, MT, NT>(a, n0, m0);
+  } else {
+    tile_lut<BITS, MT, NT>(a, n0, m0);
   }
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
@@ -136,7 +196,7 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   const __m256i low_bits = _mm256_set1_epi32((1 << BITS) - 1);
   const float* xs[MT][PER];
   for (int t = 0; t < MT; ++t)
-    for (int r = 0; r < PER; ++r) xs[t][r] = xstream(a, m0 + t, r);
+    for (int r = 0; r < PER; ++r) xs[t][r] = xstream<PER>(a, m0 + t, r);
   __m256 acc[MT][NT];
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -182,6 +242,7 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
 #define LINQUANT_HAVE_SIMD_GEMV 1
 #endif
 
+#if defined(LINQUANT_HAVE_SIMD_GEMV)
 // Activation rows and weight rows per register tile.
 constexpr int kTileM = 4;
 constexpr int kTileN = 4;
@@ -201,6 +262,8 @@ void tile_rows(const LinearArgs& a, int64_t n0) {
       return;
   }
 }
+
+#endif
 
 template <int BITS, bool SIGNED>
 void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
