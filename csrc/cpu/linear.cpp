@@ -1,7 +1,6 @@
-// CPU kernel of the weight-only quantized linear op (W8A16 / W4A16 / W2A16).
-//   small M: the per-ISA GEMV streams each weight row once, dequantizing in registers;
-//   large M: weight rows are dequantized tile by tile into an L2-sized fp32 buffer and multiplied
-//            with ATen's GEMM, so the weight is read once and the GEMM runs at its own speed.
+// CPU kernel of the weight-only quantized linear op (W8A16 / W4A16 / W2A16): checks, activation
+// layout, and a parallel loop over blocks of output features calling the per-ISA kernels, which
+// dequantize in registers while reading each weight row from memory once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,11 +12,6 @@
 
 namespace linquant::cpu {
 namespace {
-
-// Above this many activation rows the dequantize + GEMM path wins (bench/bench_linear.py).
-constexpr int64_t kGemvMaxRows = 1 << 20;
-// Weight rows dequantized per GEMM call: about 2 MiB of fp32, which stays in L2/L3.
-constexpr int64_t kTileBytes = int64_t{2} << 20;
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
@@ -51,33 +45,22 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
-  const LinearKernels& k = linear_kernels();
 
-  if (sh.M <= kGemvMaxRows) {
-    // Activation streams (see linear_kernels.h): x padded to whole bytes of weights, byte-major.
-    const at::Tensor padded = at::constant_pad_nd(x2, {0, sh.row_bytes * per_byte - sh.K});
-    const at::Tensor xd = per_byte == 1 ? x2
-                                        : padded.view({sh.M, sh.row_bytes, per_byte}).transpose(1, 2).contiguous();
-    a.xd = xd.const_data_ptr<float>();
-    at::Tensor xsum;
-    if (bits == 8 && !sh.symmetric) {
-      xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
-      a.xsum = xsum.const_data_ptr<float>();
-    }
-    // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
-    const int64_t blocks = (sh.N + 3) / 4;
-    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { k.gemv(a, b0 * 4, std::min(b1 * 4, sh.N)); });
-  } else {
-    const int64_t tile = std::clamp<int64_t>(kTileBytes / (4 * std::max<int64_t>(sh.K, 1)), 16, 1024);
-    at::Tensor wtile = at::empty({tile, sh.K}, x2.options());
-    for (int64_t n0 = 0; n0 < sh.N; n0 += tile) {
-      const int64_t n1 = std::min(n0 + tile, sh.N);
-      float* dst = wtile.data_ptr<float>();
-      at::parallel_for(n0, n1, 4, [&](int64_t r0, int64_t r1) { k.dequant_rows(a, r0, r1, dst + (r0 - n0) * sh.K); });
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, wtile.narrow(0, 0, n1 - n0).t()));
-    }
-    if (b.defined()) y.add_(b);
+  // Activation streams (see linear_kernels.h): x padded to whole bytes of weights, byte-major.
+  const at::Tensor padded = at::constant_pad_nd(x2, {0, sh.row_bytes * per_byte - sh.K});
+  const at::Tensor xd =
+      per_byte == 1 ? x2 : padded.view({sh.M, sh.row_bytes, per_byte}).transpose(1, 2).contiguous();
+  a.xd = xd.const_data_ptr<float>();
+  at::Tensor xsum;
+  if (bits == 8 && !sh.symmetric) {
+    xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
+    a.xsum = xsum.const_data_ptr<float>();
   }
+  // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
+  const int64_t blocks = (sh.N + 3) / 4;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    linear_kernels().gemv(a, b0 * 4, std::min(b1 * 4, sh.N));
+  });
   return y.to(x.scalar_type()).view(out_shape);
 }
 

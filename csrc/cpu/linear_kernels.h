@@ -32,13 +32,10 @@ struct LinearArgs {
 };
 
 struct LinearKernels {
-  // Rows [n_begin, n_end) of y for every m, streaming each weight row once.
+  // Columns [n_begin, n_end) of y for every activation row, reading each weight row from memory once.
   using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
-  // Dequantized rows [n_begin, n_end) of the weight into out[(n - n_begin) * K + k], fp32.
-  using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
 
   GemvFn gemv;
-  DequantFn dequant_rows;
 };
 
 const LinearKernels& linear_kernels_baseline();

@@ -243,34 +243,45 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
 #endif
 
 #if defined(LINQUANT_HAVE_SIMD_GEMV)
-// Activation rows and weight rows per register tile.
-constexpr int kTileM = 4;
-constexpr int kTileN = 4;
-
-template <int BITS, bool SIGNED, int NT>
-void tile_rows(const LinearArgs& a, int64_t n0) {
-  int64_t m = 0;
-  for (; m + kTileM <= a.M; m += kTileM) tile_simd<BITS, SIGNED, kTileM, NT>(a, n0, m);
-  switch (a.M - m) {
-    case 3:
-      return tile_simd<BITS, SIGNED, 3, NT>(a, n0, m);
-    case 2:
-      return tile_simd<BITS, SIGNED, 2, NT>(a, n0, m);
-    case 1:
-      return tile_simd<BITS, SIGNED, 1, NT>(a, n0, m);
-    default:
-      return;
-  }
+// Register tiles of MT activation rows x NT weight rows over weight rows [n0, n1).
+template <int BITS, bool SIGNED, int MT, int NT>
+void tile_span(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  for (; n + NT <= n1; n += NT) tile_simd<BITS, SIGNED, MT, NT>(a, n, m0);
+  for (; n < n1; ++n) tile_simd<BITS, SIGNED, MT, 1>(a, n, m0);
 }
 
+// Weight rows per block: a block's weights (at most 32 x K bytes) stay in L2 while every
+// activation tile passes over them, so they are read from memory once.
+constexpr int64_t kRowBlock = 32;
+
+template <int BITS, bool SIGNED>
+void gemv_simd(const LinearArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t nb1 = std::min(nb + kRowBlock, n1);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) tile_span<BITS, SIGNED, 4, 4>(a, nb, nb1, m);
+    switch (a.M - m) {
+      case 3:
+        tile_span<BITS, SIGNED, 3, 4>(a, nb, nb1, m);
+        break;
+      case 2:
+        tile_span<BITS, SIGNED, 2, 4>(a, nb, nb1, m);
+        break;
+      case 1:
+        tile_span<BITS, SIGNED, 1, 4>(a, nb, nb1, m);
+        break;
+      default:
+        break;
+    }
+  }
+}
 #endif
 
 template <int BITS, bool SIGNED>
 void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 #if defined(LINQUANT_HAVE_SIMD_GEMV)
-  int64_t n = n0;
-  for (; n + kTileN <= n1; n += kTileN) tile_rows<BITS, SIGNED, kTileN>(a, n);
-  for (; n < n1; ++n) tile_rows<BITS, SIGNED, 1>(a, n);
+  gemv_simd<BITS, SIGNED>(a, n0, n1);
 #else
   gemv_scalar<BITS, SIGNED>(a, n0, n1);
 #endif
@@ -287,36 +298,7 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-template <int BITS, bool SIGNED>
-void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
-  constexpr int PER = 8 / BITS;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = a.w + n * a.row_bytes;
-    float* o = out + (n - n0) * a.K;
-    for (int64_t g = 0; g < a.groups; ++g) {
-      const RowParams p = params(a, n, g);
-      const int64_t k1 = std::min((g + 1) * a.group, a.K);
-#pragma omp simd
-      for (int64_t k = g * a.group; k < k1; ++k) {
-        // s * (q - z), exactly as linquant::dequantize computes it.
-        o[k] = p.s * static_cast<float>(weight_int<BITS, SIGNED>(wrow, k / PER, static_cast<int>(k % PER)) - p.z);
-      }
-    }
-  }
-}
-
-void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
-  switch (a.bits) {
-    case 8:
-      return a.signed_q ? dequant<8, true>(a, n0, n1, out) : dequant<8, false>(a, n0, n1, out);
-    case 4:
-      return dequant<4, false>(a, n0, n1, out);
-    default:
-      return dequant<2, false>(a, n0, n1, out);
-  }
-}
-
-const LinearKernels kTable = {gemv_dispatch, dequant_dispatch};
+const LinearKernels kTable = {gemv_dispatch};
 
 }  // namespace
 

@@ -73,3 +73,26 @@ def ref_dequantize(q, scale, zero_point, axis=None, group_size=None, dtype=torch
     if zero_point is not None:
         qi = qi - broadcast_params(zero_point.to(torch.int32), q, axis, group_size)
     return (s * qi.float()).to(dtype)
+
+
+def ref_unpack(packed, bits, size):
+    """Values of `bits` bits read LSB-first from each row's bit stream (independent of lq.unpack)."""
+    rows = []
+    for row in packed.reshape(-1, packed.shape[-1]).tolist():
+        stream = [(byte >> k) & 1 for byte in row for k in range(8)]
+        rows.append([sum(stream[i * bits + k] << k for k in range(bits)) for i in range(size)])
+    return torch.tensor(rows, dtype=torch.int64).reshape(list(packed.shape[:-1]) + [size])
+
+
+def ref_weight(qweight, scales, zeros, bits, group_size, k):
+    """float64 [N, K] weight of the quantized-weight format (docs/architecture.md)."""
+    if bits == 8:
+        q = qweight.to(torch.int64)
+    else:
+        q = ref_unpack(qweight, bits, k)
+        if zeros is None:
+            q = q - 2 ** (bits - 1)
+    g = k if group_size is None else group_size
+    s = scales.double().reshape(qweight.shape[0], -1).repeat_interleave(g, dim=1)[:, :k]
+    z = 0 if zeros is None else zeros.reshape(qweight.shape[0], -1).to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
+    return s * (q - z).double()

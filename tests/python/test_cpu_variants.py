@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 
 SCRIPT = """
 import torch, linquant as lq
-from reference import ref_qparams, ref_quantize, ref_dequantize
+from reference import ref_qparams, ref_quantize, ref_dequantize, ref_weight
 from test_pack import ref_pack as lq_ref_pack
 g = torch.Generator().manual_seed(SEED)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -31,6 +31,16 @@ for bits in range(1, 9):
     v = torch.randint(0, 2 ** bits, (5, 203), generator=g, dtype=torch.uint8)
     p = lq.pack(v, bits)
     assert torch.equal(p, lq_ref_pack(v, bits)) and torch.equal(lq.unpack(p, bits, 203), v)
+for bits in (8, 4, 2):
+    for sym in (True, False):
+        for gs in (None, 32):
+            w = torch.randn(13, 100, generator=g)
+            qw = lq.quantize_weight(w, bits, gs, sym)
+            ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, 100)
+            for m in (1, 6):
+                x = torch.randn(m, 100, generator=g)
+                y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, gs)
+                assert torch.allclose(y.double(), x.double() @ ref.T, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

@@ -1,0 +1,119 @@
+"""linquant.linear against dequantize-then-matmul in float64 (reference.py's own unpacking), over
+bits, modes, group sizes, odd shapes, dtypes, leading dims and bias; errors; opcheck; compile."""
+
+import re
+
+import pytest
+import torch
+
+import linquant as lq
+from reference import ref_weight
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def check(x, qw, bias, bits, group_size):
+    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
+    k = x.shape[-1]
+    w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
+    x64 = x.double().reshape(-1, k)
+    ref = x64 @ w.T + (bias.double() if bias is not None else 0)
+    assert y.dtype == x.dtype and y.shape == tuple(list(x.shape[:-1]) + [qw.qweight.shape[0]])
+    # fp32 accumulation over K terms, then rounding to the output dtype.
+    bound = (x64.abs() @ w.abs().T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+SHAPES = [(1, 1), (3, 7), (37, 64), (5, 100), (64, 255), (16, 300), (33, 1024), (1, 520)]
+
+
+@pytest.mark.parametrize("n,k", SHAPES, ids=str)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_float64_reference(n, k, bits, symmetric, gen):
+    w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
+    bias = torch.randn(n, generator=gen)
+    for group_size in (None, 32, 64, 128, 256):
+        qw = lq.quantize_weight(w, bits, group_size, symmetric)
+        for m in (1, 2, 3, 4, 5, 8, 13):
+            check(torch.randn(m, k, generator=gen), qw, bias if m % 2 else None, bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_dtypes_and_leading_dims(dtype, bits, gen):
+    w = torch.randn(24, 96, generator=gen).to(dtype)
+    qw = lq.quantize_weight(w, bits, 32, symmetric=bits != 4)
+    bias = torch.randn(24, generator=gen).to(dtype)
+    for lead in [(), (1,), (2, 3), (4, 1, 2)]:
+        check(torch.randn(*lead, 96, generator=gen).to(dtype), qw, bias, bits, 32)
+
+
+def test_non_contiguous_and_empty(gen):
+    w = torch.randn(20, 64, generator=gen)
+    qw = lq.quantize_weight(w, 4, 32)
+    x = torch.randn(64, 9, generator=gen).t()
+    assert not x.is_contiguous()
+    check(x, qw, None, 4, 32)
+    assert lq.linear(torch.randn(0, 64), qw.qweight, qw.scales, None, None, 4, 32).shape == (0, 20)
+
+
+def test_large_batch_uses_the_same_kernel(gen):
+    w = torch.randn(64, 512, generator=gen)
+    for bits in (8, 4):
+        qw = lq.quantize_weight(w, bits, 128)
+        check(torch.randn(70, 512, generator=gen), qw, None, bits, 128)
+
+
+def raises(match):
+    return pytest.raises(ValueError, match=match)
+
+
+def test_bad_input():
+    w = torch.randn(8, 64)
+    qw = lq.quantize_weight(w, 4, 32)
+    x = torch.randn(2, 64)
+    with raises("x has in_features K=60, which at 4 bits packs into 30 bytes per weight row, but qweight has 32"):
+        lq.linear(torch.randn(2, 60), qw.qweight, qw.scales, None, None, 4, 32)
+    with raises("linear supports bits 8, 4 and 2, got 3"):
+        lq.linear(x, qw.qweight, qw.scales, None, None, 3, 32)
+    with raises(re.escape("scales must be [8, 4] (out_features x ceil(K / group_size))")):
+        lq.linear(x, qw.qweight, qw.scales, None, None, 4, 16)
+    with raises("group_size must be a positive multiple of 2 at 4 bits"):
+        lq.linear(x, qw.qweight, qw.scales, None, None, 4, 33)
+    with raises("qweight must be uint8"):
+        lq.linear(x, qw.qweight.to(torch.int8), qw.scales, None, None, 4, 32)
+    with raises("qweight must be int8"):
+        lq.linear(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 1), None, None, 8, None)
+    with raises("x must be float32, float16 or bfloat16"):
+        lq.linear(x.double(), qw.qweight, qw.scales, None, None, 4, 32)
+    with raises("zeros must be"):
+        lq.linear(x, qw.qweight, qw.scales, torch.zeros(8, 3, dtype=torch.int32), None, 4, 32)
+    with raises("bias must have out_features=8 elements"):
+        lq.linear(x, qw.qweight, qw.scales, None, torch.zeros(7), 4, 32)
+    with raises("scales is on meta but x is on cpu"):
+        lq.linear(x, qw.qweight, qw.scales.to("meta"), None, None, 4, 32)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 64, False), (4, 32, True), (2, 64, False)])
+def test_opcheck(bits, group_size, symmetric):
+    qw = lq.quantize_weight(torch.randn(16, 128), bits, group_size, symmetric)
+    for x in (torch.randn(3, 128), torch.randn(2, 2, 128).bfloat16()):
+        scales = qw.scales.to(x.dtype)
+        torch.library.opcheck(torch.ops.linquant.linear.default,
+                              (x, qw.qweight, scales, qw.zeros, torch.randn(16).to(x.dtype), bits, group_size))
+
+
+def test_compile_fullgraph():
+    qw = lq.quantize_weight(torch.randn(32, 128), 4, 64)
+
+    def f(x):
+        return torch.relu(lq.linear(x, qw.qweight, qw.scales, None, None, 4, 64)) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for m in (1, 5):
+        x = torch.randn(m, 128)
+        assert torch.equal(compiled(x), f(x))
