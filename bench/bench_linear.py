@@ -55,13 +55,13 @@ def _time_once(fn):
     return time.perf_counter() - t0
 
 
-def time_rotating(make_call, copies, repeat):
-    """Median time of one call, each call on the next weight copy."""
+def time_rotating(make_call, copies, repeat, budget_s=1.0):
+    """Median time of one call, each call on the next weight copy; at most ~budget_s per timing
+    (slow baselines get fewer samples, never fewer than 3)."""
     calls = [make_call(c) for c in copies]
-    for c in calls:
-        c()
+    first = min(_time_once(c) for c in calls)
     samples = []
-    for r in range(repeat):
+    for r in range(max(3, min(repeat, int(budget_s / max(first, 1e-6))))):
         samples.append(_time_once(calls[r % len(calls)]))
     return statistics.median(samples)
 
@@ -88,8 +88,9 @@ def peer_modules():
 
 def quanto_linear(w, bits, group):
     from optimum.quanto import freeze, qint4, qint8, quantize
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
-    lin.weight.data.copy_(w)
+    # quanto replaces child modules, so the Linear goes inside a container.
+    lin = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype))
+    lin[0].weight.data.copy_(w)
     quantize(lin, weights=qint8 if bits == 8 else qint4)
     freeze(lin)
     return lin
@@ -134,45 +135,47 @@ def run(args):
     print(header)
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        fp32_copies = [torch.randn(n, k) * 0.02 for _ in range(n_copies(n * k * 4, llc))]
+        # Every operand is built once per shape; each timing rotates over enough copies to
+        # exceed twice the LLC.
+        fp32 = [torch.randn(n, k) * 0.02 for _ in range(n_copies(n * k * 4, llc))]
+        bf16 = [w.to(torch.bfloat16) for w in fp32[: n_copies(n * k * 2, llc)]]
         for fmt in args.formats:
             bits, group = FORMATS[fmt]
-            qws = [lq.quantize_weight(w, bits, group, symmetric=True) for w in fp32_copies[: n_copies(n * k * bits // 8, llc)]]
+            sources = fp32[: n_copies(n * k * bits // 8, llc)]
+            qws = [lq.quantize_weight(w, bits, group, symmetric=True) for w in sources]
             wbytes = qws[0].qweight.numel() + qws[0].scales.numel() * 4
+            aten = None
+            if bits == 8:
+                aten = ("int8mm", [(q.qweight, q.scales.view(-1).bfloat16()) for q in qws],
+                        lambda x, p: torch._weight_int8pack_mm(x, p[0], p[1]))
+            elif bits == 4:
+                aten = ("int4mm", [aten_int4_pack(w, group) for w in sources],
+                        lambda x, p: torch._weight_int4pack_mm_for_cpu(x, p[0], group, p[1]))
             for act in args.acts:
                 dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[act]
                 qws_dt = [q._replace(scales=q.scales.to(dt)) for q in qws]
+                peer_mods = {}
+                for peer, make in (("quanto", quanto_linear), ("torchao", torchao_linear)):
+                    if peers[peer] in ("optimum-quanto", "torchao") and bits in (8, 4):
+                        try:
+                            peer_mods[peer] = [make(w.to(dt), bits, group) for w in sources]
+                        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                            print(f"# {peer} cannot quantize {fmt}/{act}: {type(e).__name__}: {str(e)[:100]}")
                 for m in args.batches:
                     x = torch.randn(m, k, dtype=dt)
+                    xf, xb = x.float(), x.bfloat16()
                     t = time_rotating(lambda q: (lambda: lq.linear(x, q.qweight, q.scales, None, None, bits, group)),
                                       qws_dt, args.repeat)
-                    base = {}
-                    base["fp32"] = time_rotating(lambda w: (lambda: F.linear(x.float(), w)), fp32_copies, args.repeat)
-                    bf16_copies = [w.to(torch.bfloat16) for w in fp32_copies[: n_copies(n * k * 2, llc)]]
-                    base["bf16"] = time_rotating(lambda w: (lambda: F.linear(x.bfloat16(), w)), bf16_copies, args.repeat)
-                    del bf16_copies
-                    xb = x.bfloat16()
-                    if bits == 8:
-                        i8 = [(lq.quantize(w, s := lq.choose_qparams(w, 8, True, 0)[0], None, 8, 0), s.view(-1).bfloat16())
-                              for w in fp32_copies[: n_copies(n * k, llc)]]
-                        base["int8mm"] = time_rotating(lambda p: (lambda: torch._weight_int8pack_mm(xb, p[0], p[1])),
-                                                       i8, args.repeat)
-                    if bits == 4:
-                        i4 = [aten_int4_pack(w, group) for w in fp32_copies[: n_copies(n * k // 2, llc)]]
-                        base["int4mm"] = time_rotating(
-                            lambda p: (lambda: torch._weight_int4pack_mm_for_cpu(xb, p[0], group, p[1])), i4, args.repeat)
-                    for peer, make in (("quanto", quanto_linear), ("torchao", torchao_linear)):
-                        if peers[peer] in ("optimum-quanto", "torchao") and bits in (8, 4):
-                            try:
-                                mods = [make(w.to(dt), bits, group) for w in fp32_copies[: n_copies(n * k * bits // 8, llc)]]
-                                with torch.no_grad():
-                                    base[peer] = time_rotating(lambda mod: (lambda: mod(x)), mods, args.repeat)
-                            except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                                base[peer] = None
-                                print(f"# {peer} failed on {fmt}/{act}: {type(e).__name__}: {str(e)[:100]}")
+                    base = {"fp32": time_rotating(lambda w: (lambda: F.linear(xf, w)), fp32, args.repeat),
+                            "bf16": time_rotating(lambda w: (lambda: F.linear(xb, w)), bf16, args.repeat)}
+                    if aten is not None:
+                        base[aten[0]] = time_rotating(lambda p: (lambda: aten[2](xb, p)), aten[1], args.repeat)
+                    with torch.no_grad():
+                        for peer, mods in peer_mods.items():
+                            base[peer] = time_rotating(lambda mod: (lambda: mod(x)), mods, args.repeat)
                     row = {"N": n, "K": k, "M": m, "act": act, "format": fmt, "time_us": t * 1e6,
                            "GBps": wbytes / t / 1e9, "pct_bw": 100 * wbytes / t / bw,
-                           **{f"vs_{b}": (v / t if v else None) for b, v in base.items()}}
+                           **{f"vs_{b}": v / t for b, v in base.items()}}
                     rows.append(row)
 
                     def ratio(key):

@@ -5,6 +5,9 @@
     q = lq.quantize(w, scale, zp, bits=4, group_size=128)
     w_hat = lq.dequantize(q, scale, zp, group_size=128)
     lq.metrics(w, w_hat)
+
+    lq.quantize_model(model, bits=4, group_size=128, exclude=["lm_head"])   # nn.Linear -> QLinear
+    lq.save_quantized(model, "out/"); model = lq.load_quantized("out/", make_model)
 """
 
 from ._library import library_path, load_library
@@ -14,7 +17,11 @@ load_library()
 from ._ops import choose_qparams, dequantize, linear, pack, packed_size, quantize, unpack  # noqa: E402
 from .metrics import metrics  # noqa: E402
 from .weights import QuantizedWeight, dequantize_weight, quantize_weight  # noqa: E402
+from .nn import QLinear  # noqa: E402
+from .model import footprint, quantizable_layers, quantize_model  # noqa: E402
+from .serialization import load_quantized, save_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["choose_qparams", "quantize", "dequantize", "pack", "unpack", "packed_size", "linear",
-           "quantize_weight", "dequantize_weight", "QuantizedWeight", "metrics", "library_path"]
+           "quantize_weight", "dequantize_weight", "QuantizedWeight", "QLinear", "quantize_model",
+           "quantizable_layers", "footprint", "save_quantized", "load_quantized", "metrics", "library_path"]

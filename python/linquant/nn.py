@@ -1,0 +1,85 @@
+"""QLinear: a drop-in replacement for nn.Linear (and transformers' Conv1D) holding the quantized-
+weight format of docs/architecture.md as buffers and running `torch.ops.linquant.linear`."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .weights import QuantizedWeight, dequantize_weight, quantize_weight
+
+
+def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool):
+    """Shape and dtype of the qweight buffer."""
+    if bits == 8:
+        return (out_features, in_features), torch.int8 if symmetric else torch.uint8
+    return (out_features, (in_features * bits + 7) // 8), torch.uint8
+
+
+class QLinear(nn.Module):
+    """y = x @ W_hat.T + bias with W_hat = scales * (q - zeros), W8A16 / W4A16 / W2A16.
+
+    Buffers: `qweight`, `scales` [out, G] (the compute dtype), `zeros` [out, G] int32 or None
+    (symmetric), `bias` [out] or None. `.to(dtype)` converts scales and bias only; the integer
+    buffers stay integer."""
+
+    zeros: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    group_size: Optional[int]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
+                 group_size: Optional[int] = None, symmetric: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if bits not in (8, 4, 2):
+            raise ValueError(f"linquant.QLinear: bits must be 8, 4 or 2, got {bits}")
+        if group_size is not None and (group_size < 1 or group_size % (8 // bits)):
+            raise ValueError(f"linquant.QLinear: group_size must be a positive multiple of {8 // bits} at "
+                             f"{bits} bits, got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        groups = 1 if group_size is None else max(1, -(-in_features // group_size))
+        shape, qdtype = qweight_spec(out_features, in_features, bits, symmetric)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", None if symmetric else
+                             torch.zeros(out_features, groups, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int = 8, group_size: Optional[int] = None,
+                    symmetric: bool = True, transposed: bool = False) -> "QLinear":
+        """Quantizes an nn.Linear (or, with transposed=True, a weight stored [in, out] as in
+        transformers' Conv1D): per output channel when group_size is None, else per group."""
+        weight = linear.weight.detach()
+        if transposed:
+            weight = weight.t()
+        out_features, in_features = weight.shape
+        bias = getattr(linear, "bias", None)
+        q = cls(in_features, out_features, bias is not None, bits, group_size, symmetric,
+                device=weight.device, dtype=weight.dtype)
+        qw = quantize_weight(weight, bits, group_size, symmetric)
+        q.qweight.copy_(qw.qweight)
+        q.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            q.zeros.copy_(qw.zeros)
+        if bias is not None:
+            q.bias.copy_(bias.detach())
+        return q
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [out_features, in_features] this layer computes with, in the scales' dtype."""
+        return dequantize_weight(self.quantized_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
+                                         self.group_size)
+
+    def extra_repr(self) -> str:
+        gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        mode = "symmetric" if self.symmetric else "asymmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, {gran}, {mode}, dtype={self.scales.dtype}")

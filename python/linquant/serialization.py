@@ -1,0 +1,139 @@
+"""save_quantized / load_quantized: safetensors plus a small JSON config, written atomically, loaded
+into a meta-device skeleton without a full-precision copy and without unpickling anything."""
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Callable, Dict, Union
+
+import torch
+from torch import nn
+
+from .nn import QLinear
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "linquant.json"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes `path`/model.safetensors (every parameter and persistent buffer) and
+    `path`/linquant.json (which modules are QLinear and their formats; tied tensors)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    modules = {name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+                      "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
+                      "dtype": str(m.scales.dtype).replace("torch.", "")}
+               for name, m in model.named_modules() if isinstance(m, QLinear)}
+    if not modules:
+        raise ValueError("linquant.save_quantized: the model has no QLinear layers; run quantize_model first")
+    tensors: Dict[str, torch.Tensor] = {}
+    tied: Dict[str, str] = {}
+    first_by_storage: Dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in first_by_storage:
+            tied[name] = first_by_storage[key]  # safetensors refuses shared storage: keep one copy
+            continue
+        first_by_storage[key] = name
+        tensors[name] = t.detach().contiguous()
+    config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied}
+    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(path, CONFIG_NAME),
+                  lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1, sort_keys=True)))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside go to the meta device; buffers (rotary tables and other
+    non-persistent state that files do not hold) are built for real, as they are small."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"linquant.load_quantized: {cfg_path} not found (not a save_quantized directory)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if config.get("format") != "linquant" or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"linquant.load_quantized: {cfg_path} is not a linquant format {FORMAT_VERSION} config "
+                         f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+    return config
+
+
+def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+    """Loads a save_quantized directory. `model_or_factory` is a callable that builds the model
+    (called with its parameters on the meta device, so no full-precision copy is made) or a
+    model, whose parameters are replaced. QLinear layers are swapped in per the config and every
+    tensor is assigned from the file; peak memory stays near the quantized size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = _read_config(path)
+    if isinstance(model_or_factory, nn.Module):
+        model = model_or_factory
+    else:
+        with _parameters_on_meta():
+            model = model_or_factory()
+    for name, spec in config["modules"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"linquant.load_quantized: the model has no module {name!r} that the file "
+                             "quantized; is this the right model?") from None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"],
+                                       spec["group_size"], spec["symmetric"], device="meta",
+                                       dtype=getattr(torch, spec["dtype"])))
+    weights = os.path.join(path, WEIGHTS_NAME)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
+    for name, source in config.get("tied", {}).items():
+        state[name] = state[source]
+    expected = model.state_dict()
+    for key in expected:
+        if key not in state:
+            raise ValueError(f"linquant.load_quantized: the file has no tensor for {key!r}; is this the right model?")
+    for key, t in state.items():
+        if key not in expected:
+            raise ValueError(f"linquant.load_quantized: the model has no parameter or buffer {key!r} from the file")
+        if tuple(expected[key].shape) != tuple(t.shape):
+            raise ValueError(f"linquant.load_quantized: {key!r} is {list(t.shape)} in the file but "
+                             f"{list(expected[key].shape)} in the model")
+    model.load_state_dict(state, assign=True, strict=True)
+    if hasattr(model, "tie_weights") and config.get("tied"):
+        model.tie_weights()
+    return model

@@ -1,0 +1,73 @@
+"""QLinear: from_linear against the float64 reference, dequantize, repr, .to(), TorchScript,
+torch.compile(fullgraph) on a quantized model."""
+
+import pytest
+import torch
+from torch import nn
+
+import linquant as lq
+from reference import ref_weight
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, 128, True),
+                                                       (4, 32, False), (2, 64, True), (2, None, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_linear_matches_reference(bits, group_size, symmetric, dtype, gen):
+    lin = nn.Linear(200, 48, dtype=dtype)
+    q = lq.QLinear.from_linear(lin, bits, group_size, symmetric)
+    assert q.qweight.dtype == (torch.int8 if bits == 8 and symmetric else torch.uint8)
+    assert q.scales.dtype == dtype and q.bias.dtype == dtype
+    w = ref_weight(q.qweight, q.scales, q.zeros, bits, group_size, 200)
+    assert torch.equal(q.dequantize().double(), w.to(dtype).double())
+    x = torch.randn(3, 5, 200, generator=gen).to(dtype)
+    ref = x.double() @ w.T + lin.bias.double()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(q(x).double(), ref, rtol=tol, atol=tol)
+    # The quantization error itself is what the bits allow.
+    err = (q.dequantize().float() - lin.weight.float()).abs().max()
+    assert float(err) <= float(q.scales.float().max()) * (0.5 if bits == 8 else 1.0) + 1e-6
+
+
+def test_conv1d_transposed_weight(gen):
+    lin = nn.Linear(64, 96)
+    conv_like = nn.Module()
+    conv_like.weight = nn.Parameter(lin.weight.detach().t().contiguous())  # [in, out]
+    conv_like.bias = lin.bias
+    a = lq.QLinear.from_linear(lin, 8)
+    b = lq.QLinear.from_linear(conv_like, 8, transposed=True)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+
+
+def test_repr_and_to_dtype():
+    q = lq.QLinear.from_linear(nn.Linear(64, 32), 4, 32, symmetric=False)
+    assert "bits=4, group_size=32, asymmetric" in repr(q)
+    h = q.to(torch.float16)
+    assert h.scales.dtype == torch.float16 and h.bias.dtype == torch.float16
+    assert h.qweight.dtype == torch.uint8 and h.zeros.dtype == torch.int32
+    assert h(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
+        lq.QLinear(16, 8, bits=3)
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 4 at 2 bits"):
+        lq.QLinear(16, 8, bits=2, group_size=6)
+
+
+def test_torchscript(gen):
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    lq.quantize_model(model, bits=4, group_size=32, exclude=())
+    scripted = torch.jit.script(model)
+    x = torch.randn(4, 32, generator=gen)
+    assert torch.equal(scripted(x), model(x))
+
+
+def test_compile_fullgraph_no_graph_breaks(gen):
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64, bias=False), nn.Linear(64, 8))
+    lq.quantize_model(model, bits=8, exclude=())
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 32))
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 32, generator=gen)
+    assert torch.equal(compiled(x), model(x))
