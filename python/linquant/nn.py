@@ -26,6 +26,7 @@ class QLinear(nn.Module):
     zeros: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     group_size: Optional[int]
+    __jit_unused_properties__ = ["weight"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
@@ -73,6 +74,12 @@ class QLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float weight [out_features, in_features] this layer computes with, in the scales' dtype."""
         return dequantize_weight(self.quantized_weight())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float weight, computed on each access (models such as T5 read
+        `layer.weight.dtype`); the layer itself never materializes it."""
+        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,

@@ -58,7 +58,7 @@ def save_quantized(model: nn.Module, path: str) -> None:
     config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied}
     _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(os.path.join(path, CONFIG_NAME),
-                  lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1, sort_keys=True)))
+                  lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1)))
 
 
 @contextlib.contextmanager
@@ -95,7 +95,8 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
     """Loads a save_quantized directory. `model_or_factory` is a callable that builds the model
     (called with its parameters on the meta device, so no full-precision copy is made) or a
     model, whose parameters are replaced. QLinear layers are swapped in per the config and every
-    tensor is assigned from the file; peak memory stays near the quantized size."""
+    tensor is assigned from the file; peak memory stays near the quantized size. The model is
+    returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -136,4 +137,4 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
     model.load_state_dict(state, assign=True, strict=True)
     if hasattr(model, "tie_weights") and config.get("tied"):
         model.tie_weights()
-    return model
+    return model.eval()  # like from_pretrained: loaded for inference
