@@ -46,10 +46,17 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
 
-  // Activation streams (see linear_kernels.h): x padded to whole bytes of weights, byte-major.
-  const at::Tensor padded = at::constant_pad_nd(x2, {0, sh.row_bytes * per_byte - sh.K});
-  const at::Tensor xd =
-      per_byte == 1 ? x2 : padded.view({sh.M, sh.row_bytes, per_byte}).transpose(1, 2).contiguous();
+  // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
+  // split by position within the byte (word).
+  const LinearKernels& kernels = linear_kernels();
+  a.word_streams = kernels.word_streams(a.bits, sh.group);
+  const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
+  const int64_t units = a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes;
+  const at::Tensor xd = unit_values == 1 ? x2
+                                         : at::constant_pad_nd(x2, {0, units * unit_values - sh.K})
+                                               .view({sh.M, units, unit_values})
+                                               .transpose(1, 2)
+                                               .contiguous();
   a.xd = xd.const_data_ptr<float>();
   at::Tensor xsum;
   if (bits == 8 && !sh.symmetric) {
@@ -59,7 +66,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
   const int64_t blocks = (sh.N + 3) / 4;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    linear_kernels().gemv(a, b0 * 4, std::min(b1 * 4, sh.N));
+    kernels.gemv(a, b0 * 4, std::min(b1 * 4, sh.N));
   });
   return y.to(x.scalar_type()).view(out_shape);
 }

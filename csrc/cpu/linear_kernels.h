@@ -4,7 +4,9 @@
 // The weight is docs/architecture.md's format: row n of `w` holds K values of `bits` bits packed
 // along K (lowest index in the lowest bits). The activations come pre-arranged so that the kernels
 // read both sides contiguously: for bits < 8 a byte holds PER = 8 / bits values, and `xd` holds
-// PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Then
+// PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Kernels
+// that read weights a 32-bit word at a time instead take VPW = 32 / bits streams, stream p being
+// x[w * VPW + p] for word w (`word_streams`). Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
 
@@ -25,7 +27,8 @@ struct LinearArgs {
   const float* scales = nullptr;    // [N, G]
   const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
-  const float* xd = nullptr;        // [M, PER, row_bytes] activation streams
+  bool word_streams = false;        // xd holds per-word streams (see above)
+  const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
   const float* xsum = nullptr;      // [M, G] activation sums per group (8-bit asymmetric only)
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
@@ -35,7 +38,11 @@ struct LinearKernels {
   // Columns [n_begin, n_end) of y for every activation row, reading each weight row from memory once.
   using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
 
+  // Whether gemv wants per-word activation streams for this format.
+  using WordStreamsFn = bool (*)(int bits, int64_t group);
+
   GemvFn gemv;
+  WordStreamsFn word_streams;
 };
 
 const LinearKernels& linear_kernels_baseline();

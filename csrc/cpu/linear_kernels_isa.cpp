@@ -165,10 +165,64 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
+// The same lookup with activation streams per 32-bit word (linear_kernels.h): one 64-byte load
+// holds 16 words, and word position p (bits [p*BITS, (p+1)*BITS) of each word) pairs with 16
+// contiguous floats of stream p. No widening shuffle: a shift and a permute per 16 weights.
+template <int BITS, int MT, int NT>
+void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
+  constexpr int VPW = 32 / BITS;  // values per word
+  const int64_t row_words = (a.row_bytes + 3) / 4;
+  const int64_t group_words = a.group * BITS / 32;
+  const __m512i entry_values = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32((1 << BITS) - 1));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const float* xs[MT];
+  for (int t = 0; t < MT; ++t) xs[t] = a.xd + (m0 + t) * VPW * row_words;
+  __m512 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t w0 = g * group_words, w1 = std::min(w0 + group_words, row_words);
+    __m512 table[NT];
+    for (int u = 0; u < NT; ++u) {
+      const RowParams p = params(a, n0 + u, g);
+      table[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(entry_values, _mm512_set1_epi32(p.z))),
+                               _mm512_set1_ps(p.s));
+    }
+    for (int64_t d = w0; d < w1; d += 16) {
+      const __mmask16 lanes = chunk_mask(w1 - d);
+      const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, 16), a.row_bytes - 4 * d);
+      const __mmask64 byte_mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+      __m512i wi[NT];
+      for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
+#pragma GCC unroll 16
+      for (int p = 0; p < VPW; ++p) {
+        __m512 wv[NT];
+        for (int u = 0; u < NT; ++u) {
+          wv[u] = _mm512_permutexvar_ps(p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS), table[u]);
+        }
+        for (int t = 0; t < MT; ++t) {
+          const __m512 xv = _mm512_maskz_loadu_ps(lanes, xs[t] + p * row_words + d);
+          for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_fmadd_ps(wv[u], xv, acc[t][u]);
+        }
+      }
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
+  }
+}
+
+bool word_streams(int bits, int64_t group) { return bits < 8 && (group * bits) % 32 == 0; }
+
 template <int BITS, bool SIGNED, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   if constexpr (BITS == 8) {
     tile8<SIGNED, MT, NT>(a, n0, m0);
+  } else if (a.word_streams) {
+    tile_lut_words<BITS, MT, NT>(a, n0, m0);
   } else {
     tile_lut<BITS, MT, NT>(a, n0, m0);
   }
@@ -298,7 +352,11 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-const LinearKernels kTable = {gemv_dispatch};
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+bool word_streams(int, int64_t) { return false; }
+#endif
+
+const LinearKernels kTable = {gemv_dispatch, word_streams};
 
 }  // namespace
 
