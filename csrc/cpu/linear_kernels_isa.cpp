@@ -215,7 +215,9 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
-bool word_streams(int bits, int64_t group) { return bits < 8 && (group * bits) % 32 == 0; }
+// 4-bit only: at 2 bits a word holds 16 positions, and the unrolled loop then spills registers
+// (measured slower than the byte streams).
+bool word_streams(int bits, int64_t group) { return bits == 4 && (group * bits) % 32 == 0; }
 
 template <int BITS, bool SIGNED, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
