@@ -39,7 +39,7 @@ struct LinearKernels {
   using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
 
   // Whether gemv wants per-word activation streams for this format.
-  using WordStreamsFn = bool (*)(int bits, int64_t group);
+  using WordStreamsFn = bool (*)(int bits, int64_t group, bool per_channel);
 
   GemvFn gemv;
   WordStreamsFn word_streams;

@@ -215,9 +215,12 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
-// 4-bit only: at 2 bits a word holds 16 positions, and the unrolled loop then spills registers
-// (measured slower than the byte streams).
-bool word_streams(int bits, int64_t group) { return bits == 4 && (group * bits) % 32 == 0; }
+// 4-bit only (at 2 bits a word holds 16 positions, and the unrolled loop spills registers), and
+// only for groups of whole 64-byte loads (128 values), or per-channel: a group of 32 values would
+// fill 4 of the 16 lanes.
+bool word_streams(int bits, int64_t group, bool per_channel) {
+  return bits == 4 && (per_channel ? group % 8 == 0 : group % 128 == 0);
+}
 
 template <int BITS, bool SIGNED, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
@@ -355,7 +358,7 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
-bool word_streams(int, int64_t) { return false; }
+bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
 const LinearKernels kTable = {gemv_dispatch, word_streams};

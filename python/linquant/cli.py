@@ -1,13 +1,16 @@
-"""The `linquant` command. `linquant demo` is the README's main job: the seeds' worked examples and
-a quantization-error table over bits, modes and granularities, with no network."""
+"""The `linquant` command. `linquant demo` is the README's main job: the seeds' worked examples, a
+quantization-error table over bits, modes and granularities, and the real all-MiniLM-L6-v2 (from
+a PyPI package, no network) in fp32, bf16 and 8/4/2 bits: footprint, embedding agreement, speed."""
 
 import argparse
 import json
 import sys
+import time
 
 import torch
 
-from . import choose_qparams, dequantize, metrics, quantize
+from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model
+from .nn import QLinear
 
 GRANULARITIES = {
     "per-tensor": {},
@@ -15,6 +18,10 @@ GRANULARITIES = {
     "group-128": {"group_size": 128},
     "group-32": {"group_size": 32},
 }
+
+# (label, bits, group_size, symmetric) of the real-model table.
+MODEL_CONFIGS = [("int8 per-channel", 8, None, True), ("int4 g128 asym", 4, 128, False),
+                 ("int4 g32 asym", 4, 32, False), ("int2 g16 asym", 2, 16, False)]
 
 
 def _roundtrip(w, bits, symmetric, granularity):
@@ -53,10 +60,51 @@ def seed_examples():
             "per_channel_mse": metrics(w, dequantize(q0, s0, axis=0))["mse"]}
 
 
+def _forward_ms(model, batch, repeat=5):
+    with torch.no_grad():
+        model(**batch)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            model(**batch)
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def minilm_rows():
+    """all-MiniLM-L6-v2 through bf16 and every MODEL_CONFIGS entry: footprint, linear-layer bytes,
+    cosine of the sentence embeddings to fp32, time per forward of the built-in sentences."""
+    model, tok = builtin.load_minilm()
+    batch = tok(builtin.SENTENCES, padding=True, return_tensors="pt")
+    ref = builtin.sentence_embeddings(model, tok)
+
+    def linear_bytes(m):
+        return sum(t.numel() * t.element_size() for mod in m.modules()
+                   if isinstance(mod, (torch.nn.Linear, QLinear)) for t in mod.state_dict().values())
+
+    rows = [{"model": "fp32", "bytes": footprint(model)["total"], "linear_bytes": linear_bytes(model),
+             "cosine_mean": 1.0, "cosine_min": 1.0, "forward_ms": _forward_ms(model, batch)}]
+    variants = [("bf16", lambda m: m.to(torch.bfloat16))]
+    variants += [(label, lambda m, b=b, g=g, s=s: quantize_model(m, bits=b, group_size=g, symmetric=s, progress=False))
+                 for label, b, g, s in MODEL_CONFIGS]
+    for label, convert in variants:
+        m, _ = builtin.load_minilm()
+        convert(m)
+        cos = (builtin.sentence_embeddings(m, tok) * ref).sum(-1)
+        rows.append({"model": label, "bytes": footprint(m)["total"], "linear_bytes": linear_bytes(m),
+                     "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                     "forward_ms": _forward_ms(m, batch)})
+    return rows
+
+
 def cmd_demo(args) -> int:
     rows, seeds = demo_rows(), seed_examples()
+    try:
+        model_rows = minilm_rows()
+        model_error = None
+    except ImportError as e:
+        model_rows, model_error = [], str(e)
     if args.json:
-        json.dump({"seed_examples": seeds, "gpt2_like_weight": rows}, sys.stdout, indent=1)
+        json.dump({"seed_examples": seeds, "gpt2_like_weight": rows, "minilm": model_rows,
+                   "minilm_error": model_error}, sys.stdout, indent=1)
         print()
         return 0
     print("Seed examples")
@@ -69,13 +117,21 @@ def cmd_demo(args) -> int:
     for r in rows:
         print(f"  {r['bits']:>4} {r['mode'][:10]:<10} {r['granularity']:<12} {r['mse']:>10.3e} "
               f"{r['max_error']:>9.2e} {r['snr_db']:>7.2f}")
+    print(f"\nall-MiniLM-L6-v2 (real checkpoint), {len(builtin.SENTENCES)} sentences, embeddings vs fp32")
+    if model_error:
+        print(f"  skipped: {model_error}")
+    else:
+        print(f"  {'model':<18} {'total MB':>9} {'linear MB':>10} {'cos mean':>9} {'cos min':>8} {'fwd ms':>7}")
+        for r in model_rows:
+            print(f"  {r['model']:<18} {r['bytes'] / 1e6:9.1f} {r['linear_bytes'] / 1e6:10.1f} "
+                  f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f} {r['forward_ms']:7.1f}")
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linquant", description="Linear quantization of model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="seeds' worked examples and a quantization-error table (no network)")
+    demo = sub.add_parser("demo", help="seeds' worked examples, an error table and the real MiniLM (no network)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)

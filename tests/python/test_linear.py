@@ -60,11 +60,16 @@ def test_non_contiguous_and_empty(gen):
     assert lq.linear(torch.randn(0, 64), qw.qweight, qw.scales, None, None, 4, 32).shape == (0, 20)
 
 
-def test_large_batch_uses_the_same_kernel(gen):
-    w = torch.randn(64, 512, generator=gen)
-    for bits in (8, 4):
-        qw = lq.quantize_weight(w, bits, 128)
-        check(torch.randn(70, 512, generator=gen), qw, None, bits, 128)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_large_batches_take_the_gemm_path(bits, symmetric, group_size, gen):
+    # From 48 rows (sub-byte) / 128 rows (8-bit) the kernel dequantizes tiles for ATen's GEMM.
+    w = torch.randn(40, 200, generator=gen)
+    qw = lq.quantize_weight(w, bits, group_size, symmetric)
+    bias = torch.randn(40, generator=gen)
+    for m in (47, 48, 127, 130):
+        check(torch.randn(m, 200, generator=gen), qw, bias, bits, group_size)
 
 
 def raises(match):
