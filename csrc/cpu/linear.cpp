@@ -97,11 +97,6 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
                                                .transpose(1, 2)
                                                .contiguous();
   a.xd = xd.const_data_ptr<float>();
-  at::Tensor xsum;
-  if (bits == 8 && !sh.symmetric) {
-    xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
-    a.xsum = xsum.const_data_ptr<float>();
-  }
   // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
   const int64_t blocks = (sh.N + 3) / 4;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {

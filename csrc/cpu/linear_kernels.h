@@ -29,7 +29,6 @@ struct LinearArgs {
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)
   const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
-  const float* xsum = nullptr;      // [M, G] activation sums per group (8-bit asymmetric only)
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
 };

@@ -70,8 +70,7 @@ inline __mmask16 chunk_mask(int64_t rem) {
   return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
 }
 
-// 8-bit: products of the raw integers accumulate per group and are scaled once per group; the
-// zero point comes out afterwards through the group's activation sum: s * (sum q x - z * sum x).
+// 8-bit: products of the exact integers q - z accumulate per group and are scaled once per group.
 template <bool SIGNED, int MT, int NT>
 void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   const uint8_t* wrow[NT];
@@ -80,9 +79,10 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int t = 0; t < MT; ++t) xs[t] = xstream<1>(a, m0 + t, 0);
   __m512 total[MT * NT];
   for (int i = 0; i < MT * NT; ++i) total[i] = _mm512_setzero_ps();
-  float corr[MT * NT] = {};
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * a.group, b1 = std::min(b0 + a.group, a.row_bytes);
+    __m512i zv[NT];
+    for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_epi32(params(a, n0 + u, g).z);
     __m512 acc[MT * NT];
     for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 16) {
@@ -90,7 +90,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
         const __m128i wb = _mm_maskz_loadu_epi8(mask, wrow[u] + j);
-        wv[u] = _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_cvtepu8_epi32(wb));
+        wv[u] = _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_sub_epi32(_mm512_cvtepu8_epi32(wb), zv[u]));
       }
       for (int t = 0; t < MT; ++t) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t] + j);
@@ -98,20 +98,13 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
     for (int u = 0; u < NT; ++u) {
-      const RowParams p = params(a, n0 + u, g);
-      const __m512 sv = _mm512_set1_ps(p.s);
-      const float sz = p.s * static_cast<float>(p.z);
-      for (int t = 0; t < MT; ++t) {
-        total[t * NT + u] = _mm512_fmadd_ps(acc[t * NT + u], sv, total[t * NT + u]);
-        corr[t * NT + u] += sz * (SIGNED ? 0.0f : a.xsum[(m0 + t) * a.groups + g]);
-      }
+      const __m512 sv = _mm512_set1_ps(params(a, n0 + u, g).s);
+      for (int t = 0; t < MT; ++t) total[t * NT + u] = _mm512_fmadd_ps(acc[t * NT + u], sv, total[t * NT + u]);
     }
   }
   for (int u = 0; u < NT; ++u) {
     const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) {
-      a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t * NT + u]) - corr[t * NT + u] + b;
-    }
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t * NT + u]) + b;
   }
 }
 
