@@ -128,12 +128,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_encoder
+    paths = export_encoder(args.model, args.out, bits=args.bits, group_size=args.group_size,
+                           symmetric=not args.asymmetric)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    print(f"run it from C++: linquant-run {paths['model']} {paths['inputs']}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linquant", description="Linear quantization of model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="seeds' worked examples, an error table and the real MiniLM (no network)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.set_defaults(func=cmd_demo)
+    export = sub.add_parser("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
+    export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
+                        help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
+    export.add_argument("--bits", type=int, default=8, choices=[8, 4, 2])
+    export.add_argument("--group-size", type=int, default=None, help="values per group (default: per channel)")
+    export.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,38 @@
+// linquant::QLinear for the LibTorch C++ frontend: the Python QLinear's buffers and behaviour
+// (docs/architecture.md, "Quantized weight format"), running linquant::linear.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <optional>
+
+namespace linquant {
+
+struct QLinearOptions {
+  int64_t bits = 8;
+  std::optional<int64_t> group_size;  // nullopt: per output channel
+  bool symmetric = true;
+};
+
+class QLinearImpl : public torch::nn::Module {
+ public:
+  QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QLinearOptions options,
+              at::ScalarType dtype = at::kFloat);
+
+  // Quantizes a torch::nn::Linear (its weight [out, in] and bias) into a new layer.
+  static std::shared_ptr<QLinearImpl> from_linear(const torch::nn::Linear& linear, QLinearOptions options);
+
+  at::Tensor forward(const at::Tensor& x);
+  // The float weight [out, in] the layer computes with, in the scales' dtype.
+  at::Tensor dequantize() const;
+
+  int64_t in_features, out_features;
+  QLinearOptions options;
+  at::Tensor qweight, scales, zeros, bias;  // zeros / bias undefined when absent
+};
+
+TORCH_MODULE(QLinear);
+
+}  // namespace linquant

@@ -1,0 +1,71 @@
+// linquant::QLinear (csrc/include/linquant/qlinear.h): the C++ twin of python/linquant/nn.py and
+// weights.py, built from the public op functions.
+#include "linquant/qlinear.h"
+
+#include <ATen/ATen.h>
+
+#include "linquant/ops.h"
+
+namespace linquant {
+namespace {
+
+std::optional<int64_t> axis_of(const QLinearOptions& o) {
+  return o.group_size.has_value() ? std::nullopt : std::optional<int64_t>(0);
+}
+
+}  // namespace
+
+QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_bias, QLinearOptions options_,
+                         at::ScalarType dtype)
+    : in_features(in_features_), out_features(out_features_), options(options_) {
+  const int64_t bits = options.bits;
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant::QLinear: bits must be 8, 4 or 2, got ", bits);
+  TORCH_CHECK_VALUE(!options.group_size.has_value() || (*options.group_size > 0 && *options.group_size % (8 / bits) == 0),
+                    "linquant::QLinear: group_size must be a positive multiple of ", 8 / bits, " at ", bits, " bits");
+  const int64_t groups = options.group_size.has_value() ? std::max<int64_t>(1, (in_features + *options.group_size - 1) /
+                                                                                   *options.group_size)
+                                                        : 1;
+  const auto qdtype = bits == 8 && options.symmetric ? at::kChar : at::kByte;
+  qweight = register_buffer("qweight", at::zeros({out_features, (in_features * bits + 7) / 8}, at::TensorOptions(qdtype)));
+  scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype)));
+  if (!options.symmetric) zeros = register_buffer("zeros", at::zeros({out_features, groups}, at::TensorOptions(at::kInt)));
+  if (with_bias) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype)));
+}
+
+std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& linear, QLinearOptions options) {
+  const at::Tensor w = linear->weight.detach();
+  const bool with_bias = linear->bias.defined();
+  auto q = std::make_shared<QLinearImpl>(w.size(1), w.size(0), with_bias, options, w.scalar_type());
+  const auto axis = axis_of(options);
+  auto [scale, zp] = choose_qparams(w, options.bits, options.symmetric, axis, options.group_size);
+  // Quantize with the scales as stored (the layer's dtype), as the Python side does.
+  scale = scale.to(w.scalar_type()).clamp_min(std::numeric_limits<float>::min());
+  const std::optional<at::Tensor> z = options.symmetric ? std::nullopt : std::optional<at::Tensor>(zp);
+  at::Tensor values = quantize(w, scale, z, options.bits, axis, options.group_size);
+  if (options.bits < 8) {
+    if (options.symmetric) values = (values.to(at::kShort) + (1 << (options.bits - 1))).to(at::kByte);
+    values = pack(values, options.bits);
+  }
+  q->qweight.copy_(values);
+  q->scales.copy_(scale.reshape({w.size(0), -1}));
+  if (!options.symmetric) q->zeros.copy_(zp.reshape({w.size(0), -1}));
+  if (with_bias) q->bias.copy_(linear->bias.detach());
+  return q;
+}
+
+at::Tensor QLinearImpl::forward(const at::Tensor& x) {
+  return linear(x, qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
+                bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits, options.group_size);
+}
+
+at::Tensor QLinearImpl::dequantize() const {
+  at::Tensor q = qweight;
+  std::optional<at::Tensor> z = zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt;
+  if (options.bits < 8) {
+    q = unpack(q, options.bits, in_features);
+    if (options.symmetric) z = at::full_like(scales, 1 << (options.bits - 1), at::TensorOptions(at::kInt));
+  }
+  return linquant::dequantize(q, scales, z, axis_of(options), options.group_size, scales.scalar_type());
+}
+
+}  // namespace linquant

@@ -1,0 +1,118 @@
+// linquant-run: runs a TorchScript module exported by `linquant export` (a quantized model with
+// linquant ops inside) on inputs saved with torch.save, without Python.
+//
+//   linquant-run MODEL.pt INPUTS.pt [--out OUTPUT.pt] [--runs N]
+//
+// Prints the output shapes and the time per run; --out writes the outputs for torch.load.
+// Exit codes: 0 ok, 1 the model or inputs failed, 2 bad usage.
+#include <torch/script.h>
+#include <torch/serialize.h>
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kFormatVersion = 1;  // python/linquant/export.py writes the same number
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot open " + path);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+void check_format(const std::string& path, const std::string& meta) {
+  const std::string key = "\"format_version\": ";
+  const auto at = meta.find(key);
+  if (at == std::string::npos) {
+    throw std::runtime_error(path + " was not exported by `linquant export` (no linquant.json inside)");
+  }
+  const int version = std::stoi(meta.substr(at + key.size()));
+  if (version != kFormatVersion) {
+    throw std::runtime_error(path + " was exported with linquant format_version " + std::to_string(version) +
+                             "; this linquant-run reads version " + std::to_string(kFormatVersion));
+  }
+}
+
+std::vector<c10::IValue> to_inputs(const c10::IValue& v) {
+  if (v.isTensor()) return {v};
+  if (v.isList()) {
+    std::vector<c10::IValue> out;
+    for (const auto& e : v.toListRef()) out.push_back(e);
+    return out;
+  }
+  if (v.isTuple()) return v.toTupleRef().elements().vec();
+  throw std::runtime_error("the inputs file must hold a tensor or a list / tuple of tensors");
+}
+
+void describe(const c10::IValue& out, std::ostream& os) {
+  if (out.isTensor()) {
+    const at::Tensor t = out.toTensor();
+    os << "  tensor " << t.sizes() << " " << t.scalar_type() << "\n";
+  } else if (out.isTuple()) {
+    for (const auto& e : out.toTupleRef().elements()) describe(e, os);
+  } else {
+    os << "  " << out.tagKind() << "\n";
+  }
+}
+
+int usage() {
+  std::cerr << "usage: linquant-run MODEL.pt INPUTS.pt [--out OUTPUT.pt] [--runs N]\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string out_path;
+  int runs = 10;
+  std::vector<std::string> positional;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--out" && i + 1 < args.size()) {
+      out_path = args[++i];
+    } else if (args[i] == "--runs" && i + 1 < args.size()) {
+      runs = std::max(1, std::atoi(args[++i].c_str()));
+    } else if (args[i] == "-h" || args[i] == "--help") {
+      usage();
+      return 0;
+    } else if (!args[i].empty() && args[i][0] == '-') {
+      return usage();
+    } else {
+      positional.push_back(args[i]);
+    }
+  }
+  if (positional.size() != 2) return usage();
+  try {
+    torch::jit::ExtraFilesMap extra{{"linquant.json", ""}};
+    torch::jit::Module module = torch::jit::load(positional[0], c10::nullopt, extra);
+    check_format(positional[0], extra["linquant.json"]);
+    module.eval();
+    const std::vector<c10::IValue> inputs = to_inputs(torch::pickle_load(read_file(positional[1])));
+    torch::NoGradGuard no_grad;
+    c10::IValue output = module.forward(inputs);
+    const auto start = std::chrono::steady_clock::now();
+    for (int r = 0; r < runs; ++r) output = module.forward(inputs);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / runs;
+    std::cout << "outputs:\n";
+    describe(output, std::cout);
+    std::cout << "time per run: " << ms << " ms (" << runs << " runs)\n";
+    if (!out_path.empty()) {
+      const std::vector<char> bytes = torch::pickle_save(output);
+      std::ofstream f(out_path, std::ios::binary);
+      f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+      if (!f) throw std::runtime_error("cannot write " + out_path);
+    }
+  } catch (const c10::Error& e) {
+    std::cerr << "linquant-run: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "linquant-run: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

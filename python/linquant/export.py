@@ -1,0 +1,66 @@
+"""TorchScript export of a quantized encoder for C++ programs (programs/linquant_run.cpp): the
+traced module (linquant ops inside) with a linquant.json record, example inputs and the outputs
+Python computes for them."""
+
+import json
+import os
+
+import torch
+
+from .model import quantize_model
+
+FORMAT_VERSION = 1  # programs/linquant_run.cpp checks the same number
+
+
+class _Encoder(torch.nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state, a signature TorchScript can hold."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def tiny_bert():
+    """A small randomly initialised BERT encoder (fixed seed): a model for tests and demos that needs
+    no download."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                vocab_size=512, max_position_embeddings=64)).eval()
+
+
+def load_encoder(name: str):
+    if name == "tiny-bert":
+        return tiny_bert()
+    if name == "minilm":
+        from .builtin import load_minilm
+        return load_minilm()[0]
+    raise ValueError(f"linquant export: unknown model {name!r} (expected tiny-bert or minilm)")
+
+
+def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symmetric: bool = True,
+                   batch: int = 2, seq_len: int = 16) -> dict:
+    """Writes out_dir/model.pt (TorchScript), inputs.pt ([input_ids, attention_mask]) and
+    expected.pt (Python's output for them); returns the paths."""
+    model = quantize_model(load_encoder(name), bits=bits, group_size=group_size, symmetric=symmetric,
+                           progress=False)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[-1, seq_len // 2:] = 0
+    wrapped = _Encoder(model).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapped, (ids, mask), check_trace=False)
+        expected = wrapped(ids, mask)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"{k}.pt") for k in ("model", "inputs", "expected")}
+    meta = {"format_version": FORMAT_VERSION, "model": name, "bits": bits, "group_size": group_size,
+            "symmetric": symmetric}
+    torch.jit.save(traced, paths["model"], _extra_files={"linquant.json": json.dumps(meta)})
+    torch.save([ids, mask], paths["inputs"])
+    torch.save(expected, paths["expected"])
+    return paths

@@ -1,0 +1,64 @@
+"""End to end: `linquant export` in Python, `linquant-run` (C++, no Python) on the same inputs, equal
+outputs; and the program's errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from linquant.export import export_encoder
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("LINQUANT_RUN", ROOT / "build" / "linquant-run"))
+
+pytestmark = pytest.mark.skipif(not BINARY.exists(), reason=f"{BINARY} not built (cmake --build build)")
+
+
+def run(*args):
+    return subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (2, 16, True)])
+def test_cpp_outputs_equal_python(tmp_path, bits, group_size, symmetric):
+    paths = export_encoder("tiny-bert", str(tmp_path), bits=bits, group_size=group_size, symmetric=symmetric)
+    out = run(paths["model"], paths["inputs"], "--out", tmp_path / "cpp.pt", "--runs", 3)
+    assert out.returncode == 0, out.stderr
+    assert "time per run:" in out.stdout
+    cpp, expected = torch.load(tmp_path / "cpp.pt"), torch.load(paths["expected"])
+    assert cpp.shape == expected.shape == (2, 16, 64)
+    assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "linquant", "export", "--bits", "8", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["expected.pt", "inputs.pt", "model.pt"]
+
+
+def test_errors(tmp_path):
+    paths = export_encoder("tiny-bert", str(tmp_path), bits=8)
+    # A model written by an incompatible version.
+    module = torch.jit.load(paths["model"])
+    future = tmp_path / "future.pt"
+    torch.jit.save(module, str(future), _extra_files={"linquant.json": json.dumps({"format_version": 99})})
+    out = run(future, paths["inputs"])
+    assert out.returncode == 1 and "format_version 99" in out.stderr
+    # Not exported by linquant at all.
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    out = run(plain, paths["inputs"])
+    assert out.returncode == 1 and "not exported by `linquant export`" in out.stderr
+    # Inputs of the wrong shape.
+    bad = tmp_path / "bad.pt"
+    torch.save([torch.zeros(2, 16, 3, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)], bad)
+    out = run(paths["model"], bad)
+    assert out.returncode == 1 and out.stderr.startswith("linquant-run:")
+    # Missing file, bad usage.
+    out = run(tmp_path / "missing.pt", paths["inputs"])
+    assert out.returncode == 1 and "linquant-run:" in out.stderr
+    assert run(paths["model"]).returncode == 2
