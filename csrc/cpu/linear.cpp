@@ -15,11 +15,11 @@ namespace linquant::cpu {
 namespace {
 
 // From this many activation rows on the layer is bound by arithmetic, not weight bytes, and
-// dequantizing weight tiles for ATen's GEMM (MKL's blocking) matches fp32 F.linear where the
-// register-tiled kernel falls behind it; 8-bit tiles stay ahead longer (measured on 4096x4096 and
-// MiniLM's 1536x384 layers, M = 64 and 224).
-constexpr int64_t kGemmMinRows8 = 128;
-constexpr int64_t kGemmMinRowsSubByte = 48;
+// dequantizing weight tiles for ATen's GEMM (MKL's blocking) keeps up with fp32 F.linear where the
+// register-tiled kernel falls behind it (MiniLM's batch of 224 rows). Below it the tiled kernel
+// wins: at M = 64 the GEMM path measured 0.7-0.9x fp32 F.linear (fresh tiles cost page faults),
+// the tiled kernel 0.9-1.6x (bench/bench_linear.py).
+constexpr int64_t kGemmMinRows = 128;
 // Weight rows dequantized per GEMM call: at most 4M fp32 values (16 MiB).
 constexpr int64_t kTileValues = int64_t{1} << 22;
 
@@ -79,7 +79,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
-  if (sh.M >= (bits == 8 ? kGemmMinRows8 : kGemmMinRowsSubByte)) {
+  if (sh.M >= kGemmMinRows) {
     linear_by_gemm(x2, w, s, zeros, sh, bits, group_size, y);
     if (b.defined()) y.add_(b);
     return y.to(x.scalar_type()).view(out_shape);
