@@ -7,21 +7,11 @@ tensor and scaled per value), all measured in this run.
 
 import argparse
 import platform
-import time
 
 import torch
 
 import linquant as lq
-
-
-def best_time(fn, repeat):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from timing import best_time
 
 
 def seeds_pack_weights(uint8tensor, bits):
