@@ -1,6 +1,8 @@
 """The `linquant` command. `linquant demo` is the README's main job: the seeds' worked examples, a
-quantization-error table over bits, modes and granularities, and the real all-MiniLM-L6-v2 (from
-a PyPI package, no network) in fp32, bf16 and 8/4/2 bits: footprint, embedding agreement, speed."""
+quantization-error table over bits, modes and granularities, the real all-MiniLM-L6-v2 in fp32,
+bf16 and 8/4/2 bits (footprint, embedding agreement, speed) and the real SmolLM2-135M-Instruct
+(perplexity, greedy generation side by side), both from PyPI packages, no network.
+`linquant export` writes a quantized encoder as TorchScript for the C++ program linquant-run."""
 
 import argparse
 import json
@@ -95,16 +97,45 @@ def minilm_rows():
     return rows
 
 
+# (label, bits, group_size, symmetric) of the causal-LM table.
+LM_CONFIGS = [("int8 per-channel", 8, None, True), ("int4 g128 asym", 4, 128, False)]
+LM_PROMPT = "The capital of France is"
+
+
+def smollm2_rows():
+    """SmolLM2-135M-Instruct in fp32 and every LM_CONFIGS entry: footprint, perplexity of the
+    built-in text, greedy continuation of LM_PROMPT, time per generated token."""
+    import copy
+
+    model, tok = builtin.load_smollm2()
+    rows = []
+    for label, bits, group, sym in [("fp32", None, None, None)] + LM_CONFIGS:
+        m = model if bits is None else quantize_model(copy.deepcopy(model), bits=bits, group_size=group,
+                                                      symmetric=sym, progress=False)
+        start = time.perf_counter()
+        text = builtin.greedy(m, tok, LM_PROMPT, new_tokens=16)
+        ms_per_token = (time.perf_counter() - start) / 16 * 1e3
+        rows.append({"model": label, "bytes": footprint(m)["total"], "perplexity": builtin.perplexity(m, tok),
+                     "greedy": text, "ms_per_token": ms_per_token})
+    return rows
+
+
+def _optional(fn):
+    """fn() or, when its model package is missing, ([], the reason)."""
+    try:
+        return fn(), None
+    except ImportError as e:
+        return [], str(e)
+
+
 def cmd_demo(args) -> int:
     rows, seeds = demo_rows(), seed_examples()
-    try:
-        model_rows = minilm_rows()
-        model_error = None
-    except ImportError as e:
-        model_rows, model_error = [], str(e)
+    model_rows, model_error = _optional(minilm_rows)
+    lm_rows, lm_error = _optional(smollm2_rows)
     if args.json:
         json.dump({"seed_examples": seeds, "gpt2_like_weight": rows, "minilm": model_rows,
-                   "minilm_error": model_error}, sys.stdout, indent=1)
+                   "minilm_error": model_error, "smollm2": lm_rows, "smollm2_error": lm_error},
+                  sys.stdout, indent=1)
         print()
         return 0
     print("Seed examples")
@@ -125,6 +156,13 @@ def cmd_demo(args) -> int:
         for r in model_rows:
             print(f"  {r['model']:<18} {r['bytes'] / 1e6:9.1f} {r['linear_bytes'] / 1e6:10.1f} "
                   f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f} {r['forward_ms']:7.1f}")
+    print(f"\nSmolLM2-135M-Instruct (real checkpoint, from its Q4_1 GGUF): perplexity of a built-in text, "
+          f"greedy continuation of {LM_PROMPT!r}")
+    if lm_error:
+        print(f"  skipped: {lm_error}")
+    for r in lm_rows:
+        print(f"  {r['model']:<18} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
+              f"{r['ms_per_token']:6.1f} ms/token  {r['greedy']!r}")
     return 0
 
 
@@ -141,7 +179,8 @@ def cmd_export(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linquant", description="Linear quantization of model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="seeds' worked examples, an error table and the real MiniLM (no network)")
+    demo = sub.add_parser("demo", help="seeds' worked examples, an error table, the real MiniLM and SmolLM2 "
+                                       "(no network)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.set_defaults(func=cmd_demo)
     export = sub.add_parser("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")

@@ -21,6 +21,11 @@ def test_demo_json():
     assert rows["int8 per-channel"]["linear_bytes"] < rows["fp32"]["linear_bytes"] * 0.26
     assert rows["int4 g128 asym"]["linear_bytes"] < rows["fp32"]["linear_bytes"] * 0.15
     assert rows["bf16"]["bytes"] * 2 == pytest.approx(rows["fp32"]["bytes"], rel=0.01)
+    if report["smollm2"]:
+        lm = {r["model"]: r for r in report["smollm2"]}
+        assert lm["int8 per-channel"]["greedy"] == lm["fp32"]["greedy"]
+        assert lm["int8 per-channel"]["perplexity"] < lm["fp32"]["perplexity"] * 1.01
+        assert lm["int4 g128 asym"]["bytes"] < lm["fp32"]["bytes"] / 3
 
 
 def test_bad_command_exits_non_zero():
