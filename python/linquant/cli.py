@@ -5,13 +5,17 @@ bf16 and 8/4/2 bits (footprint, embedding agreement, speed) and the real SmolLM2
 `linquant export` writes a quantized encoder as TorchScript for the C++ program linquant-run."""
 
 import argparse
+import copy
 import json
 import sys
 import time
 
 import torch
 
-from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model
+import os
+
+from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
+from .evaluate import ModelError, layer_errors, load_model, load_quantized_dir, report
 from .nn import QLinear
 
 GRANULARITIES = {
@@ -93,7 +97,8 @@ def minilm_rows():
         cos = (builtin.sentence_embeddings(m, tok) * ref).sum(-1)
         rows.append({"model": label, "bytes": footprint(m)["total"], "linear_bytes": linear_bytes(m),
                      "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-                     "forward_ms": _forward_ms(m, batch)})
+                     "forward_ms": _forward_ms(m, batch),
+                     "layer_snr_db": {r["layer"]: r["snr_db"] for r in layer_errors(model, m)}})
     return rows
 
 
@@ -128,13 +133,55 @@ def _optional(fn):
         return [], str(e)
 
 
+def write_plots(out_dir: str, model_rows, lm_rows) -> list:
+    """PNG plots: per-layer weight SNR of MiniLM at each format, and accuracy against bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    quantized = [r for r in model_rows if r.get("layer_snr_db")]
+    if quantized:
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        for r in quantized:
+            ax.plot(list(r["layer_snr_db"].values()), marker=".", label=r["model"])
+        ax.set_xlabel("linear layer (model order)")
+        ax.set_ylabel("weight SNR (dB)")
+        ax.set_title("all-MiniLM-L6-v2: per-layer weight SNR after quantization")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        paths.append(os.path.join(out_dir, "layer_snr.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    panels = [p for p in (("MiniLM: embedding cosine to fp32", model_rows, "cosine_mean", "linear_bytes"),
+                          ("SmolLM2: perplexity (lower is better)", lm_rows, "perplexity", "bytes")) if p[1]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, (title, rows, key, size_key) in zip(axes[0], panels):
+            xs, ys = [r[size_key] / 1e6 for r in rows], [r[key] for r in rows]
+            ax.plot(xs, ys, "o")
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel(("linear-layer" if size_key == "linear_bytes" else "model") + " size (MB)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        paths.append(os.path.join(out_dir, "accuracy_vs_bytes.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
 def cmd_demo(args) -> int:
     rows, seeds = demo_rows(), seed_examples()
     model_rows, model_error = _optional(minilm_rows)
     lm_rows, lm_error = _optional(smollm2_rows)
+    plots = write_plots(args.out, model_rows, lm_rows) if args.out else []
     if args.json:
         json.dump({"seed_examples": seeds, "gpt2_like_weight": rows, "minilm": model_rows,
-                   "minilm_error": model_error, "smollm2": lm_rows, "smollm2_error": lm_error},
+                   "minilm_error": model_error, "smollm2": lm_rows, "smollm2_error": lm_error, "plots": plots},
                   sys.stdout, indent=1)
         print()
         return 0
@@ -163,6 +210,53 @@ def cmd_demo(args) -> int:
     for r in lm_rows:
         print(f"  {r['model']:<18} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
               f"{r['ms_per_token']:6.1f} ms/token  {r['greedy']!r}")
+    for path in plots:
+        print(f"plot: {path}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    model, _, kind = load_model(args.model)
+    before = footprint(model)["total"]
+    quantize_model(model, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                   exclude=args.exclude, progress=True)
+    n_layers = sum(isinstance(m, QLinear) for m in model.modules())
+    save_quantized(model, args.out, metadata={"source": args.model, "kind": kind})
+    result = {"out": args.out, "layers": n_layers, "bytes_before": before, "bytes_after": footprint(model)["total"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} ({kind}): {n_layers} layers quantized to {args.bits} bits; "
+              f"{before / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB; saved to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if os.path.isdir(args.target) and os.path.isfile(os.path.join(args.target, "linquant.json")):
+        fp_model, tok, kind, q_model = load_quantized_dir(args.target)
+    else:
+        fp_model, tok, kind = load_model(args.target)
+        q_model = quantize_model(copy.deepcopy(fp_model), bits=args.bits, group_size=args.group_size,
+                                 symmetric=not args.asymmetric, exclude=args.exclude, progress=True)
+    rep = report(fp_model, q_model, tok, kind)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"{args.target} ({kind})")
+    for name, r in rep["models"].items():
+        quality = (f"perplexity {r['perplexity']:.3f}  greedy {r['greedy']!r}" if kind == "causal-lm"
+                   else f"cosine {r.get('cosine_mean', 1.0):.5f} (min {r.get('cosine_min', 1.0):.5f})")
+        print(f"  {name:<10} {r['bytes'] / 1e6:8.1f} MB  {r['forward_ms']:8.1f} ms/forward  {quality}")
+    snrs = [r["snr_db"] for r in rep["layers"]]
+    worst = min(rep["layers"], key=lambda r: r["snr_db"])
+    print(f"  weights: {len(snrs)} layers, SNR {min(snrs):.1f}..{max(snrs):.1f} dB (mean {sum(snrs) / len(snrs):.1f}); "
+          f"worst {worst['layer']} (MSE {worst['mse']:.3e})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .benchmark import run
+    run(args)
     return 0
 
 
@@ -182,7 +276,34 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="seeds' worked examples, an error table, the real MiniLM and SmolLM2 "
                                        "(no network)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    demo.add_argument("--out", help="also write PNG plots (per-layer SNR, accuracy vs bytes) to this folder")
     demo.set_defaults(func=cmd_demo)
+
+    def quant_options(p, required_bits):
+        p.add_argument("--bits", type=int, choices=[8, 4, 2], default=None if required_bits else 8,
+                       required=required_bits, help="bits per weight")
+        p.add_argument("--group-size", type=int, default=None,
+                       help="weights per scale along in_features (default: one scale per output channel)")
+        p.add_argument("--asymmetric", action="store_true", help="zero-point (asymmetric) quantization")
+        p.add_argument("--exclude", nargs="*", default=["lm_head"],
+                       help="module names or glob patterns to keep in full precision (default: lm_head)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    models = "a local Hugging Face model directory, a .gguf file, or a built-in name (minilm, smollm2)"
+    q = sub.add_parser("quantize", help="quantize a model and save it (safetensors + linquant.json)")
+    q.add_argument("model", help=models)
+    quant_options(q, required_bits=True)
+    q.add_argument("--out", required=True, help="output directory")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="report footprint, weight error, output agreement and speed")
+    e.add_argument("target", help="a `linquant quantize` output directory, or " + models +
+                                  " (then quantized in memory with the options below)")
+    quant_options(e, required_bits=False)
+    e.set_defaults(func=cmd_eval)
+    b = sub.add_parser("bench", help="the CPU linear-kernel benchmark tables (bench/bench_linear.py)")
+    from .benchmark import add_arguments
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     export = sub.add_parser("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
     export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
                         help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
@@ -192,7 +313,11 @@ def main(argv=None) -> int:
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ModelError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"linquant {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -33,9 +33,10 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_quantized(model: nn.Module, path: str) -> None:
+def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     """Writes `path`/model.safetensors (every parameter and persistent buffer) and
-    `path`/linquant.json (which modules are QLinear and their formats; tied tensors)."""
+    `path`/linquant.json (which modules are QLinear and their formats; tied tensors; `metadata`,
+    e.g. the source model that `linquant eval` reloads)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -55,7 +56,8 @@ def save_quantized(model: nn.Module, path: str) -> None:
             continue
         first_by_storage[key] = name
         tensors[name] = t.detach().contiguous()
-    config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied}
+    config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied,
+              "metadata": metadata or {}}
     _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(os.path.join(path, CONFIG_NAME),
                   lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1)))

