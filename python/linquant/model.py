@@ -5,7 +5,6 @@ import logging
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-import torch
 from torch import nn
 
 from .nn import QLinear

@@ -4,7 +4,6 @@ Conv1D, Llama, T5) driven through forward, generate() and pipeline()."""
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
