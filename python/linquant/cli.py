@@ -66,6 +66,15 @@ def seed_examples():
             "per_channel_mse": metrics(w, dequantize(q0, s0, axis=0))["mse"]}
 
 
+def _progress(items, desc):
+    """A progress bar on stderr over the demo's model variants (each takes a few seconds)."""
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(items, desc=desc, unit="model")
+    except ImportError:
+        return items
+
+
 def _forward_ms(model, batch, repeat=5):
     with torch.no_grad():
         model(**batch)
@@ -91,7 +100,7 @@ def minilm_rows():
     variants = [("bf16", lambda m: m.to(torch.bfloat16))]
     variants += [(label, lambda m, b=b, g=g, s=s: quantize_model(m, bits=b, group_size=g, symmetric=s, progress=False))
                  for label, b, g, s in MODEL_CONFIGS]
-    for label, convert in variants:
+    for label, convert in _progress(variants, "MiniLM"):
         m, _ = builtin.load_minilm()
         convert(m)
         cos = (builtin.sentence_embeddings(m, tok) * ref).sum(-1)
@@ -114,7 +123,7 @@ def smollm2_rows():
 
     model, tok = builtin.load_smollm2()
     rows = []
-    for label, bits, group, sym in [("fp32", None, None, None)] + LM_CONFIGS:
+    for label, bits, group, sym in _progress([("fp32", None, None, None)] + LM_CONFIGS, "SmolLM2"):
         m = model if bits is None else quantize_model(copy.deepcopy(model), bits=bits, group_size=group,
                                                       symmetric=sym, progress=False)
         start = time.perf_counter()
