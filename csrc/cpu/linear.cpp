@@ -6,43 +6,36 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../linear_checks.h"
 #include "linear_kernels.h"
-#include "linquant/ops.h"
 
 namespace linquant::cpu {
 namespace {
 
 // From this many activation rows on the layer is bound by arithmetic, not weight bytes, and
-// dequantizing weight tiles for ATen's GEMM (MKL's blocking) keeps up with fp32 F.linear where the
-// register-tiled kernel falls behind it (MiniLM's batch of 224 rows). Below it the tiled kernel
-// wins: at M = 64 the GEMM path measured 0.7-0.9x fp32 F.linear (fresh tiles cost page faults),
-// the tiled kernel 0.9-1.6x (bench/bench_linear.py).
+// dequantizing weight tiles for ATen's GEMM (MKL's blocking) keeps up with fp32 F.linear (1.0x at
+// M = 128 and 256 on 4096x4096) where the register-tiled kernel falls behind it. Below it the tiled
+// kernel wins: at M = 64 it measured 1.0-1.5x fp32 F.linear, the GEMM path 0.9-1.0x.
 constexpr int64_t kGemmMinRows = 128;
 // Weight rows dequantized per GEMM call: at most 4M fp32 values (16 MiB).
 constexpr int64_t kTileValues = int64_t{1} << 22;
 
-// y = x2 @ dequantized(weight).T, tile by tile; the dequantization reuses the library's own ops.
-void linear_by_gemm(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& zeros, const LinearShape& sh, int64_t bits,
-                    std::optional<int64_t> group_size, at::Tensor& y) {
-  const int64_t tile = std::max<int64_t>(1, kTileValues / std::max<int64_t>(sh.K, 1));
-  const int64_t groups = sh.groups;
-  const at::Tensor s = scales.reshape({sh.N, groups});
-  // Symmetric sub-byte values are stored offset by 2^(bits-1): a zero point undoes it.
-  std::optional<at::Tensor> z = zeros.has_value() ? std::optional<at::Tensor>(zeros->reshape({sh.N, groups}))
-                                : bits < 8 ? std::optional<at::Tensor>(at::full({sh.N, groups}, 1 << (bits - 1),
-                                                                                 s.options().dtype(at::kInt)))
-                                           : std::nullopt;
-  const std::optional<int64_t> axis = group_size.has_value() ? std::nullopt : std::optional<int64_t>(0);
-  for (int64_t n0 = 0; n0 < sh.N; n0 += tile) {
-    const int64_t len = std::min(tile, sh.N - n0);
-    at::Tensor q = w.narrow(0, n0, len);
-    if (bits < 8) q = linquant::unpack(q, bits, sh.K);
-    const at::Tensor wt = linquant::dequantize(q, s.narrow(0, n0, len),
-                                               z.has_value() ? std::optional<at::Tensor>(z->narrow(0, n0, len)) : std::nullopt,
-                                               axis, group_size, at::kFloat);
+// y = x2 @ dequantized(weight).T, tile by tile. The tile buffer is kept per thread: a fresh 16 MiB
+// allocation per tile costs more in first-touch page faults than the dequantization itself.
+void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, const LinearKernels& kernels, at::Tensor& y) {
+  const int64_t tile = std::max<int64_t>(1, kTileValues / std::max<int64_t>(a.K, 1));
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(std::min(tile, a.N) * a.K));
+  // The workers write through this pointer: inside the lambda `buffer` would name their own copy.
+  float* const base = buffer.data();
+  for (int64_t n0 = 0; n0 < a.N; n0 += tile) {
+    const int64_t len = std::min(tile, a.N - n0);
+    at::parallel_for(n0, n0 + len, 4, [&](int64_t r0, int64_t r1) {
+      kernels.dequant_rows(a, r0, r1, base + (r0 - n0) * a.K);
+    });
+    const at::Tensor wt = at::from_blob(base, {len, a.K}, x2.options());
     y.narrow(1, n0, len).copy_(at::mm(x2, wt.t()));
   }
 }
@@ -79,15 +72,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
+  const LinearKernels& kernels = linear_kernels();
   if (sh.M >= kGemmMinRows) {
-    linear_by_gemm(x2, w, s, zeros, sh, bits, group_size, y);
+    linear_by_gemm(x2, a, kernels, y);
     if (b.defined()) y.add_(b);
     return y.to(x.scalar_type()).view(out_shape);
   }
 
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
-  const LinearKernels& kernels = linear_kernels();
   a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
   const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
   const int64_t units = a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes;

@@ -40,8 +40,13 @@ struct LinearKernels {
   // Whether gemv wants per-word activation streams for this format.
   using WordStreamsFn = bool (*)(int bits, int64_t group, bool per_channel);
 
+  // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
+  // into out[(n - n_begin) * K + k], fp32.
+  using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
+
   GemvFn gemv;
   WordStreamsFn word_streams;
+  DequantFn dequant_rows;
 };
 
 const LinearKernels& linear_kernels_baseline();

@@ -4,15 +4,19 @@
 // plain C++.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "../core/pack_span.h"
 #include "linear_kernels.h"
 
 namespace linquant::cpu {
 namespace {
+
+namespace core = linquant::core::LINQUANT_CPU_ISA;
 
 struct RowParams {
   float s;
@@ -354,7 +358,40 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
-const LinearKernels kTable = {gemv_dispatch, word_streams};
+template <int BITS, bool SIGNED>
+void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
+  std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* q = a.w + n * a.row_bytes;
+    if constexpr (BITS < 8) {
+      core::unpack_row<BITS>(q, a.K, values.data());
+      q = values.data();
+    }
+    float* o = out + (n - n0) * a.K;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const RowParams p = params(a, n, g);
+      const int64_t k1 = std::min((g + 1) * a.group, a.K);
+#pragma omp simd
+      for (int64_t k = g * a.group; k < k1; ++k) {
+        const int32_t v = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(q[k])) : static_cast<int32_t>(q[k]);
+        o[k] = p.s * static_cast<float>(v - p.z);
+      }
+    }
+  }
+}
+
+void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
+  switch (a.bits) {
+    case 8:
+      return a.signed_q ? dequant<8, true>(a, n0, n1, out) : dequant<8, false>(a, n0, n1, out);
+    case 4:
+      return dequant<4, false>(a, n0, n1, out);
+    default:
+      return dequant<2, false>(a, n0, n1, out);
+  }
+}
+
+const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch};
 
 }  // namespace
 
