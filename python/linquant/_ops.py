@@ -29,10 +29,11 @@ def param_shape(shape, axis: Optional[int], group_size: Optional[int]) -> list:
     return []
 
 
-def _check_devices(x, scale, zero_point) -> None:
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"linquant: {name} is on {t.device} but the input is on {x.device}")
+def _check_devices(ref, ref_name: str, **tensors) -> None:
+    """Every tensor given (None allowed) is on ref's device, as the real kernels require."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"linquant: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _check_bits(bits: int) -> None:
@@ -50,7 +51,7 @@ def _choose_qparams_fake(x, bits, symmetric, axis=None, group_size=None):
 @torch.library.register_fake("linquant::quantize")
 def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
     _check_bits(bits)
-    _check_devices(x, scale, zero_point)
+    _check_devices(x, "the input", scale=scale, zero_point=zero_point)
     param_shape(x.shape, axis, group_size)
     return torch.empty_like(x, dtype=torch.int8 if zero_point is None else torch.uint8,
                             memory_format=torch.contiguous_format)
@@ -58,7 +59,7 @@ def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
 
 @torch.library.register_fake("linquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=None):
-    _check_devices(q, scale, zero_point)
+    _check_devices(q, "the input", scale=scale, zero_point=zero_point)
     param_shape(q.shape, axis, group_size)
     return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
 
@@ -93,9 +94,7 @@ def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=N
         raise ValueError(f"linquant: linear supports bits 8, 4 and 2, got {bits}")
     if x.dim() == 0 or qweight.dim() != 2:
         raise ValueError("linquant: linear needs x [..., K] and a 2-D qweight")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"linquant: {name} is on {t.device} but x is on {x.device}")
+    _check_devices(x, "x", qweight=qweight, scales=scales, zeros=zeros, bias=bias)
     return x.new_empty(list(x.shape[:-1]) + [qweight.shape[0]])
 
 

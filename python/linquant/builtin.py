@@ -65,6 +65,8 @@ PERPLEXITY_TEXT = (
     "recognised symbol of the city."
 )
 
+GREEDY_PROMPT = "The capital of France is"
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -15,7 +15,7 @@ import torch
 import os
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
-from .evaluate import ModelError, layer_errors, load_model, load_quantized_dir, report
+from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, report
 from .nn import QLinear
 
 GRANULARITIES = {
@@ -75,50 +75,39 @@ def _progress(items, desc):
         return items
 
 
-def _forward_ms(model, batch, repeat=5):
-    with torch.no_grad():
-        model(**batch)
-        start = time.perf_counter()
-        for _ in range(repeat):
-            model(**batch)
-    return (time.perf_counter() - start) / repeat * 1e3
-
-
 def minilm_rows():
     """all-MiniLM-L6-v2 through bf16 and every MODEL_CONFIGS entry: footprint, linear-layer bytes,
     cosine of the sentence embeddings to fp32, time per forward of the built-in sentences."""
     model, tok = builtin.load_minilm()
-    batch = tok(builtin.SENTENCES, padding=True, return_tensors="pt")
-    ref = builtin.sentence_embeddings(model, tok)
+    ref = agreement("encoder", model, tok)
 
     def linear_bytes(m):
         return sum(t.numel() * t.element_size() for mod in m.modules()
                    if isinstance(mod, (torch.nn.Linear, QLinear)) for t in mod.state_dict().values())
 
     rows = [{"model": "fp32", "bytes": footprint(model)["total"], "linear_bytes": linear_bytes(model),
-             "cosine_mean": 1.0, "cosine_min": 1.0, "forward_ms": _forward_ms(model, batch)}]
+             "cosine_mean": 1.0, "cosine_min": 1.0, "forward_ms": ref["forward_ms"]}]
     variants = [("bf16", lambda m: m.to(torch.bfloat16))]
     variants += [(label, lambda m, b=b, g=g, s=s: quantize_model(m, bits=b, group_size=g, symmetric=s, progress=False))
                  for label, b, g, s in MODEL_CONFIGS]
     for label, convert in _progress(variants, "MiniLM"):
         m, _ = builtin.load_minilm()
         convert(m)
-        cos = (builtin.sentence_embeddings(m, tok) * ref).sum(-1)
+        out = agreement("encoder", m, tok, ref)
         rows.append({"model": label, "bytes": footprint(m)["total"], "linear_bytes": linear_bytes(m),
-                     "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-                     "forward_ms": _forward_ms(m, batch),
+                     "cosine_mean": out["cosine_mean"], "cosine_min": out["cosine_min"],
+                     "forward_ms": out["forward_ms"],
                      "layer_snr_db": {r["layer"]: r["snr_db"] for r in layer_errors(model, m)}})
     return rows
 
 
 # (label, bits, group_size, symmetric) of the causal-LM table.
 LM_CONFIGS = [("int8 per-channel", 8, None, True), ("int4 g128 asym", 4, 128, False)]
-LM_PROMPT = "The capital of France is"
 
 
 def smollm2_rows():
     """SmolLM2-135M-Instruct in fp32 and every LM_CONFIGS entry: footprint, perplexity of the
-    built-in text, greedy continuation of LM_PROMPT, time per generated token."""
+    built-in text, greedy continuation of builtin.GREEDY_PROMPT, time per generated token."""
     import copy
 
     model, tok = builtin.load_smollm2()
@@ -127,7 +116,7 @@ def smollm2_rows():
         m = model if bits is None else quantize_model(copy.deepcopy(model), bits=bits, group_size=group,
                                                       symmetric=sym, progress=False)
         start = time.perf_counter()
-        text = builtin.greedy(m, tok, LM_PROMPT, new_tokens=16)
+        text = builtin.greedy(m, tok, builtin.GREEDY_PROMPT, new_tokens=16)
         ms_per_token = (time.perf_counter() - start) / 16 * 1e3
         rows.append({"model": label, "bytes": footprint(m)["total"], "perplexity": builtin.perplexity(m, tok),
                      "greedy": text, "ms_per_token": ms_per_token})
@@ -213,7 +202,7 @@ def cmd_demo(args) -> int:
             print(f"  {r['model']:<18} {r['bytes'] / 1e6:9.1f} {r['linear_bytes'] / 1e6:10.1f} "
                   f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f} {r['forward_ms']:7.1f}")
     print(f"\nSmolLM2-135M-Instruct (real checkpoint, from its Q4_1 GGUF): perplexity of a built-in text, "
-          f"greedy continuation of {LM_PROMPT!r}")
+          f"greedy continuation of {builtin.GREEDY_PROMPT!r}")
     if lm_error:
         print(f"  skipped: {lm_error}")
     for r in lm_rows:

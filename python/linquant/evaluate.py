@@ -97,7 +97,7 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
         return out
     ids = tokenizer(builtin.PERPLEXITY_TEXT, return_tensors="pt").input_ids
     return {"perplexity": builtin.perplexity(model, tokenizer),
-            "greedy": builtin.greedy(model, tokenizer, "The capital of France is"),
+            "greedy": builtin.greedy(model, tokenizer, builtin.GREEDY_PROMPT),
             "forward_ms": _time_ms(lambda: model(ids))}
 
 

@@ -13,7 +13,7 @@ try:
 except ImportError as e:
     pytest.skip(str(e), allow_module_level=True)
 
-PROMPT = "The capital of France is"
+PROMPT = builtin.GREEDY_PROMPT
 
 
 @pytest.fixture(scope="module")
