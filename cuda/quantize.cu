@@ -1,37 +1,212 @@
-// CUDA kernels of the quantize family. dequantize for now; the rest of the family comes with the
-// CUDA backend work (docs/architecture.md, "Status").
+// CUDA kernels of choose_qparams / quantize / dequantize. Same layout (quant_layout.h) and the same
+// torch-free formulas (csrc/core/quant_math.h) as the CPU kernels, each step one correctly rounded
+// fp32 operation (built with --fmad=false), so both backends agree bit for bit.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../csrc/core/quant_math.h"
 #include "../csrc/quant_layout.h"
+#include "launch.cuh"
 
 namespace linquant::cuda {
 namespace {
 
 namespace core = linquant::core;
 
+constexpr int kThreads = 256;
+// A group longer than this is reduced by several warps (pieces) whose results are then combined.
+constexpr int64_t kPiece = 8192;
+constexpr unsigned kNonFinite = 1, kOverflow = 2;
+
+// Pieces of the layout, as on the CPU: group u = (row, j) split into per_group pieces.
+struct Pieces {
+  int64_t cols, group, groups, per_group, piece_len;
+
+  LQ_HD void at(int64_t p, int64_t* offset, int64_t* len) const {
+    const int64_t u = p / per_group, sub = p - u * per_group;
+    const int64_t row = u / groups, j = u - row * groups;
+    const int64_t begin = j * group;
+    const int64_t group_len = (group < cols - begin ? group : cols - begin);
+    *offset = row * cols + begin + sub * piece_len;
+    *len = group_len - sub * piece_len < piece_len ? group_len - sub * piece_len : piece_len;
+  }
+};
+
+Pieces make_pieces(const QuantLayout& l) {
+  Pieces p;
+  p.cols = l.cols;
+  p.group = l.group;
+  p.groups = l.groups;
+  p.per_group = std::max<int64_t>(1, (l.group + kPiece - 1) / kPiece);
+  p.piece_len = (l.group + p.per_group - 1) / p.per_group;
+  return p;
+}
+
+// One warp per piece: minimum and maximum of its elements, with the CPU's select semantics.
+template <typename T>
+__global__ void minmax_kernel(const T* __restrict__ x, Pieces pieces, int64_t n_pieces, float* __restrict__ lo,
+                              float* __restrict__ hi, unsigned* flag) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; p < n_pieces; p += warps) {
+    int64_t offset, len;
+    pieces.at(p, &offset, &len);
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+    bool bad = false;
+    for (int64_t i = lane; i < len; i += 32) {
+      const float v = core::to_float(x[offset + i]);
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+      bad |= core::is_nonfinite(v);
+    }
+    for (int d = 16; d > 0; d /= 2) {
+      const float omn = __shfl_xor_sync(0xFFFFFFFFu, mn, d), omx = __shfl_xor_sync(0xFFFFFFFFu, mx, d);
+      mn = omn < mn ? omn : mn;
+      mx = omx > mx ? omx : mx;
+    }
+    if (__any_sync(0xFFFFFFFFu, bad) && lane == 0) atomicOr(flag, kNonFinite);
+    if (lane == 0) {
+      lo[p] = mn;
+      hi[p] = mx;
+    }
+  }
+}
+
+// One thread per group: its pieces combined, then the shared qparams formula.
+__global__ void qparams_kernel(const float* __restrict__ lo, const float* __restrict__ hi, int64_t per_group,
+                               int64_t n_params, int bits, bool symmetric, float* __restrict__ scale,
+                               int32_t* __restrict__ zero, unsigned* flag) {
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < n_params;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+    for (int64_t k = 0; k < per_group; ++k) {
+      mn = fminf(mn, lo[u * per_group + k]);
+      mx = fmaxf(mx, hi[u * per_group + k]);
+    }
+    if (mn > mx) mn = mx = 0.0f;  // an empty group is treated as all zeros
+    const core::QParams qp = core::qparams_from_minmax(mn, mx, bits, symmetric);
+    if (isinf(qp.scale)) atomicOr(flag, kOverflow);
+    scale[u] = qp.scale;
+    zero[u] = qp.zero_point;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& x, int64_t bits, bool symmetric,
+                                                       std::optional<int64_t> axis,
+                                                       std::optional<int64_t> group_size) {
+  check_bits(bits);
+  check_float_dtype(x, "x");
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const QuantLayout l = make_layout(x, axis, group_size);
+  const at::Tensor rows = to_rows(x, l);
+  const Pieces pieces = make_pieces(l);
+  const int64_t n_params = l.num_params();
+  const int64_t n_pieces = n_params * pieces.per_group;
+  at::Tensor lo = at::empty({n_pieces}, x.options().dtype(at::kFloat));
+  at::Tensor hi = at::empty({n_pieces}, x.options().dtype(at::kFloat));
+  at::Tensor scale = at::empty({n_params}, x.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty({n_params}, x.options().dtype(at::kInt));
+  ErrorFlag flag(x);
+  if (n_params > 0) {
+    const cudaStream_t stream = current_stream();
+    dispatch_float(x.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      minmax_kernel<<<grid_for(n_pieces * 32, kThreads), kThreads, 0, stream>>>(
+          static_cast<const T*>(rows.const_data_ptr()), pieces, n_pieces, lo.data_ptr<float>(), hi.data_ptr<float>(),
+          flag.ptr());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    qparams_kernel<<<grid_for(n_params, kThreads), kThreads, 0, stream>>>(
+        lo.const_data_ptr<float>(), hi.const_data_ptr<float>(), pieces.per_group, n_params, static_cast<int>(bits),
+        symmetric, scale.data_ptr<float>(), zero.data_ptr<int32_t>(), flag.ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int32_t raised = flag.value();
+    TORCH_CHECK_VALUE(!(raised & kNonFinite), "linquant: x contains NaN or Inf; cannot choose qparams");
+    TORCH_CHECK_VALUE(!(raised & kOverflow), "linquant: the value range of x overflows a float32 scale");
+  }
+  const auto shape = param_shape(x, l);
+  return {scale.view(shape), zero.view(shape)};
+}
+
 // One thread per element of the [rows, cols] matrix; group (row, col / group) owns s and z.
+struct GroupIndex {
+  int64_t cols, group, groups;
+  LQ_HD int64_t of(int64_t i) const {
+    const int64_t row = i / cols;
+    return row * groups + (i - row * cols) / group;
+  }
+};
+
+template <typename T, typename Q>
+__global__ void quantize_kernel(const T* __restrict__ x, const float* __restrict__ scale,
+                                const int32_t* __restrict__ zero, Q* __restrict__ q, int64_t n, GroupIndex gi,
+                                core::QRange r, unsigned* flag) {
+  bool bad = false;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = gi.of(i);
+    const float v = core::to_float(x[i]);
+    bad |= core::is_nonfinite(v);
+    q[i] = static_cast<Q>(core::quantize_value(v, scale[u], zero != nullptr ? zero[u] : 0, r.qmin, r.qmax));
+  }
+  if (bad) atomicOr(flag, kNonFinite);
+}
+
+at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                         int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
+  check_bits(bits);
+  check_float_dtype(x, "x");
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const QuantLayout l = make_layout(x, axis, group_size);
+  const at::Tensor s = prepare_scale(scale, x, l);
+  const bool symmetric = !zero_point.has_value();
+  const at::Tensor z = symmetric ? at::Tensor() : prepare_zero_point(*zero_point, x, l);
+  const core::QRange r = core::q_range(static_cast<int>(bits), symmetric);
+  const at::Tensor rows = to_rows(x, l);
+  at::Tensor q = at::empty({l.rows, l.cols}, x.options().dtype(symmetric ? at::kChar : at::kByte));
+  const int64_t n = rows.numel();
+  if (n > 0) {
+    ErrorFlag flag(x);
+    const GroupIndex gi{l.cols, l.group, l.groups};
+    const int32_t* zp = symmetric ? nullptr : z.const_data_ptr<int32_t>();
+    dispatch_float(x.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* in = static_cast<const T*>(rows.const_data_ptr());
+      const unsigned blocks = grid_for(n, kThreads);
+      if (symmetric) {
+        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, s.const_data_ptr<float>(), zp,
+                                                                   q.data_ptr<int8_t>(), n, gi, r, flag.ptr());
+      } else {
+        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, s.const_data_ptr<float>(), zp,
+                                                                   q.data_ptr<uint8_t>(), n, gi, r, flag.ptr());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    TORCH_CHECK_VALUE(flag.value() == 0, "linquant: x contains NaN or Inf; cannot quantize");
+  }
+  return from_rows(q, x, l);
+}
+
 template <typename Q, typename T>
 __global__ void dequantize_kernel(const Q* __restrict__ q, const float* __restrict__ scale,
-                                  const int32_t* __restrict__ zero, T* __restrict__ out, int64_t n,
-                                  int64_t cols, int64_t group, int64_t groups) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int64_t row = i / cols;
-    const int64_t u = row * groups + (i - row * cols) / group;
+                                  const int32_t* __restrict__ zero, T* __restrict__ out, int64_t n, GroupIndex gi) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = gi.of(i);
     const int32_t z = zero != nullptr ? zero[u] : 0;
     out[i] = core::from_float<T>(core::dequantize_value(static_cast<int32_t>(q[i]), scale[u], z));
   }
 }
 
-at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
-                           const std::optional<at::Tensor>& zero_point, std::optional<int64_t> axis,
-                           std::optional<int64_t> group_size, std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "linquant: q must be a CUDA tensor for this kernel, got ", q.device());
+at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                           std::optional<int64_t> axis, std::optional<int64_t> group_size,
+                           std::optional<at::ScalarType> dtype) {
+  check_cuda(q, "q");
   TORCH_CHECK_VALUE(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
                     "linquant: q must be int8 (symmetric) or uint8 (asymmetric), got ", q.scalar_type());
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
@@ -45,38 +220,31 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
   at::Tensor out = at::empty({l.rows, l.cols}, q.options().dtype(out_dtype));
   const int64_t n = rows.numel();
   if (n > 0) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t{65535} * 8);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const GroupIndex gi{l.cols, l.group, l.groups};
     const int32_t* zp = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
-    const float* sp = s.const_data_ptr<float>();
-    auto launch = [&](auto* dst) {
+    dispatch_float(out_dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      T* dst = static_cast<T*>(out.data_ptr());
+      const unsigned blocks = grid_for(n, kThreads);
       if (q.scalar_type() == at::kChar) {
-        dequantize_kernel<<<blocks, threads, 0, stream>>>(rows.const_data_ptr<int8_t>(), sp, zp, dst, n,
-                                                          l.cols, l.group, l.groups);
+        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(rows.const_data_ptr<int8_t>(),
+                                                                     s.const_data_ptr<float>(), zp, dst, n, gi);
       } else {
-        dequantize_kernel<<<blocks, threads, 0, stream>>>(rows.const_data_ptr<uint8_t>(), sp, zp, dst, n,
-                                                          l.cols, l.group, l.groups);
+        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(rows.const_data_ptr<uint8_t>(),
+                                                                     s.const_data_ptr<float>(), zp, dst, n, gi);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    void* dst = out.data_ptr();
-    switch (out_dtype) {
-      case at::kHalf:
-        launch(static_cast<core::half_t*>(dst));
-        break;
-      case at::kBFloat16:
-        launch(static_cast<core::bf16_t*>(dst));
-        break;
-      default:
-        launch(static_cast<float*>(dst));
-    }
+    });
   }
   return from_rows(out, q, l);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linquant, CUDA, m) { m.impl("dequantize", &dequantize_cuda); }
+TORCH_LIBRARY_IMPL(linquant, CUDA, m) {
+  m.impl("choose_qparams", &choose_qparams_cuda);
+  m.impl("quantize", &quantize_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+}
 
 }  // namespace linquant::cuda

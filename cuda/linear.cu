@@ -1,0 +1,158 @@
+// CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size
+//   M <= 8:  the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
+//   M > 8:   the weight dequantized to the activation dtype, then cuBLAS (at::addmm).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../csrc/linear_checks.h"
+#include "launch.cuh"
+#include "linear_gemv.cuh"
+
+namespace linquant::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// The weight dequantized into out [N, K] (any layout): one thread per packed byte.
+template <typename T>
+__global__ void dequant_weight_kernel(LinearParams p, int bits, T* __restrict__ out) {
+  const int per_byte = 8 / bits;
+  const uint32_t mask = (1u << bits) - 1;
+  const int64_t bytes = p.N * p.row_bytes;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < bytes;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / p.row_bytes, j = i - n * p.row_bytes;
+    const uint32_t byte = p.w[i] ^ (p.flip & 0xFFu);
+    for (int r = 0; r < per_byte; ++r) {
+      const int64_t k = j * per_byte + r;
+      if (k >= p.K) break;
+      const int64_t u = n * p.groups + k / p.group;
+      const int32_t z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
+      const int32_t q = static_cast<int32_t>((byte >> (r * bits)) & mask);
+      out[n * p.K + k] = core::from_float<T>(core::dequantize_value(q, p.scales[u], z));
+    }
+  }
+}
+
+// Widest chunk (16, 8 or 4 bytes) the fast GEMV can stream for this layout, or 0: rows and groups
+// must be whole chunks (so a chunk never crosses a group) and the rows aligned to it. 2-bit chunks
+// stop at 8 bytes so that a lane's 32 values fit the shared-memory layout of the other widths.
+int gemv_chunk_bytes(const LinearParams& p, int bits) {
+  const int widest = bits == 2 ? 8 : 16;
+  const int64_t group_bytes = p.group * bits / 8;
+  const auto addr = reinterpret_cast<uintptr_t>(p.w);
+  for (int vec = widest; vec >= 4; vec /= 2) {
+    if (p.row_bytes % vec == 0 && group_bytes % vec == 0 && addr % vec == 0) return vec;
+  }
+  return 0;
+}
+
+template <int BITS, int VEC, int MT, typename T>
+void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  using L = SliceLayout<BITS, VEC>;
+  constexpr int R = gemv_rows_per_warp<MT>();
+  constexpr int SB = gemv_slice_iters<MT>(L::V) * L::WARP_BYTES;
+  constexpr int kShared = MT * gemv_slice_iters<MT>(L::V) * L::WARP_VALUES * 4;
+  const int64_t row_blocks = (p.N + kGemvWarps * R - 1) / (kGemvWarps * R);
+  const int64_t slices = (p.row_bytes + SB - 1) / SB;
+  // Split K until about two blocks per multiprocessor are in flight.
+  const int64_t want = 2 * multiprocessors(like.device().index());
+  int64_t splits = std::clamp<int64_t>((want + row_blocks - 1) / row_blocks, 1, slices);
+  const int64_t per_split = (slices + splits - 1) / splits;
+  splits = (slices + per_split - 1) / per_split;
+  at::Tensor partial, tickets;
+  if (splits > 1) {
+    partial = at::empty({splits, p.M, p.N}, like.options().dtype(at::kFloat));
+    tickets = at::zeros({row_blocks}, like.options().dtype(at::kInt));
+  }
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+  gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, kShared, current_stream()>>>(
+      p, x, y, splits > 1 ? partial.data_ptr<float>() : nullptr, splits > 1 ? tickets.data_ptr<int>() : nullptr,
+      slices, per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int BITS, int VEC, typename T>
+void launch_gemv_rows(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  if (p.M == 1) {
+    launch_gemv<BITS, VEC, 1>(p, x, y, like);
+  } else if (p.M == 2) {
+    launch_gemv<BITS, VEC, 2>(p, x, y, like);
+  } else if (p.M <= 4) {
+    launch_gemv<BITS, VEC, 4>(p, x, y, like);
+  } else {
+    launch_gemv<BITS, VEC, 8>(p, x, y, like);
+  }
+}
+
+template <typename T>
+void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& like) {
+  const int vec = gemv_chunk_bytes(p, bits);
+  if (bits == 8 && vec == 16) return launch_gemv_rows<8, 16>(p, x, y, like);
+  if (bits == 8 && vec == 8) return launch_gemv_rows<8, 8>(p, x, y, like);
+  if (bits == 8 && vec == 4) return launch_gemv_rows<8, 4>(p, x, y, like);
+  if (bits == 4 && vec == 16) return launch_gemv_rows<4, 16>(p, x, y, like);
+  if (bits == 4 && vec == 8) return launch_gemv_rows<4, 8>(p, x, y, like);
+  if (bits == 4 && vec == 4) return launch_gemv_rows<4, 4>(p, x, y, like);
+  if (bits == 2 && vec == 8) return launch_gemv_rows<2, 8>(p, x, y, like);
+  if (bits == 2 && vec == 4) return launch_gemv_rows<2, 4>(p, x, y, like);
+  gemv_generic_kernel<<<grid_for(p.N * 32, kThreads), kThreads, 0, current_stream()>>>(p, bits, x, y);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                       std::optional<int64_t> group_size) {
+  const LinearShape sh = check_linear_args(x, qweight, scales, zeros, bias, bits, group_size);
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = sh.N;
+  if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
+
+  const at::Tensor w = qweight.contiguous();
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const at::Tensor z = zeros.has_value() ? zeros->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  LinearParams p;
+  p.w = reinterpret_cast<const uint8_t*>(w.const_data_ptr());
+  p.row_bytes = sh.row_bytes;
+  p.scales = s.const_data_ptr<float>();
+  p.zeros = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
+  const bool signed8 = bits == 8 && sh.symmetric;
+  p.zero_const = signed8 ? 128 : (sh.symmetric ? 1 << (bits - 1) : 0);
+  p.flip = signed8 ? 0x80808080u : 0u;
+  p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  p.M = sh.M;
+  p.N = sh.N;
+  p.K = sh.K;
+  p.group = sh.group;
+  p.groups = sh.groups;
+
+  const at::Tensor x2 = x.reshape({sh.M, sh.K}).contiguous();
+  if (sh.M <= kGemvMaxRows) {
+    at::Tensor y = at::empty({sh.M, sh.N}, x.options());
+    dispatch_float(x.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      gemv(p, static_cast<int>(bits), static_cast<const T*>(x2.const_data_ptr()), static_cast<T*>(y.data_ptr()), x);
+    });
+    return y.view(out_shape);
+  }
+
+  at::Tensor wd = at::empty({sh.N, sh.K}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dequant_weight_kernel<<<grid_for(sh.N * sh.row_bytes, kThreads), kThreads, 0, current_stream()>>>(
+        p, static_cast<int>(bits), static_cast<T*>(wd.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor y = b.defined() ? at::addmm(b.to(x.scalar_type()), x2, wd.t()) : at::mm(x2, wd.t());
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linquant, CUDA, m) { m.impl("linear", &linear_cuda); }
+
+}  // namespace linquant::cuda

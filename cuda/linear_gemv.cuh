@@ -1,0 +1,258 @@
+// Small-batch CUDA kernels of the weight-only linear op: y[m, n] = sum_k x[m, k] * s * (q - z) for
+// up to 8 activation rows, reading each weight byte from memory once.
+//
+// gemv_kernel (the fast path): each lane of a warp streams VEC-byte chunks of R weight rows with
+// wide loads; the activations of the block's K slice sit in shared memory as fp32, arranged so that
+// lane L reads the four x values matching four weight bytes of its chunk as one float4, with
+// consecutive lanes reading consecutive float4s (no bank conflicts). A weight byte becomes the
+// exact float 2^23 + q by placing it in a float's mantissa (one byte permute), and subtracting
+// 2^23 + z gives q - z exactly; products accumulate in fp32 per chunk and are scaled once per chunk
+// (a chunk never crosses a group). Blocks split K when there are too few rows to fill the GPU and
+// the last block of a row block to finish adds the splits up in a fixed order (deterministic).
+//
+// gemv_generic_kernel handles every other weight layout (odd group sizes, rows not a multiple of
+// 4 bytes, unaligned storage): one warp per weight row, one value per lane at a time.
+#pragma once
+
+#include <cstdint>
+
+#include "../csrc/core/float_convert.h"
+#include "../csrc/core/quant_math.h"
+
+namespace linquant::cuda {
+
+namespace core = linquant::core;
+
+struct LinearParams {
+  const uint8_t* w = nullptr;  // [N, row_bytes]
+  int64_t row_bytes = 0;
+  const float* scales = nullptr;   // [N, groups]
+  const int32_t* zeros = nullptr;  // [N, groups] or nullptr: every zero point is zero_const
+  int32_t zero_const = 0;
+  // XORed into every weight byte: 0x80 turns int8 (8-bit symmetric) into uint8 with zero point 128.
+  uint32_t flip = 0;
+  const float* bias = nullptr;  // [N] fp32 or nullptr
+  int64_t M = 0, N = 0, K = 0, group = 0, groups = 0;
+};
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvMaxRows = 8;  // activation rows the GEMV kernels take
+constexpr int kGemvSharedBytes = 32 * 1024;
+constexpr float kMagic = 8388608.0f;  // 2^23: a float whose mantissa's low byte is an integer
+
+__device__ __forceinline__ float zero_of(const LinearParams& p, int64_t u) {
+  return kMagic + static_cast<float>(p.zeros != nullptr ? p.zeros[u] : p.zero_const);
+}
+
+template <int VEC>
+struct Chunk;  // VEC bytes as 32-bit words
+template <>
+struct Chunk<16> {
+  uint32_t w[4];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  }
+};
+template <>
+struct Chunk<8> {
+  uint32_t w[2];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x, w[1] = v.y;
+  }
+};
+template <>
+struct Chunk<4> {
+  uint32_t w[1];
+  __device__ __forceinline__ void load(const uint8_t* p) { w[0] = __ldcs(reinterpret_cast<const unsigned*>(p)); }
+};
+
+// Layout of one K slice of activations in shared memory. A lane's chunk of V = VEC * 8 / BITS
+// values is W = VEC / 4 words; word d, bit plane b (values sharing a shift: b = value % (8 / BITS))
+// is the float4 holding the x of the plane's four bytes, at float4 index (it * V/4 + d * P + b) * 32
+// + lane for warp iteration `it`.
+template <int BITS, int VEC>
+struct SliceLayout {
+  static constexpr int P = 8 / BITS;       // values per byte (bit planes per word)
+  static constexpr int V = VEC * P;        // values per lane chunk
+  static constexpr int WARP_VALUES = 32 * V;
+  static constexpr int WARP_BYTES = 32 * VEC;
+
+  // Position (in floats) of slice value v.
+  __device__ __forceinline__ static int position(int v) {
+    const int it = v / WARP_VALUES, rem = v % WARP_VALUES;
+    const int lane = rem / V, j = rem % V;
+    const int word = j / (4 * P), in_word = j % (4 * P);
+    const int byte = in_word / P, plane = in_word % P;
+    return ((it * (V / 4) + word * P + plane) * 32 + lane) * 4 + byte;
+  }
+};
+
+template <int MT>
+constexpr int gemv_slice_iters(int V) {
+  // Warp iterations per slice: MT rows of the slice fill the shared-memory budget.
+  return kGemvSharedBytes / (MT * 32 * V * 4) > 0 ? kGemvSharedBytes / (MT * 32 * V * 4) : 1;
+}
+
+template <int MT>
+constexpr int gemv_rows_per_warp() {
+  return MT <= 2 ? 4 : 2;
+}
+
+template <int BITS, int VEC, int MT, typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
+                int* __restrict__ tickets, int64_t slices, int64_t slices_per_split) {
+  using L = SliceLayout<BITS, VEC>;
+  constexpr int P = L::P, V = L::V, R = gemv_rows_per_warp<MT>();
+  constexpr int ITERS = gemv_slice_iters<MT>(V);
+  constexpr int SV = ITERS * L::WARP_VALUES;  // values per slice
+  constexpr int SB = ITERS * L::WARP_BYTES;   // weight bytes per row per slice
+  constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
+  extern __shared__ float4 xs4[];  // [MT][SV / 4]
+  float* xs = reinterpret_cast<float*>(xs4);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
+  const int64_t split = blockIdx.y;
+  const int64_t s_begin = split * slices_per_split;
+  const int64_t s_end = s_begin + slices_per_split < slices ? s_begin + slices_per_split : slices;
+
+  float acc[R][MT] = {};
+  for (int64_t slice = s_begin; slice < s_end; ++slice) {
+    __syncthreads();  // the previous slice's activations are no longer read
+    for (int i = threadIdx.x; i < MT * SV; i += blockDim.x) {
+      const int m = i / SV, v = i % SV;
+      const int64_t k = slice * SV + v;
+      xs[m * SV + L::position(v)] = m < p.M && k < p.K ? core::to_float(x[m * p.K + k]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t byte = slice * SB + (static_cast<int64_t>(it) * 32 + lane) * VEC;
+      if (byte >= p.row_bytes) break;
+      const int64_t g = byte * P / p.group;
+      Chunk<VEC> c[R];
+      float s[R], fz[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = row0 + r;
+        if (n < p.N) {
+          c[r].load(p.w + n * p.row_bytes + byte);
+          s[r] = p.scales[n * p.groups + g];
+          fz[r] = zero_of(p, n * p.groups + g);
+        } else {
+          for (int d = 0; d < VEC / 4; ++d) c[r].w[d] = 0;
+          s[r] = 0.0f;
+          fz[r] = kMagic;
+        }
+      }
+      float t[R][MT] = {};
+#pragma unroll
+      for (int d = 0; d < VEC / 4; ++d) {
+#pragma unroll
+        for (int b = 0; b < P; ++b) {
+          float4 xv[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) xv[m] = xs4[m * (SV / 4) + (it * (V / 4) + d * P + b) * 32 + lane];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint32_t q4 = ((c[r].w[d] ^ p.flip) >> (b * BITS)) & MASK;  // four values, one per byte
+            const float q0 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7440)) - fz[r];
+            const float q1 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7441)) - fz[r];
+            const float q2 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7442)) - fz[r];
+            const float q3 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7443)) - fz[r];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              t[r][m] = __fmaf_rn(xv[m].x, q0, t[r][m]);
+              t[r][m] = __fmaf_rn(xv[m].y, q1, t[r][m]);
+              t[r][m] = __fmaf_rn(xv[m].z, q2, t[r][m]);
+              t[r][m] = __fmaf_rn(xv[m].w, q3, t[r][m]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = __fmaf_rn(s[r], t[r][m], acc[r][m]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      for (int d = 16; d > 0; d /= 2) acc[r][m] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][m], d);
+    }
+  }
+  if (gridDim.y == 1) {
+    if (lane == 0) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = row0 + r;
+        if (n >= p.N) break;
+        const float b = p.bias != nullptr ? p.bias[n] : 0.0f;
+        for (int m = 0; m < MT && m < p.M; ++m) y[m * p.N + n] = core::from_float<T>(acc[r][m] + b);
+      }
+    }
+    return;
+  }
+
+  // Split K: publish this split's sums; the block that finishes its row block last adds them up.
+  if (lane == 0) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = row0 + r;
+      if (n >= p.N) break;
+      for (int m = 0; m < MT && m < p.M; ++m) partial[(split * p.M + m) * p.N + n] = acc[r][m];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(&tickets[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  constexpr int BLOCK_ROWS = kGemvWarps * R;
+  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS;
+  for (int i = threadIdx.x; i < BLOCK_ROWS * MT; i += blockDim.x) {
+    const int64_t n = n_base + i % BLOCK_ROWS;
+    const int m = i / BLOCK_ROWS;
+    if (n >= p.N || m >= p.M) continue;
+    float sum = 0.0f;
+    for (int64_t sp = 0; sp < gridDim.y; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
+    y[m * p.N + n] = core::from_float<T>(sum + (p.bias != nullptr ? p.bias[n] : 0.0f));
+  }
+}
+
+// Any layout: one warp per weight row, values extracted one at a time.
+template <typename T>
+__global__ void gemv_generic_kernel(LinearParams p, int bits, const T* __restrict__ x, T* __restrict__ y) {
+  const int lane = threadIdx.x % 32;
+  const int per_byte = 8 / bits;
+  const uint32_t mask = (1u << bits) - 1;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; n < p.N; n += warps) {
+    float acc[kGemvMaxRows] = {};
+    for (int64_t k = lane; k < p.K; k += 32) {
+      const uint32_t byte = p.w[n * p.row_bytes + k / per_byte] ^ (p.flip & 0xFFu);
+      const int32_t q = static_cast<int32_t>((byte >> ((k % per_byte) * bits)) & mask);
+      const int64_t u = n * p.groups + k / p.group;
+      const int32_t z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
+      const float w = core::dequantize_value(q, p.scales[u], z);
+#pragma unroll
+      for (int m = 0; m < kGemvMaxRows; ++m) {
+        if (m < p.M) acc[m] = __fmaf_rn(core::to_float(x[m * p.K + k]), w, acc[m]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kGemvMaxRows; ++m) {
+      for (int d = 16; d > 0; d /= 2) acc[m] += __shfl_xor_sync(0xFFFFFFFFu, acc[m], d);
+      if (lane == 0 && m < p.M) y[m * p.N + n] = core::from_float<T>(acc[m] + (p.bias != nullptr ? p.bias[n] : 0.0f));
+    }
+  }
+}
+
+}  // namespace linquant::cuda
