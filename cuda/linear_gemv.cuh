@@ -14,7 +14,9 @@
 // 4 bytes, unaligned storage): one warp per weight row, one value per lane at a time.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <vector_types.h>
 
 #include "../csrc/core/float_convert.h"
 #include "../csrc/core/quant_math.h"
@@ -40,33 +42,23 @@ constexpr int kGemvMaxRows = 8;  // activation rows the GEMV kernels take
 constexpr int kGemvSharedBytes = 32 * 1024;
 constexpr float kMagic = 8388608.0f;  // 2^23: a float whose mantissa's low byte is an integer
 
-__device__ __forceinline__ float zero_of(const LinearParams& p, int64_t u) {
+LQ_HD float zero_of(const LinearParams& p, int64_t u) {
   return kMagic + static_cast<float>(p.zeros != nullptr ? p.zeros[u] : p.zero_const);
 }
 
+// Loads VEC bytes (aligned) of a weight row as 32-bit words, streaming (evict first).
 template <int VEC>
-struct Chunk;  // VEC bytes as 32-bit words
-template <>
-struct Chunk<16> {
-  uint32_t w[4];
-  __device__ __forceinline__ void load(const uint8_t* p) {
+__device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[VEC / 4]) {
+  if constexpr (VEC == 16) {
     const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  }
-};
-template <>
-struct Chunk<8> {
-  uint32_t w[2];
-  __device__ __forceinline__ void load(const uint8_t* p) {
+  } else if constexpr (VEC == 8) {
     const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
     w[0] = v.x, w[1] = v.y;
+  } else {
+    w[0] = __ldcs(reinterpret_cast<const unsigned*>(p));
   }
-};
-template <>
-struct Chunk<4> {
-  uint32_t w[1];
-  __device__ __forceinline__ void load(const uint8_t* p) { w[0] = __ldcs(reinterpret_cast<const unsigned*>(p)); }
-};
+}
 
 // Layout of one K slice of activations in shared memory. A lane's chunk of V = VEC * 8 / BITS
 // values is W = VEC / 4 words; word d, bit plane b (values sharing a shift: b = value % (8 / BITS))
@@ -80,14 +72,67 @@ struct SliceLayout {
   static constexpr int WARP_BYTES = 32 * VEC;
 
   // Position (in floats) of slice value v.
-  __device__ __forceinline__ static int position(int v) {
+  LQ_HD static int position(int v) {
     const int it = v / WARP_VALUES, rem = v % WARP_VALUES;
     const int lane = rem / V, j = rem % V;
     const int word = j / (4 * P), in_word = j % (4 * P);
     const int byte = in_word / P, plane = in_word % P;
     return ((it * (V / 4) + word * P + plane) * 32 + lane) * 4 + byte;
   }
+
+  // The float4 of x for word d, plane b of `lane`'s chunk in warp iteration `it`.
+  LQ_HD static int float4_index(int it, int d, int b, int lane) { return (it * (V / 4) + d * P + b) * 32 + lane; }
 };
+
+// 2^23 + (byte i of q4) as a float: the byte placed in the low mantissa bits of 2^23.
+LQ_HD float magic_byte(uint32_t q4, int i) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7440 + i));
+#else
+  return core::f32_from_bits(0x4B000000u | ((q4 >> (8 * i)) & 0xFFu));
+#endif
+}
+
+LQ_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// The heart of gemv_kernel, for one lane and one chunk per weight row: t[r][m] += sum over the
+// chunk's values of x[m, k] * (q[r, k] - z[r]), with fz[r] = 2^23 + z[r]. `words` holds the chunk of
+// each of the R rows; `xs4` is the slice's shared-memory activations of one row of x, the next row
+// sv4 float4s further.
+template <int BITS, int VEC, int MT, int R>
+LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const uint32_t (&words)[R][VEC / 4],
+                          uint32_t flip, const float (&fz)[R], float (&t)[R][MT]) {
+  using L = SliceLayout<BITS, VEC>;
+  constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
+#pragma unroll
+  for (int d = 0; d < VEC / 4; ++d) {
+#pragma unroll
+    for (int b = 0; b < L::P; ++b) {
+      float4 xv[MT];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) xv[m] = xs4[m * sv4 + L::float4_index(it, d, b, lane)];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t q4 = ((words[r][d] ^ flip) >> (b * BITS)) & MASK;  // four values, one per byte
+        const float q0 = magic_byte(q4, 0) - fz[r], q1 = magic_byte(q4, 1) - fz[r];
+        const float q2 = magic_byte(q4, 2) - fz[r], q3 = magic_byte(q4, 3) - fz[r];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          t[r][m] = fma_rn(xv[m].x, q0, t[r][m]);
+          t[r][m] = fma_rn(xv[m].y, q1, t[r][m]);
+          t[r][m] = fma_rn(xv[m].z, q2, t[r][m]);
+          t[r][m] = fma_rn(xv[m].w, q3, t[r][m]);
+        }
+      }
+    }
+  }
+}
 
 template <int MT>
 constexpr int gemv_slice_iters(int V) {
@@ -109,7 +154,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   constexpr int ITERS = gemv_slice_iters<MT>(V);
   constexpr int SV = ITERS * L::WARP_VALUES;  // values per slice
   constexpr int SB = ITERS * L::WARP_BYTES;   // weight bytes per row per slice
-  constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
   extern __shared__ float4 xs4[];  // [MT][SV / 4]
   float* xs = reinterpret_cast<float*>(xs4);
 
@@ -133,50 +177,27 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       const int64_t byte = slice * SB + (static_cast<int64_t>(it) * 32 + lane) * VEC;
       if (byte >= p.row_bytes) break;
       const int64_t g = byte * P / p.group;
-      Chunk<VEC> c[R];
+      uint32_t c[R][VEC / 4];
       float s[R], fz[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t n = row0 + r;
         if (n < p.N) {
-          c[r].load(p.w + n * p.row_bytes + byte);
+          load_chunk<VEC>(p.w + n * p.row_bytes + byte, c[r]);
           s[r] = p.scales[n * p.groups + g];
           fz[r] = zero_of(p, n * p.groups + g);
         } else {
-          for (int d = 0; d < VEC / 4; ++d) c[r].w[d] = 0;
+          for (int d = 0; d < VEC / 4; ++d) c[r][d] = 0;
           s[r] = 0.0f;
           fz[r] = kMagic;
         }
       }
       float t[R][MT] = {};
-#pragma unroll
-      for (int d = 0; d < VEC / 4; ++d) {
-#pragma unroll
-        for (int b = 0; b < P; ++b) {
-          float4 xv[MT];
-#pragma unroll
-          for (int m = 0; m < MT; ++m) xv[m] = xs4[m * (SV / 4) + (it * (V / 4) + d * P + b) * 32 + lane];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const uint32_t q4 = ((c[r].w[d] ^ p.flip) >> (b * BITS)) & MASK;  // four values, one per byte
-            const float q0 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7440)) - fz[r];
-            const float q1 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7441)) - fz[r];
-            const float q2 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7442)) - fz[r];
-            const float q3 = __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7443)) - fz[r];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              t[r][m] = __fmaf_rn(xv[m].x, q0, t[r][m]);
-              t[r][m] = __fmaf_rn(xv[m].y, q1, t[r][m]);
-              t[r][m] = __fmaf_rn(xv[m].z, q2, t[r][m]);
-              t[r][m] = __fmaf_rn(xv[m].w, q3, t[r][m]);
-            }
-          }
-        }
-      }
+      chunk_products<BITS, VEC, MT, R>(xs4, SV / 4, it, lane, c, p.flip, fz, t);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = __fmaf_rn(s[r], t[r][m], acc[r][m]);
+        for (int m = 0; m < MT; ++m) acc[r][m] = fma_rn(s[r], t[r][m], acc[r][m]);
       }
     }
   }
@@ -244,7 +265,7 @@ __global__ void gemv_generic_kernel(LinearParams p, int bits, const T* __restric
       const float w = core::dequantize_value(q, p.scales[u], z);
 #pragma unroll
       for (int m = 0; m < kGemvMaxRows; ++m) {
-        if (m < p.M) acc[m] = __fmaf_rn(core::to_float(x[m * p.K + k]), w, acc[m]);
+        if (m < p.M) acc[m] = fma_rn(core::to_float(x[m * p.K + k]), w, acc[m]);
       }
     }
 #pragma unroll

@@ -1,0 +1,123 @@
+// The CUDA GEMV's per-chunk arithmetic and its shared-memory activation layout, run on the host:
+// cuda/linear_gemv.cuh's chunk_products and SliceLayout are __host__ __device__, so this checks the
+// part of the kernel most prone to index mistakes (which x meets which packed value, the bit
+// planes, the int8 flip, the zero points) on machines without a GPU. Emulates the kernel's walk
+// over warp iterations and lanes for one slice and compares with a float64 dot product.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../../cuda/linear_gemv.cuh"
+
+namespace {
+
+using linquant::cuda::chunk_products;
+using linquant::cuda::kMagic;
+using linquant::cuda::SliceLayout;
+
+template <int BITS, int VEC, int MT, int R>
+void check_slice(bool signed8, unsigned seed) {
+  using L = SliceLayout<BITS, VEC>;
+  constexpr int P = L::P, ITERS = 2;
+  constexpr int SV = ITERS * L::WARP_VALUES, SB = ITERS * L::WARP_BYTES;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> xdist(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> bytes(0, 255), zdist(-(1 << BITS), 2 << BITS);
+
+  std::vector<float> x(MT * SV);
+  for (float& v : x) v = xdist(rng);
+  std::vector<uint8_t> w(R * SB);
+  for (uint8_t& b : w) b = static_cast<uint8_t>(bytes(rng));
+  // A zero point per row and chunk (the kernel's chunks never cross a group).
+  std::vector<int> z(R * ITERS * 32);
+  for (int& v : z) v = signed8 ? 0 : zdist(rng);
+
+  std::vector<float4> xs4(MT * SV / 4);
+  float* xs = reinterpret_cast<float*>(xs4.data());
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < SV; ++v) xs[m * SV + L::position(v)] = x[m * SV + v];
+
+  const uint32_t flip = signed8 ? 0x80808080u : 0u;
+  float got[R][MT] = {};
+  for (int it = 0; it < ITERS; ++it) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const int byte = (it * 32 + lane) * VEC;
+      uint32_t words[R][VEC / 4];
+      float fz[R];
+      for (int r = 0; r < R; ++r) {
+        std::memcpy(words[r], &w[r * SB + byte], VEC);
+        fz[r] = kMagic + static_cast<float>(signed8 ? 128 : z[r * ITERS * 32 + it * 32 + lane]);
+      }
+      float t[R][MT] = {};
+      chunk_products<BITS, VEC, MT, R>(xs4.data(), SV / 4, it, lane, words, flip, fz, t);
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) got[r][m] += t[r][m];
+    }
+  }
+
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < MT; ++m) {
+      double want = 0.0, mag = 0.0;
+      for (int k = 0; k < SV; ++k) {
+        const uint8_t b = w[r * SB + k / P];
+        const int q = signed8 ? static_cast<int8_t>(b) : (b >> ((k % P) * BITS)) & ((1 << BITS) - 1);
+        const int chunk = k / L::V;  // = it * 32 + lane
+        const int zero = signed8 ? 0 : z[r * ITERS * 32 + chunk];
+        want += static_cast<double>(x[m * SV + k]) * (q - zero);
+        mag += std::fabs(static_cast<double>(x[m * SV + k]) * (q - zero));
+      }
+      EXPECT_NEAR(got[r][m], want, mag * 1e-5 + 1e-6)
+          << "bits " << BITS << " vec " << VEC << " row " << r << " m " << m << " signed8 " << signed8;
+    }
+  }
+}
+
+TEST(GemvChunk, EightBit) {
+  for (unsigned seed : {1u, 2u}) {
+    check_slice<8, 16, 1, 4>(false, seed);
+    check_slice<8, 16, 2, 4>(true, seed);
+    check_slice<8, 8, 4, 2>(false, seed);
+    check_slice<8, 4, 8, 2>(true, seed);
+  }
+}
+
+TEST(GemvChunk, FourBit) {
+  for (unsigned seed : {3u, 4u}) {
+    check_slice<4, 16, 1, 4>(false, seed);
+    check_slice<4, 16, 4, 2>(false, seed);
+    check_slice<4, 8, 2, 4>(false, seed);
+    check_slice<4, 4, 8, 2>(false, seed);
+  }
+}
+
+TEST(GemvChunk, TwoBit) {
+  for (unsigned seed : {5u, 6u}) {
+    check_slice<2, 8, 1, 4>(false, seed);
+    check_slice<2, 8, 8, 2>(false, seed);
+    check_slice<2, 4, 2, 4>(false, seed);
+  }
+}
+
+// Every slice position is used exactly once (the layout is a permutation).
+TEST(GemvChunk, LayoutIsAPermutation) {
+  auto check = [](auto layout, int sv) {
+    using L = decltype(layout);
+    std::vector<int> seen(sv, 0);
+    for (int v = 0; v < sv; ++v) {
+      const int pos = L::position(v);
+      ASSERT_GE(pos, 0);
+      ASSERT_LT(pos, sv);
+      ++seen[pos];
+    }
+    for (int c : seen) ASSERT_EQ(c, 1);
+  };
+  check(SliceLayout<8, 16>(), 3 * SliceLayout<8, 16>::WARP_VALUES);
+  check(SliceLayout<4, 16>(), 2 * SliceLayout<4, 16>::WARP_VALUES);
+  check(SliceLayout<2, 8>(), 2 * SliceLayout<2, 8>::WARP_VALUES);
+  check(SliceLayout<2, 4>(), 1 * SliceLayout<2, 4>::WARP_VALUES);
+}
+
+}  // namespace
