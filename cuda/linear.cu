@@ -1,6 +1,8 @@
-// CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size
-//   M <= 8:  the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
-//   M > 8:   the weight dequantized to the activation dtype, then cuBLAS (at::addmm).
+// CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size M
+//   M <= 8:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
+//   8 < M <= 256:    the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
+//   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
+//                    is also the path of fp32 activations and of layouts the fused kernel rejects.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,6 +10,7 @@
 #include "../csrc/linear_checks.h"
 #include "launch.cuh"
 #include "linear_gemv.cuh"
+#include "linear_mma.cuh"
 
 namespace linquant::cuda {
 namespace {
@@ -101,6 +104,49 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Rows of activations up to which the fused tensor-core kernel runs; above it the one-off
+// dequantization is small next to the GEMM and cuBLAS's tiling wins.
+constexpr int64_t kMmaMaxRows = 256;
+
+// Whether the tensor-core kernel takes this layout: whole 32-value chunks per row (aligned), and
+// groups made of whole chunks so one scale serves a chunk.
+bool mma_supports(const LinearParams& p, int bits) {
+  const int chunk_bytes = kMmaChunk * bits / 8;
+  const auto addr = reinterpret_cast<uintptr_t>(p.w);
+  return p.row_bytes % chunk_bytes == 0 && addr % std::min(chunk_bytes, 16) == 0 && p.group % kMmaChunk == 0;
+}
+
+template <int BITS, int BM, typename T>
+void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  const int64_t col_tiles = (p.N + kMmaBN - 1) / kMmaBN, row_tiles = (p.M + BM - 1) / BM;
+  const int64_t steps = (p.K + kMmaBK - 1) / kMmaBK;
+  const int64_t want = 2 * multiprocessors(like.device().index());
+  int64_t splits = std::clamp<int64_t>((want + col_tiles * row_tiles - 1) / (col_tiles * row_tiles), 1, steps);
+  const int64_t per_split = (steps + splits - 1) / splits;
+  splits = (steps + per_split - 1) / per_split;
+  at::Tensor partial, tickets;
+  if (splits > 1) {
+    partial = at::empty({splits, p.M, p.N}, like.options().dtype(at::kFloat));
+    tickets = at::zeros({col_tiles * row_tiles}, like.options().dtype(at::kInt));
+  }
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
+  mma_kernel<BITS, BM, T><<<grid, kMmaWarps * 32, 0, current_stream()>>>(
+      p, x, y, splits > 1 ? partial.data_ptr<float>() : nullptr, splits > 1 ? tickets.data_ptr<int>() : nullptr,
+      per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int BITS, typename T>
+void mma_rows(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  if (p.M <= 16) {
+    launch_mma<BITS, 16>(p, x, y, like);
+  } else if (p.M <= 32) {
+    launch_mma<BITS, 32>(p, x, y, like);
+  } else {
+    launch_mma<BITS, 64>(p, x, y, like);
+  }
+}
+
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
                        std::optional<int64_t> group_size) {
@@ -137,6 +183,25 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
       using T = std::remove_pointer_t<decltype(tag)>;
       gemv(p, static_cast<int>(bits), static_cast<const T*>(x2.const_data_ptr()), static_cast<T*>(y.data_ptr()), x);
     });
+    return y.view(out_shape);
+  }
+
+  const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (half_precision && sh.M <= kMmaMaxRows && mma_supports(p, static_cast<int>(bits))) {
+    at::Tensor y = at::empty({sh.M, sh.N}, x.options());
+    auto run = [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* xp = static_cast<const T*>(x2.const_data_ptr());
+      T* yp = static_cast<T*>(y.data_ptr());
+      if (bits == 8) mma_rows<8>(p, xp, yp, x);
+      if (bits == 4) mma_rows<4>(p, xp, yp, x);
+      if (bits == 2) mma_rows<2>(p, xp, yp, x);
+    };
+    if (x.scalar_type() == at::kHalf) {
+      run(static_cast<core::half_t*>(nullptr));
+    } else {
+      run(static_cast<core::bf16_t*>(nullptr));
+    }
     return y.view(out_shape);
   }
 
