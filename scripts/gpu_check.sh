@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# One-shot GPU check of linquant on the device machine (H100, Python 3.12 + torch 2.11.0+cu130, nvcc 13.0,
+# cmake, ninja, pytest, compute-sanitizer; no network). Through the device tool:
+#     run(command="bash scripts/gpu_check.sh", timeout_s=600)
+# Logs go to $OUT (default ./gpu_out); the device tool brings back at most 8 files, so there are 8:
+#   gpu_check.log          everything printed here: versions, each step's tail, the summary
+#   build.log              pip install (CMake + nvcc), C++ tests build, ctest
+#   pytest_cuda.log        tests/python/test_cuda.py
+#   pytest_all.log         the rest of tests/python
+#   sanitizer_memcheck.log, sanitizer_race_sync.log   compute-sanitizer over the kernel tests
+#   bench_linear_cuda.txt, bench_linear_cuda.json     bench/bench_linear_cuda.py
+#
+# Steps, in order, each under `timeout` (budget in s = the most it may take):
+#   1. versions: nvidia-smi, torch, nvcc, cmake, compute-sanitizer                      30
+#   2. build: pip install against this machine's torch (LINQUANT_CUDA=1, archs 90)      300
+#      C++ tests and linquant-run with CMake (skipped with a message without GTest)    120
+#      ctest (the out-of-tree find_package test is left to CPU CI)                      60
+#   3. pytest tests/python/test_cuda.py -x --durations=10                              120
+#      pytest tests/python, test_cuda.py excepted (model tests skip without packages)  180
+#   4. compute-sanitizer memcheck over test_cuda.py (not model/compile/graph), with    180
+#      PyTorch's caching allocator off so out-of-bounds accesses inside a block show
+#      racecheck, then synccheck, on the small linear tests only ($SANITIZER_K)       90 each
+#   5. python3 bench/bench_linear_cuda.py --json                                        240
+# The budgets add up to more than one device call allows, so the whole run also has a deadline,
+# GPU_CHECK_DEADLINE_S (default 540 s, under the tool's 600 s): a step gets its budget or what is
+# left before the deadline, less BENCH_RESERVE_S (default 150 s) kept for the benchmark, and a step
+# with under 15 s left is skipped. Slow sanitizer runs are cut first; the benchmark always runs.
+# A failed step is recorded and the next one runs; the exit status is 1 if any step failed, timed
+# out or was skipped for lack of time (GTest missing is not a failure).
+# Overrides: OUT, LINQUANT_BUILD_DIR (default build/gpu: inside the git-ignored build/, apart from a
+# carried CPU build in build/ itself), MEMCHECK_K and SANITIZER_K (pytest -k selections for memcheck
+# and for racecheck/synccheck; memcheck over all ~540 CUDA tests may need more than its budget, and
+# then shows TIMEOUT with the log of the tests it did check).
+set -u
+cd "$(dirname "$0")/.." || exit
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+DEADLINE=${GPU_CHECK_DEADLINE_S:-540}
+BENCH_RESERVE=${BENCH_RESERVE_S:-150}
+BUILD_DIR=${LINQUANT_BUILD_DIR:-$ROOT/build/gpu}
+case $BUILD_DIR in /*) ;; *) BUILD_DIR=$ROOT/$BUILD_DIR ;; esac
+MEMCHECK_K=${MEMCHECK_K:-not model and not compile and not graph}
+SANITIZER_K=${SANITIZER_K:-linear and not large and not model and not compile and not graph and not opcheck}
+export OUT BUILD_DIR ROOT # for the step functions run as child processes
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+STEPS=()   # "name|status|seconds|log" per step, for the summary
+FAILED=0
+LAST_RC=0
+
+record() {  # record NAME STATUS SECONDS LOG
+  STEPS+=("$1|$2|$3|$4")
+  case $2 in PASS*) ;; *) FAILED=1 ;; esac
+}
+
+# run_step NAME BUDGET_S RESERVE_S LOG CMD...: runs CMD under timeout, appending to LOG ("-": this
+# script's output), and records PASS / FAIL (rc) / TIMEOUT / SKIP; LAST_RC is CMD's exit status.
+# CMD may be one of this script's step functions: `timeout` runs it as `bash gpu_check.sh --step FN`.
+run_step() {
+  local name=$1 budget=$2 reserve=$3 log=$4
+  shift 4
+  local left=$((DEADLINE - SECONDS - reserve - 15)) # 15: timeout's grace before SIGKILL
+  local t=$((budget < left ? budget : left))
+  if ((t < 15)); then
+    echo "== [$name] SKIPPED: out of time (${left}s left before the deadline and reserve)"
+    record "$name" "SKIP (out of time)" 0 "$log"
+    LAST_RC=124
+    return
+  fi
+  if declare -F "$1" >/dev/null; then set -- bash "$ROOT/scripts/gpu_check.sh" --step "$@"; fi
+  local shown
+  shown=$(printf '%q ' "$@")
+  echo "== [$name] (timeout ${t}s) $shown"
+  local start=$SECONDS rc status
+  if [ "$log" = - ]; then
+    timeout -k 15 "$t" "$@"
+    rc=$?
+  else
+    echo "\$ $shown" >>"$log"
+    timeout -k 15 "$t" "$@" >>"$log" 2>&1
+    rc=$?
+  fi
+  case $rc in
+    0) status=PASS ;;
+    124 | 137) status="TIMEOUT (${t}s)" ;;
+    5) status="FAIL (rc 5: no tests ran)" ;; # pytest's code for an empty selection
+    *) status="FAIL (rc $rc)" ;;
+  esac
+  echo "== [$name] $status in $((SECONDS - start))s"
+  if [ "$log" != - ]; then
+    echo "   last lines of $(basename "$log"):"
+    tail -n 15 "$log" | sed 's/^/   | /'
+  fi
+  record "$name" "$status" $((SECONDS - start)) "$log"
+  LAST_RC=$rc
+}
+
+# shellcheck disable=SC2329 # step functions are run through run_step (--step)
+versions() {
+  nvidia-smi
+  python3 - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs,",
+          getattr(p, "L2_cache_size", 0) >> 20, "MiB L2,", p.total_memory >> 30, "GiB")
+EOF
+  if command -v nvcc >/dev/null; then nvcc --version; else "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version; fi
+  cmake --version | head -1
+  "$SANITIZER" --version | tail -1
+  python3 -m pytest --version
+  git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || true
+}
+
+# shellcheck disable=SC2329
+build_cpp_tests() {
+  cmake --build "$BUILD_DIR" -j "$(nproc)" || return
+  [ -d "$BUILD_DIR/tests/cpp" ] || echo "GTest not found on this machine: C++ tests not built (linquant-run was)"
+}
+
+if [ "${1:-}" = --step ]; then # a step function run under `timeout` (see run_step)
+  shift
+  "$@"
+  exit
+fi
+
+main() {
+  echo "== gpu_check $(date -u +%FT%TZ): logs in $OUT, build dir $BUILD_DIR, deadline ${DEADLINE}s"
+  # The toolkit itself, not an nvcc wrapper on PATH (see cmake/LinquantCudaToolkit.cmake).
+  if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nvcc >/dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+    export CUDA_HOME
+  fi
+  SANITIZER=$(command -v compute-sanitizer)
+  local c
+  for c in "${CUDA_HOME:-/usr/local/cuda}"/{bin,compute-sanitizer}/compute-sanitizer; do
+    [ -z "$SANITIZER" ] && [ -x "$c" ] && SANITIZER=$c
+  done
+  export SANITIZER=${SANITIZER:-compute-sanitizer}
+  # pip's cmake (>= 3.26) and ninja first on PATH, as the other scripts do.
+  # shellcheck source=scripts/env.sh
+  source scripts/env.sh
+
+  # 1. versions
+  run_step versions 30 "$BENCH_RESERVE" - versions
+
+  # 2. build against this machine's torch; a separate build dir, so a carried CPU build is not reused.
+  export LINQUANT_CUDA=1 LINQUANT_CUDA_ARCHS=90 LINQUANT_BUILD_DIR=$BUILD_DIR
+  run_step build 300 "$BENCH_RESERVE" "$OUT/build.log" \
+    python3 -m pip install --no-build-isolation --no-deps -v "$ROOT"
+  if ((LAST_RC)) && [ -f "$BUILD_DIR/liblinquant_ops.so" ]; then
+    # pip failed after the library was built: use it in place rather than lose every later step.
+    echo "== pip install failed; using $BUILD_DIR/liblinquant_ops.so with python/ on PYTHONPATH"
+    export LINQUANT_LIBRARY=$BUILD_DIR/liblinquant_ops.so PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  run_step cpp-build 120 "$BENCH_RESERVE" "$OUT/build.log" build_cpp_tests
+  if [ -d "$BUILD_DIR/tests/cpp" ]; then
+    run_step ctest 60 "$BENCH_RESERVE" "$OUT/build.log" \
+      ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" -E OutOfTree
+  elif ((LAST_RC == 0)); then # GTest missing is not a failure
+    STEPS[-1]=${STEPS[-1]/|PASS|/|PASS (no GTest)|}
+  fi
+  # test_cpp_program.py runs this build's linquant-run (it skips when that is missing), never a
+  # carried CPU one from build/.
+  export LINQUANT_RUN=$BUILD_DIR/linquant-run
+
+  # 3. pytest: the CUDA suite, then the rest (test files needing absent packages skip themselves).
+  local per_test=()
+  python3 -c "import pytest_timeout" >/dev/null 2>&1 && per_test=(--timeout=120)
+  run_step pytest-cuda 120 "$BENCH_RESERVE" "$OUT/pytest_cuda.log" \
+    python3 -m pytest tests/python/test_cuda.py -q -x --durations=10 -p no:cacheprovider ${per_test[@]+"${per_test[@]}"}
+  run_step pytest-all 180 "$BENCH_RESERVE" "$OUT/pytest_all.log" \
+    python3 -m pytest tests/python -q --ignore=tests/python/test_cuda.py --durations=10 -p no:cacheprovider \
+    ${per_test[@]+"${per_test[@]}"}
+
+  # 4. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
+  # out-of-bounds access inside a cached block is caught too.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 180 "$BENCH_RESERVE" "$OUT/sanitizer_memcheck.log" \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$MEMCHECK_K"
+  for tool in racecheck synccheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" 90 "$BENCH_RESERVE" "$OUT/sanitizer_race_sync.log" \
+      "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+      python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$SANITIZER_K"
+  done
+
+  # 5. the benchmark (its table is printed whole below).
+  run_step bench 240 0 "$OUT/bench_linear_cuda.txt" \
+    python3 bench/bench_linear_cuda.py --json "$OUT/bench_linear_cuda.json"
+  echo "== bench_linear_cuda.txt:"
+  cat "$OUT/bench_linear_cuda.txt"
+
+  echo
+  echo "== summary ($SECONDS s; logs in $OUT)"
+  local s name status secs log
+  for s in "${STEPS[@]}"; do
+    IFS='|' read -r name status secs log <<<"$s"
+    printf '   %-12s %-22s %5ss  %s\n' "$name" "$status" "$secs" "$(basename "$log")"
+  done
+  if ((FAILED)); then
+    echo "== gpu_check: FAILED"
+    return 1
+  fi
+  echo "== gpu_check: all steps passed"
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
