@@ -156,6 +156,10 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   auto out_shape = x.sizes().vec();
   out_shape.back() = sh.N;
   if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
+  if (sh.K == 0) {  // an empty sum: y is the bias
+    at::Tensor y = at::zeros(out_shape, x.options());
+    return bias.has_value() ? y.add_(bias->to(x.scalar_type())) : y;
+  }
 
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.to(at::kFloat).contiguous();

@@ -93,6 +93,14 @@ LQ_HD float magic_byte(uint32_t q4, int i) {
 #endif
 }
 
+// Bit plane b of a weight word: byte i of the result is the value stored in byte i at shift
+// b * BITS (int8 weights first XORed with `flip`).
+template <int BITS>
+LQ_HD uint32_t bit_plane(uint32_t word, uint32_t flip, int b) {
+  constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
+  return ((word ^ flip) >> (b * BITS)) & MASK;
+}
+
 LQ_HD float fma_rn(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
@@ -109,7 +117,6 @@ template <int BITS, int VEC, int MT, int R>
 LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const uint32_t (&words)[R][VEC / 4],
                           uint32_t flip, const float (&fz)[R], float (&t)[R][MT]) {
   using L = SliceLayout<BITS, VEC>;
-  constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
 #pragma unroll
   for (int d = 0; d < VEC / 4; ++d) {
 #pragma unroll
@@ -119,7 +126,7 @@ LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const ui
       for (int m = 0; m < MT; ++m) xv[m] = xs4[m * sv4 + L::float4_index(it, d, b, lane)];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const uint32_t q4 = ((words[r][d] ^ flip) >> (b * BITS)) & MASK;  // four values, one per byte
+        const uint32_t q4 = bit_plane<BITS>(words[r][d], flip, b);  // four values, one per byte
         const float q0 = magic_byte(q4, 0) - fz[r], q1 = magic_byte(q4, 1) - fz[r];
         const float q2 = magic_byte(q4, 2) - fz[r], q3 = magic_byte(q4, 3) - fz[r];
 #pragma unroll

@@ -48,6 +48,23 @@ __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[B
   }
 }
 
+// The 32 values of a chunk (BITS words, value i at bits [i * BITS, (i + 1) * BITS) of the chunk's
+// little-endian bit stream) dequantized: out[i] = s * (q_i - z), with fz = 2^23 + z. Word d holds
+// values [4P d, 4P (d + 1)); its bit plane b holds values 4P d + P i + b for bytes i = 0..3.
+template <int BITS>
+LQ_HD void dequant_chunk(const uint32_t (&chunk)[BITS], uint32_t flip, float s, float fz, float (&out)[kMmaChunk]) {
+  constexpr int P = 8 / BITS;
+#pragma unroll
+  for (int d = 0; d < BITS; ++d) {
+#pragma unroll
+    for (int b = 0; b < P; ++b) {
+      const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, b);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[d * 4 * P + i * P + b] = s * (magic_byte(q4, i) - fz);
+    }
+  }
+}
+
 template <int BITS, int BM, typename T>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     mma_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
@@ -100,17 +117,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       s = p.scales[u];
       fz = zero_of(p, u);
     }
+    float wv[kMmaChunk];
+    dequant_chunk<BITS>(chunk, p.flip, s, fz, wv);
     D* wdst = ws + wrow * LDS + wcol;
 #pragma unroll
-    for (int d = 0; d < BITS; ++d) {  // word d holds values [d * 4P, (d + 1) * 4P) of the chunk
-#pragma unroll
-      for (int b = 0; b < P; ++b) {
-        constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
-        const uint32_t q4 = ((chunk[d] ^ p.flip) >> (b * BITS)) & MASK;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) wdst[d * 4 * P + i * P + b] = MmaType<T>::from(s * (magic_byte(q4, i) - fz));
-      }
-    }
+    for (int i = 0; i < kMmaChunk; ++i) wdst[i] = MmaType<T>::from(wv[i]);
     // Activations of the step, zero outside [0, M) x [0, K).
     for (int i = threadIdx.x; i < BM * kMmaBK; i += blockDim.x) {
       const int r = i / kMmaBK, c = i % kMmaBK;

@@ -1,8 +1,9 @@
-// The CUDA GEMV's per-chunk arithmetic and its shared-memory activation layout, run on the host:
-// cuda/linear_gemv.cuh's chunk_products and SliceLayout are __host__ __device__, so this checks the
-// part of the kernel most prone to index mistakes (which x meets which packed value, the bit
-// planes, the int8 flip, the zero points) on machines without a GPU. Emulates the kernel's walk
-// over warp iterations and lanes for one slice and compares with a float64 dot product.
+// The CUDA linear kernels' per-chunk arithmetic, run on the host: the GEMV's chunk_products and
+// shared-memory SliceLayout (cuda/linear_gemv.cuh) and the tensor-core kernel's dequant_chunk
+// (cuda/linear_mma.cuh) are __host__ __device__, so this checks the parts most prone to index
+// mistakes (which x meets which packed value, the bit planes, the int8 flip, the zero points) on
+// machines without a GPU. The GEMV test emulates the kernel's walk over warp iterations and lanes
+// for one slice and compares with a float64 dot product.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,10 +12,13 @@
 #include <vector>
 
 #include "../../cuda/linear_gemv.cuh"
+#include "../../cuda/linear_mma.cuh"
 
 namespace {
 
 using linquant::cuda::chunk_products;
+using linquant::cuda::dequant_chunk;
+using linquant::cuda::kMmaChunk;
 using linquant::cuda::kMagic;
 using linquant::cuda::SliceLayout;
 
@@ -118,6 +122,37 @@ TEST(GemvChunk, LayoutIsAPermutation) {
   check(SliceLayout<4, 16>(), 2 * SliceLayout<4, 16>::WARP_VALUES);
   check(SliceLayout<2, 8>(), 2 * SliceLayout<2, 8>::WARP_VALUES);
   check(SliceLayout<2, 4>(), 1 * SliceLayout<2, 4>::WARP_VALUES);
+}
+
+// dequant_chunk gives s * (q_i - z) for the 32 values of a chunk in stream order, exactly the
+// float dequantize computes.
+template <int BITS>
+void check_dequant_chunk(bool signed8, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> bytes(0, 255), zdist(-(1 << BITS), 2 << BITS);
+  uint8_t raw[BITS * 4];
+  for (uint8_t& b : raw) b = static_cast<uint8_t>(bytes(rng));
+  uint32_t chunk[BITS];
+  std::memcpy(chunk, raw, sizeof(raw));
+  const int z = signed8 ? 0 : zdist(rng);
+  const float s = 0.0123f;
+  float got[kMmaChunk];
+  dequant_chunk<BITS>(chunk, signed8 ? 0x80808080u : 0u, s, kMagic + static_cast<float>(signed8 ? 128 : z), got);
+  constexpr int P = 8 / BITS;
+  for (int i = 0; i < kMmaChunk; ++i) {
+    const uint8_t b = raw[i / P];
+    const int q = signed8 ? static_cast<int8_t>(b) : (b >> ((i % P) * BITS)) & ((1 << BITS) - 1);
+    EXPECT_EQ(got[i], s * static_cast<float>(q - z)) << "bits " << BITS << " value " << i;
+  }
+}
+
+TEST(MmaChunk, DequantizesInStreamOrder) {
+  for (unsigned seed : {7u, 8u, 9u}) {
+    check_dequant_chunk<8>(false, seed);
+    check_dequant_chunk<8>(true, seed);
+    check_dequant_chunk<4>(false, seed);
+    check_dequant_chunk<2>(false, seed);
+  }
 }
 
 }  // namespace
