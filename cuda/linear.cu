@@ -38,41 +38,20 @@ __global__ void dequant_weight_kernel(LinearParams p, int bits, T* __restrict__ 
   }
 }
 
-// Widest chunk (16, 8 or 4 bytes) the fast GEMV can stream for this layout, or 0: rows and groups
-// must be whole chunks (so a chunk never crosses a group) and the rows aligned to it. 2-bit chunks
-// stop at 8 bytes so that a lane's 32 values fit the shared-memory layout of the other widths.
-int gemv_chunk_bytes(const LinearParams& p, int bits) {
-  const int widest = bits == 2 ? 8 : 16;
-  const int64_t group_bytes = p.group * bits / 8;
-  const auto addr = reinterpret_cast<uintptr_t>(p.w);
-  for (int vec = widest; vec >= 4; vec /= 2) {
-    if (p.row_bytes % vec == 0 && group_bytes % vec == 0 && addr % vec == 0) return vec;
-  }
-  return 0;
-}
-
 template <int BITS, int VEC, int MT, typename T>
 void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
-  using L = SliceLayout<BITS, VEC>;
-  constexpr int R = gemv_rows_per_warp<MT>();
-  constexpr int SB = gemv_slice_iters<MT>(L::V) * L::WARP_BYTES;
-  constexpr int kShared = MT * gemv_slice_iters<MT>(L::V) * L::WARP_VALUES * 4;
-  const int64_t row_blocks = (p.N + kGemvWarps * R - 1) / (kGemvWarps * R);
-  const int64_t slices = (p.row_bytes + SB - 1) / SB;
-  // Split K until about two blocks per multiprocessor are in flight.
-  const int64_t want = 2 * multiprocessors(like.device().index());
-  int64_t splits = std::clamp<int64_t>((want + row_blocks - 1) / row_blocks, 1, slices);
-  const int64_t per_split = (slices + splits - 1) / splits;
-  splits = (slices + per_split - 1) / per_split;
+  using G = GemvGrid<BITS, VEC, MT>;
+  const int64_t row_blocks = G::row_blocks(p.N), slices = G::slices(p.row_bytes);
+  const SplitK k = split_k(row_blocks, slices, multiprocessors(like.device().index()));
   at::Tensor partial, tickets;
-  if (splits > 1) {
-    partial = at::empty({splits, p.M, p.N}, like.options().dtype(at::kFloat));
+  if (k.splits > 1) {
+    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
     tickets = at::zeros({row_blocks}, like.options().dtype(at::kInt));
   }
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
-  gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, kShared, current_stream()>>>(
-      p, x, y, splits > 1 ? partial.data_ptr<float>() : nullptr, splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      slices, per_split);
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(k.splits));
+  gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, 0, current_stream()>>>(
+      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
+      slices, k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -108,31 +87,20 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 // dequantization is small next to the GEMM and cuBLAS's tiling wins.
 constexpr int64_t kMmaMaxRows = 256;
 
-// Whether the tensor-core kernel takes this layout: whole 32-value chunks per row (aligned), and
-// groups made of whole chunks so one scale serves a chunk.
-bool mma_supports(const LinearParams& p, int bits) {
-  const int chunk_bytes = kMmaChunk * bits / 8;
-  const auto addr = reinterpret_cast<uintptr_t>(p.w);
-  return p.row_bytes % chunk_bytes == 0 && addr % std::min(chunk_bytes, 16) == 0 && p.group % kMmaChunk == 0;
-}
-
 template <int BITS, int BM, typename T>
 void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
-  const int64_t col_tiles = (p.N + kMmaBN - 1) / kMmaBN, row_tiles = (p.M + BM - 1) / BM;
-  const int64_t steps = (p.K + kMmaBK - 1) / kMmaBK;
-  const int64_t want = 2 * multiprocessors(like.device().index());
-  int64_t splits = std::clamp<int64_t>((want + col_tiles * row_tiles - 1) / (col_tiles * row_tiles), 1, steps);
-  const int64_t per_split = (steps + splits - 1) / splits;
-  splits = (steps + per_split - 1) / per_split;
+  const MmaGrid g = mma_grid<BM>(p);
+  const SplitK k = split_k(g.col_tiles * g.row_tiles, g.steps, multiprocessors(like.device().index()));
   at::Tensor partial, tickets;
-  if (splits > 1) {
-    partial = at::empty({splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = at::zeros({col_tiles * row_tiles}, like.options().dtype(at::kInt));
+  if (k.splits > 1) {
+    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
+    tickets = at::zeros({g.col_tiles * g.row_tiles}, like.options().dtype(at::kInt));
   }
-  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(g.col_tiles), static_cast<unsigned>(g.row_tiles),
+                  static_cast<unsigned>(k.splits));
   mma_kernel<BITS, BM, T><<<grid, kMmaWarps * 32, 0, current_stream()>>>(
-      p, x, y, splits > 1 ? partial.data_ptr<float>() : nullptr, splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      per_split);
+      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
+      k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -169,10 +137,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   p.w = reinterpret_cast<const uint8_t*>(w.const_data_ptr());
   p.row_bytes = sh.row_bytes;
   p.scales = s.const_data_ptr<float>();
-  p.zeros = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
-  const bool signed8 = bits == 8 && sh.symmetric;
-  p.zero_const = signed8 ? 128 : (sh.symmetric ? 1 << (bits - 1) : 0);
-  p.flip = signed8 ? 0x80808080u : 0u;
+  set_zero_points(p, static_cast<int>(bits), z.defined() ? z.const_data_ptr<int32_t>() : nullptr);
   p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   p.M = sh.M;
   p.N = sh.N;

@@ -14,6 +14,7 @@
 // 4 bytes, unaligned storage): one warp per weight row, one value per lane at a time.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector_types.h>
@@ -36,6 +37,16 @@ struct LinearParams {
   const float* bias = nullptr;  // [N] fp32 or nullptr
   int64_t M = 0, N = 0, K = 0, group = 0, groups = 0;
 };
+
+// How the format stores zero points: asymmetric weights carry them (`zeros`); symmetric sub-byte
+// weights are stored offset by 2^(bits-1); int8 symmetric weights are signed, read as unsigned after
+// flipping the sign bit, which makes their zero point 128.
+inline void set_zero_points(LinearParams& p, int bits, const int32_t* zeros) {
+  const bool signed8 = bits == 8 && zeros == nullptr;
+  p.zeros = zeros;
+  p.zero_const = signed8 ? 128 : (zeros == nullptr ? 1 << (bits - 1) : 0);
+  p.flip = signed8 ? 0x80808080u : 0u;
+}
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvMaxRows = 8;  // activation rows the GEMV kernels take
@@ -141,6 +152,37 @@ LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const ui
   }
 }
 
+// K split over blocks: `tiles` blocks of output, `steps` units of K (GEMV slices or MMA K steps)
+// shared out so that there are about two blocks per multiprocessor, each split walking
+// `per_split` consecutive steps (every split gets at least one).
+struct SplitK {
+  int64_t splits = 1;
+  int64_t per_split = 0;
+};
+
+inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors) {
+  SplitK k;
+  const int64_t want = 2 * static_cast<int64_t>(multiprocessors);
+  k.splits = std::min<int64_t>(std::max<int64_t>((want + tiles - 1) / tiles, 1), std::max<int64_t>(steps, 1));
+  k.per_split = (steps + k.splits - 1) / k.splits;
+  k.splits = k.per_split > 0 ? (steps + k.per_split - 1) / k.per_split : 1;
+  return k;
+}
+
+// Widest chunk (16, 8 or 4 bytes) gemv_kernel can stream for this layout, or 0 (then the generic
+// kernel runs): rows and groups must be whole chunks (so a chunk never crosses a group) and the
+// rows aligned to it. 2-bit chunks stop at 8 bytes so that a lane's 32 values fit the
+// shared-memory layout of the other widths.
+inline int gemv_chunk_bytes(const LinearParams& p, int bits) {
+  const int widest = bits == 2 ? 8 : 16;
+  const int64_t group_bytes = p.group * bits / 8;
+  const auto addr = reinterpret_cast<uintptr_t>(p.w);
+  for (int vec = widest; vec >= 4; vec /= 2) {
+    if (p.row_bytes % vec == 0 && group_bytes % vec == 0 && addr % vec == 0) return vec;
+  }
+  return 0;
+}
+
 template <int MT>
 constexpr int gemv_slice_iters(int V) {
   // Warp iterations per slice: MT rows of the slice fill the shared-memory budget.
@@ -152,16 +194,28 @@ constexpr int gemv_rows_per_warp() {
   return MT <= 2 ? 4 : 2;
 }
 
+// Launch geometry of gemv_kernel<BITS, VEC, MT>: blocks of kGemvWarps * R weight rows, K slices of
+// SLICE_BYTES bytes per row.
+template <int BITS, int VEC, int MT>
+struct GemvGrid {
+  static constexpr int R = gemv_rows_per_warp<MT>();
+  static constexpr int ITERS = gemv_slice_iters<MT>(SliceLayout<BITS, VEC>::V);
+  static constexpr int SLICE_VALUES = ITERS * SliceLayout<BITS, VEC>::WARP_VALUES;
+  static constexpr int SLICE_BYTES = ITERS * SliceLayout<BITS, VEC>::WARP_BYTES;
+  static int64_t row_blocks(int64_t n) { return (n + kGemvWarps * R - 1) / (kGemvWarps * R); }
+  static int64_t slices(int64_t row_bytes) { return (row_bytes + SLICE_BYTES - 1) / SLICE_BYTES; }
+};
+
 template <int BITS, int VEC, int MT, typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
                 int* __restrict__ tickets, int64_t slices, int64_t slices_per_split) {
   using L = SliceLayout<BITS, VEC>;
-  constexpr int P = L::P, V = L::V, R = gemv_rows_per_warp<MT>();
-  constexpr int ITERS = gemv_slice_iters<MT>(V);
-  constexpr int SV = ITERS * L::WARP_VALUES;  // values per slice
-  constexpr int SB = ITERS * L::WARP_BYTES;   // weight bytes per row per slice
-  extern __shared__ float4 xs4[];  // [MT][SV / 4]
+  using G = GemvGrid<BITS, VEC, MT>;
+  constexpr int P = L::P, V = L::V, R = G::R, ITERS = G::ITERS;
+  constexpr int SV = G::SLICE_VALUES, SB = G::SLICE_BYTES;
+  static_assert(MT * SV * 4 <= kGemvSharedBytes, "the slice fits the shared-memory budget");
+  __shared__ float4 xs4[kGemvSharedBytes / 16];  // [MT][SV / 4]
   float* xs = reinterpret_cast<float*>(xs4);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

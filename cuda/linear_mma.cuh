@@ -33,6 +33,23 @@ struct MmaType<core::bf16_t> {
   __device__ __forceinline__ static type from(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Whether mma_kernel takes this layout: rows of whole 32-value chunks (aligned), and groups of
+// whole chunks so one scale serves a chunk.
+inline bool mma_supports(const LinearParams& p, int bits) {
+  const int chunk_bytes = kMmaChunk * bits / 8;
+  const auto addr = reinterpret_cast<uintptr_t>(p.w);
+  return p.row_bytes % chunk_bytes == 0 && addr % std::min(chunk_bytes, 16) == 0 && p.group % kMmaChunk == 0;
+}
+
+// Launch geometry of mma_kernel<BITS, BM>: output tiles and K steps.
+struct MmaGrid {
+  int64_t col_tiles, row_tiles, steps;
+};
+template <int BM>
+MmaGrid mma_grid(const LinearParams& p) {
+  return {(p.N + kMmaBN - 1) / kMmaBN, (p.M + BM - 1) / BM, (p.K + kMmaBK - 1) / kMmaBK};
+}
+
 // Loads kMmaChunk * BITS / 8 bytes (aligned) of a weight row as 32-bit words.
 template <int BITS>
 __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[BITS]) {

@@ -1,0 +1,207 @@
+// The CUDA linear kernels (cuda/linear_gemv.cuh, cuda/linear_mma.cuh) run whole on the host through
+// a small CUDA emulation (cuda_emulation/): every block, warp and lane, the split-K tickets and
+// the last-block reduction, against a float64 reference over awkward shapes, bits, zero points and
+// dtypes. It cannot show timing or hardware-specific faults (tests/python/test_cuda.py on a GPU
+// does), but it runs the kernels' own code everywhere the C++ tests run.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "../../cuda/linear_gemv.cuh"
+#include "../../cuda/linear_mma.cuh"
+
+namespace {
+
+using namespace linquant::cuda;
+namespace core = linquant::core;
+namespace emu = cuda_emulation;
+
+// One weight in the quantized format, activations, and the float64 reference of x @ W_hat.T + b.
+struct Problem {
+  int bits;
+  bool symmetric;
+  int64_t M, N, K, group;  // group 0: per-channel
+  std::vector<uint8_t> w;
+  std::vector<float> scales, bias, x;
+  std::vector<int32_t> zeros;
+  LinearParams p;
+
+  Problem(int bits_, bool symmetric_, int64_t m, int64_t n, int64_t k, int64_t group_, unsigned seed)
+      : bits(bits_), symmetric(symmetric_), M(m), N(n), K(k) {
+    std::mt19937 rng(seed);
+    const int per_byte = 8 / bits;
+    const int64_t row_bytes = (K * bits + 7) / 8;
+    group = group_ > 0 ? group_ : row_bytes * per_byte;
+    const int64_t groups = (K + group - 1) / group;
+    // 16 spare bytes in front so tests can misalign the weight on purpose.
+    w.resize(N * row_bytes + 16);
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (uint8_t& b : w) b = static_cast<uint8_t>(byte(rng));
+    std::uniform_real_distribution<float> sdist(0.01f, 0.1f), xdist(-1.0f, 1.0f);
+    scales.resize(N * groups);
+    for (float& s : scales) s = sdist(rng);
+    if (!symmetric) {
+      std::uniform_int_distribution<int> zdist(-3, (1 << bits) + 2);  // a few outside the q range
+      zeros.resize(N * groups);
+      for (int32_t& z : zeros) z = zdist(rng);
+    }
+    bias.resize(N);
+    for (float& b : bias) b = xdist(rng);
+    x.resize(M * K);
+    for (float& v : x) v = xdist(rng);
+
+    p.w = w.data();
+    p.row_bytes = row_bytes;
+    p.scales = scales.data();
+    set_zero_points(p, bits, symmetric ? nullptr : zeros.data());
+    p.bias = bias.data();
+    p.M = M, p.N = N, p.K = K, p.group = group, p.groups = groups;
+  }
+
+  void misalign(int64_t bytes) { p.w = w.data() + bytes; }
+
+  // x rounded to the activation storage type T, as the kernels see it.
+  template <typename T>
+  std::vector<T> activations() const {
+    std::vector<T> out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = core::from_float<T>(x[i]);
+    return out;
+  }
+
+  double weight(int64_t n, int64_t k) const {
+    const int per_byte = 8 / bits;
+    const uint8_t b = p.w[n * p.row_bytes + k / per_byte];
+    const int64_t u = n * p.groups + k / group;
+    if (bits == 8 && symmetric) return static_cast<double>(scales[u]) * static_cast<int8_t>(b);
+    const int q = (b >> ((k % per_byte) * bits)) & ((1 << bits) - 1);
+    const int z = symmetric ? 1 << (bits - 1) : zeros[u];
+    return static_cast<double>(scales[u]) * (q - z);
+  }
+
+  // |y - ref| <= rel * sum_k |x w| + the output's rounding, for every element.
+  template <typename T>
+  void expect_close(const std::vector<T>& y, double rel, double out_eps, const char* what) const {
+    const std::vector<T> xs = activations<T>();
+    int bad = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        double ref = bias[n], mag = std::fabs(bias[n]);
+        for (int64_t k = 0; k < K; ++k) {
+          const double xv = core::to_float(xs[m * K + k]);
+          ref += xv * weight(n, k);
+          mag += std::fabs(xv * weight(n, k));
+        }
+        const double got = core::to_float(y[m * N + n]);
+        if (!(std::fabs(got - ref) <= rel * mag + out_eps * std::fabs(ref) + 1e-30) && ++bad <= 5) {
+          ADD_FAILURE() << what << ": y[" << m << ", " << n << "] = " << got << ", want " << ref << " (bits " << bits
+                        << (symmetric ? " sym" : " asym") << ", M " << M << " N " << N << " K " << K << " group "
+                        << group << ")";
+        }
+      }
+    }
+  }
+};
+
+template <typename T>
+constexpr double eps() {
+  return std::is_same_v<T, float> ? 0x1p-23 : std::is_same_v<T, core::half_t> ? 0x1p-10 : 0x1p-7;
+}
+
+// gemv_kernel<BITS, VEC, MT>, with `sms` multiprocessors deciding the K split as on a GPU.
+template <int BITS, int VEC, int MT, typename T>
+void run_gemv(const Problem& pr, int sms) {
+  using G = GemvGrid<BITS, VEC, MT>;
+  ASSERT_EQ(gemv_chunk_bytes(pr.p, BITS), VEC);
+  const int64_t blocks = G::row_blocks(pr.N), slices = G::slices(pr.p.row_bytes);
+  const SplitK k = split_k(blocks, slices, sms);
+  const std::vector<T> x = pr.activations<T>();
+  std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
+  std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
+  std::vector<int> tickets(blocks, 0);
+  emu::launch(dim3(blocks, k.splits), dim3(kGemvWarps * 32), gemv_kernel<BITS, VEC, MT, T>, pr.p, x.data(), y.data(),
+              partial.data(), tickets.data(), slices, k.per_split);
+  // fp32 sums over K (products of exact weights), then the output rounding.
+  pr.expect_close(y, 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
+                  k.splits > 1 ? "gemv (split K)" : "gemv");
+}
+
+template <typename T>
+void run_generic(const Problem& pr) {
+  const std::vector<T> x = pr.activations<T>();
+  std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
+  emu::launch(dim3(2), dim3(64), gemv_generic_kernel<T>, pr.p, pr.bits, x.data(), y.data());
+  pr.expect_close(y, 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(), "gemv_generic");
+}
+
+template <int BITS, int BM, typename T>
+void run_mma(const Problem& pr, int sms) {
+  ASSERT_TRUE(mma_supports(pr.p, BITS));
+  const MmaGrid g = mma_grid<BM>(pr.p);
+  const SplitK k = split_k(g.col_tiles * g.row_tiles, g.steps, sms);
+  const std::vector<T> x = pr.activations<T>();
+  std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
+  std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
+  std::vector<int> tickets(g.col_tiles * g.row_tiles, 0);
+  emu::launch(dim3(g.col_tiles, g.row_tiles, k.splits), dim3(kMmaWarps * 32), mma_kernel<BITS, BM, T>, pr.p,
+              x.data(), y.data(), partial.data(), tickets.data(), k.per_split);
+  // Weights rounded once to T (relative eps(T)), then fp32 sums.
+  pr.expect_close(y, eps<T>() + 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
+                  k.splits > 1 ? "mma (split K)" : "mma");
+}
+
+TEST(LinearEmulated, GemvFourBit) {
+  // K ending inside a byte (zero-padded x), N not a multiple of the block's rows.
+  run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 70, 2047, 128, 1), 1);
+  run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 75, 2047, 64, 2), 1);
+  run_gemv<4, 16, 2, float>(Problem(4, false, 2, 33, 1024, 0, 3), 1);
+  run_gemv<4, 16, 4, core::half_t>(Problem(4, false, 3, 20, 992, 32, 4), 1);
+  run_gemv<4, 8, 8, core::half_t>(Problem(4, true, 7, 9, 48, 16, 5), 1);
+  // Several slices split over blocks, the last block adding them up.
+  run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 64);
+  run_gemv<4, 16, 8, core::bf16_t>(Problem(4, false, 8, 40, 3008, 256, 7), 64);
+}
+
+TEST(LinearEmulated, GemvEightAndTwoBit) {
+  run_gemv<8, 16, 1, core::half_t>(Problem(8, true, 1, 50, 1008, 0, 8), 1);
+  run_gemv<8, 16, 2, float>(Problem(8, false, 2, 50, 1024, 128, 9), 1);
+  run_gemv<8, 4, 8, core::bf16_t>(Problem(8, true, 5, 30, 100, 4, 10), 64);
+  run_gemv<8, 16, 4, core::half_t>(Problem(8, false, 4, 17, 9008, 64, 11), 64);
+  run_gemv<2, 8, 1, core::half_t>(Problem(2, false, 1, 64, 4096, 32, 12), 64);
+  run_gemv<2, 8, 2, core::bf16_t>(Problem(2, true, 2, 40, 1023, 0, 13), 1);
+  run_gemv<2, 4, 8, float>(Problem(2, false, 6, 12, 400, 16, 14), 1);
+}
+
+TEST(LinearEmulated, GemvUnalignedTakesNarrowerChunks) {
+  Problem pr(4, false, 1, 24, 512, 128, 15);
+  pr.misalign(4);  // 4-byte aligned only
+  run_gemv<4, 4, 1, core::half_t>(pr, 1);
+}
+
+TEST(LinearEmulated, GenericGemv) {
+  Problem odd(4, false, 3, 10, 5, 0, 16);  // rows of 3 bytes
+  ASSERT_EQ(gemv_chunk_bytes(odd.p, 4), 0);
+  run_generic<core::half_t>(odd);
+  Problem group6(4, true, 8, 5, 30, 6, 17);  // a group of 3 bytes
+  ASSERT_EQ(gemv_chunk_bytes(group6.p, 4), 0);
+  run_generic<float>(group6);
+  Problem unaligned(8, true, 1, 9, 64, 0, 18);
+  unaligned.misalign(1);
+  ASSERT_EQ(gemv_chunk_bytes(unaligned.p, 8), 0);
+  run_generic<core::bf16_t>(unaligned);
+  run_generic<core::half_t>(Problem(2, false, 2, 6, 13, 4, 19));
+}
+
+TEST(LinearEmulated, TensorCoreKernel) {
+  run_mma<4, 16, core::half_t>(Problem(4, false, 9, 130, 256, 128, 20), 1);
+  run_mma<4, 32, core::bf16_t>(Problem(4, true, 17, 64, 224, 32, 21), 1);  // K not a multiple of 64
+  run_mma<8, 64, core::half_t>(Problem(8, true, 40, 129, 320, 0, 22), 1);
+  run_mma<8, 16, core::bf16_t>(Problem(8, false, 12, 20, 96, 32, 23), 1);
+  run_mma<2, 64, core::half_t>(Problem(2, false, 65, 40, 256, 64, 24), 1);
+  // Split K with the last-block reduction.
+  run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
+  run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
+}
+
+}  // namespace
