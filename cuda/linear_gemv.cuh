@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                 int* __restrict__ tickets, int64_t slices, int64_t slices_per_split) {
   using L = SliceLayout<BITS, VEC>;
   using G = GemvGrid<BITS, VEC, MT>;
-  constexpr int P = L::P, V = L::V, R = G::R, ITERS = G::ITERS;
+  constexpr int P = L::P, R = G::R, ITERS = G::ITERS;
   constexpr int SV = G::SLICE_VALUES, SB = G::SLICE_BYTES;
   static_assert(MT * SV * 4 <= kGemvSharedBytes, "the slice fits the shared-memory budget");
   __shared__ float4 xs4[kGemvSharedBytes / 16];  // [MT][SV / 4]
