@@ -14,10 +14,11 @@
 // 4 bytes, unaligned storage): one warp per weight row, one value per lane at a time.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector_types.h>
 
 #include "../csrc/core/float_convert.h"
 #include "../csrc/core/quant_math.h"

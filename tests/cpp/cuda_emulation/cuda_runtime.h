@@ -1,0 +1,3 @@
+// Host emulation of CUDA (see cuda_emulation.h): found before the toolkit's headers in place of cuda_runtime.h.
+#pragma once
+#include "cuda_emulation.h"
