@@ -42,10 +42,11 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
     TORCH_CHECK_VALUE(g >= 1 && g % per_byte == 0, "linquant: group_size must be a positive multiple of ",
                       per_byte, " at ", bits, " bits (groups start on byte boundaries), got ", g);
     s.group = g;
+    s.groups = (s.K + g - 1) / g;  // as choose_qparams counts them: none when K = 0
   } else {
     s.group = s.row_bytes * per_byte;  // per-channel: one group per row, K rounded up to whole bytes
+    s.groups = 1;
   }
-  s.groups = s.K == 0 ? 1 : (s.K + s.group - 1) / s.group;
 
   check_float_dtype(scales, "scales");
   TORCH_CHECK_VALUE(scales.numel() == s.N * s.groups, "linquant: scales must be [", s.N, ", ", s.groups,

@@ -39,9 +39,10 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
         if symmetric:  # signed values are stored offset by 2^(bits-1)
             q = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
         q = pack(q, bits)
-    n = weight.shape[0]
-    return QuantizedWeight(q, scale.reshape(n, -1), None if zp is None else zp.reshape(n, -1), bits,
-                           group_size, weight.shape[1])
+    n, k = weight.shape
+    groups = 1 if group_size is None else -(-k // group_size)  # explicit: N = 0 leaves -1 ambiguous
+    return QuantizedWeight(q, scale.reshape(n, groups), None if zp is None else zp.reshape(n, groups), bits,
+                           group_size, k)
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

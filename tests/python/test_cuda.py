@@ -722,12 +722,13 @@ def test_linear_empty_inputs():
     x = torch.randn(3, 16)
     q0, s0 = torch.zeros(0, 8, dtype=torch.uint8), torch.ones(0, 2)
     same(lq.linear(on_dev(x), on_dev(q0), on_dev(s0), None, None, 4, 8), lq.linear(x, q0, s0, None, None, 4, 8), "N=0")
-    # K = 0 (per-channel): y is the bias, or zeros.
-    qk = lq.quantize_weight(torch.randn(5, 0), 4)
-    for b in (None, torch.randn(5)):
-        x = torch.randn(3, 0)
-        same(lq.linear(on_dev(x), on_dev(qk.qweight), on_dev(qk.scales), None, on_dev(b), 4, None),
-             lq.linear(x, qk.qweight, qk.scales, None, b, 4, None), "K=0")
+    # K = 0 (per-channel and grouped): y is the bias, or zeros.
+    for group_size in (None, 32):
+        qk = lq.quantize_weight(torch.randn(5, 0), 4, group_size)
+        for b in (None, torch.randn(5)):
+            x = torch.randn(3, 0)
+            same(lq.linear(on_dev(x), on_dev(qk.qweight), on_dev(qk.scales), None, on_dev(b), 4, group_size),
+                 lq.linear(x, qk.qweight, qk.scales, None, b, 4, group_size), f"K=0, group {group_size}")
 
 
 # ---------------------------------------------------------------------------------------------

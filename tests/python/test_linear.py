@@ -122,3 +122,16 @@ def test_compile_fullgraph():
     for m in (1, 5):
         x = torch.randn(m, 128)
         assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_empty_weights_from_quantize_weight(group_size, symmetric, gen):
+    # K = 0: y is the bias; N = 0: y has no columns. quantize_weight's scales fit linear in both.
+    bias = torch.randn(5, generator=gen)
+    qk = lq.quantize_weight(torch.randn(5, 0), 4, group_size, symmetric)
+    y = lq.linear(torch.randn(3, 0), qk.qweight, qk.scales, qk.zeros, bias, 4, group_size)
+    assert torch.equal(y, bias.expand(3, 5))
+    qn = lq.quantize_weight(torch.randn(0, 8), 4, group_size, symmetric)
+    assert qn.scales.shape == (0, 1 if group_size is None else 2)
+    assert lq.linear(torch.randn(3, 8), qn.qweight, qn.scales, qn.zeros, None, 4, group_size).shape == (3, 0)
