@@ -41,8 +41,8 @@ __global__ void dequant_weight_kernel(LinearParams p, int bits, T* __restrict__ 
 template <int BITS, int VEC, int MT, typename T>
 void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   using G = GemvGrid<BITS, VEC, MT>;
-  const int64_t row_blocks = G::row_blocks(p.N), slices = G::slices(p.row_bytes);
-  const SplitK k = split_k(row_blocks, slices, multiprocessors(like.device().index()));
+  const int64_t row_blocks = G::row_blocks(p.N), steps = G::steps(p.row_bytes);
+  const SplitK k = split_k(row_blocks, steps, multiprocessors(like.device().index()));
   at::Tensor partial, tickets;
   if (k.splits > 1) {
     partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
@@ -51,7 +51,7 @@ void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(k.splits));
   gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, 0, current_stream()>>>(
       p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      slices, k.per_split);
+      steps, k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -153,7 +153,7 @@ LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const ui
   }
 }
 
-// K split over blocks: `tiles` blocks of output, `steps` units of K (GEMV slices or MMA K steps)
+// K split over blocks: `tiles` blocks of output, `steps` units of K (GEMV warp steps, MMA K steps)
 // shared out so that there are about two blocks per multiprocessor, each split walking
 // `per_split` consecutive steps (every split gets at least one).
 struct SplitK {
@@ -195,26 +195,27 @@ constexpr int gemv_rows_per_warp() {
   return MT <= 2 ? 4 : 2;
 }
 
-// Launch geometry of gemv_kernel<BITS, VEC, MT>: blocks of kGemvWarps * R weight rows, K slices of
-// SLICE_BYTES bytes per row.
+// Launch geometry of gemv_kernel<BITS, VEC, MT>: blocks of kGemvWarps * R weight rows; K in warp
+// steps of WARP_BYTES bytes per row (what one warp reads in one go), which the K splits share out.
+// A block stages the activations of up to ITERS steps at a time (a slice of SLICE_VALUES).
 template <int BITS, int VEC, int MT>
 struct GemvGrid {
   static constexpr int R = gemv_rows_per_warp<MT>();
   static constexpr int ITERS = gemv_slice_iters<MT>(SliceLayout<BITS, VEC>::V);
   static constexpr int SLICE_VALUES = ITERS * SliceLayout<BITS, VEC>::WARP_VALUES;
-  static constexpr int SLICE_BYTES = ITERS * SliceLayout<BITS, VEC>::WARP_BYTES;
   static int64_t row_blocks(int64_t n) { return (n + kGemvWarps * R - 1) / (kGemvWarps * R); }
-  static int64_t slices(int64_t row_bytes) { return (row_bytes + SLICE_BYTES - 1) / SLICE_BYTES; }
+  static int64_t steps(int64_t row_bytes) {
+    return (row_bytes + SliceLayout<BITS, VEC>::WARP_BYTES - 1) / SliceLayout<BITS, VEC>::WARP_BYTES;
+  }
 };
 
 template <int BITS, int VEC, int MT, typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
-                int* __restrict__ tickets, int64_t slices, int64_t slices_per_split) {
+                int* __restrict__ tickets, int64_t steps, int64_t steps_per_split) {
   using L = SliceLayout<BITS, VEC>;
   using G = GemvGrid<BITS, VEC, MT>;
-  constexpr int P = L::P, R = G::R, ITERS = G::ITERS;
-  constexpr int SV = G::SLICE_VALUES, SB = G::SLICE_BYTES;
+  constexpr int P = L::P, R = G::R, ITERS = G::ITERS, SV = G::SLICE_VALUES;
   static_assert(MT * SV * 4 <= kGemvSharedBytes, "the slice fits the shared-memory budget");
   __shared__ float4 xs4[kGemvSharedBytes / 16];  // [MT][SV / 4]
   float* xs = reinterpret_cast<float*>(xs4);
@@ -222,21 +223,24 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
   const int64_t split = blockIdx.y;
-  const int64_t s_begin = split * slices_per_split;
-  const int64_t s_end = s_begin + slices_per_split < slices ? s_begin + slices_per_split : slices;
+  const int64_t s_begin = split * steps_per_split;
+  const int64_t s_end = s_begin + steps_per_split < steps ? s_begin + steps_per_split : steps;
 
   float acc[R][MT] = {};
-  for (int64_t slice = s_begin; slice < s_end; ++slice) {
+  for (int64_t base = s_begin; base < s_end; base += ITERS) {
+    // Activations of this block's next `iters` steps (zero past K), in the slice layout.
+    const int iters = s_end - base < ITERS ? static_cast<int>(s_end - base) : ITERS;
     __syncthreads();  // the previous slice's activations are no longer read
     for (int i = threadIdx.x; i < MT * SV; i += blockDim.x) {
       const int m = i / SV, v = i % SV;
-      const int64_t k = slice * SV + v;
+      const int64_t k = base * L::WARP_VALUES + v;
+      if (v >= iters * L::WARP_VALUES) continue;
       xs[m * SV + L::position(v)] = m < p.M && k < p.K ? core::to_float(x[m * p.K + k]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll 1
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t byte = slice * SB + (static_cast<int64_t>(it) * 32 + lane) * VEC;
+    for (int it = 0; it < iters; ++it) {
+      const int64_t byte = ((base + it) * 32 + lane) * VEC;
       if (byte >= p.row_bytes) break;
       const int64_t g = byte * P / p.group;
       uint32_t c[R][VEC / 4];

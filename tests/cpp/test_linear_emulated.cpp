@@ -114,14 +114,14 @@ template <int BITS, int VEC, int MT, typename T>
 void run_gemv(const Problem& pr, int sms) {
   using G = GemvGrid<BITS, VEC, MT>;
   ASSERT_EQ(gemv_chunk_bytes(pr.p, BITS), VEC);
-  const int64_t blocks = G::row_blocks(pr.N), slices = G::slices(pr.p.row_bytes);
-  const SplitK k = split_k(blocks, slices, sms);
+  const int64_t blocks = G::row_blocks(pr.N), steps = G::steps(pr.p.row_bytes);
+  const SplitK k = split_k(blocks, steps, sms);
   const std::vector<T> x = pr.activations<T>();
   std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
   std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
   std::vector<int> tickets(blocks, 0);
   emu::launch(dim3(blocks, k.splits), dim3(kGemvWarps * 32), gemv_kernel<BITS, VEC, MT, T>, pr.p, x.data(), y.data(),
-              partial.data(), tickets.data(), slices, k.per_split);
+              partial.data(), tickets.data(), steps, k.per_split);
   // fp32 sums over K (products of exact weights), then the output rounding.
   pr.expect_close(y, 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
                   k.splits > 1 ? "gemv (split K)" : "gemv");
@@ -158,8 +158,11 @@ TEST(LinearEmulated, GemvFourBit) {
   run_gemv<4, 16, 2, float>(Problem(4, false, 2, 33, 1024, 0, 3), 1);
   run_gemv<4, 16, 4, core::half_t>(Problem(4, false, 3, 20, 992, 32, 4), 1);
   run_gemv<4, 8, 8, core::half_t>(Problem(4, true, 7, 9, 48, 16, 5), 1);
-  // Several slices split over blocks, the last block adding them up.
+  // K longer than one staged slice: a block walks several (the last one partial).
+  run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 1);
+  // K split over blocks, the last block adding the splits up.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 64);
+  run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 70, 20000, 64, 27), 3);
   run_gemv<4, 16, 8, core::bf16_t>(Problem(4, false, 8, 40, 3008, 256, 7), 64);
 }
 
