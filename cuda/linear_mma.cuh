@@ -50,6 +50,14 @@ MmaGrid mma_grid(const LinearParams& p) {
   return {(p.N + kMmaBN - 1) / kMmaBN, (p.M + BM - 1) / BM, (p.K + kMmaBK - 1) / kMmaBK};
 }
 
+// The 16 bits of an fp16 / bf16 value.
+template <typename D>
+__device__ __forceinline__ uint32_t bits16(D v) {
+  uint16_t b;
+  memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
 // Loads kMmaChunk * BITS / 8 bytes (aligned) of a weight row as 32-bit words.
 template <int BITS>
 __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[BITS]) {
@@ -122,9 +130,27 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   };
 
+  // This thread's activations: X_PER values of one row of the step's [BM, BK] tile, zero outside
+  // [0, M) x [0, K), converted on the way in.
+  constexpr int X_PER = BM * kMmaBK / (kMmaWarps * 32);
+  static_assert(X_PER * kMmaWarps * 32 == BM * kMmaBK && kMmaBK % X_PER == 0, "x tile split evenly");
+  const int xrow = threadIdx.x * X_PER / kMmaBK, xcol = threadIdx.x * X_PER % kMmaBK;
+  const int64_t xm = m0 + xrow;
+  D xv[X_PER];
+  auto fetch_x = [&](int64_t step) {
+#pragma unroll
+    for (int i = 0; i < X_PER; ++i) {
+      const int64_t k = step * kMmaBK + xcol + i;
+      xv[i] = MmaType<T>::from(xm < p.M && k < p.K ? core::to_float(x[xm * p.K + k]) : 0.0f);
+    }
+  };
+
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
   for (int f = 0; f < MF; ++f) wmma::fill_fragment(acc[f], 0.0f);
-  if (step0 < step1) fetch(step0);
+  if (step0 < step1) {
+    fetch(step0);
+    fetch_x(step0);
+  }
   for (int64_t step = step0; step < step1; ++step) {
     // Dequantize this thread's chunk: s * (q - z) in fp32, rounded once to the activation dtype.
     const int64_t k0 = step * kMmaBK + wcol;
@@ -136,17 +162,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
     float wv[kMmaChunk];
     dequant_chunk<BITS>(chunk, p.flip, s, fz, wv);
-    D* wdst = ws + wrow * LDS + wcol;
+    // 64 contiguous bytes per thread, as four 16-byte stores (rows are 144 bytes apart, so the
+    // eight stores of a quarter warp fall on distinct banks).
+    uint32_t packed[kMmaChunk / 2];
 #pragma unroll
-    for (int i = 0; i < kMmaChunk; ++i) wdst[i] = MmaType<T>::from(wv[i]);
-    // Activations of the step, zero outside [0, M) x [0, K).
-    for (int i = threadIdx.x; i < BM * kMmaBK; i += blockDim.x) {
-      const int r = i / kMmaBK, c = i % kMmaBK;
-      const int64_t m = m0 + r, k = step * kMmaBK + c;
-      xs[r * LDS + c] = m < p.M && k < p.K ? MmaType<T>::from(core::to_float(x[m * p.K + k])) : MmaType<T>::from(0.0f);
+    for (int i = 0; i < kMmaChunk / 2; ++i) {
+      const uint32_t lo = bits16(MmaType<T>::from(wv[2 * i])), hi = bits16(MmaType<T>::from(wv[2 * i + 1]));
+      packed[i] = lo | (hi << 16);
     }
+    uint4* wdst = reinterpret_cast<uint4*>(ws + wrow * LDS + wcol);
+#pragma unroll
+    for (int i = 0; i < kMmaChunk / 8; ++i) {
+      wdst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
+    }
+#pragma unroll
+    for (int i = 0; i < X_PER; ++i) xs[xrow * LDS + xcol + i] = xv[i];
     __syncthreads();
-    if (step + 1 < step1) fetch(step + 1);  // in flight while the tensor cores work
+    if (step + 1 < step1) {  // in flight while the tensor cores work
+      fetch(step + 1);
+      fetch_x(step + 1);
+    }
     // Warp w: output columns [16w, 16w + 16) of the tile, every row fragment.
 #pragma unroll
     for (int kk = 0; kk < kMmaBK; kk += 16) {
@@ -162,7 +197,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     __syncthreads();
   }
 
-  for (int f = 0; f < MF; ++f) wmma::store_matrix_sync(out + f * 16 * LDO + warp * 16, acc[f], LDO, wmma::mem_row_major);
+  for (int f = 0; f < MF; ++f) {
+    wmma::store_matrix_sync(out + f * 16 * LDO + warp * 16, acc[f], LDO, wmma::mem_row_major);
+  }
   __syncthreads();
   const bool split = gridDim.z > 1;
   for (int i = threadIdx.x; i < BM * kMmaBN; i += blockDim.x) {
