@@ -35,7 +35,8 @@ struct Problem {
     const int64_t row_bytes = (K * bits + 7) / 8;
     group = group_ > 0 ? group_ : row_bytes * per_byte;
     const int64_t groups = (K + group - 1) / group;
-    // 16 spare bytes in front so tests can misalign the weight on purpose.
+    // 16 spare bytes in front so tests can misalign the weight on purpose; none behind, so a
+    // sanitizer build catches a read past the last row.
     w.resize(N * row_bytes + 16);
     std::uniform_int_distribution<int> byte(0, 255);
     for (uint8_t& b : w) b = static_cast<uint8_t>(byte(rng));
@@ -52,7 +53,7 @@ struct Problem {
     x.resize(M * K);
     for (float& v : x) v = xdist(rng);
 
-    p.w = w.data();
+    p.w = w.data() + 16;
     p.row_bytes = row_bytes;
     p.scales = scales.data();
     set_zero_points(p, bits, symmetric ? nullptr : zeros.data());
@@ -60,7 +61,7 @@ struct Problem {
     p.M = M, p.N = N, p.K = K, p.group = group, p.groups = groups;
   }
 
-  void misalign(int64_t bytes) { p.w = w.data() + bytes; }
+  void misalign(int64_t bytes) { p.w = w.data() + 16 - bytes; }
 
   // x rounded to the activation storage type T, as the kernels see it.
   template <typename T>
