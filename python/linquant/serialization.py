@@ -93,12 +93,14 @@ def _read_config(path: str) -> dict:
     return config
 
 
-def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
+                   device: Union[str, torch.device, None] = None) -> nn.Module:
     """Loads a save_quantized directory. `model_or_factory` is a callable that builds the model
     (called with its parameters on the meta device, so no full-precision copy is made) or a
     model, whose parameters are replaced. QLinear layers are swapped in per the config and every
-    tensor is assigned from the file; peak memory stays near the quantized size. The model is
-    returned in eval mode."""
+    tensor is assigned from the file; peak memory stays near the quantized size. With `device`
+    (e.g. "cuda") the file's tensors are read straight onto that device and the model's other
+    buffers follow. The model is returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -121,7 +123,7 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
                                        dtype=getattr(torch, spec["dtype"])))
     weights = os.path.join(path, WEIGHTS_NAME)
     try:
-        state = load_file(weights)
+        state = load_file(weights, device=str(torch.device(device)) if device is not None else "cpu")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
     for name, source in config.get("tied", {}).items():
@@ -139,4 +141,6 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
     model.load_state_dict(state, assign=True, strict=True)
     if hasattr(model, "tie_weights") and config.get("tied"):
         model.tie_weights()
+    if device is not None:
+        model.to(device)  # buffers the file does not hold (rotary tables and the like)
     return model.eval()  # like from_pretrained: loaded for inference

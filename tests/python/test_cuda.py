@@ -888,6 +888,19 @@ def test_quantize_model_on_cuda_matches_cpu(make, bits, group_size, symmetric, d
     assert out_ids.is_cuda and out_ids.shape[0] == 2 and out_ids.shape[1] >= 6
 
 
+def test_load_quantized_model_onto_cuda(tmp_path, gen):
+    pytest.importorskip("transformers")
+    model = lq.quantize_model(hf_models.llama(), bits=4, group_size=32, symmetric=False)
+    lq.save_quantized(model, str(tmp_path))
+    loaded = lq.load_quantized(str(tmp_path), hf_models.llama, device=DEV)
+    assert all(t.device.type == "cuda" for t in list(loaded.parameters()) + list(loaded.buffers()))
+    ids = torch.randint(3, 500, (2, 12), generator=gen)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = loaded(input_ids=on_dev(ids)).logits
+    assert relative_error(out.cpu(), ref) < 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile of QLinear on CUDA
 
