@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "../../cuda/linear_dequant.cuh"
 #include "../../cuda/linear_gemv.cuh"
 #include "../../cuda/linear_mma.cuh"
 
@@ -206,6 +207,28 @@ TEST(LinearEmulated, TensorCoreKernel) {
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
+}
+
+// The cuBLAS path's dense weight: s * (q - z) rounded once to T, element for element.
+template <typename T>
+void run_dequant(const Problem& pr) {
+  std::vector<T> w(pr.N * pr.K);
+  emu::launch(dim3(3), dim3(64), dequant_weight_kernel<T>, pr.p, pr.bits, w.data());
+  for (int64_t n = 0; n < pr.N; ++n) {
+    for (int64_t k = 0; k < pr.K; ++k) {
+      const float want = core::to_float(core::from_float<T>(static_cast<float>(pr.weight(n, k))));
+      ASSERT_EQ(core::to_float(w[n * pr.K + k]), want) << "w[" << n << ", " << k << "], bits " << pr.bits;
+    }
+  }
+}
+
+TEST(LinearEmulated, DequantizedWeight) {
+  run_dequant<float>(Problem(8, true, 1, 7, 33, 0, 28));
+  run_dequant<core::half_t>(Problem(8, false, 1, 5, 40, 16, 29));
+  run_dequant<core::bf16_t>(Problem(4, true, 1, 9, 37, 0, 30));
+  run_dequant<float>(Problem(4, false, 1, 4, 70, 6, 31));
+  run_dequant<core::half_t>(Problem(2, false, 1, 6, 45, 32, 32));
+  run_dequant<float>(Problem(2, true, 1, 3, 11, 4, 33));
 }
 
 }  // namespace
