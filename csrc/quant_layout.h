@@ -50,4 +50,22 @@ at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const Qua
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
                               const QuantLayout& layout);
 
+// The validated arguments of quantize / dequantize as every backend's kernel sees them: the layout,
+// the input as its [rows, cols] matrix, fp32 scales, int32 zero points (undefined when symmetric)
+// and the [rows, cols] output, allocated on the input's device. Callers check the device first.
+struct QuantJob {
+  QuantLayout layout;
+  at::Tensor rows, scale, zero_point, out;
+  bool symmetric() const { return !zero_point.defined(); }
+};
+
+// quantize: x float32/float16/bfloat16; out int8 when symmetric (no zero point), else uint8.
+QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size);
+
+// dequantize: q int8/uint8; out in dtype (float32 when None).
+QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                            std::optional<int64_t> axis, std::optional<int64_t> group_size,
+                            std::optional<at::ScalarType> dtype);
+
 }  // namespace linquant

@@ -54,74 +54,63 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& x, int6
 
 at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
-  check_bits(bits);
-  check_float_dtype(x, "x");
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const QuantLayout l = make_layout(x, axis, group_size);
-  const at::Tensor s = prepare_scale(scale, x, l);
-  const bool symmetric = !zero_point.has_value();
-  const at::Tensor z = symmetric ? at::Tensor() : prepare_zero_point(*zero_point, x, l);
+  const QuantJob job = prepare_quantize(x, scale, zero_point, bits, axis, group_size);
+  const QuantLayout& l = job.layout;
+  const bool symmetric = job.symmetric();
   const core::QRange r = core::q_range(static_cast<int>(bits), symmetric);
-  const at::Tensor rows = to_rows(x, l);
-  at::Tensor q = at::empty({l.rows, l.cols}, x.options().dtype(symmetric ? at::kChar : at::kByte));
-  const int64_t n = rows.numel();
+  const int64_t n = job.rows.numel();
   if (n > 0) {
     ErrorFlag flag(x);
     const GroupIndex gi{l.cols, l.group, l.groups};
-    const int32_t* zp = symmetric ? nullptr : z.const_data_ptr<int32_t>();
+    const float* sp = job.scale.const_data_ptr<float>();
+    const int32_t* zp = symmetric ? nullptr : job.zero_point.const_data_ptr<int32_t>();
     dispatch_float(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      const T* in = static_cast<const T*>(rows.const_data_ptr());
+      const T* in = static_cast<const T*>(job.rows.const_data_ptr());
       const unsigned blocks = grid_for(n, kThreads);
       if (symmetric) {
-        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, s.const_data_ptr<float>(), zp,
-                                                                   q.data_ptr<int8_t>(), n, gi, r, flag.ptr());
+        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, sp, zp, job.out.data_ptr<int8_t>(), n, gi, r,
+                                                                   flag.ptr());
       } else {
-        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, s.const_data_ptr<float>(), zp,
-                                                                   q.data_ptr<uint8_t>(), n, gi, r, flag.ptr());
+        quantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(in, sp, zp, job.out.data_ptr<uint8_t>(), n, gi, r,
+                                                                   flag.ptr());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     TORCH_CHECK_VALUE(flag.value() == 0, "linquant: x contains NaN or Inf; cannot quantize");
   }
-  return from_rows(q, x, l);
+  return from_rows(job.out, x, l);
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                            std::optional<int64_t> axis, std::optional<int64_t> group_size,
                            std::optional<at::ScalarType> dtype) {
   check_cuda(q, "q");
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
-                    "linquant: q must be int8 (symmetric) or uint8 (asymmetric), got ", q.scalar_type());
-  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-                    "linquant: dtype must be float32, float16 or bfloat16, got ", out_dtype);
   const c10::cuda::CUDAGuard guard(q.device());
-  const QuantLayout l = make_layout(q, axis, group_size);
-  const at::Tensor s = prepare_scale(scale, q, l);
-  const at::Tensor z = zero_point.has_value() ? prepare_zero_point(*zero_point, q, l) : at::Tensor();
-  const at::Tensor rows = to_rows(q, l);
-  at::Tensor out = at::empty({l.rows, l.cols}, q.options().dtype(out_dtype));
-  const int64_t n = rows.numel();
+  const QuantJob job = prepare_dequantize(q, scale, zero_point, axis, group_size, dtype);
+  const QuantLayout& l = job.layout;
+  const int64_t n = job.rows.numel();
   if (n > 0) {
     const GroupIndex gi{l.cols, l.group, l.groups};
-    const int32_t* zp = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
-    dispatch_float(out_dtype, [&](auto* tag) {
+    const float* sp = job.scale.const_data_ptr<float>();
+    const int32_t* zp = job.zero_point.defined() ? job.zero_point.const_data_ptr<int32_t>() : nullptr;
+    dispatch_float(job.out.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      T* dst = static_cast<T*>(out.data_ptr());
+      T* dst = static_cast<T*>(job.out.data_ptr());
       const unsigned blocks = grid_for(n, kThreads);
       if (q.scalar_type() == at::kChar) {
-        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(rows.const_data_ptr<int8_t>(),
-                                                                     s.const_data_ptr<float>(), zp, dst, n, gi);
+        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(job.rows.const_data_ptr<int8_t>(), sp, zp, dst,
+                                                                     n, gi);
       } else {
-        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(rows.const_data_ptr<uint8_t>(),
-                                                                     s.const_data_ptr<float>(), zp, dst, n, gi);
+        dequantize_kernel<<<blocks, kThreads, 0, current_stream()>>>(job.rows.const_data_ptr<uint8_t>(), sp, zp, dst,
+                                                                     n, gi);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return from_rows(out, q, l);
+  return from_rows(job.out, q, l);
 }
 
 }  // namespace

@@ -113,24 +113,18 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cpu(const at::Tensor& x, int64
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero_point, int64_t bits,
                         std::optional<int64_t> axis, std::optional<int64_t> group_size) {
-  check_bits(bits);
-  check_float_dtype(x, "x");
   check_cpu(x, "x");
-  const QuantLayout l = make_layout(x, axis, group_size);
-  const at::Tensor s = prepare_scale(scale, x, l);
-  const bool symmetric = !zero_point.has_value();
-  const at::Tensor z = symmetric ? at::Tensor() : prepare_zero_point(*zero_point, x, l);
+  const QuantJob job = prepare_quantize(x, scale, zero_point, bits, axis, group_size);
+  const QuantLayout& l = job.layout;
+  const bool symmetric = job.symmetric();
   const core::QRange r = core::q_range(static_cast<int>(bits), symmetric);
-
-  const at::Tensor rows = to_rows(x, l);
-  at::Tensor q = at::empty({l.rows, l.cols}, x.options().dtype(symmetric ? at::kChar : at::kByte));
   const auto quantize =
       quantize_kernels().quantize[float_type(x.scalar_type())][symmetric ? kInt8 : kUInt8];
-  const char* in = static_cast<const char*>(rows.const_data_ptr());
-  char* out = static_cast<char*>(q.data_ptr());
-  const size_t elem = rows.element_size();
-  const float* sp = s.const_data_ptr<float>();
-  const int32_t* zp = symmetric ? nullptr : z.const_data_ptr<int32_t>();
+  const char* in = static_cast<const char*>(job.rows.const_data_ptr());
+  char* out = static_cast<char*>(job.out.data_ptr());
+  const size_t elem = job.rows.element_size();
+  const float* sp = job.scale.const_data_ptr<float>();
+  const int32_t* zp = symmetric ? nullptr : job.zero_point.const_data_ptr<int32_t>();
 
   const Pieces pieces(l);
   std::atomic<uint32_t> nonfinite{0};
@@ -144,33 +138,23 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
     nonfinite |= bad;
   });
   TORCH_CHECK_VALUE(nonfinite.load() == 0, "linquant: x contains NaN or Inf; cannot quantize");
-  return from_rows(q, x, l);
+  return from_rows(job.out, x, l);
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
                           const std::optional<at::Tensor>& zero_point, std::optional<int64_t> axis,
                           std::optional<int64_t> group_size, std::optional<at::ScalarType> dtype) {
   check_cpu(q, "q");
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
-                    "linquant: q must be int8 (symmetric) or uint8 (asymmetric), got ", q.scalar_type());
-  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-                    "linquant: dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  const QuantLayout l = make_layout(q, axis, group_size);
-  const at::Tensor s = prepare_scale(scale, q, l);
-  const at::Tensor z = zero_point.has_value() ? prepare_zero_point(*zero_point, q, l) : at::Tensor();
-
-  const at::Tensor rows = to_rows(q, l);
-  at::Tensor out = at::empty({l.rows, l.cols}, q.options().dtype(out_dtype));
+  const QuantJob job = prepare_dequantize(q, scale, zero_point, axis, group_size, dtype);
   const auto dequantize =
-      quantize_kernels().dequantize[q.scalar_type() == at::kChar ? kInt8 : kUInt8][float_type(out_dtype)];
-  const char* in = static_cast<const char*>(rows.const_data_ptr());
-  char* dst = static_cast<char*>(out.data_ptr());
-  const size_t elem = out.element_size();
-  const float* sp = s.const_data_ptr<float>();
-  const int32_t* zp = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
+      quantize_kernels().dequantize[q.scalar_type() == at::kChar ? kInt8 : kUInt8][float_type(job.out.scalar_type())];
+  const char* in = static_cast<const char*>(job.rows.const_data_ptr());
+  char* dst = static_cast<char*>(job.out.data_ptr());
+  const size_t elem = job.out.element_size();
+  const float* sp = job.scale.const_data_ptr<float>();
+  const int32_t* zp = job.zero_point.defined() ? job.zero_point.const_data_ptr<int32_t>() : nullptr;
 
-  const Pieces pieces(l);
+  const Pieces pieces(job.layout);
   at::parallel_for(0, pieces.count(), pieces.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int64_t unit, offset, len;
@@ -178,7 +162,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
       if (len > 0) dequantize(in + offset, len, sp[unit], zp ? zp[unit] : 0, dst + offset * elem);
     }
   });
-  return from_rows(out, q, l);
+  return from_rows(job.out, q, job.layout);
 }
 
 }  // namespace
