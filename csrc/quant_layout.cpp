@@ -122,18 +122,27 @@ at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
   return zero_point.to(at::kInt).contiguous().view({-1});
 }
 
+namespace {
+
+QuantJob make_job(const at::Tensor& in, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                  std::optional<int64_t> axis, std::optional<int64_t> group_size, at::ScalarType out_dtype) {
+  QuantJob job;
+  job.layout = make_layout(in, axis, group_size);
+  const QuantLayout& l = job.layout;
+  job.scale = prepare_scale(scale, in, l);
+  if (zero_point.has_value()) job.zero_point = prepare_zero_point(*zero_point, in, l);
+  job.rows = to_rows(in, l);
+  job.out = at::empty({l.rows, l.cols}, in.options().dtype(out_dtype));
+  return job;
+}
+
+}  // namespace
+
 QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                           int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
   check_bits(bits);
   check_float_dtype(x, "x");
-  QuantJob job;
-  job.layout = make_layout(x, axis, group_size);
-  const QuantLayout& l = job.layout;
-  job.scale = prepare_scale(scale, x, l);
-  if (zero_point.has_value()) job.zero_point = prepare_zero_point(*zero_point, x, l);
-  job.rows = to_rows(x, l);
-  job.out = at::empty({l.rows, l.cols}, x.options().dtype(zero_point.has_value() ? at::kByte : at::kChar));
-  return job;
+  return make_job(x, scale, zero_point, axis, group_size, zero_point.has_value() ? at::kByte : at::kChar);
 }
 
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
@@ -144,14 +153,7 @@ QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const 
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
   TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
                     "linquant: dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  QuantJob job;
-  job.layout = make_layout(q, axis, group_size);
-  const QuantLayout& l = job.layout;
-  job.scale = prepare_scale(scale, q, l);
-  if (zero_point.has_value()) job.zero_point = prepare_zero_point(*zero_point, q, l);
-  job.rows = to_rows(q, l);
-  job.out = at::empty({l.rows, l.cols}, q.options().dtype(out_dtype));
-  return job;
+  return make_job(q, scale, zero_point, axis, group_size, out_dtype);
 }
 
 }  // namespace linquant
