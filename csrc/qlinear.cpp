@@ -22,9 +22,9 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
   TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant::QLinear: bits must be 8, 4 or 2, got ", bits);
   TORCH_CHECK_VALUE(!options.group_size.has_value() || (*options.group_size > 0 && *options.group_size % (8 / bits) == 0),
                     "linquant::QLinear: group_size must be a positive multiple of ", 8 / bits, " at ", bits, " bits");
-  const int64_t groups = options.group_size.has_value() ? std::max<int64_t>(1, (in_features + *options.group_size - 1) /
-                                                                                   *options.group_size)
-                                                        : 1;
+  // As choose_qparams counts groups: ceil(K / group_size), none when K = 0; one per row per-channel.
+  const int64_t groups =
+      options.group_size.has_value() ? (in_features + *options.group_size - 1) / *options.group_size : 1;
   const auto qdtype = bits == 8 && options.symmetric ? at::kChar : at::kByte;
   qweight = register_buffer("qweight", at::zeros({out_features, (in_features * bits + 7) / 8}, at::TensorOptions(qdtype)));
   scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype)));
@@ -47,13 +47,16 @@ std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& l
     values = pack(values, options.bits);
   }
   q->qweight.copy_(values);
-  q->scales.copy_(scale.reshape({w.size(0), -1}));
-  if (!options.symmetric) q->zeros.copy_(zp.reshape({w.size(0), -1}));
+  q->scales.copy_(scale.reshape(q->scales.sizes()));
+  if (!options.symmetric) q->zeros.copy_(zp.reshape(q->zeros.sizes()));
   if (with_bias) q->bias.copy_(linear->bias.detach());
   return q;
 }
 
 at::Tensor QLinearImpl::forward(const at::Tensor& x) {
+  // The op sees only packed bytes, so at 4 or 2 bits it cannot tell K = 7 from K = 8: check here.
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "linquant::QLinear: x must have in_features=",
+                    in_features, " in its last dim, got shape ", x.sizes());
   return linear(x, qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
                 bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits, options.group_size);
 }

@@ -39,7 +39,7 @@ class QLinear(nn.Module):
                              f"{bits} bits, got {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        groups = 1 if group_size is None else max(1, -(-in_features // group_size))
+        groups = 1 if group_size is None else -(-in_features // group_size)  # none when in_features = 0
         shape, qdtype = qweight_spec(out_features, in_features, bits, symmetric)
         self.register_buffer("qweight", torch.zeros(shape, dtype=qdtype, device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
@@ -82,6 +82,10 @@ class QLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The op sees only packed bytes, so at 4 or 2 bits it cannot tell K = 7 from K = 8: check here.
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError("linquant.QLinear: x must have in_features=" + str(self.in_features)
+                             + " in its last dim, got shape " + str(list(x.shape)))
         return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
                                          self.group_size)
 

@@ -43,6 +43,13 @@ TEST(QLinearCpp, BadOptionsRaise) {
   EXPECT_THROW(linquant::QLinear(16, 8, true, linquant::QLinearOptions{2, 6, true}), c10::ValueError);
 }
 
+TEST(QLinearCpp, InFeaturesChecked) {
+  // 7 and 8 values pack into the same 4 bytes at 4 bits: only the layer can tell them apart.
+  linquant::QLinear layer(8, 3, true, linquant::QLinearOptions{4, std::nullopt, false});
+  EXPECT_THROW(layer->forward(at::randn({2, 7})), c10::ValueError);
+  EXPECT_EQ(layer->forward(at::randn({2, 8})).sizes(), at::IntArrayRef({2, 3}));
+}
+
 TEST(OpsCpp, PackRoundTrip) {
   const at::Tensor v = at::tensor({0, 1, 2, 3}, at::kByte);
   EXPECT_EQ(linquant::pack(v, 2).item<uint8_t>(), 228);

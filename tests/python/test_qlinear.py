@@ -57,6 +57,23 @@ def test_bad_configuration():
         lq.QLinear(16, 8, bits=2, group_size=6)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_in_features_checked(bits, gen):
+    # 7 and 8 values pack into the same bytes at 4 (and 2) bits: only the layer can tell them apart.
+    layer = lq.QLinear.from_linear(nn.Linear(8, 3), bits=bits)
+    with pytest.raises(ValueError, match=r"x must have in_features=8 in its last dim, got shape \[2, 7\]"):
+        layer(torch.randn(2, 7, generator=gen))
+    assert layer(torch.randn(2, 8, generator=gen)).shape == (2, 3)
+    with pytest.raises(torch.jit.Error, match="ValueError: linquant.QLinear: x must have in_features=8"):
+        torch.jit.script(layer)(torch.randn(2, 7, generator=gen))
+
+
+def test_empty_in_features_with_groups(gen):
+    layer = lq.QLinear.from_linear(nn.Linear(0, 3), bits=4, group_size=32)
+    assert layer.scales.shape == (3, 0)
+    assert torch.equal(layer(torch.randn(2, 0, generator=gen)), layer.bias.expand(2, 3))
+
+
 def test_torchscript(gen):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     lq.quantize_model(model, bits=4, group_size=32, exclude=())
