@@ -18,6 +18,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
+FloatArray float_array(const at::Tensor& t) {
+  FloatArray a;
+  a.data = t.const_data_ptr();
+  a.kind = t.scalar_type() == at::kHalf       ? FloatArray::kF16
+           : t.scalar_type() == at::kBFloat16 ? FloatArray::kBF16
+                                              : FloatArray::kF32;
+  return a;
+}
+
 template <int BITS, int VEC, int MT, typename T>
 void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   using G = GemvGrid<BITS, VEC, MT>;
@@ -110,15 +119,15 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   }
 
   const at::Tensor w = qweight.contiguous();
-  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const at::Tensor s = scales.contiguous();
   const at::Tensor z = zeros.has_value() ? zeros->to(at::kInt).contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   LinearParams p;
   p.w = reinterpret_cast<const uint8_t*>(w.const_data_ptr());
   p.row_bytes = sh.row_bytes;
-  p.scales = s.const_data_ptr<float>();
+  p.scales = float_array(s);
   set_zero_points(p, static_cast<int>(bits), z.defined() ? z.const_data_ptr<int32_t>() : nullptr);
-  p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  if (b.defined()) p.bias = float_array(b);
   p.M = sh.M;
   p.N = sh.N;
   p.K = sh.K;

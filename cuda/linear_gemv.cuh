@@ -27,15 +27,30 @@ namespace linquant::cuda {
 
 namespace core = linquant::core;
 
+// fp32, fp16 or bf16 values read as fp32: scales and bias stay in the model's dtype, since
+// converting them on every call would cost a kernel launch, as much as a batch-1 GEMV itself.
+struct FloatArray {
+  enum Kind : int { kF32, kF16, kBF16 };
+  const void* data = nullptr;
+  Kind kind = kF32;
+
+  LQ_HD float operator[](int64_t i) const {
+    if (kind == kF16) return core::to_float(static_cast<const core::half_t*>(data)[i]);
+    if (kind == kBF16) return core::to_float(static_cast<const core::bf16_t*>(data)[i]);
+    return static_cast<const float*>(data)[i];
+  }
+  LQ_HD float get_or_zero(int64_t i) const { return data != nullptr ? (*this)[i] : 0.0f; }
+};
+
 struct LinearParams {
   const uint8_t* w = nullptr;  // [N, row_bytes]
   int64_t row_bytes = 0;
-  const float* scales = nullptr;   // [N, groups]
+  FloatArray scales;               // [N, groups]
   const int32_t* zeros = nullptr;  // [N, groups] or nullptr: every zero point is zero_const
   int32_t zero_const = 0;
   // XORed into every weight byte: 0x80 turns int8 (8-bit symmetric) into uint8 with zero point 128.
   uint32_t flip = 0;
-  const float* bias = nullptr;  // [N] fp32 or nullptr
+  FloatArray bias;              // [N], or no data
   int64_t M = 0, N = 0, K = 0, group = 0, groups = 0;
 };
 
@@ -280,7 +295,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int r = 0; r < R; ++r) {
         const int64_t n = row0 + r;
         if (n >= p.N) break;
-        const float b = p.bias != nullptr ? p.bias[n] : 0.0f;
+        const float b = p.bias.get_or_zero(n);
         for (int m = 0; m < MT && m < p.M; ++m) y[m * p.N + n] = core::from_float<T>(acc[r][m] + b);
       }
     }
@@ -310,7 +325,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     if (n >= p.N || m >= p.M) continue;
     float sum = 0.0f;
     for (int64_t sp = 0; sp < gridDim.y; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
-    y[m * p.N + n] = core::from_float<T>(sum + (p.bias != nullptr ? p.bias[n] : 0.0f));
+    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
   }
 }
 
@@ -337,7 +352,7 @@ __global__ void gemv_generic_kernel(LinearParams p, int bits, const T* __restric
 #pragma unroll
     for (int m = 0; m < kGemvMaxRows; ++m) {
       for (int d = 16; d > 0; d /= 2) acc[m] += __shfl_xor_sync(0xFFFFFFFFu, acc[m], d);
-      if (lane == 0 && m < p.M) y[m * p.N + n] = core::from_float<T>(acc[m] + (p.bias != nullptr ? p.bias[n] : 0.0f));
+      if (lane == 0 && m < p.M) y[m * p.N + n] = core::from_float<T>(acc[m] + p.bias.get_or_zero(n));
     }
   }
 }

@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (split) {
       partial[(blockIdx.z * p.M + m) * p.N + col] = v;
     } else {
-      y[m * p.N + col] = core::from_float<T>(v + (p.bias != nullptr ? p.bias[col] : 0.0f));
+      y[m * p.N + col] = core::from_float<T>(v + p.bias.get_or_zero(col));
     }
   }
   if (!split) return;
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (m >= p.M || col >= p.N) continue;
     float sum = 0.0f;
     for (unsigned sp = 0; sp < gridDim.z; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + col);
-    y[m * p.N + col] = core::from_float<T>(sum + (p.bias != nullptr ? p.bias[col] : 0.0f));
+    y[m * p.N + col] = core::from_float<T>(sum + p.bias.get_or_zero(col));
   }
 }
 

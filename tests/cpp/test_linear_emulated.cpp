@@ -56,13 +56,25 @@ struct Problem {
 
     p.w = w.data() + 16;
     p.row_bytes = row_bytes;
-    p.scales = scales.data();
+    p.scales = {scales.data(), FloatArray::kF32};
     set_zero_points(p, bits, symmetric ? nullptr : zeros.data());
-    p.bias = bias.data();
+    p.bias = {bias.data(), FloatArray::kF32};
     p.M = M, p.N = N, p.K = K, p.group = group, p.groups = groups;
   }
 
   void misalign(int64_t bytes) { p.w = w.data() + 16 - bytes; }
+
+  // Scales in fp16 and bias in bf16, as a model in those dtypes stores them (the reference keeps
+  // the rounded values).
+  std::vector<core::half_t> scales16;
+  std::vector<core::bf16_t> bias16;
+  Problem& half_params() {
+    for (float& v : scales) scales16.push_back(core::from_float<core::half_t>(v)), v = core::to_float(scales16.back());
+    for (float& v : bias) bias16.push_back(core::from_float<core::bf16_t>(v)), v = core::to_float(bias16.back());
+    p.scales = {scales16.data(), FloatArray::kF16};
+    p.bias = {bias16.data(), FloatArray::kBF16};
+    return *this;
+  }
 
   // x rounded to the activation storage type T, as the kernels see it.
   template <typename T>
@@ -157,14 +169,14 @@ TEST(LinearEmulated, GemvFourBit) {
   // K ending inside a byte (zero-padded x), N not a multiple of the block's rows.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 70, 2047, 128, 1), 1);
   run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 75, 2047, 64, 2), 1);
-  run_gemv<4, 16, 2, float>(Problem(4, false, 2, 33, 1024, 0, 3), 1);
+  run_gemv<4, 16, 2, float>(Problem(4, false, 2, 33, 1024, 0, 3).half_params(), 1);
   run_gemv<4, 16, 4, core::half_t>(Problem(4, false, 3, 20, 992, 32, 4), 1);
   run_gemv<4, 8, 8, core::half_t>(Problem(4, true, 7, 9, 48, 16, 5), 1);
   // K longer than one staged slice: a block walks several (the last one partial).
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 1);
   // K split over blocks, the last block adding the splits up.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 64);
-  run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 70, 20000, 64, 27), 3);
+  run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 70, 20000, 64, 27).half_params(), 3);
   run_gemv<4, 16, 8, core::bf16_t>(Problem(4, false, 8, 40, 3008, 256, 7), 64);
 }
 
@@ -195,14 +207,14 @@ TEST(LinearEmulated, GenericGemv) {
   unaligned.misalign(1);
   ASSERT_EQ(gemv_chunk_bytes(unaligned.p, 8), 0);
   run_generic<core::bf16_t>(unaligned);
-  run_generic<core::half_t>(Problem(2, false, 2, 6, 13, 4, 19));
+  run_generic<core::half_t>(Problem(2, false, 2, 6, 13, 4, 19).half_params());
 }
 
 TEST(LinearEmulated, TensorCoreKernel) {
   run_mma<4, 16, core::half_t>(Problem(4, false, 9, 130, 256, 128, 20), 1);
   run_mma<4, 32, core::bf16_t>(Problem(4, true, 17, 64, 224, 32, 21), 1);  // K not a multiple of 64
   run_mma<8, 64, core::half_t>(Problem(8, true, 40, 129, 320, 0, 22), 1);
-  run_mma<8, 16, core::bf16_t>(Problem(8, false, 12, 20, 96, 32, 23), 1);
+  run_mma<8, 16, core::bf16_t>(Problem(8, false, 12, 20, 96, 32, 23).half_params(), 1);
   run_mma<2, 64, core::half_t>(Problem(2, false, 65, 40, 256, 64, 24), 1);
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
@@ -224,7 +236,7 @@ void run_dequant(const Problem& pr) {
 
 TEST(LinearEmulated, DequantizedWeight) {
   run_dequant<float>(Problem(8, true, 1, 7, 33, 0, 28));
-  run_dequant<core::half_t>(Problem(8, false, 1, 5, 40, 16, 29));
+  run_dequant<core::half_t>(Problem(8, false, 1, 5, 40, 16, 29).half_params());
   run_dequant<core::bf16_t>(Problem(4, true, 1, 9, 37, 0, 30));
   run_dequant<float>(Problem(4, false, 1, 4, 70, 6, 31));
   run_dequant<core::half_t>(Problem(2, false, 1, 6, 45, 32, 32));
