@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 
 #include "../csrc/core/float_convert.h"
@@ -23,11 +25,15 @@ inline unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(std::clamp<int64_t>(want, 1, int64_t{1} << 20));
 }
 
-// Streaming multiprocessors of a device (ATen/cuda/CUDAContext.h would do, but it needs the
-// cuSPARSE and cuBLAS headers, which a bare nvcc install lacks).
+// Streaming multiprocessors of a device, asked once per device (ATen/cuda/CUDAContext.h would do,
+// but it needs the cuSPARSE and cuBLAS headers, which a bare nvcc install lacks).
 inline int multiprocessors(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> known{};
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    known[device].store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 
