@@ -20,7 +20,7 @@
 #   4. compute-sanitizer memcheck over test_cuda.py (not model/compile/graph), with    180
 #      PyTorch's caching allocator off so out-of-bounds accesses inside a block show
 #      racecheck, then synccheck, on the small linear tests only ($SANITIZER_K)       90 each
-#   5. python3 bench/bench_linear_cuda.py --json                                        240
+#   5. python3 bench/bench_linear_cuda.py --json (linquant.benchmark_cuda)              240
 # The budgets add up to more than one device call allows, so the whole run also has a deadline,
 # GPU_CHECK_DEADLINE_S (default 540 s, under the tool's 600 s): a step gets its budget or what is
 # left before the deadline, less BENCH_RESERVE_S (default 150 s) kept for the benchmark, and a step

@@ -258,6 +258,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_cuda(args) -> int:
+    from .benchmark_cuda import run
+    return run(args)
+
+
 def cmd_export(args) -> int:
     from .export import export_encoder
     paths = export_encoder(args.model, args.out, bits=args.bits, group_size=args.group_size,
@@ -302,6 +307,11 @@ def main(argv=None) -> int:
     from .benchmark import add_arguments
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+    bc = sub.add_parser("bench-cuda", help="the CUDA linear-kernel benchmark table against cuBLAS fp16, tinygemm "
+                                           "and int8 (bench/bench_linear_cuda.py); exit 2 without a GPU")
+    from .benchmark_cuda import add_arguments as add_cuda_arguments
+    add_cuda_arguments(bc)
+    bc.set_defaults(func=cmd_bench_cuda)
     export = sub.add_parser("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
     export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
                         help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_models
 
@@ -82,3 +83,9 @@ def test_bench_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["format"] for r in rows] == ["w8", "w4g128"] and all(r["vs_fp32"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_bench_cuda_without_a_gpu_says_so():
+    out = linquant("bench-cuda", "--quick")
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
