@@ -253,33 +253,45 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       xs[m * SV + L::position(v)] = m < p.M && k < p.K ? core::to_float(x[m * p.K + k]) : 0.0f;
     }
     __syncthreads();
-#pragma unroll 1
-    for (int it = 0; it < iters; ++it) {
+    // This lane's chunk of every row for step `it`, with its scale and 2^23 + zero point; false
+    // past the row's end. The next step's chunk is loaded before this one's arithmetic, so two
+    // steps of weights are in flight per lane.
+    uint32_t c[R][VEC / 4], next[R][VEC / 4];
+    float s[R], fz[R], next_s[R], next_fz[R];
+    auto fetch = [&](int it, uint32_t (&w)[R][VEC / 4], float (&sc)[R], float (&z)[R]) {
       const int64_t byte = ((base + it) * 32 + lane) * VEC;
-      if (byte >= p.row_bytes) break;
+      if (it >= iters || byte >= p.row_bytes) return false;
       const int64_t g = byte * P / p.group;
-      uint32_t c[R][VEC / 4];
-      float s[R], fz[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t n = row0 + r;
         if (n < p.N) {
-          load_chunk<VEC>(p.w + n * p.row_bytes + byte, c[r]);
-          s[r] = p.scales[n * p.groups + g];
-          fz[r] = zero_of(p, n * p.groups + g);
+          load_chunk<VEC>(p.w + n * p.row_bytes + byte, w[r]);
+          sc[r] = p.scales[n * p.groups + g];
+          z[r] = zero_of(p, n * p.groups + g);
         } else {
-          for (int d = 0; d < VEC / 4; ++d) c[r][d] = 0;
-          s[r] = 0.0f;
-          fz[r] = kMagic;
+          for (int d = 0; d < VEC / 4; ++d) w[r][d] = 0;
+          sc[r] = 0.0f;
+          z[r] = kMagic;
         }
       }
+      return true;
+    };
+    bool have = fetch(0, c, s, fz);
+#pragma unroll 1
+    for (int it = 0; have; ++it) {
+      const bool more = fetch(it + 1, next, next_s, next_fz);
       float t[R][MT] = {};
       chunk_products<BITS, VEC, MT, R>(xs4, SV / 4, it, lane, c, p.flip, fz, t);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = fma_rn(s[r], t[r][m], acc[r][m]);
+        for (int d = 0; d < VEC / 4; ++d) c[r][d] = next[r][d];
+        s[r] = next_s[r];
+        fz[r] = next_fz[r];
       }
+      have = more;
     }
   }
 
