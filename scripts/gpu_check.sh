@@ -17,10 +17,12 @@
 #      ctest (the out-of-tree find_package test is left to CPU CI)                      60
 #   3. pytest tests/python/test_cuda.py -x --durations=10                              120
 #      pytest tests/python, test_cuda.py excepted, only with GPU_CHECK_ALL=1 (CI runs it) 180
-#   4. compute-sanitizer memcheck over test_cuda.py (not model/compile/graph), with    180
+#   4. ncu (speed of light, occupancy) of the GEMV and tensor-core kernels, into      60
+#      gpu_check.log
+#   5. compute-sanitizer memcheck over test_cuda.py (not model/compile/graph), with    180
 #      PyTorch's caching allocator off so out-of-bounds accesses inside a block show
 #      racecheck, then synccheck, on the small linear tests only ($SANITIZER_K)       90 each
-#   5. python3 bench/bench_linear_cuda.py --json (linquant.benchmark_cuda)              240
+#   6. python3 bench/bench_linear_cuda.py --json                                        240
 # The budgets add up to more than one device call allows, so the whole run also has a deadline,
 # GPU_CHECK_DEADLINE_S (default 540 s, under the tool's 600 s): a step gets its budget or what is
 # left before the deadline, less BENCH_RESERVE_S (default 150 s) kept for the benchmark, and a step
@@ -122,6 +124,19 @@ build_cpp_tests() {
   [ -d "$BUILD_DIR/tests/cpp" ] || echo "GTest not found on this machine: C++ tests not built (linquant-run was)"
 }
 
+# shellcheck disable=SC2329
+profile_kernels() {  # Nsight Compute's speed-of-light and occupancy of the linear kernels, W4 g128 8192x8192
+  ncu --kernel-name regex:"gemv_kernel|mma_kernel" --launch-count 4 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats python3 - <<'EOF_PY'
+import torch, linquant as lq
+qw = lq.quantize_weight(torch.randn(8192, 8192), 4, 128, symmetric=False, dtype=torch.float16)
+w = [t.cuda() if t is not None else None for t in (qw.qweight, qw.scales, qw.zeros)]
+for m in (1, 1, 16, 16):  # GEMV twice, tensor-core kernel twice
+    lq.linear(torch.randn(m, 8192, device="cuda", dtype=torch.float16), *w, None, 4, 128)
+torch.cuda.synchronize()
+EOF_PY
+}
+
 if [ "${1:-}" = --step ]; then # a step function run under `timeout` (see run_step)
   shift
   "$@"
@@ -180,7 +195,11 @@ main() {
       ${per_test[@]+"${per_test[@]}"}
   fi
 
-  # 4. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
+  # 4. a profile of the linear kernels (into this log): quick, and worth more than the slow
+  # sanitizer runs that come after it.
+  run_step profile 60 "$BENCH_RESERVE" - profile_kernels
+
+  # 5. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
   # out-of-bounds access inside a cached block is caught too.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 180 "$BENCH_RESERVE" "$OUT/sanitizer_memcheck.log" \
     "$SANITIZER" --tool memcheck --error-exitcode 1 \
@@ -191,7 +210,7 @@ main() {
       python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$SANITIZER_K"
   done
 
-  # 5. the benchmark (its table is printed whole below).
+  # 6. the benchmark (its table is printed whole below).
   run_step bench 240 0 "$OUT/bench_linear_cuda.txt" \
     python3 bench/bench_linear_cuda.py --json "$OUT/bench_linear_cuda.json"
   echo "== bench_linear_cuda.txt:"
