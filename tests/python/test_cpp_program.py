@@ -25,9 +25,9 @@ def run(*args):
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (2, 16, True)])
 def test_cpp_outputs_equal_python(tmp_path, bits, group_size, symmetric):
     paths = export_encoder("tiny-bert", str(tmp_path), bits=bits, group_size=group_size, symmetric=symmetric)
-    out = run(paths["model"], paths["inputs"], "--out", tmp_path / "cpp.pt", "--runs", 3)
+    out = run(paths["model"], paths["inputs"], "--out", tmp_path / "cpp.pt", "--runs", 3, "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    assert "time per run:" in out.stdout
+    assert "time per run:" in out.stdout and not (tmp_path / "cpp.pt.tmp").exists()
     cpp, expected = torch.load(tmp_path / "cpp.pt"), torch.load(paths["expected"])
     assert cpp.shape == expected.shape == (2, 16, 64)
     assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
@@ -62,3 +62,19 @@ def test_errors(tmp_path):
     out = run(tmp_path / "missing.pt", paths["inputs"])
     assert out.returncode == 1 and "linquant-run:" in out.stderr
     assert run(paths["model"]).returncode == 2
+    out = run(paths["model"], paths["inputs"], "--device", "gpu0")
+    assert out.returncode == 2 and "--device must be cpu, cuda or cuda:N, got 'gpu0'" in out.stderr
+    if not torch.cuda.is_available():
+        out = run(paths["model"], paths["inputs"], "--device", "cuda")
+        assert out.returncode == 1 and "no CUDA device is available" in out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_cpp_on_cuda_matches_python_on_cpu(tmp_path, bits, group_size):
+    paths = export_encoder("tiny-bert", str(tmp_path), bits=bits, group_size=group_size, symmetric=False)
+    out = run(paths["model"], paths["inputs"], "--out", tmp_path / "cuda.pt", "--runs", 3, "--device", "cuda")
+    assert out.returncode == 0, out.stderr
+    assert "cuda" in out.stdout
+    cuda, expected = torch.load(tmp_path / "cuda.pt"), torch.load(paths["expected"])
+    assert cuda.device.type == "cpu" and torch.allclose(cuda, expected, rtol=1e-4, atol=1e-4)
