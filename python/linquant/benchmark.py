@@ -15,7 +15,6 @@ Peers install in the benchmark's own environment:
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import linquant as lq
+from ._files import write_json
 
 FORMATS = {  # name: (bits, group_size)
     "w8": (8, None),
@@ -185,8 +185,7 @@ def run(args):
                           f"{row['pct_bw']:4.0f}% {ratio('fp32'):>8} {ratio('bf16'):>8} {ratio('int8mm'):>9} "
                           f"{ratio('int4mm'):>9} {ratio('quanto'):>9} {ratio('torchao'):>10}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, {"env": env, "rows": rows})
 
 
 def add_arguments(ap):

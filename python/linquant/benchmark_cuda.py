@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ._files import write_json
+
 # name: (bits, group_size, symmetric). W2 uses group 128 like the CPU benchmark
 # (python/linquant/benchmark.py); w2g64 is the alternative, run with --formats w2g64.
 FORMATS = {
@@ -415,9 +417,7 @@ def run(args) -> int:
             print(f"# n/a: {note}")
         print(summary(rows), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"env": env, "rows": rows, "notes": list(dict.fromkeys(notes)), "complete": done}, f,
-                          indent=1)
+            write_json(args.json, {"env": env, "rows": rows, "notes": list(dict.fromkeys(notes)), "complete": done})
     return 0 if all(r["err_ok"] for r in rows) else 1
 
 

@@ -15,6 +15,7 @@ import torch
 import os
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
+from ._files import atomic_write
 from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, report
 from .nn import QLinear
 
@@ -151,7 +152,7 @@ def write_plots(out_dir: str, model_rows, lm_rows) -> list:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(os.path.join(out_dir, "layer_snr.png"))
         fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
+        atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
     panels = [p for p in (("MiniLM: embedding cosine to fp32", model_rows, "cosine_mean", "linear_bytes"),
                           ("SmolLM2: perplexity (lower is better)", lm_rows, "perplexity", "bytes")) if p[1]]
@@ -167,7 +168,7 @@ def write_plots(out_dir: str, model_rows, lm_rows) -> list:
             ax.grid(alpha=0.3)
         paths.append(os.path.join(out_dir, "accuracy_vs_bytes.png"))
         fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
+        atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
     return paths
 

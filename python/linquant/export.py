@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ._files import atomic_write
 from .model import quantize_model
 
 FORMAT_VERSION = 1  # programs/linquant_run.cpp checks the same number
@@ -60,7 +61,7 @@ def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symm
     paths = {k: os.path.join(out_dir, f"{k}.pt") for k in ("model", "inputs", "expected")}
     meta = {"format_version": FORMAT_VERSION, "model": name, "bits": bits, "group_size": group_size,
             "symmetric": symmetric}
-    torch.jit.save(traced, paths["model"], _extra_files={"linquant.json": json.dumps(meta)})
-    torch.save([ids, mask], paths["inputs"])
-    torch.save(expected, paths["expected"])
+    atomic_write(paths["model"], lambda tmp: torch.jit.save(traced, tmp, _extra_files={"linquant.json": json.dumps(meta)}))
+    atomic_write(paths["inputs"], lambda tmp: torch.save([ids, mask], tmp))
+    atomic_write(paths["expected"], lambda tmp: torch.save(expected, tmp))
     return paths

@@ -4,33 +4,17 @@ into a meta-device skeleton without a full-precision copy and without unpickling
 import contextlib
 import json
 import os
-import tempfile
 from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from ._files import atomic_write, write_json
 from .nn import QLinear
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "linquant.json"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
@@ -58,9 +42,8 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
         tensors[name] = t.detach().contiguous()
     config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied,
               "metadata": metadata or {}}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(path, CONFIG_NAME),
-                  lambda tmp: open(tmp, "w").write(json.dumps(config, indent=1)))
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(os.path.join(path, CONFIG_NAME), config)
 
 
 @contextlib.contextmanager
