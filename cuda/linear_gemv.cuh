@@ -40,6 +40,8 @@ struct FloatArray {
     return static_cast<const float*>(data)[i];
   }
   LQ_HD float get_or_zero(int64_t i) const { return data != nullptr ? (*this)[i] : 0.0f; }
+  // The stored bits of element i of an fp16 / bf16 array.
+  LQ_HD uint32_t bits16(int64_t i) const { return static_cast<const uint16_t*>(data)[i]; }
 };
 
 struct LinearParams {
@@ -111,14 +113,21 @@ struct SliceLayout {
   LQ_HD static int float4_index(int it, int d, int b, int lane) { return (it * (V / 4) + d * P + b) * 32 + lane; }
 };
 
-// 2^23 + (byte i of q4) as a float: the byte placed in the low mantissa bits of 2^23.
-LQ_HD float magic_byte(uint32_t q4, int i) {
+// prmt: byte k of the result is byte ((s >> 4k) & 7) of the eight bytes {y:x} (x is bytes 0-3).
+// Selectors here never set a nibble's top bit (sign replication).
+LQ_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(__byte_perm(q4, 0x4B000000u, 0x7440 + i));
+  return __byte_perm(x, y, s);
 #else
-  return core::f32_from_bits(0x4B000000u | ((q4 >> (8 * i)) & 0xFFu));
+  const uint64_t both = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>((both >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k);
+  return r;
 #endif
 }
+
+// 2^23 + (byte i of q4) as a float: the byte placed in the low mantissa bits of 2^23.
+LQ_HD float magic_byte(uint32_t q4, int i) { return core::f32_from_bits(byte_perm(q4, 0x4B000000u, 0x7440 + i)); }
 
 // Bit plane b of a weight word: byte i of the result is the value stored in byte i at shift
 // b * BITS (int8 weights first XORed with `flip`).

@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include "linear_gemv.cuh"
 
 namespace linquant::cuda {
@@ -22,16 +24,88 @@ constexpr int kMmaChunk = 32;  // weight values one thread dequantizes per K ste
 // The device type of a storage type, for WMMA and the hardware conversions.
 template <typename T>
 struct MmaType;
+// `magic` is the 16-bit pattern of the float whose low mantissa byte counts from 0 in steps of 1
+// (1024 in fp16, 128 in bf16): (magic | q) is the exact float magic + q while q < max_q. `kind` is
+// the FloatArray kind of scales stored in this dtype.
 template <>
 struct MmaType<core::half_t> {
   using type = __half;
+  static constexpr uint32_t magic = 0x6400, max_q = 1024;
+  static constexpr float magic_value = 1024.0f;
+  static constexpr FloatArray::Kind kind = FloatArray::kF16;
   __device__ __forceinline__ static type from(float v) { return __float2half_rn(v); }
 };
 template <>
 struct MmaType<core::bf16_t> {
   using type = __nv_bfloat16;
+  static constexpr uint32_t magic = 0x4300, max_q = 128;
+  static constexpr float magic_value = 128.0f;
+  static constexpr FloatArray::Kind kind = FloatArray::kBF16;
   __device__ __forceinline__ static type from(float v) { return __float2bfloat16_rn(v); }
 };
+
+// (a - b) * s on both 16-bit floats of the words, each operation rounded to nearest even, as the
+// paired fp16 / bf16 instructions do.
+template <typename T>
+LQ_HD uint32_t sub_mul2(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  using D2 = std::conditional_t<std::is_same_v<T, core::half_t>, __half2, __nv_bfloat162>;
+  D2 va, vb, vs;
+  memcpy(&va, &a, 4);
+  memcpy(&vb, &b, 4);
+  memcpy(&vs, &s, 4);
+  const D2 r = __hmul2(__hsub2(va, vb), vs);
+  uint32_t out;
+  memcpy(&out, &r, 4);
+  return out;
+#else
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const auto half = [&](uint32_t w) { return core::to_float(T{static_cast<uint16_t>(w >> (16 * h))}); };
+    const float d = core::to_float(core::from_float<T>(half(a) - half(b)));
+    out |= static_cast<uint32_t>(core::from_float<T>(d * half(s)).bits) << (16 * h);
+  }
+  return out;
+#endif
+}
+
+// dequant_chunk's 32 values rounded to T, as 16 words of consecutive pairs, computed with paired
+// 16-bit arithmetic: each pair of values is gathered into the low mantissa bytes of two `magic`
+// floats (a byte permute and a mask), minus magic + z, times s, exactly. Exact, hence equal to
+// rounding dequant_chunk's fp32 values, when s is stored in T (its product with q - z then needs
+// at most 22 bits, so rounding it once to T is the same as rounding it to fp32 first), magic + q
+// and magic + z are exact in T (q < max_q, |z| <= magic) and q - z is too (it is an integer
+// within 2 * magic). Callers check s and z; the other conditions hold for every format with q <
+// max_q, i.e. all but 8-bit weights with bf16 activations.
+template <int BITS, typename T>
+LQ_HD void dequant_chunk_pairs(const uint32_t (&chunk)[BITS], uint32_t flip, uint32_t s_bits, int32_t z,
+                               uint32_t (&pairs)[kMmaChunk / 2]) {
+  constexpr int P = 8 / BITS;
+  constexpr uint32_t magic2 = MmaType<T>::magic * 0x10001u;
+  const uint32_t fz2 = core::from_float<T>(MmaType<T>::magic_value + static_cast<float>(z)).bits * 0x10001u;
+  const uint32_t s2 = s_bits * 0x10001u;
+#pragma unroll
+  for (int d = 0; d < BITS; ++d) {
+    if constexpr (P == 1) {  // bytes 0..3 of the word are values 4d..4d+3: each next to a magic byte
+      constexpr uint32_t magic_bytes = (MmaType<T>::magic >> 8) * 0x01010101u;
+      const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, 0);
+      pairs[2 * d] = sub_mul2<T>(byte_perm(q4, magic_bytes, 0x4140), fz2, s2);
+      pairs[2 * d + 1] = sub_mul2<T>(byte_perm(q4, magic_bytes, 0x4342), fz2, s2);
+    } else {
+      // Planes b and b + 1 hold the two values of pair (P i + b, P i + b + 1) of the word, in
+      // their byte i: gathered into bytes 0 and 2, masked, given the magic's exponent.
+#pragma unroll
+      for (int b = 0; b < P; b += 2) {
+        const uint32_t even = bit_plane<BITS>(chunk[d], flip, b), odd = bit_plane<BITS>(chunk[d], flip, b + 1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t gathered = byte_perm(even, odd, static_cast<uint32_t>(i) | ((4u + i) << 8));
+          pairs[(d * 4 * P + i * P + b) / 2] = sub_mul2<T>((gathered & 0x00FF00FFu) | magic2, fz2, s2);
+        }
+      }
+    }
+  }
+}
 
 // Whether mma_kernel takes this layout: rows of whole 32-value chunks (aligned), and groups of
 // whole chunks so one scale serves a chunk.
@@ -145,6 +219,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   };
 
+  // Paired 16-bit dequantization is exact when the scales are stored in T and every value fits
+  // T's magic (not 8-bit weights in bf16); zero points are checked per chunk.
+  const bool pairs_exact = p.scales.kind == MmaType<T>::kind && (1u << BITS) <= MmaType<T>::max_q;
+
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
   for (int f = 0; f < MF; ++f) wmma::fill_fragment(acc[f], 0.0f);
   if (step0 < step1) {
@@ -152,24 +230,35 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     fetch_x(step0);
   }
   for (int64_t step = step0; step < step1; ++step) {
-    // Dequantize this thread's chunk: s * (q - z) in fp32, rounded once to the activation dtype.
+    // Dequantize this thread's chunk: s * (q - z) rounded once to the activation dtype, with
+    // paired 16-bit arithmetic where that is exact (dequant_chunk_pairs), else in fp32.
     const int64_t k0 = step * kMmaBK + wcol;
+    uint32_t packed[kMmaChunk / 2];
+    bool done = false;
     float s = 0.0f, fz = kMagic;
     if (n < p.N && k0 < p.row_bytes * P) {
       const int64_t u = n * p.groups + k0 / p.group;
-      s = p.scales[u];
-      fz = zero_of(p, u);
+      const int32_t z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
+      const float limit = MmaType<T>::magic_value;
+      if (pairs_exact && static_cast<float>(z) >= -limit && static_cast<float>(z) <= limit) {
+        dequant_chunk_pairs<BITS, T>(chunk, p.flip, p.scales.bits16(u), z, packed);
+        done = true;
+      } else {
+        s = p.scales[u];
+        fz = kMagic + static_cast<float>(z);
+      }
     }
-    float wv[kMmaChunk];
-    dequant_chunk<BITS>(chunk, p.flip, s, fz, wv);
+    if (!done) {
+      float wv[kMmaChunk];
+      dequant_chunk<BITS>(chunk, p.flip, s, fz, wv);
+#pragma unroll
+      for (int i = 0; i < kMmaChunk / 2; ++i) {
+        const uint32_t lo = bits16(MmaType<T>::from(wv[2 * i])), hi = bits16(MmaType<T>::from(wv[2 * i + 1]));
+        packed[i] = lo | (hi << 16);
+      }
+    }
     // 64 contiguous bytes per thread, as four 16-byte stores (rows are 144 bytes apart, so the
     // eight stores of a quarter warp fall on distinct banks).
-    uint32_t packed[kMmaChunk / 2];
-#pragma unroll
-    for (int i = 0; i < kMmaChunk / 2; ++i) {
-      const uint32_t lo = bits16(MmaType<T>::from(wv[2 * i])), hi = bits16(MmaType<T>::from(wv[2 * i + 1]));
-      packed[i] = lo | (hi << 16);
-    }
     uint4* wdst = reinterpret_cast<uint4*>(ws + wrow * LDS + wcol);
 #pragma unroll
     for (int i = 0; i < kMmaChunk / 8; ++i) {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../../cuda/linear_gemv.cuh"
@@ -144,6 +145,46 @@ void check_dequant_chunk(bool signed8, unsigned seed) {
     const int q = signed8 ? static_cast<int8_t>(b) : (b >> ((i % P) * BITS)) & ((1 << BITS) - 1);
     EXPECT_EQ(got[i], s * static_cast<float>(q - z)) << "bits " << BITS << " value " << i;
   }
+}
+
+// dequant_chunk_pairs (paired 16-bit arithmetic) gives the same bits as dequant_chunk's fp32
+// values rounded to T, for scales stored in T and zero points within the magic's range.
+template <int BITS, typename T>
+void check_pairs(bool signed8, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> bytes(0, 255);
+  const int limit = std::is_same_v<T, linquant::core::half_t> ? 1024 : 128;
+  std::uniform_int_distribution<int> zdist(-limit, limit);
+  std::uniform_real_distribution<float> sdist(-20.0f, 4.0f);
+  for (int trial = 0; trial < 200; ++trial) {
+    uint8_t raw[BITS * 4];
+    for (uint8_t& b : raw) b = static_cast<uint8_t>(bytes(rng));
+    uint32_t chunk[BITS];
+    std::memcpy(chunk, raw, sizeof(raw));
+    const int z = signed8 ? 128 : zdist(rng);
+    const T s = linquant::core::from_float<T>(std::exp2(sdist(rng)));
+    const uint32_t flip = signed8 ? 0x80808080u : 0u;
+    float want[kMmaChunk];
+    dequant_chunk<BITS>(chunk, flip, linquant::core::to_float(s), kMagic + static_cast<float>(z), want);
+    uint32_t got[kMmaChunk / 2];
+    linquant::cuda::dequant_chunk_pairs<BITS, T>(chunk, flip, s.bits, z, got);
+    for (int i = 0; i < kMmaChunk; ++i) {
+      const uint16_t bits = static_cast<uint16_t>(got[i / 2] >> (16 * (i % 2)));
+      ASSERT_EQ(bits, linquant::core::from_float<T>(want[i]).bits)
+          << "bits " << BITS << " value " << i << " z " << z << " s " << linquant::core::to_float(s);
+    }
+  }
+}
+
+TEST(MmaChunk, PairedHalfArithmeticIsExact) {
+  using linquant::core::bf16_t;
+  using linquant::core::half_t;
+  check_pairs<8, half_t>(false, 1);
+  check_pairs<8, half_t>(true, 2);
+  check_pairs<4, half_t>(false, 3);
+  check_pairs<2, half_t>(false, 4);
+  check_pairs<4, bf16_t>(false, 5);
+  check_pairs<2, bf16_t>(false, 6);
 }
 
 TEST(MmaChunk, DequantizesInStreamOrder) {

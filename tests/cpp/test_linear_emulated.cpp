@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../../cuda/linear_dequant.cuh"
@@ -64,17 +65,28 @@ struct Problem {
 
   void misalign(int64_t bytes) { p.w = w.data() + 16 - bytes; }
 
-  // Scales in fp16 and bias in bf16, as a model in those dtypes stores them (the reference keeps
-  // the rounded values).
-  std::vector<core::half_t> scales16;
-  std::vector<core::bf16_t> bias16;
-  Problem& half_params() {
-    for (float& v : scales) scales16.push_back(core::from_float<core::half_t>(v)), v = core::to_float(scales16.back());
-    for (float& v : bias) bias16.push_back(core::from_float<core::bf16_t>(v)), v = core::to_float(bias16.back());
-    p.scales = {scales16.data(), FloatArray::kF16};
-    p.bias = {bias16.data(), FloatArray::kBF16};
+  // Zero points anywhere in [-limit, limit] (asymmetric only).
+  Problem& wide_zeros(int limit) {
+    std::mt19937 rng(static_cast<unsigned>(limit));
+    std::uniform_int_distribution<int> zdist(-limit, limit);
+    for (int32_t& z : zeros) z = zdist(rng);
     return *this;
   }
+
+  // Scales and bias stored in 16-bit floats, as a model in that dtype stores them (the reference
+  // keeps the rounded values): S for the scales, the other 16-bit type for the bias.
+  std::vector<uint16_t> scales16, bias16;
+  template <typename S>
+  Problem& params_in() {
+    using B = std::conditional_t<std::is_same_v<S, core::half_t>, core::bf16_t, core::half_t>;
+    for (float& v : scales) scales16.push_back(core::from_float<S>(v).bits), v = core::to_float(S{scales16.back()});
+    for (float& v : bias) bias16.push_back(core::from_float<B>(v).bits), v = core::to_float(B{bias16.back()});
+    const auto kind = [](bool half) { return half ? FloatArray::kF16 : FloatArray::kBF16; };
+    p.scales = {scales16.data(), kind(std::is_same_v<S, core::half_t>)};
+    p.bias = {bias16.data(), kind(std::is_same_v<B, core::half_t>)};
+    return *this;
+  }
+  Problem& half_params() { return params_in<core::half_t>(); }
 
   // x rounded to the activation storage type T, as the kernels see it.
   template <typename T>
@@ -216,6 +228,13 @@ TEST(LinearEmulated, TensorCoreKernel) {
   run_mma<8, 64, core::half_t>(Problem(8, true, 40, 129, 320, 0, 22), 1);
   run_mma<8, 16, core::bf16_t>(Problem(8, false, 12, 20, 96, 32, 23).half_params(), 1);
   run_mma<2, 64, core::half_t>(Problem(2, false, 65, 40, 256, 64, 24), 1);
+  // Scales stored in the activation dtype: paired 16-bit dequantization (zero points past the
+  // magic's range fall back to fp32 per chunk).
+  run_mma<4, 16, core::half_t>(Problem(4, false, 16, 130, 256, 128, 34).params_in<core::half_t>(), 1);
+  run_mma<8, 32, core::half_t>(Problem(8, true, 20, 64, 128, 0, 35).params_in<core::half_t>(), 1);
+  run_mma<8, 16, core::half_t>(Problem(8, false, 9, 64, 128, 32, 36).wide_zeros(3000).params_in<core::half_t>(), 1);
+  run_mma<2, 16, core::bf16_t>(Problem(2, false, 12, 40, 192, 64, 37).params_in<core::bf16_t>(), 1);
+  run_mma<4, 64, core::bf16_t>(Problem(4, false, 70, 40, 256, 32, 38).wide_zeros(300).params_in<core::bf16_t>(), 4);
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
