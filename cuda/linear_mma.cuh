@@ -205,17 +205,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   };
 
   // This thread's activations: X_PER values of one row of the step's [BM, BK] tile, zero outside
-  // [0, M) x [0, K), converted on the way in.
+  // [0, M) x [0, K).
   constexpr int X_PER = BM * kMmaBK / (kMmaWarps * 32);
   static_assert(X_PER * kMmaWarps * 32 == BM * kMmaBK && kMmaBK % X_PER == 0, "x tile split evenly");
   const int xrow = threadIdx.x * X_PER / kMmaBK, xcol = threadIdx.x * X_PER % kMmaBK;
   const int64_t xm = m0 + xrow;
-  D xv[X_PER];
+  uint16_t xv[X_PER];  // T's bits as they are: the storage type and the WMMA type are the same format
   auto fetch_x = [&](int64_t step) {
 #pragma unroll
     for (int i = 0; i < X_PER; ++i) {
       const int64_t k = step * kMmaBK + xcol + i;
-      xv[i] = MmaType<T>::from(xm < p.M && k < p.K ? core::to_float(x[xm * p.K + k]) : 0.0f);
+      xv[i] = xm < p.M && k < p.K ? x[xm * p.K + k].bits : uint16_t{0};  // 0: +0.0 in fp16 and bf16
     }
   };
 
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       wdst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
     }
 #pragma unroll
-    for (int i = 0; i < X_PER; ++i) xs[xrow * LDS + xcol + i] = xv[i];
+    for (int i = 0; i < X_PER; ++i) reinterpret_cast<uint16_t*>(xs)[xrow * LDS + xcol + i] = xv[i];
     __syncthreads();
     if (step + 1 < step1) {  // in flight while the tensor cores work
       fetch(step + 1);
