@@ -166,7 +166,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor wd = at::empty({sh.N, sh.K}, x.options());
   dispatch_float(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequant_weight_kernel<<<grid_for(sh.N * sh.row_bytes, kThreads), kThreads, 0, current_stream()>>>(
+    dequant_weight_kernel<<<grid_for(sh.N * sh.K, kThreads), kThreads, 0, current_stream()>>>(
         p, static_cast<int>(bits), static_cast<T*>(wd.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -71,6 +71,16 @@ constexpr int kGemvMaxRows = 8;  // activation rows the GEMV kernels take
 constexpr int kGemvSharedBytes = 32 * 1024;
 constexpr float kMagic = 8388608.0f;  // 2^23: a float whose mantissa's low byte is an integer
 
+// Weight (n, k) dequantized, s * (q - z) exactly as linquant::dequantize: the reference path for
+// layouts the fast kernels do not stream, and for the cuBLAS path's dense weight.
+LQ_HD float weight_at(const LinearParams& p, int bits, int64_t n, int64_t k) {
+  const int per_byte = 8 / bits;
+  const uint32_t byte = p.w[n * p.row_bytes + k / per_byte] ^ (p.flip & 0xFFu);
+  const int32_t q = static_cast<int32_t>((byte >> ((k % per_byte) * bits)) & ((1u << bits) - 1));
+  const int64_t u = n * p.groups + k / p.group;
+  return core::dequantize_value(q, p.scales[u], p.zeros != nullptr ? p.zeros[u] : p.zero_const);
+}
+
 LQ_HD float zero_of(const LinearParams& p, int64_t u) {
   return kMagic + static_cast<float>(p.zeros != nullptr ? p.zeros[u] : p.zero_const);
 }
@@ -354,17 +364,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 template <typename T>
 __global__ void gemv_generic_kernel(LinearParams p, int bits, const T* __restrict__ x, T* __restrict__ y) {
   const int lane = threadIdx.x % 32;
-  const int per_byte = 8 / bits;
-  const uint32_t mask = (1u << bits) - 1;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; n < p.N; n += warps) {
     float acc[kGemvMaxRows] = {};
     for (int64_t k = lane; k < p.K; k += 32) {
-      const uint32_t byte = p.w[n * p.row_bytes + k / per_byte] ^ (p.flip & 0xFFu);
-      const int32_t q = static_cast<int32_t>((byte >> ((k % per_byte) * bits)) & mask);
-      const int64_t u = n * p.groups + k / p.group;
-      const int32_t z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
-      const float w = core::dequantize_value(q, p.scales[u], z);
+      const float w = weight_at(p, bits, n, k);
 #pragma unroll
       for (int m = 0; m < kGemvMaxRows; ++m) {
         if (m < p.M) acc[m] = fma_rn(core::to_float(x[m * p.K + k]), w, acc[m]);

@@ -41,6 +41,7 @@ import linquant as lq
 from conftest import cuda_only
 from reference import ref_weight
 from test_opcheck import SAMPLES as CPU_OPCHECK_SAMPLES
+from test_opcheck import opcheck_quantize_family
 
 pytestmark = cuda_only
 
@@ -741,13 +742,7 @@ OPCHECK_SAMPLES = CPU_OPCHECK_SAMPLES + [((1, 100003), 3, False, None, None, tor
 
 @pytest.mark.parametrize("shape,bits,symmetric,axis,group_size,dtype", OPCHECK_SAMPLES, ids=str)
 def test_opcheck_quantize_family(shape, bits, symmetric, axis, group_size, dtype):
-    x = torch.randn(shape).to(dtype).to(DEV)
-    scale, zp = torch.ops.linquant.choose_qparams(x, bits, symmetric, axis, group_size)
-    zp = None if symmetric else zp
-    q = torch.ops.linquant.quantize(x, scale, zp, bits, axis, group_size)
-    torch.library.opcheck(torch.ops.linquant.choose_qparams.default, (x, bits, symmetric, axis, group_size))
-    torch.library.opcheck(torch.ops.linquant.quantize.default, (x, scale, zp, bits, axis, group_size))
-    torch.library.opcheck(torch.ops.linquant.dequantize.default, (q, scale, zp, axis, group_size, dtype))
+    opcheck_quantize_family(torch.randn(shape).to(dtype).to(DEV), bits, symmetric, axis, group_size, dtype)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

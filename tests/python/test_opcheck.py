@@ -15,15 +15,19 @@ SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("shape,bits,symmetric,axis,group_size,dtype", SAMPLES)
-def test_opcheck_every_op(shape, bits, symmetric, axis, group_size, dtype):
-    x = torch.randn(shape).to(dtype)
+def opcheck_quantize_family(x, bits, symmetric, axis, group_size, dtype):
+    """opcheck of choose_qparams, quantize and dequantize on x (on x's device)."""
     scale, zp = torch.ops.linquant.choose_qparams(x, bits, symmetric, axis, group_size)
     zp = None if symmetric else zp
     q = torch.ops.linquant.quantize(x, scale, zp, bits, axis, group_size)
     torch.library.opcheck(torch.ops.linquant.choose_qparams.default, (x, bits, symmetric, axis, group_size))
     torch.library.opcheck(torch.ops.linquant.quantize.default, (x, scale, zp, bits, axis, group_size))
     torch.library.opcheck(torch.ops.linquant.dequantize.default, (q, scale, zp, axis, group_size, dtype))
+
+
+@pytest.mark.parametrize("shape,bits,symmetric,axis,group_size,dtype", SAMPLES)
+def test_opcheck_every_op(shape, bits, symmetric, axis, group_size, dtype):
+    opcheck_quantize_family(torch.randn(shape).to(dtype), bits, symmetric, axis, group_size, dtype)
 
 
 def _fake_quantize(x):
