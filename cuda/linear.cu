@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "../csrc/linear_checks.h"
 #include "launch.cuh"
 #include "linear_dequant.cuh"
@@ -17,6 +21,26 @@ namespace linquant::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+// Split-K tickets: a counter per output tile, 0 at launch. The last block of a tile sets its
+// counter back to 0 and kernels on one stream run in order, so each stream keeps one buffer across
+// calls instead of a memset per call, a second launch that at batch 1 would cost a sizable part
+// of the GEMV itself. While the stream is captured into a CUDA graph a fresh zeroed buffer is
+// taken instead: the graph then owns it and replays its memset.
+at::Tensor split_tickets(const at::Tensor& like, int64_t count) {
+  const auto options = like.options().dtype(at::kInt);
+  const cudaStream_t stream = current_stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({count}, options);
+  static std::mutex mutex;
+  // Never freed: CUDA memory must not be released after the runtime has shut down at exit.
+  static auto* buffers = new std::map<std::pair<c10::DeviceIndex, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{like.device().index(), stream}];
+  if (!buffer.defined() || buffer.numel() < count) buffer = at::zeros({std::max<int64_t>(count, 4096)}, options);
+  return buffer;
+}
 
 FloatArray float_array(const at::Tensor& t) {
   FloatArray a;
@@ -35,7 +59,7 @@ void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like
   at::Tensor partial, tickets;
   if (k.splits > 1) {
     partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = at::zeros({row_blocks}, like.options().dtype(at::kInt));
+    tickets = split_tickets(like, row_blocks);
   }
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(k.splits));
   gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, 0, current_stream()>>>(
@@ -83,7 +107,7 @@ void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like)
   at::Tensor partial, tickets;
   if (k.splits > 1) {
     partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = at::zeros({g.col_tiles * g.row_tiles}, like.options().dtype(at::kInt));
+    tickets = split_tickets(like, g.col_tiles * g.row_tiles);
   }
   const dim3 grid(static_cast<unsigned>(g.col_tiles), static_cast<unsigned>(g.row_tiles),
                   static_cast<unsigned>(k.splits));

@@ -34,14 +34,18 @@ struct FloatArray {
   const void* data = nullptr;
   Kind kind = kF32;
 
-  LQ_HD float operator[](int64_t i) const {
-    if (kind == kF16) return core::to_float(static_cast<const core::half_t*>(data)[i]);
-    if (kind == kBF16) return core::to_float(static_cast<const core::bf16_t*>(data)[i]);
-    return static_cast<const float*>(data)[i];
-  }
+  LQ_HD float operator[](int64_t i) const { return value_of(raw(i)); }
   LQ_HD float get_or_zero(int64_t i) const { return data != nullptr ? (*this)[i] : 0.0f; }
-  // The stored bits of element i of an fp16 / bf16 array.
-  LQ_HD uint32_t bits16(int64_t i) const { return static_cast<const uint16_t*>(data)[i]; }
+  // The stored bits of element i (32 of an fp32, 16 of an fp16 / bf16), which kernels load ahead
+  // of use, and the value of such bits.
+  LQ_HD uint32_t raw(int64_t i) const {
+    return kind == kF32 ? static_cast<const uint32_t*>(data)[i] : static_cast<const uint16_t*>(data)[i];
+  }
+  LQ_HD float value_of(uint32_t bits) const {
+    if (kind == kF16) return core::to_float(core::half_t{static_cast<uint16_t>(bits)});
+    if (kind == kBF16) return core::to_float(core::bf16_t{static_cast<uint16_t>(bits)});
+    return core::f32_from_bits(bits);
+  }
 };
 
 struct LinearParams {
@@ -333,7 +337,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     return;
   }
 
-  // Split K: publish this split's sums; the block that finishes its row block last adds them up.
+  // Split K: publish this split's sums; the block that finishes its row block last adds them up,
+  // and sets the row block's ticket back to 0 for the next launch.
   if (lane == 0) {
     for (int r = 0; r < R; ++r) {
       const int64_t n = row0 + r;
@@ -347,6 +352,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   if (threadIdx.x == 0) last = atomicAdd(&tickets[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
   __syncthreads();
   if (!last) return;
+  if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
   __threadfence();
   constexpr int BLOCK_ROWS = kGemvWarps * R;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS;

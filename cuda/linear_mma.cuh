@@ -1,9 +1,8 @@
 // Tensor-core CUDA kernel of the weight-only linear op for batches past the GEMV's (fp16 / bf16
 // activations): each block owns BN = 128 output features and BM activation rows; per K step of 64
-// its threads load the packed weights of the step (one 32-value chunk per thread, the next step's
-// chunk prefetched into registers while the tensor cores work), dequantize them to the activation
-// dtype in shared memory, and eight warps multiply with WMMA 16x16x16 fragments, accumulating in
-// fp32. K is split across blocks when the output tiles alone do not fill the GPU; the last block of
+// its threads load the packed weights of the step (one 32-value chunk per thread, the chunks of the
+// next steps already in flight in registers), dequantize them to the activation dtype in shared
+// memory, and eight warps multiply with WMMA 16x16x16 fragments, accumulating in fp32. K is split across blocks when the output tiles alone do not fill the GPU; the last block of
 // a tile to finish adds the splits in a fixed order, as in the GEMV.
 #pragma once
 
@@ -20,6 +19,15 @@ namespace linquant::cuda {
 constexpr int kMmaBN = 128, kMmaBK = 64, kMmaWarps = 8;
 constexpr int kMmaPad = 8;  // keeps WMMA's 16-byte-aligned rows off a single bank group
 constexpr int kMmaChunk = 32;  // weight values one thread dequantizes per K step
+
+// K steps of weight chunks a thread keeps in flight, in registers: 64 bytes at 8 and 4 bits (32 at
+// 2), so two blocks on a multiprocessor keep 32 KB of loads outstanding. Hiding DRAM latency at full
+// bandwidth takes about 3 TB/s x 0.7 us / 132 multiprocessors = 16 KB each; one step in flight (8 KB
+// at 4 bits) would cap the kernel near half the bandwidth.
+template <int BITS>
+constexpr int mma_depth() {
+  return BITS == 8 ? 2 : 4;
+}
 
 // The device type of a storage type, for WMMA and the hardware conversions.
 template <typename T>
@@ -170,7 +178,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                int* __restrict__ tickets, int64_t steps_per_split) {
   namespace wmma = nvcuda::wmma;
   using D = typename MmaType<T>::type;
-  constexpr int P = 8 / BITS, LDS = kMmaBK + kMmaPad, MF = BM / 16;
+  constexpr int P = 8 / BITS, LDS = kMmaBK + kMmaPad, MF = BM / 16, DEPTH = mma_depth<BITS>();
   constexpr int CHUNKS_PER_ROW = kMmaBK / kMmaChunk;  // 2: two threads per weight row
   static_assert(kMmaBN * CHUNKS_PER_ROW == kMmaWarps * 32, "one weight chunk per thread");
 
@@ -194,13 +202,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   // This thread's weight chunk: row n0 + wrow, values [step * BK + wcol, + kMmaChunk).
   const int wrow = threadIdx.x / CHUNKS_PER_ROW, wcol = (threadIdx.x % CHUNKS_PER_ROW) * kMmaChunk;
   const int64_t n = n0 + wrow;
-  uint32_t chunk[BITS];
-  auto fetch = [&](int64_t step) {
-    const int64_t byte = (step * kMmaBK + wcol) / P;
-    if (n < p.N && byte < p.row_bytes) {
-      load_mma_chunk<BITS>(p.w + n * p.row_bytes + byte, chunk);
+  // A chunk in flight: its packed weights, its scale's stored bits and its zero point (scale 0
+  // past the weight's end, so the chunk dequantizes to zeros).
+  struct Chunk {
+    uint32_t w[BITS];
+    uint32_t scale;
+    int32_t z;
+  };
+  auto fetch = [&](int64_t step, Chunk& c) {
+    const int64_t k0 = step * kMmaBK + wcol;
+    if (n < p.N && k0 / P < p.row_bytes) {
+      load_mma_chunk<BITS>(p.w + n * p.row_bytes + k0 / P, c.w);
+      const int64_t u = n * p.groups + k0 / p.group;
+      c.scale = p.scales.raw(u);
+      c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
     } else {
-      for (int i = 0; i < BITS; ++i) chunk[i] = 0;
+      for (int i = 0; i < BITS; ++i) c.w[i] = 0;
+      c.scale = 0;  // +0.0 in every scale dtype
+      c.z = 0;
     }
   };
 
@@ -225,32 +244,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
   for (int f = 0; f < MF; ++f) wmma::fill_fragment(acc[f], 0.0f);
-  if (step0 < step1) {
-    fetch(step0);
-    fetch_x(step0);
-  }
-  for (int64_t step = step0; step < step1; ++step) {
-    // Dequantize this thread's chunk: s * (q - z) rounded once to the activation dtype, with
-    // paired 16-bit arithmetic where that is exact (dequant_chunk_pairs), else in fp32.
-    const int64_t k0 = step * kMmaBK + wcol;
+
+  // One K step: dequantize this thread's chunk, s * (q - z) rounded once to the activation dtype,
+  // with paired 16-bit arithmetic where that is exact (dequant_chunk_pairs), else in fp32; stage
+  // it and the activations in shared memory; issue the loads of later steps; multiply.
+  auto run_step = [&](int64_t step, Chunk& c) {
     uint32_t packed[kMmaChunk / 2];
-    bool done = false;
-    float s = 0.0f, fz = kMagic;
-    if (n < p.N && k0 < p.row_bytes * P) {
-      const int64_t u = n * p.groups + k0 / p.group;
-      const int32_t z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
-      const float limit = MmaType<T>::magic_value;
-      if (pairs_exact && static_cast<float>(z) >= -limit && static_cast<float>(z) <= limit) {
-        dequant_chunk_pairs<BITS, T>(chunk, p.flip, p.scales.bits16(u), z, packed);
-        done = true;
-      } else {
-        s = p.scales[u];
-        fz = kMagic + static_cast<float>(z);
-      }
-    }
-    if (!done) {
+    const float limit = MmaType<T>::magic_value;
+    if (pairs_exact && static_cast<float>(c.z) >= -limit && static_cast<float>(c.z) <= limit) {
+      dequant_chunk_pairs<BITS, T>(c.w, p.flip, c.scale, c.z, packed);
+    } else {
       float wv[kMmaChunk];
-      dequant_chunk<BITS>(chunk, p.flip, s, fz, wv);
+      dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), kMagic + static_cast<float>(c.z), wv);
 #pragma unroll
       for (int i = 0; i < kMmaChunk / 2; ++i) {
         const uint32_t lo = bits16(MmaType<T>::from(wv[2 * i])), hi = bits16(MmaType<T>::from(wv[2 * i + 1]));
@@ -267,10 +272,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #pragma unroll
     for (int i = 0; i < X_PER; ++i) reinterpret_cast<uint16_t*>(xs)[xrow * LDS + xcol + i] = xv[i];
     __syncthreads();
-    if (step + 1 < step1) {  // in flight while the tensor cores work
-      fetch(step + 1);
-      fetch_x(step + 1);
-    }
+    // In flight while the tensor cores work: the chunk DEPTH steps on (into the registers just
+    // consumed) and the next step's activations.
+    if (step + DEPTH < step1) fetch(step + DEPTH, c);
+    if (step + 1 < step1) fetch_x(step + 1);
     // Warp w: output columns [16w, 16w + 16) of the tile, every row fragment.
 #pragma unroll
     for (int kk = 0; kk < kMmaBK; kk += 16) {
@@ -284,6 +289,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       }
     }
     __syncthreads();
+  };
+
+  // The chunks of DEPTH steps in flight, in a ring of registers indexed by step % DEPTH: the loop
+  // is unrolled DEPTH times so every index is a constant (moving a register whose load is still
+  // in flight would wait for it).
+  Chunk chunks[DEPTH];
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j) {
+    if (step0 + j < step1) fetch(step0 + j, chunks[j]);
+  }
+  if (step0 < step1) fetch_x(step0);
+  for (int64_t base = step0; base < step1; base += DEPTH) {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j) {
+      if (base + j < step1) run_step(base + j, chunks[j]);  // the same for every thread of the block
+    }
   }
 
   for (int f = 0; f < MF; ++f) {
@@ -304,14 +325,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   }
   if (!split) return;
 
-  // Split K: the block that finishes its output tile last adds the splits up.
+  // Split K: the block that finishes its output tile last adds the splits up, and sets the tile's
+  // ticket back to 0 for the next launch (every other split has taken its ticket by then).
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&tickets[blockIdx.y * gridDim.x + blockIdx.x], 1) == static_cast<int>(gridDim.z) - 1;
-  }
+  int* const ticket = &tickets[blockIdx.y * gridDim.x + blockIdx.x];
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
   __syncthreads();
   if (!last) return;
+  if (threadIdx.x == 0) *ticket = 0;
   __threadfence();
   for (int i = threadIdx.x; i < BM * kMmaBN; i += blockDim.x) {
     const int r = i / kMmaBN, c = i % kMmaBN;

@@ -992,6 +992,27 @@ def test_ops_follow_the_tensor_device_cuda1(gen):
         lq.quantize(x, torch.ones((), device=dev1))
 
 
+def test_linear_split_k_repeats_exactly_across_calls_and_streams(gen):
+    # Split-K launches share one ticket buffer per stream, which every launch must leave at zero:
+    # calls of two shapes (GEMV and tensor-core splits over different tile counts), repeated and
+    # moved to a side stream, give the bits of the first call each time.
+    cases = []
+    for n, k, m, dtype in ((64, 8192, 1, torch.float16), (256, 4096, 16, torch.bfloat16)):
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen) * 0.05, 4, 128, False, dtype=dtype)
+        w = (on_dev(qw.qweight), on_dev(qw.scales), on_dev(qw.zeros), None)
+        cases.append((on_dev(torch.randn(m, k, generator=gen).to(dtype)), w))
+    first = [lq.linear(x, *w, 4, 128) for x, w in cases]
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                again = [lq.linear(x, *w, 4, 128) for x, w in cases]
+        torch.cuda.current_stream().wait_stream(stream)
+        for i, (a, b) in enumerate(zip(again, first)):
+            assert torch.equal(a, b), f"split-K linear call {i} differs when repeated (stale tickets?)"
+
+
 GRAPH_CASES = [(4, 128, False, torch.float16, 1), (4, 128, False, torch.float16, 64), (8, None, True, torch.bfloat16, 17),
                (2, 64, True, torch.float32, 4), (2, 32, False, torch.bfloat16, 300)]
 
