@@ -1,4 +1,5 @@
 // CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size M
+// (thresholds by default; _cuda_linear_dispatch moves them)
 //   M <= 8:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
 //   8 < M <= 256:    the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
@@ -7,9 +8,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "../csrc/linear_checks.h"
 #include "launch.cuh"
@@ -96,9 +99,20 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Rows of activations up to which the fused tensor-core kernel runs; above it the one-off
-// dequantization is small next to the GEMM and cuBLAS's tiling wins.
-constexpr int64_t kMmaMaxRows = 256;
+// Batch sizes where linear changes path: the GEMV up to gemv_max_m rows (it takes at most
+// kGemvMaxRows), the fused tensor-core kernel up to mma_max_m, where the one-off dequantization
+// becomes small next to the GEMM and cuBLAS's tiling wins. Settable through _cuda_linear_dispatch.
+std::atomic<int64_t> gemv_max_m{kGemvMaxRows};
+std::atomic<int64_t> mma_max_m{256};
+
+std::vector<int64_t> set_dispatch(int64_t gemv, int64_t mma) {
+  TORCH_CHECK_VALUE(gemv <= kGemvMaxRows, "linquant: gemv_max_m must be at most ", kGemvMaxRows,
+                    " (the GEMV kernels take up to that many rows), or negative to keep it; got ", gemv);
+  std::vector<int64_t> previous = {gemv_max_m.load(), mma_max_m.load()};
+  if (gemv >= 0) gemv_max_m.store(gemv);
+  if (mma >= 0) mma_max_m.store(mma);
+  return previous;
+}
 
 template <int BITS, int BM, typename T>
 void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
@@ -159,7 +173,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   p.groups = sh.groups;
 
   const at::Tensor x2 = x.reshape({sh.M, sh.K}).contiguous();
-  if (sh.M <= kGemvMaxRows) {
+  if (sh.M <= gemv_max_m.load(std::memory_order_relaxed)) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     dispatch_float(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -169,7 +183,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   }
 
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (half_precision && sh.M <= kMmaMaxRows && mma_supports(p, static_cast<int>(bits))) {
+  if (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) && mma_supports(p, static_cast<int>(bits))) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -190,8 +204,16 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor wd = at::empty({sh.N, sh.K}, x.options());
   dispatch_float(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequant_weight_kernel<<<grid_for(sh.N * sh.K, kThreads), kThreads, 0, current_stream()>>>(
-        p, static_cast<int>(bits), static_cast<T*>(wd.data_ptr()));
+    T* const out = static_cast<T*>(wd.data_ptr());
+    if (mma_supports(p, static_cast<int>(bits))) {  // whole chunks: one thread per 32 values
+      const unsigned grid = grid_for(sh.N * (sh.row_bytes * 8 / bits) / kMmaChunk, kThreads);
+      if (bits == 8) dequant_chunks_kernel<8, T><<<grid, kThreads, 0, current_stream()>>>(p, out);
+      if (bits == 4) dequant_chunks_kernel<4, T><<<grid, kThreads, 0, current_stream()>>>(p, out);
+      if (bits == 2) dequant_chunks_kernel<2, T><<<grid, kThreads, 0, current_stream()>>>(p, out);
+    } else {
+      dequant_weight_kernel<<<grid_for(sh.N * sh.K, kThreads), kThreads, 0, current_stream()>>>(
+          p, static_cast<int>(bits), out);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const at::Tensor y = b.defined() ? at::addmm(b.to(x.scalar_type()), x2, wd.t()) : at::mm(x2, wd.t());
@@ -201,5 +223,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linquant, CUDA, m) { m.impl("linear", &linear_cuda); }
+// No tensor arguments: the kernel that runs for an empty dispatch key set.
+TORCH_LIBRARY_IMPL(linquant, CompositeExplicitAutograd, m) { m.impl("_cuda_linear_dispatch", &set_dispatch); }
 
 }  // namespace linquant::cuda

@@ -172,13 +172,66 @@ LQ_HD void dequant_chunk(const uint32_t (&chunk)[BITS], uint32_t flip, float s, 
   }
 }
 
+// A 32-value chunk of a weight row as the kernels carry it between load and use: its packed
+// words, its scale's stored bits and its zero point.
+template <int BITS>
+struct WeightChunk {
+  uint32_t w[BITS];
+  uint32_t scale;
+  int32_t z;
+};
+
+// Loads the chunk of row n starting at value k0 (a multiple of kMmaChunk, in a layout
+// mma_supports takes); past the last row or the row's end a chunk of scale 0, which dequantizes
+// to zeros.
+template <int BITS>
+__device__ __forceinline__ void fetch_chunk(const LinearParams& p, int64_t n, int64_t k0, WeightChunk<BITS>& c) {
+  constexpr int P = 8 / BITS;
+  if (n < p.N && k0 / P < p.row_bytes) {
+    load_mma_chunk<BITS>(p.w + n * p.row_bytes + k0 / P, c.w);
+    const int64_t u = n * p.groups + k0 / p.group;
+    c.scale = p.scales.raw(u);
+    c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
+  } else {
+    for (int i = 0; i < BITS; ++i) c.w[i] = 0;
+    c.scale = 0;  // +0.0 in every scale dtype
+    c.z = 0;
+  }
+}
+
+// Whether dequant_chunk_pairs is exact for every chunk of this weight but those whose zero point
+// is out of range: scales stored in T, and every value within T's magic (not 8-bit weights in bf16).
+template <int BITS, typename T>
+LQ_HD bool pairs_exact_for(const LinearParams& p) {
+  return p.scales.kind == MmaType<T>::kind && (1u << BITS) <= MmaType<T>::max_q;
+}
+
+// The chunk's s * (q - z) rounded once to T (fp16 / bf16), as 16 words of consecutive pairs: with
+// paired 16-bit arithmetic where that is exact (`pairs_exact` and the zero point in range), else in
+// fp32. Either way the values linquant::dequantize gives.
+template <int BITS, typename T>
+__device__ __forceinline__ void dequant_chunk_to(const LinearParams& p, const WeightChunk<BITS>& c, bool pairs_exact,
+                                                 uint32_t (&packed)[kMmaChunk / 2]) {
+  const float limit = MmaType<T>::magic_value;
+  if (pairs_exact && static_cast<float>(c.z) >= -limit && static_cast<float>(c.z) <= limit) {
+    dequant_chunk_pairs<BITS, T>(c.w, p.flip, c.scale, c.z, packed);
+    return;
+  }
+  float wv[kMmaChunk];
+  dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), kMagic + static_cast<float>(c.z), wv);
+#pragma unroll
+  for (int i = 0; i < kMmaChunk / 2; ++i) {
+    packed[i] = bits16(MmaType<T>::from(wv[2 * i])) | (bits16(MmaType<T>::from(wv[2 * i + 1])) << 16);
+  }
+}
+
 template <int BITS, int BM, typename T>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     mma_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
                int* __restrict__ tickets, int64_t steps_per_split) {
   namespace wmma = nvcuda::wmma;
   using D = typename MmaType<T>::type;
-  constexpr int P = 8 / BITS, LDS = kMmaBK + kMmaPad, MF = BM / 16, DEPTH = mma_depth<BITS>();
+  constexpr int LDS = kMmaBK + kMmaPad, MF = BM / 16, DEPTH = mma_depth<BITS>();
   constexpr int CHUNKS_PER_ROW = kMmaBK / kMmaChunk;  // 2: two threads per weight row
   static_assert(kMmaBN * CHUNKS_PER_ROW == kMmaWarps * 32, "one weight chunk per thread");
 
@@ -202,26 +255,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   // This thread's weight chunk: row n0 + wrow, values [step * BK + wcol, + kMmaChunk).
   const int wrow = threadIdx.x / CHUNKS_PER_ROW, wcol = (threadIdx.x % CHUNKS_PER_ROW) * kMmaChunk;
   const int64_t n = n0 + wrow;
-  // A chunk in flight: its packed weights, its scale's stored bits and its zero point (scale 0
-  // past the weight's end, so the chunk dequantizes to zeros).
-  struct Chunk {
-    uint32_t w[BITS];
-    uint32_t scale;
-    int32_t z;
-  };
-  auto fetch = [&](int64_t step, Chunk& c) {
-    const int64_t k0 = step * kMmaBK + wcol;
-    if (n < p.N && k0 / P < p.row_bytes) {
-      load_mma_chunk<BITS>(p.w + n * p.row_bytes + k0 / P, c.w);
-      const int64_t u = n * p.groups + k0 / p.group;
-      c.scale = p.scales.raw(u);
-      c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
-    } else {
-      for (int i = 0; i < BITS; ++i) c.w[i] = 0;
-      c.scale = 0;  // +0.0 in every scale dtype
-      c.z = 0;
-    }
-  };
 
   // This thread's activations: X_PER values of one row of the step's [BM, BK] tile, zero outside
   // [0, M) x [0, K).
@@ -238,9 +271,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   };
 
-  // Paired 16-bit dequantization is exact when the scales are stored in T and every value fits
-  // T's magic (not 8-bit weights in bf16); zero points are checked per chunk.
-  const bool pairs_exact = p.scales.kind == MmaType<T>::kind && (1u << BITS) <= MmaType<T>::max_q;
+  const bool pairs_exact = pairs_exact_for<BITS, T>(p);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MF];
   for (int f = 0; f < MF; ++f) wmma::fill_fragment(acc[f], 0.0f);
@@ -248,20 +279,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   // One K step: dequantize this thread's chunk, s * (q - z) rounded once to the activation dtype,
   // with paired 16-bit arithmetic where that is exact (dequant_chunk_pairs), else in fp32; stage
   // it and the activations in shared memory; issue the loads of later steps; multiply.
-  auto run_step = [&](int64_t step, Chunk& c) {
+  auto run_step = [&](int64_t step, WeightChunk<BITS>& c) {
     uint32_t packed[kMmaChunk / 2];
-    const float limit = MmaType<T>::magic_value;
-    if (pairs_exact && static_cast<float>(c.z) >= -limit && static_cast<float>(c.z) <= limit) {
-      dequant_chunk_pairs<BITS, T>(c.w, p.flip, c.scale, c.z, packed);
-    } else {
-      float wv[kMmaChunk];
-      dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), kMagic + static_cast<float>(c.z), wv);
-#pragma unroll
-      for (int i = 0; i < kMmaChunk / 2; ++i) {
-        const uint32_t lo = bits16(MmaType<T>::from(wv[2 * i])), hi = bits16(MmaType<T>::from(wv[2 * i + 1]));
-        packed[i] = lo | (hi << 16);
-      }
-    }
+    dequant_chunk_to<BITS, T>(p, c, pairs_exact, packed);
     // 64 contiguous bytes per thread, as four 16-byte stores (rows are 144 bytes apart, so the
     // eight stores of a quarter warp fall on distinct banks).
     uint4* wdst = reinterpret_cast<uint4*>(ws + wrow * LDS + wcol);
@@ -274,7 +294,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     __syncthreads();
     // In flight while the tensor cores work: the chunk DEPTH steps on (into the registers just
     // consumed) and the next step's activations.
-    if (step + DEPTH < step1) fetch(step + DEPTH, c);
+    if (step + DEPTH < step1) fetch_chunk(p, n, (step + DEPTH) * kMmaBK + wcol, c);
     if (step + 1 < step1) fetch_x(step + 1);
     // Warp w: output columns [16w, 16w + 16) of the tile, every row fragment.
 #pragma unroll
@@ -294,10 +314,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   // The chunks of DEPTH steps in flight, in a ring of registers indexed by step % DEPTH: the loop
   // is unrolled DEPTH times so every index is a constant (moving a register whose load is still
   // in flight would wait for it).
-  Chunk chunks[DEPTH];
+  WeightChunk<BITS> chunks[DEPTH];
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j) {
-    if (step0 + j < step1) fetch(step0 + j, chunks[j]);
+    if (step0 + j < step1) fetch_chunk(p, n, (step0 + j) * kMmaBK + wcol, chunks[j]);
   }
   if (step0 < step1) fetch_x(step0);
   for (int64_t base = step0; base < step1; base += DEPTH) {

@@ -7,8 +7,10 @@
 #   build.log              pip install (CMake + nvcc), C++ tests build, ctest
 #   pytest_cuda.log        tests/python/test_cuda.py
 #   pytest_all.log         the rest of tests/python (with GPU_CHECK_ALL=1)
-#   sanitizer_memcheck.log, sanitizer_race_sync.log   compute-sanitizer over the kernel tests
+#   sanitizer.log          compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests
 #   bench_linear_cuda.txt, bench_linear_cuda.json     bench/bench_linear_cuda.py
+#   bench_paths.txt        bench/bench_linear_cuda.py --paths --quick: each CUDA path forced at
+#                          each M (where the dispatch thresholds belong)
 #
 # Steps, in order, each under `timeout` (budget in s = the most it may take):
 #   1. versions: nvidia-smi, torch, nvcc, cmake, compute-sanitizer                      30
@@ -23,6 +25,7 @@
 #      PyTorch's caching allocator off so out-of-bounds accesses inside a block show
 #      racecheck, then synccheck, on the small linear tests only ($SANITIZER_K)       90 each
 #   6. python3 bench/bench_linear_cuda.py --json                                        240
+#   7. python3 bench/bench_linear_cuda.py --paths --quick, if time is left                 120
 # The budgets add up to more than one device call allows, so the whole run also has a deadline,
 # GPU_CHECK_DEADLINE_S (default 540 s, under the tool's 600 s): a step gets its budget or what is
 # left before the deadline, less BENCH_RESERVE_S (default 150 s) kept for the benchmark, and a step
@@ -201,11 +204,11 @@ main() {
 
   # 5. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
   # out-of-bounds access inside a cached block is caught too.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 180 "$BENCH_RESERVE" "$OUT/sanitizer_memcheck.log" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 180 "$BENCH_RESERVE" "$OUT/sanitizer.log" \
     "$SANITIZER" --tool memcheck --error-exitcode 1 \
     python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$MEMCHECK_K"
   for tool in racecheck synccheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" 90 "$BENCH_RESERVE" "$OUT/sanitizer_race_sync.log" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" 90 "$BENCH_RESERVE" "$OUT/sanitizer.log" \
       "$SANITIZER" --tool "$tool" --error-exitcode 1 \
       python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$SANITIZER_K"
   done
@@ -215,6 +218,8 @@ main() {
     python3 bench/bench_linear_cuda.py --json "$OUT/bench_linear_cuda.json"
   echo "== bench_linear_cuda.txt:"
   cat "$OUT/bench_linear_cuda.txt"
+  # 7. the path sweep (8192x8192), with what time is left.
+  run_step bench-paths 120 0 "$OUT/bench_paths.txt" python3 bench/bench_linear_cuda.py --paths --quick
 
   echo
   echo "== summary ($SECONDS s; logs in $OUT)"

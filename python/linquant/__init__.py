@@ -14,7 +14,8 @@ from ._library import library_path, load_library
 
 load_library()
 
-from ._ops import choose_qparams, dequantize, linear, pack, packed_size, quantize, unpack  # noqa: E402
+from ._ops import (choose_qparams, cuda_linear_dispatch, dequantize, linear, pack, packed_size,  # noqa: E402
+                   quantize, unpack)
 from .metrics import metrics  # noqa: E402
 from .weights import QuantizedWeight, dequantize_weight, quantize_weight  # noqa: E402
 from .nn import QLinear  # noqa: E402
@@ -24,4 +25,5 @@ from .serialization import load_quantized, save_quantized  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["choose_qparams", "quantize", "dequantize", "pack", "unpack", "packed_size", "linear",
            "quantize_weight", "dequantize_weight", "QuantizedWeight", "QLinear", "quantize_model",
-           "quantizable_layers", "footprint", "save_quantized", "load_quantized", "metrics", "library_path"]
+           "quantizable_layers", "footprint", "save_quantized", "load_quantized", "metrics", "library_path",
+           "cuda_linear_dispatch"]

@@ -1,6 +1,7 @@
 """Thin Python wrappers over `torch.ops.linquant.*`, with the fake (shape-only) kernel of each op
 beside it so torch.compile and torch.export trace through the ops without running them."""
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -141,3 +142,19 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     """y = x @ W_hat.T + bias with W_hat = scales * (q - zeros) from the quantized-weight format
     (see `quantize_weight`); x [..., K] in float32/float16/bfloat16, y [..., N] in x's dtype."""
     return torch.ops.linquant.linear.default(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@contextlib.contextmanager
+def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, mma_max_m: Optional[int] = None):
+    """Within the block, CUDA `linear` takes the GEMV for M <= gemv_max_m (at most 8), the
+    tensor-core kernel for M <= mma_max_m and dequantize + cuBLAS beyond (None keeps a threshold;
+    the defaults are 8 and 256). The setting is process-wide, not per thread. For measuring the
+    paths on a GPU (bench/bench_linear_cuda.py --paths) and for testing each of them."""
+    if not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"):
+        raise RuntimeError("linquant: this build has no CUDA kernels (built without LINQUANT_CUDA)")
+    previous = torch.ops.linquant._cuda_linear_dispatch(-1 if gemv_max_m is None else gemv_max_m,
+                                                         -1 if mma_max_m is None else mma_max_m)
+    try:
+        yield
+    finally:
+        torch.ops.linquant._cuda_linear_dispatch(*previous)

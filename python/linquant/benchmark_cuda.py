@@ -18,6 +18,8 @@ to launch the next call), after a warm-up; the median of the samples is the row'
     python bench/bench_linear_cuda.py                  # all shapes, fp16 activations
     python bench/bench_linear_cuda.py --quick --dtype bf16 --json out.json
     linquant bench-cuda --quick                        # the same through the command line
+    python bench/bench_linear_cuda.py --paths --quick  # each CUDA path forced at each M: where the
+                                                       # dispatch thresholds belong on this GPU
 Exit status: 0 ok, 1 a linquant result was wrong (or linquant has no CUDA kernel), 2 no CUDA GPU.
 """
 
@@ -46,6 +48,11 @@ SHAPES = ["4096x4096", "8192x8192", "8192x28672", "28672x8192"]
 BATCHES = [1, 4, 16, 32, 64, 256]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_SHAPE = (8192, 8192)   # the issue states its targets on this layer
+# --paths: (gemv_max_m, mma_max_m) for lq.cuda_linear_dispatch that force each path, and the batches
+# swept (the GEMV takes M <= 8 only).
+PATHS = {"gemv": (8, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
+PATH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+DEFAULT_DISPATCH = (8, 256)
 BATCH_PER_SLEEP = 50          # calls queued behind one spin kernel (stays well below the launch queue depth)
 TIME_BUDGET_S = 0.3           # at most ~this much GPU time per timed op (slow ops get fewer samples)
 
@@ -135,6 +142,22 @@ def summary(rows):
     lines += [f"#   {r['N']}x{r['K']} M={r['M']} {r['format']}: "
               + (r["error"] if "error" in r else f"max rel err {r['max_rel_err']:.2e}") for r in wrong]
     return "\n".join(lines)
+
+
+PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | mma µs | dense µs | fastest | default path |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def default_path(m):
+    """The path the default thresholds give M (fp16 / bf16 activations, a layout the kernels take)."""
+    return "gemv" if m <= DEFAULT_DISPATCH[0] else ("mma" if m <= DEFAULT_DISPATCH[1] else "dense")
+
+
+def paths_row(r):
+    cells = [f"{r['us'][p]:.1f}" if p in r["us"] else r.get("errors", {}).get(p, "-") for p in PATHS]
+    fastest = min(r["us"], key=r["us"].get) if r["us"] else "-"
+    return (f"| {r['N']}x{r['K']} | {r['format']} | {r['act']} | {r['M']} | {r['cublas_us']:.1f} | "
+            + " | ".join(cells) + f" | {fastest} | {default_path(r['M'])} |")
 
 
 # ---------------------------------------------------------------- timing
@@ -339,6 +362,49 @@ def run_shape(lq, timer, args, n, k, l2, copy_bw, notes):
     return rows
 
 
+def run_paths(lq, timer, args, n, k, l2):
+    """--paths: every CUDA path of linquant.linear forced (lq.cuda_linear_dispatch) at each batch it
+    can take, beside cuBLAS, each result checked like the main table's; a wrong path shows as
+    WRONG instead of a time."""
+    rows, dtype = [], DTYPES[args.dtype]
+    gen = torch.Generator(device="cuda").manual_seed(n * 100003 + k)
+    master_cpu = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).cpu()
+    dense = [master_cpu.to(device="cuda", dtype=dtype) for _ in range(n_copies(n * k * 2, l2))]
+    xs = {m: torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for m in args.batches}
+    cublas = {m: timer([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense]) for m in args.batches}
+    del dense
+    torch.cuda.empty_cache()
+    for fmt in args.formats:
+        bits, group, sym = FORMATS[fmt]
+        qw_cpu = lq.quantize_weight(master_cpu, bits, group, symmetric=sym, dtype=dtype)
+        w_deq = lq.dequantize_weight(qw_cpu, torch.float32).cuda()
+        qw0 = to_cuda(qw_cpu)
+        qws = [qw0] + [clone_qw(qw0) for _ in range(n_copies(tensor_bytes(qw0.qweight, qw0.scales, qw0.zeros), l2) - 1)]
+        for m in args.batches:
+            x = xs[m]
+            row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
+                   "us": {}, "errors": {}}
+            for path, dispatch in PATHS.items():
+                if path == "gemv" and m > dispatch[0]:
+                    continue
+                with lq.cuda_linear_dispatch(*dispatch):
+                    try:
+                        err = max_rel_error(lq.linear(x, qw0.qweight, qw0.scales, qw0.zeros, None, bits, group),
+                                            reference_linear(x, w_deq))
+                        if not err <= error_tolerance(dtype):
+                            row["errors"][path] = f"WRONG ({err:.1e})"
+                            continue
+                        row["us"][path] = 1e6 * timer([lambda q=q, x=x, b=bits, g=group: lq.linear(
+                            x, q.qweight, q.scales, q.zeros, None, b, g) for q in qws])
+                    except Exception as e:  # noqa: BLE001 - a failing path is reported in its cell
+                        row["errors"][path] = f"error: {one_line(e)}".replace("|", "/")
+            rows.append(row)
+            print(paths_row(row), flush=True)
+        qws = qw0 = w_deq = None
+        torch.cuda.empty_cache()
+    return rows
+
+
 def probe_linquant(lq):
     """None if linquant.linear runs on CUDA, else why not."""
     try:
@@ -355,11 +421,14 @@ def add_arguments(ap):
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="activation (and scale) dtype")
     ap.add_argument("--quick", action="store_true", help="only the 8192x8192 layer")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K (out_features x in_features)")
-    ap.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    ap.add_argument("--batches", nargs="+", type=int)
     ap.add_argument("--formats", nargs="+", default=["w8", "w4g128", "w2g128"], choices=list(FORMATS))
     ap.add_argument("--iters", type=int, default=200, help="timed calls per op (fewer for slow ops)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--json", help="also write every row and the environment to this file")
+    ap.add_argument("--paths", action="store_true", help="time each CUDA path (GEMV, tensor-core kernel, "
+                    "dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds "
+                    f"(batches default to {' '.join(map(str, PATH_BATCHES))})")
     ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier --json file "
                     "(needs no GPU)")
 
@@ -371,6 +440,9 @@ def render(path):
     env = data["env"]
     print(f"{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), activations {env['act']}, "
           f"device-to-device copy {env['copy_TBps']:.2f} TB/s (bytes read + written)\n")
+    if "paths" in data:  # a --paths run
+        print("\n".join([PATHS_HEADER] + [paths_row(r) for r in data["paths"]]))
+        return 0
     print(markdown_table(data["rows"]))
     print(summary(data["rows"]))
     return 0
@@ -380,6 +452,8 @@ def run(args) -> int:
     """The benchmark for parsed arguments (see add_arguments); the exit status."""
     if args.quick:
         args.shapes = ["8192x8192"]
+    if args.batches is None:
+        args.batches = PATH_BATCHES if args.paths else BATCHES
     if args.table:
         return render(args.table)
     if not torch.cuda.is_available():
@@ -400,13 +474,14 @@ def run(args) -> int:
            "iters": args.iters, "library": lq.library_path()}
     print(f"# {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), L2 {l2 >> 20} MiB, "
           f"device-to-device copy {env['copy_TBps']:.2f} TB/s (bytes read + written)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout`: leave through the finally blocks
+    if args.paths:
+        return run_paths_table(lq, timer, args, l2, env)
     print(f"# activations {args.dtype}; 'vs X' = X's time / linquant's time (> 1: linquant faster); tinygemm "
           f"runs with bf16 activations (its only CUDA dtype); max rel err = max|y - ref| / max|ref| against "
           f"fp32 F.linear on the dequantized weight\n")
     print(TABLE_HEADER, flush=True)
-    # `timeout` sends SIGTERM: exit through the finally below, so the JSON keeps the rows so far.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    rows, notes, done = [], [], False
+    rows, notes, done = [], [], False  # on SIGTERM the finally below still writes the rows so far
     try:
         for shape in args.shapes:
             n, k = (int(v) for v in shape.split("x"))
@@ -419,6 +494,22 @@ def run(args) -> int:
         if args.json:
             write_json(args.json, {"env": env, "rows": rows, "notes": list(dict.fromkeys(notes)), "complete": done})
     return 0 if all(r["err_ok"] for r in rows) else 1
+
+
+def run_paths_table(lq, timer, args, l2, env) -> int:
+    print(f"# activations {args.dtype}; each path forced with lq.cuda_linear_dispatch; times are medians; "
+          f"default thresholds: GEMV for M <= {DEFAULT_DISPATCH[0]}, tensor cores for M <= {DEFAULT_DISPATCH[1]}\n")
+    print(PATHS_HEADER, flush=True)
+    rows, done = [], False
+    try:
+        for shape in args.shapes:
+            n, k = (int(v) for v in shape.split("x"))
+            rows += run_paths(lq, timer, args, n, k, l2)
+        done = True
+    finally:
+        if args.json:
+            write_json(args.json, {"env": env, "paths": rows, "complete": done})
+    return 1 if any(r["errors"] for r in rows) else 0
 
 
 def main(argv=None) -> int:

@@ -267,6 +267,30 @@ void run_dequant(const Problem& pr) {
   }
 }
 
+// The same through dequant_chunks_kernel (layouts of whole 32-value chunks).
+template <int BITS, typename T>
+void run_dequant_chunks(const Problem& pr) {
+  ASSERT_TRUE(mma_supports(pr.p, BITS));
+  std::vector<T> w(pr.N * pr.K, core::from_float<T>(NAN));
+  emu::launch(dim3(3), dim3(64), dequant_chunks_kernel<BITS, T>, pr.p, w.data());
+  for (int64_t n = 0; n < pr.N; ++n) {
+    for (int64_t k = 0; k < pr.K; ++k) {
+      const float want = core::to_float(core::from_float<T>(static_cast<float>(pr.weight(n, k))));
+      ASSERT_EQ(core::to_float(w[n * pr.K + k]), want) << "w[" << n << ", " << k << "], bits " << BITS;
+    }
+  }
+}
+
+TEST(LinearEmulated, DequantizedWeightByChunks) {
+  run_dequant_chunks<8, float>(Problem(8, true, 1, 7, 64, 0, 41));
+  run_dequant_chunks<8, core::bf16_t>(Problem(8, false, 1, 5, 96, 32, 42).params_in<core::bf16_t>());
+  run_dequant_chunks<4, core::half_t>(Problem(4, false, 1, 9, 256, 128, 43).params_in<core::half_t>());
+  run_dequant_chunks<4, core::half_t>(Problem(4, false, 1, 4, 128, 64, 44).wide_zeros(3000).params_in<core::half_t>());
+  run_dequant_chunks<4, core::bf16_t>(Problem(4, true, 1, 6, 31, 0, 45));  // K = 31: the row's chunk reaches past K
+  run_dequant_chunks<2, core::half_t>(Problem(2, true, 1, 3, 190, 64, 46));  // K = 190: value-by-value stores
+  run_dequant_chunks<2, float>(Problem(2, false, 1, 5, 128, 32, 47).half_params());
+}
+
 TEST(LinearEmulated, DequantizedWeight) {
   run_dequant<float>(Problem(8, true, 1, 7, 33, 0, 28));
   run_dequant<core::half_t>(Problem(8, false, 1, 5, 40, 16, 29).half_params());

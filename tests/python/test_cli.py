@@ -89,3 +89,29 @@ def test_bench_smoke(tmp_path):
 def test_bench_cuda_without_a_gpu_says_so():
     out = linquant("bench-cuda", "--quick")
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_cuda_renders_its_json_without_a_gpu(tmp_path):
+    # --table turns a GPU run's --json into the README's markdown (main table or --paths sweep).
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0", "act": "fp16", "copy_TBps": 3.0}
+    row = {"N": 8192, "K": 8192, "M": 1, "format": "w4g128", "act": "fp16", "time_us": 14.0, "TBps": 2.4,
+           "pct_copy": 80.0, "vs_cublas": 3.2, "vs_tinygemm": 1.5, "vs_int8mm": "n/a", "target": 3.0,
+           "target_met": True, "max_rel_err": 1e-4, "err_ok": True}
+    wrong = {**row, "M": 64, "vs_cublas": 1.2, "target": 1.5, "target_met": False, "max_rel_err": 0.5, "err_ok": False}
+    main = tmp_path / "main.json"
+    main.write_text(json.dumps({"env": env, "rows": [row, wrong]}))
+    out = linquant("bench-cuda", "--table", str(main))
+    assert out.returncode == 0, out.stderr
+    assert "| 8192x8192 | 1 | w4g128 | fp16 | 14.0 | 2.40 | 80% | 3.20x | 1.50x | n/a | ≥3.0x PASS | 1.0e-04 |" in out.stdout
+    assert "# targets met: 1/2" in out.stdout and "MISS 8192x8192 M=64 w4g128: 1.20x < 1.5x" in out.stdout
+    assert "5.0e-01 WRONG" in out.stdout and "# wrong or failed rows: 1" in out.stdout
+    paths = tmp_path / "paths.json"
+    sweep = [{"N": 8192, "K": 8192, "M": 4, "format": "w4g128", "act": "fp16", "cublas_us": 45.0,
+              "us": {"gemv": 14.0, "mma": 20.5, "dense": 90.0}, "errors": {}},
+             {"N": 8192, "K": 8192, "M": 512, "format": "w4g128", "act": "fp16", "cublas_us": 120.0,
+              "us": {"dense": 180.0}, "errors": {"mma": "WRONG (3.0e-01)"}}]
+    paths.write_text(json.dumps({"env": env, "paths": sweep}))
+    out = linquant("bench-cuda", "--table", str(paths))
+    assert out.returncode == 0, out.stderr
+    assert "| 8192x8192 | w4g128 | fp16 | 4 | 45.0 | 14.0 | 20.5 | 90.0 | gemv | gemv |" in out.stdout
+    assert "| 8192x8192 | w4g128 | fp16 | 512 | 120.0 | - | WRONG (3.0e-01) | 180.0 | dense | dense |" in out.stdout

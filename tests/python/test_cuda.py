@@ -541,17 +541,19 @@ def ref_for(qw):
     return RefWeight(qw.qweight, qw.zeros, qw.bits, qw.group_size, qw.in_features)
 
 
-def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_args=None, what=""):
+def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_args=None, what="", gemv=None):
     """linear on CUDA (on copies of the CPU arguments, or on `gpu_args`) against the float64
-    reference `w64` and against the CPU kernel. Returns the CUDA result."""
+    reference `w64` and against the CPU kernel. Returns the CUDA result. `gemv`: whether the
+    call takes the GEMV (no weight rounding); None: as the default thresholds choose."""
     if gpu_args is None:
         gpu_args = tuple(on_dev(t) for t in (x, qweight, scales, zeros, bias))
     y = lq.linear(*gpu_args, bits, group_size)
     n, k = qweight.shape[0], x.shape[-1]
     m = math.prod(x.shape[:-1])
+    gemv = m <= GEMV_MAX_M if gemv is None else gemv
     what = (f"{what} M={m} N={n} K={k} bits={bits} group_size={group_size} symmetric={zeros is None} "
             f"x {x.dtype} scales {scales.dtype} bias={bias is not None} "
-            f"path={'GEMV' if m <= GEMV_MAX_M else 'GEMM'}")
+            f"path={'GEMV' if gemv else 'GEMM'}")
     assert y.device == gpu_args[0].device, what
     assert y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape[:-1]) + (n,), (y.dtype, y.shape, what)
     y_cpu = lq.linear(x, qweight, scales, zeros, bias, bits, group_size)
@@ -565,7 +567,7 @@ def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_arg
     # subnormal step of the output dtype.
     cpu_bound = mag * ((k**0.5 + 4) * 2.0**-23) + (ref.abs() + b64.abs()) * EPS[x.dtype] + fi.smallest_normal * EPS[x.dtype]
     bound = cpu_bound
-    if m > GEMV_MAX_M:
+    if not gemv:
         # The weights (and for fp32 the activations) rounded for the MMA; a weight that lands in
         # the fp16 subnormals is off by up to half a subnormal step.
         bound = cpu_bound + mag * (2 * MMA_EPS[x.dtype]) + x64.abs().sum(1, keepdim=True) * (fi.smallest_normal * MMA_EPS[x.dtype])
@@ -603,6 +605,33 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
             scales = qw.scales.to(dtype)
             b = bias.to(dtype) if mi % 2 else None
             check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g, rw(scales))
+
+
+# (gemv_max_m, mma_max_m) that send every batch size a path can take to that path.
+FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
+
+
+@pytest.mark.parametrize("path", list(FORCED_PATHS))
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
+    # Every path over the batch sizes it can be given (lq.cuda_linear_dispatch), not only those
+    # the default thresholds send it: the thresholds are tuning, any setting must stay correct.
+    # fp32 activations take the dense path when the tensor-core kernel is asked for.
+    n, k = 72, 1024
+    w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
+    bias = torch.randn(n, generator=gen)
+    ms = (1, 3, 8) if path == "gemv" else (1, 5, 8, 9, 40, 300)
+    for gi, g in enumerate((None, 32, 128)):
+        for symmetric in (True, False):
+            qw = lq.quantize_weight(w, bits, g, symmetric)
+            rw = ref_for(qw)
+            xs = torch.randn(max(ms), k, generator=gen)
+            for mi, m in enumerate(ms):
+                dtype = DTYPES[(gi + mi + symmetric) % 3]
+                scales = qw.scales.to(dtype)
+                with lq.cuda_linear_dispatch(*FORCED_PATHS[path]):
+                    check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, bias.to(dtype) if mi % 2 else None,
+                                 bits, g, rw(scales), what=f"forced {path} path", gemv=path == "gemv")
 
 
 LARGE_SHAPES = {(96, 4096): (None, 128), (4096, 96): (None, 32), (256, 4104): (None, 128)}

@@ -121,3 +121,23 @@ def test_mismatched_devices():
 def test_metrics_shape_mismatch():
     with raises("x has shape"):
         lq.metrics(X, X[:2])
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"),
+                    reason="built without the CUDA kernels")
+def test_cuda_linear_dispatch_checks_and_restores():
+    # Needs no GPU: the thresholds are host state of a CUDA build.
+    op = torch.ops.linquant._cuda_linear_dispatch
+    before = op()
+    assert before == [8, 256]
+    with lq.cuda_linear_dispatch(gemv_max_m=2):
+        assert op() == [2, 256]
+        with lq.cuda_linear_dispatch(mma_max_m=0):
+            assert op() == [2, 0]
+        assert op() == [2, 256]
+    assert op() == before
+    with raises(re.escape("gemv_max_m must be at most 8")), lq.cuda_linear_dispatch(gemv_max_m=9):
+        pass
+    with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0):  # restored when the block raises too
+        raise KeyError("inside")
+    assert op() == before
