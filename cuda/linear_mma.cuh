@@ -2,8 +2,9 @@
 // activations): each block owns BN = 128 output features and BM activation rows; per K step of 64
 // its threads load the packed weights of the step (one 32-value chunk per thread, the chunks of the
 // next steps already in flight in registers), dequantize them to the activation dtype in shared
-// memory, and eight warps multiply with WMMA 16x16x16 fragments, accumulating in fp32. K is split across blocks when the output tiles alone do not fill the GPU; the last block of
-// a tile to finish adds the splits in a fixed order, as in the GEMV.
+// memory, and eight warps multiply with WMMA 16x16x16 fragments, accumulating in fp32. K is split
+// across blocks when the output tiles alone do not fill the GPU; the last block of a tile to finish
+// adds the splits in a fixed order, as in the GEMV.
 #pragma once
 
 #include <cuda_bf16.h>

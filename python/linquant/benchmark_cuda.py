@@ -52,7 +52,6 @@ TARGET_SHAPE = (8192, 8192)   # the issue states its targets on this layer
 # swept (the GEMV takes M <= 8 only).
 PATHS = {"gemv": (8, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
 PATH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-DEFAULT_DISPATCH = (8, 256)
 BATCH_PER_SLEEP = 50          # calls queued behind one spin kernel (stays well below the launch queue depth)
 TIME_BUDGET_S = 0.3           # at most ~this much GPU time per timed op (slow ops get fewer samples)
 
@@ -148,16 +147,17 @@ PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | mma µs | 
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def default_path(m):
-    """The path the default thresholds give M (fp16 / bf16 activations, a layout the kernels take)."""
-    return "gemv" if m <= DEFAULT_DISPATCH[0] else ("mma" if m <= DEFAULT_DISPATCH[1] else "dense")
+def default_path(m, dispatch):
+    """The path thresholds (gemv_max_m, mma_max_m) give M (fp16 / bf16 activations, a layout the
+    kernels take)."""
+    return "gemv" if m <= dispatch[0] else ("mma" if m <= dispatch[1] else "dense")
 
 
 def paths_row(r):
     cells = [f"{r['us'][p]:.1f}" if p in r["us"] else r.get("errors", {}).get(p, "-") for p in PATHS]
     fastest = min(r["us"], key=r["us"].get) if r["us"] else "-"
     return (f"| {r['N']}x{r['K']} | {r['format']} | {r['act']} | {r['M']} | {r['cublas_us']:.1f} | "
-            + " | ".join(cells) + f" | {fastest} | {default_path(r['M'])} |")
+            + " | ".join(cells) + f" | {fastest} | {r['default_path']} |")
 
 
 # ---------------------------------------------------------------- timing
@@ -367,6 +367,7 @@ def run_paths(lq, timer, args, n, k, l2):
     can take, beside cuBLAS, each result checked like the main table's; a wrong path shows as
     WRONG instead of a time."""
     rows, dtype = [], DTYPES[args.dtype]
+    dispatch = torch.ops.linquant._cuda_linear_dispatch()  # the thresholds in force: [gemv_max_m, mma_max_m]
     gen = torch.Generator(device="cuda").manual_seed(n * 100003 + k)
     master_cpu = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).cpu()
     dense = [master_cpu.to(device="cuda", dtype=dtype) for _ in range(n_copies(n * k * 2, l2))]
@@ -383,11 +384,11 @@ def run_paths(lq, timer, args, n, k, l2):
         for m in args.batches:
             x = xs[m]
             row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
-                   "us": {}, "errors": {}}
-            for path, dispatch in PATHS.items():
-                if path == "gemv" and m > dispatch[0]:
+                   "us": {}, "errors": {}, "default_path": default_path(m, dispatch)}
+            for path, forced in PATHS.items():
+                if path == "gemv" and m > forced[0]:
                     continue
-                with lq.cuda_linear_dispatch(*dispatch):
+                with lq.cuda_linear_dispatch(*forced):
                     try:
                         err = max_rel_error(lq.linear(x, qw0.qweight, qw0.scales, qw0.zeros, None, bits, group),
                                             reference_linear(x, w_deq))
@@ -497,8 +498,9 @@ def run(args) -> int:
 
 
 def run_paths_table(lq, timer, args, l2, env) -> int:
+    gemv_max_m, mma_max_m = torch.ops.linquant._cuda_linear_dispatch()
     print(f"# activations {args.dtype}; each path forced with lq.cuda_linear_dispatch; times are medians; "
-          f"default thresholds: GEMV for M <= {DEFAULT_DISPATCH[0]}, tensor cores for M <= {DEFAULT_DISPATCH[1]}\n")
+          f"thresholds in force: GEMV for M <= {gemv_max_m}, tensor cores for M <= {mma_max_m}\n")
     print(PATHS_HEADER, flush=True)
     rows, done = [], False
     try:

@@ -107,9 +107,9 @@ def test_bench_cuda_renders_its_json_without_a_gpu(tmp_path):
     assert "5.0e-01 WRONG" in out.stdout and "# wrong or failed rows: 1" in out.stdout
     paths = tmp_path / "paths.json"
     sweep = [{"N": 8192, "K": 8192, "M": 4, "format": "w4g128", "act": "fp16", "cublas_us": 45.0,
-              "us": {"gemv": 14.0, "mma": 20.5, "dense": 90.0}, "errors": {}},
+              "us": {"gemv": 14.0, "mma": 20.5, "dense": 90.0}, "errors": {}, "default_path": "gemv"},
              {"N": 8192, "K": 8192, "M": 512, "format": "w4g128", "act": "fp16", "cublas_us": 120.0,
-              "us": {"dense": 180.0}, "errors": {"mma": "WRONG (3.0e-01)"}}]
+              "us": {"dense": 180.0}, "errors": {"mma": "WRONG (3.0e-01)"}, "default_path": "dense"}]
     paths.write_text(json.dumps({"env": env, "paths": sweep}))
     out = linquant("bench-cuda", "--table", str(paths))
     assert out.returncode == 0, out.stderr
