@@ -322,10 +322,11 @@ def time_row(lq, timer, x, qws, w_deq, fmt, n, k, cublas_s, tg, i8, copy_bw, act
     return row
 
 
-def run_shape(lq, timer, args, n, k, l2, copy_bw, notes):
-    rows, dtype = [], DTYPES[args.dtype]
+def shape_operands(timer, args, n, k, l2):
+    """The fp32 master weight of an N x K layer (on the CPU), activations for each batch, and
+    cuBLAS's time at each batch on a dense copy in the activation dtype."""
+    dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(n * 100003 + k)
-    # Dense weights for cuBLAS, and the fp32 master the quantized formats come from.
     master = torch.randn(n, k, device="cuda", generator=gen) * 0.02
     dense = [master.to(dtype) for _ in range(n_copies(n * k * 2, l2))]
     # Quantized and dequantized on the CPU, whose kernels are the trusted reference: a bug in the CUDA
@@ -336,13 +337,26 @@ def run_shape(lq, timer, args, n, k, l2, copy_bw, notes):
     cublas = {m: timer([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense]) for m in args.batches}
     del dense
     torch.cuda.empty_cache()
+    return master_cpu, xs, cublas
 
+
+def format_operands(lq, master_cpu, fmt, dtype, l2):
+    """The master quantized in `fmt` on the GPU, rotating copies of it, and its fp32 dequantized
+    weight (the reference)."""
+    bits, group, sym = FORMATS[fmt]
+    qw_cpu = lq.quantize_weight(master_cpu, bits, group, symmetric=sym, dtype=dtype)
+    w_deq = lq.dequantize_weight(qw_cpu, torch.float32).cuda()
+    qw0 = to_cuda(qw_cpu)
+    qws = [qw0] + [clone_qw(qw0) for _ in range(n_copies(tensor_bytes(qw0.qweight, qw0.scales, qw0.zeros), l2) - 1)]
+    return qw0, qws, w_deq
+
+
+def run_shape(lq, timer, args, n, k, l2, copy_bw, notes):
+    rows, dtype = [], DTYPES[args.dtype]
+    master_cpu, xs, cublas = shape_operands(timer, args, n, k, l2)
     for fmt in args.formats:
         bits, group, sym = FORMATS[fmt]
-        qw_cpu = lq.quantize_weight(master_cpu, bits, group, symmetric=sym, dtype=dtype)
-        w_deq = lq.dequantize_weight(qw_cpu, torch.float32).cuda()
-        qw0 = to_cuda(qw_cpu)
-        qws = [qw0] + [clone_qw(qw0) for _ in range(n_copies(tensor_bytes(qw0.qweight, qw0.scales, qw0.zeros), l2) - 1)]
+        qw0, qws, w_deq = format_operands(lq, master_cpu, fmt, dtype, l2)
         # Baselines on the same quantized values, each checked once against the same reference.
         x0, tg, i8 = xs[args.batches[0]], None, None
         if bits == 4:
@@ -368,19 +382,10 @@ def run_paths(lq, timer, args, n, k, l2):
     WRONG instead of a time."""
     rows, dtype = [], DTYPES[args.dtype]
     dispatch = torch.ops.linquant._cuda_linear_dispatch()  # the thresholds in force: [gemv_max_m, mma_max_m]
-    gen = torch.Generator(device="cuda").manual_seed(n * 100003 + k)
-    master_cpu = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).cpu()
-    dense = [master_cpu.to(device="cuda", dtype=dtype) for _ in range(n_copies(n * k * 2, l2))]
-    xs = {m: torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for m in args.batches}
-    cublas = {m: timer([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense]) for m in args.batches}
-    del dense
-    torch.cuda.empty_cache()
+    master_cpu, xs, cublas = shape_operands(timer, args, n, k, l2)
     for fmt in args.formats:
-        bits, group, sym = FORMATS[fmt]
-        qw_cpu = lq.quantize_weight(master_cpu, bits, group, symmetric=sym, dtype=dtype)
-        w_deq = lq.dequantize_weight(qw_cpu, torch.float32).cuda()
-        qw0 = to_cuda(qw_cpu)
-        qws = [qw0] + [clone_qw(qw0) for _ in range(n_copies(tensor_bytes(qw0.qweight, qw0.scales, qw0.zeros), l2) - 1)]
+        bits, group, _ = FORMATS[fmt]
+        qw0, qws, w_deq = format_operands(lq, master_cpu, fmt, dtype, l2)
         for m in args.batches:
             x = xs[m]
             row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
