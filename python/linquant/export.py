@@ -24,6 +24,32 @@ class _Encoder(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def follow_input_device(traced) -> int:
+    """Makes a traced module run on the device of its inputs. Tracing records the device of factory
+    calls (the models' mask code calls torch.arange(..., device=x.device)) as a constant, the CPU
+    the trace ran on, and a CUDA run would then mix CPU and CUDA tensors. Each such constant
+    becomes the device of its method's first tensor input. Returns how many were replaced."""
+    replaced = 0
+    for name, module in traced.named_modules():
+        if not module._c._has_method("forward"):
+            continue
+        graph = module.graph
+        constants = [n for n in graph.findAllNodes("prim::Constant") if n.output().type().kind() == "DeviceObjType"]
+        if not constants:
+            continue
+        inputs = [v for v in graph.inputs() if v.type().kind() == "TensorType"]
+        if not inputs:
+            raise ValueError(f"linquant export: {name or 'the model'} fixes a device but takes no tensor to take it from")
+        for const in constants:
+            device = graph.create("prim::device", [inputs[0]], 1)
+            device.output().setType(const.output().type())
+            device.insertBefore(const)
+            const.output().replaceAllUsesWith(device.output())
+            const.destroy()
+            replaced += 1
+    return replaced
+
+
 def tiny_bert():
     """A small randomly initialised BERT encoder (fixed seed): a model for tests and demos that needs
     no download."""
@@ -56,6 +82,7 @@ def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symm
     wrapped = _Encoder(model).eval()
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, (ids, mask), check_trace=False)
+        follow_input_device(traced)
         expected = wrapped(ids, mask)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"{k}.pt") for k in ("model", "inputs", "expected")}

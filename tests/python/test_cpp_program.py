@@ -33,6 +33,23 @@ def test_cpp_outputs_equal_python(tmp_path, bits, group_size, symmetric):
     assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_export_takes_the_device_from_the_inputs(tmp_path):
+    # The trace records the device of the models' mask code (torch.arange(..., device=...)) as a
+    # constant, the CPU it ran on; export replaces each with the inputs' device, so linquant-run
+    # --device cuda does not mix CPU and CUDA tensors.
+    import linquant  # noqa: F401 - registers linquant::linear for torch.jit.load
+
+    model = torch.jit.load(export_encoder("tiny-bert", str(tmp_path), bits=4, group_size=32)["model"])
+    fixed, followed = [], 0
+    for name, module in model.named_modules():
+        if module._c._has_method("forward"):
+            fixed += [name for n in module.graph.findAllNodes("prim::Constant")
+                      if n.output().type().kind() == "DeviceObjType"]
+            followed += len(module.graph.findAllNodes("prim::device"))
+    assert not fixed, f"device constants left in {fixed}"
+    assert followed > 0, "expected the mask code's devices to come from the inputs"
+
+
 def test_cli_export(tmp_path):
     out = subprocess.run([sys.executable, "-m", "linquant", "export", "--bits", "8", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
