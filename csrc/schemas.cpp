@@ -30,8 +30,9 @@ TORCH_LIBRARY(linquant, m) {
       "linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None, int bits=8,"
       " int? group_size=None) -> Tensor");
   // CUDA builds only: the batch sizes where CUDA `linear` changes path (the GEMV for
-  // M <= gemv_max_m, at most 8; the tensor-core kernel for M <= mma_max_m; dequantize + cuBLAS
-  // beyond). A negative value keeps the current one. Returns the previous [gemv_max_m,
+  // M <= gemv_max_m, at most 8; the register-dequantizing tensor-core kernel for M <= tc_max_m,
+  // at most 16; the shared-memory tensor-core kernel for M <= mma_max_m; dequantize + cuBLAS
+  // beyond). A negative value keeps the current one. Returns the previous [gemv_max_m, tc_max_m,
   // mma_max_m]. For tuning on a new GPU (bench/bench_linear_cuda.py --paths) and for tests.
-  m.def("_cuda_linear_dispatch(int gemv_max_m=-1, int mma_max_m=-1) -> int[]");
+  m.def("_cuda_linear_dispatch(int gemv_max_m=-1, int tc_max_m=-1, int mma_max_m=-1) -> int[]");
 }

@@ -1,9 +1,11 @@
 // CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size M
-// (thresholds by default; _cuda_linear_dispatch moves them)
+// (default thresholds; _cuda_linear_dispatch moves them)
 //   M <= 8:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
+//   M <= 0 (off):    the register-dequantizing tensor-core kernel for M <= 16 (linear_tc_gemv.cuh),
+//                    until a GPU measurement places it;
 //   8 < M <= 256:    the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
-//                    is also the path of fp32 activations and of layouts the fused kernel rejects.
+//                    is also the path of fp32 activations and of layouts the fused kernels reject.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -19,6 +21,7 @@
 #include "linear_dequant.cuh"
 #include "linear_gemv.cuh"
 #include "linear_mma.cuh"
+#include "linear_tc_gemv.cuh"
 
 namespace linquant::cuda {
 namespace {
@@ -100,18 +103,49 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 }
 
 // Batch sizes where linear changes path: the GEMV up to gemv_max_m rows (it takes at most
-// kGemvMaxRows), the fused tensor-core kernel up to mma_max_m, where the one-off dequantization
-// becomes small next to the GEMM and cuBLAS's tiling wins. Settable through _cuda_linear_dispatch.
+// kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows;
+// off until measured on a GPU), the fused tensor-core kernel up to mma_max_m, where the one-off
+// dequantization becomes small next to the GEMM and cuBLAS's tiling wins. Settable through
+// _cuda_linear_dispatch.
 std::atomic<int64_t> gemv_max_m{kGemvMaxRows};
+std::atomic<int64_t> tc_max_m{0};
 std::atomic<int64_t> mma_max_m{256};
 
-std::vector<int64_t> set_dispatch(int64_t gemv, int64_t mma) {
+std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma) {
   TORCH_CHECK_VALUE(gemv <= kGemvMaxRows, "linquant: gemv_max_m must be at most ", kGemvMaxRows,
                     " (the GEMV kernels take up to that many rows), or negative to keep it; got ", gemv);
-  std::vector<int64_t> previous = {gemv_max_m.load(), mma_max_m.load()};
+  TORCH_CHECK_VALUE(tc <= kTcMaxRows, "linquant: tc_max_m must be at most ", kTcMaxRows,
+                    " (the kernel takes up to that many rows), or negative to keep it; got ", tc);
+  std::vector<int64_t> previous = {gemv_max_m.load(), tc_max_m.load(), mma_max_m.load()};
   if (gemv >= 0) gemv_max_m.store(gemv);
+  if (tc >= 0) tc_max_m.store(tc);
   if (mma >= 0) mma_max_m.store(mma);
   return previous;
+}
+
+template <int BITS, int NF, typename T>
+void launch_tc_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  const int64_t blocks = tc_gemv_blocks(p.N), steps = tc_gemv_steps(p.K);
+  const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()));
+  at::Tensor partial, tickets;
+  if (k.splits > 1) {
+    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
+    tickets = split_tickets(like, blocks);
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(k.splits));
+  tc_gemv_kernel<BITS, NF, T><<<grid, kTcWarps * 32, 0, current_stream()>>>(
+      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
+      k.per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int BITS, typename T>
+void tc_gemv_rows(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  if (p.M <= 8) {
+    launch_tc_gemv<BITS, 1>(p, x, y, like);
+  } else {
+    launch_tc_gemv<BITS, 2>(p, x, y, like);
+  }
 }
 
 template <int BITS, int BM, typename T>
@@ -182,16 +216,26 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     return y.view(out_shape);
   }
 
+  // The tensor-core kernels: fp16 / bf16 activations, layouts of whole 32-value chunks.
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) && mma_supports(p, static_cast<int>(bits))) {
+  const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
+                  tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
+  if (tc || (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) &&
+             mma_supports(p, static_cast<int>(bits)))) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       const T* xp = static_cast<const T*>(x2.const_data_ptr());
       T* yp = static_cast<T*>(y.data_ptr());
-      if (bits == 8) mma_rows<8>(p, xp, yp, x);
-      if (bits == 4) mma_rows<4>(p, xp, yp, x);
-      if (bits == 2) mma_rows<2>(p, xp, yp, x);
+      if (tc) {
+        if (bits == 8) tc_gemv_rows<8>(p, xp, yp, x);
+        if (bits == 4) tc_gemv_rows<4>(p, xp, yp, x);
+        if (bits == 2) tc_gemv_rows<2>(p, xp, yp, x);
+      } else {
+        if (bits == 8) mma_rows<8>(p, xp, yp, x);
+        if (bits == 4) mma_rows<4>(p, xp, yp, x);
+        if (bits == 2) mma_rows<2>(p, xp, yp, x);
+      }
     };
     if (x.scalar_type() == at::kHalf) {
       run(static_cast<core::half_t*>(nullptr));

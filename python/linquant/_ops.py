@@ -145,15 +145,17 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 
 @contextlib.contextmanager
-def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, mma_max_m: Optional[int] = None):
+def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[int] = None,
+                         mma_max_m: Optional[int] = None):
     """Within the block, CUDA `linear` takes the GEMV for M <= gemv_max_m (at most 8), the
-    tensor-core kernel for M <= mma_max_m and dequantize + cuBLAS beyond (None keeps a threshold;
-    the defaults are 8 and 256). The setting is process-wide, not per thread. For measuring the
-    paths on a GPU (bench/bench_linear_cuda.py --paths) and for testing each of them."""
+    register-dequantizing tensor-core kernel for M <= tc_max_m (at most 16), the shared-memory
+    tensor-core kernel for M <= mma_max_m, and dequantize + cuBLAS beyond (None keeps a threshold;
+    the defaults are 8, 0 and 256). The setting is process-wide, not per thread. For measuring
+    the paths on a GPU (bench/bench_linear_cuda.py --paths) and for testing each of them."""
     if not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"):
         raise RuntimeError("linquant: this build has no CUDA kernels (built without LINQUANT_CUDA)")
-    previous = torch.ops.linquant._cuda_linear_dispatch(-1 if gemv_max_m is None else gemv_max_m,
-                                                         -1 if mma_max_m is None else mma_max_m)
+    previous = torch.ops.linquant._cuda_linear_dispatch(*(-1 if v is None else v for v in (gemv_max_m, tc_max_m,
+                                                                                             mma_max_m)))
     try:
         yield
     finally:

@@ -48,9 +48,9 @@ SHAPES = ["4096x4096", "8192x8192", "8192x28672", "28672x8192"]
 BATCHES = [1, 4, 16, 32, 64, 256]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_SHAPE = (8192, 8192)   # the issue states its targets on this layer
-# --paths: (gemv_max_m, mma_max_m) for lq.cuda_linear_dispatch that force each path, and the batches
-# swept (the GEMV takes M <= 8 only).
-PATHS = {"gemv": (8, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
+# --paths: (gemv_max_m, tc_max_m, mma_max_m) for lq.cuda_linear_dispatch that force each path, and
+# the batches swept (the GEMV takes M <= 8, the register-dequantizing tensor-core kernel M <= 16).
+PATHS = {"gemv": (8, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
 PATH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 BATCH_PER_SLEEP = 50          # calls queued behind one spin kernel (stays well below the launch queue depth)
 TIME_BUDGET_S = 0.3           # at most ~this much GPU time per timed op (slow ops get fewer samples)
@@ -143,14 +143,14 @@ def summary(rows):
     return "\n".join(lines)
 
 
-PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | mma µs | dense µs | fastest | default path |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | tc µs | mma µs | dense µs | fastest "
+                "| default path |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def default_path(m, dispatch):
-    """The path thresholds (gemv_max_m, mma_max_m) give M (fp16 / bf16 activations, a layout the
-    kernels take)."""
-    return "gemv" if m <= dispatch[0] else ("mma" if m <= dispatch[1] else "dense")
+    """The path thresholds (gemv_max_m, tc_max_m, mma_max_m) give M (fp16 / bf16 activations, a
+    layout the kernels take)."""
+    return next((name for name, limit in zip(("gemv", "tc", "mma"), dispatch) if m <= limit), "dense")
 
 
 def paths_row(r):
@@ -381,7 +381,7 @@ def run_paths(lq, timer, args, n, k, l2):
     can take, beside cuBLAS, each result checked like the main table's; a wrong path shows as
     WRONG instead of a time."""
     rows, dtype = [], DTYPES[args.dtype]
-    dispatch = torch.ops.linquant._cuda_linear_dispatch()  # the thresholds in force: [gemv_max_m, mma_max_m]
+    dispatch = torch.ops.linquant._cuda_linear_dispatch()  # the thresholds in force
     master_cpu, xs, cublas = shape_operands(timer, args, n, k, l2)
     for fmt in args.formats:
         bits, group, _ = FORMATS[fmt]
@@ -391,7 +391,7 @@ def run_paths(lq, timer, args, n, k, l2):
             row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
                    "us": {}, "errors": {}, "default_path": default_path(m, dispatch)}
             for path, forced in PATHS.items():
-                if path == "gemv" and m > forced[0]:
+                if m > max(forced):  # a path that takes at most max(forced) rows
                     continue
                 with lq.cuda_linear_dispatch(*forced):
                     try:
@@ -503,9 +503,9 @@ def run(args) -> int:
 
 
 def run_paths_table(lq, timer, args, l2, env) -> int:
-    gemv_max_m, mma_max_m = torch.ops.linquant._cuda_linear_dispatch()
+    gemv_max_m, tc_max_m, mma_max_m = torch.ops.linquant._cuda_linear_dispatch()
     print(f"# activations {args.dtype}; each path forced with lq.cuda_linear_dispatch; times are medians; "
-          f"thresholds in force: GEMV for M <= {gemv_max_m}, tensor cores for M <= {mma_max_m}\n")
+          f"thresholds in force: gemv for M <= {gemv_max_m}, tc for M <= {tc_max_m}, mma for M <= {mma_max_m}\n")
     print(PATHS_HEADER, flush=True)
     rows, done = [], False
     try:

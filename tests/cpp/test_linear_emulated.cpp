@@ -13,6 +13,7 @@
 #include "../../cuda/linear_dequant.cuh"
 #include "../../cuda/linear_gemv.cuh"
 #include "../../cuda/linear_mma.cuh"
+#include "../../cuda/linear_tc_gemv.cuh"
 
 namespace {
 
@@ -188,6 +189,25 @@ void run_mma(const Problem& pr, int sms) {
   }
 }
 
+// tc_gemv_kernel<BITS, NF>: mma.sync's documented fragment layout through warp shuffles.
+template <int BITS, int NF, typename T>
+void run_tc(const Problem& pr, int sms) {
+  const std::vector<T> x = pr.activations<T>();
+  ASSERT_TRUE(tc_gemv_supports(pr.p, BITS, x.data()));
+  const int64_t blocks = tc_gemv_blocks(pr.N), steps = tc_gemv_steps(pr.K);
+  const SplitK k = split_k(blocks, steps, sms);
+  std::vector<int> tickets(blocks, 0);
+  for (int run = 0; run < (k.splits > 1 ? 2 : 1); ++run) {  // split K: again with the same tickets
+    std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
+    std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
+    emu::launch(dim3(blocks, k.splits), dim3(kTcWarps * 32), tc_gemv_kernel<BITS, NF, T>, pr.p, x.data(), y.data(),
+                partial.data(), tickets.data(), k.per_split);
+    pr.expect_close(y, eps<T>() + 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
+                    k.splits > 1 ? "tc gemv (split K)" : "tc gemv");
+    expect_tickets_reset(tickets);
+  }
+}
+
 TEST(LinearEmulated, GemvFourBit) {
   // K ending inside a byte (zero-padded x), N not a multiple of the block's rows.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 70, 2047, 128, 1), 1);
@@ -252,6 +272,18 @@ TEST(LinearEmulated, TensorCoreKernel) {
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
+}
+
+TEST(LinearEmulated, RegisterTensorCoreKernel) {
+  // N not a multiple of the 16-row warp tile (nor of a block's 64), K ending inside a 128-value step.
+  run_tc<4, 1, core::half_t>(Problem(4, false, 1, 70, 224, 32, 48).params_in<core::half_t>(), 1);
+  run_tc<4, 2, core::bf16_t>(Problem(4, true, 13, 20, 256, 128, 49), 1);
+  run_tc<8, 1, core::half_t>(Problem(8, true, 8, 24, 160, 0, 50), 1);
+  run_tc<8, 2, core::bf16_t>(Problem(8, false, 16, 17, 128, 64, 51).params_in<core::bf16_t>(), 1);
+  run_tc<2, 1, core::bf16_t>(Problem(2, false, 3, 30, 384, 64, 52).wide_zeros(300).params_in<core::bf16_t>(), 1);
+  // Split K (and more steps than chunks in flight) with the last-block reduction.
+  run_tc<4, 1, core::half_t>(Problem(4, false, 2, 40, 1280, 128, 53), 8);
+  run_tc<2, 2, core::half_t>(Problem(2, true, 10, 16, 1024, 32, 54).params_in<core::half_t>(), 4);
 }
 
 // The cuBLAS path's dense weight: s * (q - z) rounded once to T, element for element.

@@ -607,8 +607,8 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
             check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g, rw(scales))
 
 
-# (gemv_max_m, mma_max_m) that send every batch size a path can take to that path.
-FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
+# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path.
+FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
 
 
 @pytest.mark.parametrize("path", list(FORCED_PATHS))
@@ -616,11 +616,11 @@ FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0), "mma": (0, 1 << 30), "dense": (0, 0)}
 def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
     # Every path over the batch sizes it can be given (lq.cuda_linear_dispatch), not only those
     # the default thresholds send it: the thresholds are tuning, any setting must stay correct.
-    # fp32 activations take the dense path when the tensor-core kernel is asked for.
+    # fp32 activations take the dense path when a tensor-core kernel is asked for.
     n, k = 72, 1024
     w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
     bias = torch.randn(n, generator=gen)
-    ms = (1, 3, 8) if path == "gemv" else (1, 5, 8, 9, 40, 300)
+    ms = {"gemv": (1, 3, 8), "tc": (1, 3, 8, 9, 16)}.get(path, (1, 5, 8, 9, 40, 300))
     for gi, g in enumerate((None, 32, 128)):
         for symmetric in (True, False):
             qw = lq.quantize_weight(w, bits, g, symmetric)

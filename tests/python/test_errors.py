@@ -129,15 +129,17 @@ def test_cuda_linear_dispatch_checks_and_restores():
     # Needs no GPU: the thresholds are host state of a CUDA build.
     op = torch.ops.linquant._cuda_linear_dispatch
     before = op()
-    assert before == [8, 256]
+    assert before == [8, 0, 256]
     with lq.cuda_linear_dispatch(gemv_max_m=2):
-        assert op() == [2, 256]
-        with lq.cuda_linear_dispatch(mma_max_m=0):
-            assert op() == [2, 0]
-        assert op() == [2, 256]
+        assert op() == [2, 0, 256]
+        with lq.cuda_linear_dispatch(tc_max_m=16, mma_max_m=0):
+            assert op() == [2, 16, 0]
+        assert op() == [2, 0, 256]
     assert op() == before
     with raises(re.escape("gemv_max_m must be at most 8")), lq.cuda_linear_dispatch(gemv_max_m=9):
         pass
-    with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0):  # restored when the block raises too
+    with raises(re.escape("tc_max_m must be at most 16")), lq.cuda_linear_dispatch(tc_max_m=17):
+        pass
+    with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0, 0):  # restored when the block raises too
         raise KeyError("inside")
     assert op() == before

@@ -35,6 +35,7 @@ struct uint4 {
 struct float4 {
   float x, y, z, w;
 };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -84,6 +85,11 @@ V exchange(V v, int src) {
 }
 
 }  // namespace cuda_emulation
+
+template <typename V>
+V __shfl_sync(unsigned, V v, int src_lane) {
+  return cuda_emulation::exchange(v, src_lane);
+}
 
 template <typename V>
 V __shfl_xor_sync(unsigned, V v, int lane_mask) {
