@@ -48,6 +48,23 @@ at::Tensor split_tickets(const at::Tensor& like, int64_t count) {
   return buffer;
 }
 
+// What a launch that splits K over k.splits blocks per tile needs: fp32 partial sums [splits, M, N]
+// and the tiles' tickets. Null pointers when K is not split.
+class SplitWorkspace {
+ public:
+  SplitWorkspace(const at::Tensor& like, const SplitK& k, const LinearParams& p, int64_t tiles) {
+    if (k.splits > 1) {
+      partial_ = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
+      tickets_ = split_tickets(like, tiles);
+    }
+  }
+  float* partial() { return partial_.defined() ? partial_.data_ptr<float>() : nullptr; }
+  int* tickets() { return tickets_.defined() ? tickets_.data_ptr<int>() : nullptr; }
+
+ private:
+  at::Tensor partial_, tickets_;
+};
+
 FloatArray float_array(const at::Tensor& t) {
   FloatArray a;
   a.data = t.const_data_ptr();
@@ -62,15 +79,10 @@ void launch_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like
   using G = GemvGrid<BITS, VEC, MT>;
   const int64_t row_blocks = G::row_blocks(p.N), steps = G::steps(p.row_bytes);
   const SplitK k = split_k(row_blocks, steps, multiprocessors(like.device().index()));
-  at::Tensor partial, tickets;
-  if (k.splits > 1) {
-    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = split_tickets(like, row_blocks);
-  }
+  SplitWorkspace work(like, k, p, row_blocks);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(k.splits));
   gemv_kernel<BITS, VEC, MT, T><<<grid, kGemvWarps * 32, 0, current_stream()>>>(
-      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      steps, k.per_split);
+      p, x, y, work.partial(), work.tickets(), steps, k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -127,15 +139,10 @@ template <int BITS, int NF, typename T>
 void launch_tc_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   const int64_t blocks = tc_gemv_blocks(p.N), steps = tc_gemv_steps(p.K);
   const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()));
-  at::Tensor partial, tickets;
-  if (k.splits > 1) {
-    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = split_tickets(like, blocks);
-  }
+  SplitWorkspace work(like, k, p, blocks);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(k.splits));
   tc_gemv_kernel<BITS, NF, T><<<grid, kTcWarps * 32, 0, current_stream()>>>(
-      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      k.per_split);
+      p, x, y, work.partial(), work.tickets(), k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -152,16 +159,11 @@ template <int BITS, int BM, typename T>
 void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   const MmaGrid g = mma_grid<BM>(p);
   const SplitK k = split_k(g.col_tiles * g.row_tiles, g.steps, multiprocessors(like.device().index()));
-  at::Tensor partial, tickets;
-  if (k.splits > 1) {
-    partial = at::empty({k.splits, p.M, p.N}, like.options().dtype(at::kFloat));
-    tickets = split_tickets(like, g.col_tiles * g.row_tiles);
-  }
+  SplitWorkspace work(like, k, p, g.col_tiles * g.row_tiles);
   const dim3 grid(static_cast<unsigned>(g.col_tiles), static_cast<unsigned>(g.row_tiles),
                   static_cast<unsigned>(k.splits));
   mma_kernel<BITS, BM, T><<<grid, kMmaWarps * 32, 0, current_stream()>>>(
-      p, x, y, k.splits > 1 ? partial.data_ptr<float>() : nullptr, k.splits > 1 ? tickets.data_ptr<int>() : nullptr,
-      k.per_split);
+      p, x, y, work.partial(), work.tickets(), k.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -208,6 +208,30 @@ inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors) {
   return k;
 }
 
+// Split K, once every block has written its fp32 partial sums [split, M, N]: the block that takes
+// its tile's last ticket adds the splits up in split order (so results are deterministic), adds
+// the bias, writes y for weight rows [n0, n0 + n_rows) x activation rows [m0, m0 + m_rows), and
+// sets the ticket back to 0 for the next launch (every other split has taken its ticket by then).
+template <typename T>
+__device__ void finish_split_k(const LinearParams& p, T* __restrict__ y, const float* __restrict__ partial,
+                               int* ticket, unsigned splits, int64_t n0, int n_rows, int64_t m0, int m_rows) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == static_cast<int>(splits) - 1;
+  __syncthreads();
+  if (!last) return;
+  if (threadIdx.x == 0) *ticket = 0;
+  __threadfence();
+  for (int i = threadIdx.x; i < n_rows * m_rows; i += blockDim.x) {
+    const int64_t n = n0 + i % n_rows, m = m0 + i / n_rows;  // consecutive threads, consecutive n
+    if (n >= p.N || m >= p.M) continue;
+    float sum = 0.0f;
+    for (unsigned sp = 0; sp < splits; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
+    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
+  }
+}
+
 // Widest chunk (16, 8 or 4 bytes) gemv_kernel can stream for this layout, or 0 (then the generic
 // kernel runs): rows and groups must be whole chunks (so a chunk never crosses a group) and the
 // rows aligned to it. 2-bit chunks stop at 8 bytes so that a lane's 32 values fit the
@@ -337,8 +361,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     return;
   }
 
-  // Split K: publish this split's sums; the block that finishes its row block last adds them up,
-  // and sets the row block's ticket back to 0 for the next launch.
+  // Split K: publish this split's sums; the last block of the row block adds them up.
   if (lane == 0) {
     for (int r = 0; r < R; ++r) {
       const int64_t n = row0 + r;
@@ -346,24 +369,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int m = 0; m < MT && m < p.M; ++m) partial[(split * p.M + m) * p.N + n] = acc[r][m];
     }
   }
-  __threadfence();
-  __syncthreads();
-  __shared__ bool last;
-  if (threadIdx.x == 0) last = atomicAdd(&tickets[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
-  __syncthreads();
-  if (!last) return;
-  if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
-  __threadfence();
   constexpr int BLOCK_ROWS = kGemvWarps * R;
-  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS;
-  for (int i = threadIdx.x; i < BLOCK_ROWS * MT; i += blockDim.x) {
-    const int64_t n = n_base + i % BLOCK_ROWS;
-    const int m = i / BLOCK_ROWS;
-    if (n >= p.N || m >= p.M) continue;
-    float sum = 0.0f;
-    for (int64_t sp = 0; sp < gridDim.y; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
-    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
-  }
+  finish_split_k(p, y, partial, &tickets[blockIdx.x], gridDim.y, static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS,
+                 BLOCK_ROWS, 0, MT);
 }
 
 // Any layout: one warp per weight row, values extracted one at a time.

@@ -241,7 +241,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   constexpr int OPERAND_BYTES = (BM + kMmaBN) * LDS * static_cast<int>(sizeof(D));
   constexpr int OUT_BYTES = BM * LDO * static_cast<int>(sizeof(float));
   __shared__ __align__(128) unsigned char smem[OPERAND_BYTES > OUT_BYTES ? OPERAND_BYTES : OUT_BYTES];
-  __shared__ bool last;
   D* const xs = reinterpret_cast<D*>(smem);       // [BM][LDS]
   D* const ws = xs + BM * LDS;                    // [BN][LDS]: B in column-major order
   float* const out = reinterpret_cast<float*>(smem);  // [BM][LDO]
@@ -344,25 +343,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       y[m * p.N + col] = core::from_float<T>(v + p.bias.get_or_zero(col));
     }
   }
-  if (!split) return;
-
-  // Split K: the block that finishes its output tile last adds the splits up, and sets the tile's
-  // ticket back to 0 for the next launch (every other split has taken its ticket by then).
-  __threadfence();
-  __syncthreads();
-  int* const ticket = &tickets[blockIdx.y * gridDim.x + blockIdx.x];
-  if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
-  __syncthreads();
-  if (!last) return;
-  if (threadIdx.x == 0) *ticket = 0;
-  __threadfence();
-  for (int i = threadIdx.x; i < BM * kMmaBN; i += blockDim.x) {
-    const int r = i / kMmaBN, c = i % kMmaBN;
-    const int64_t m = m0 + r, col = n0 + c;
-    if (m >= p.M || col >= p.N) continue;
-    float sum = 0.0f;
-    for (unsigned sp = 0; sp < gridDim.z; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + col);
-    y[m * p.N + col] = core::from_float<T>(sum + p.bias.get_or_zero(col));
+  if (split) {
+    finish_split_k(p, y, partial, &tickets[blockIdx.y * gridDim.x + blockIdx.x], gridDim.z, n0, kMmaBN, m0, BM);
   }
 }
 

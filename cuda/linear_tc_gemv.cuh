@@ -145,27 +145,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
       }
     }
   }
-  if (!split) return;
-
-  // Split K: the block that finishes its rows last adds the splits up in order and sets its
-  // ticket back to 0 for the next launch.
-  __threadfence();
-  __syncthreads();
-  __shared__ bool last;
-  if (threadIdx.x == 0) last = atomicAdd(&tickets[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
-  __syncthreads();
-  if (!last) return;
-  if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
-  __threadfence();
-  constexpr int BLOCK_ROWS = kTcWarps * 16;
-  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS;
-  for (int i = threadIdx.x; i < BLOCK_ROWS * kTcMaxRows; i += blockDim.x) {
-    const int64_t n = n_base + i % BLOCK_ROWS;
-    const int m = i / BLOCK_ROWS;
-    if (n >= p.N || m >= p.M) continue;
-    float sum = 0.0f;
-    for (unsigned sp = 0; sp < gridDim.y; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
-    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
+  if (split) {
+    finish_split_k(p, y, partial, &tickets[blockIdx.x], gridDim.y, static_cast<int64_t>(blockIdx.x) * kTcWarps * 16,
+                   kTcWarps * 16, 0, kTcMaxRows);
   }
 }
 
