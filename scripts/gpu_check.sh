@@ -19,8 +19,8 @@
 #      ctest (the out-of-tree find_package test is left to CPU CI)                      60
 #   3. pytest tests/python/test_cuda.py -x --durations=10                              120
 #      pytest tests/python, test_cuda.py excepted, only with GPU_CHECK_ALL=1 (CI runs it) 180
-#   4. ncu (speed of light, occupancy) of the GEMV and tensor-core kernels, into      60
-#      gpu_check.log
+#   4. ncu (speed of light, issue slots, stalls, occupancy) of the GEMV and both       90
+#      tensor-core kernels, into gpu_check.log
 #   5. compute-sanitizer memcheck over test_cuda.py (not model/compile/graph), with    180
 #      PyTorch's caching allocator off so out-of-bounds accesses inside a block show
 #      racecheck, then synccheck, on the small linear tests only ($SANITIZER_K)       90 each
@@ -128,14 +128,21 @@ build_cpp_tests() {
 }
 
 # shellcheck disable=SC2329
-profile_kernels() {  # Nsight Compute's speed-of-light and occupancy of the linear kernels, W4 g128 8192x8192
-  ncu --kernel-name regex:"gemv_kernel|mma_kernel" --launch-count 4 --section SpeedOfLight --section Occupancy \
-    --section LaunchStats python3 - <<'EOF_PY'
+profile_kernels() {  # Nsight Compute on the linear kernels, W4 g128 8192x8192: bandwidth, issue slots, stalls
+  ncu --kernel-name regex:"gemv_kernel|tc_gemv_kernel|mma_kernel" --launch-count 6 --section SpeedOfLight \
+    --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats python3 - <<'EOF_PY'
 import torch, linquant as lq
 qw = lq.quantize_weight(torch.randn(8192, 8192), 4, 128, symmetric=False, dtype=torch.float16)
 w = [t.cuda() if t is not None else None for t in (qw.qweight, qw.scales, qw.zeros)]
-for m in (1, 1, 16, 16):  # GEMV twice, tensor-core kernel twice
+def call(m):
     lq.linear(torch.randn(m, 8192, device="cuda", dtype=torch.float16), *w, None, 4, 128)
+for m in (1, 1):  # the GEMV, twice (the first call warms up)
+    call(m)
+with lq.cuda_linear_dispatch(gemv_max_m=0, tc_max_m=16):  # the register tensor-core kernel
+    for m in (1, 16):
+        call(m)
+for m in (16, 16):  # the shared-memory tensor-core kernel
+    call(m)
 torch.cuda.synchronize()
 EOF_PY
 }
@@ -200,7 +207,7 @@ main() {
 
   # 4. a profile of the linear kernels (into this log): quick, and worth more than the slow
   # sanitizer runs that come after it.
-  run_step profile 60 "$BENCH_RESERVE" - profile_kernels
+  run_step profile 90 "$BENCH_RESERVE" - profile_kernels
 
   # 5. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
   # out-of-bounds access inside a cached block is caught too.
