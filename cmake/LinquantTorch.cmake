@@ -26,6 +26,30 @@ if(_lq_n GREATER 1)
 endif()
 list(APPEND CMAKE_PREFIX_PATH "${_lq_torch_prefix}")
 
+# A build directory configured for another torch (a different Python, or torch upgraded in
+# place) keeps that torch's paths in its cache, Torch_DIR and the libraries found from it, and
+# would build a library that does not load with the torch now installed: forget them.
+get_filename_component(_lq_torch_root "${_lq_torch_prefix}/../.." ABSOLUTE)
+execute_process(
+  COMMAND "${Python3_EXECUTABLE}" -c "import torch; print(torch.__version__)"
+  OUTPUT_VARIABLE _lq_torch_version
+  OUTPUT_STRIP_TRAILING_WHITESPACE)
+set(_lq_torch_id "${_lq_torch_root} ${_lq_torch_version}")
+if(DEFINED LINQUANT_TORCH_ID AND NOT LINQUANT_TORCH_ID STREQUAL _lq_torch_id)
+  message(STATUS "linquant: torch changed (${LINQUANT_TORCH_ID} -> ${_lq_torch_id}); forgetting the old one's cached paths")
+  string(REPLACE " " ";" _lq_old_id "${LINQUANT_TORCH_ID}")
+  list(GET _lq_old_id 0 _lq_old_root)
+  get_cmake_property(_lq_cached CACHE_VARIABLES)
+  foreach(_lq_var IN LISTS _lq_cached)
+    get_property(_lq_value CACHE "${_lq_var}" PROPERTY VALUE)
+    string(FIND "${_lq_value}" "${_lq_old_root}" _lq_at)
+    if(NOT _lq_at EQUAL -1)
+      unset(${_lq_var} CACHE)
+    endif()
+  endforeach()
+endif()
+set(LINQUANT_TORCH_ID "${_lq_torch_id}" CACHE INTERNAL "torch root and version this build directory is configured for")
+
 if(NOT DEFINED LINQUANT_CUDA AND DEFINED ENV{LINQUANT_CUDA})
   set(LINQUANT_CUDA "$ENV{LINQUANT_CUDA}")
 endif()
