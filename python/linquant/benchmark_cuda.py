@@ -48,9 +48,10 @@ SHAPES = ["4096x4096", "8192x8192", "8192x28672", "28672x8192"]
 BATCHES = [1, 4, 16, 32, 64, 256]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_SHAPE = (8192, 8192)   # the issue states its targets on this layer
-# --paths: (gemv_max_m, tc_max_m, mma_max_m) for lq.cuda_linear_dispatch that force each path, and
-# the batches swept (the GEMV takes M <= 8, the register-dequantizing tensor-core kernel M <= 16).
-PATHS = {"gemv": (8, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
+# --paths: each CUDA path with the (gemv_max_m, tc_max_m, mma_max_m) for lq.cuda_linear_dispatch
+# that forces it and the most activation rows it takes (None: any), and the batches swept.
+PATHS = {"gemv": ((8, 0, 0), 8), "tc": ((0, 16, 0), 16), "mma": ((0, 0, 1 << 30), None),
+         "dense": ((0, 0, 0), None)}
 PATH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 BATCH_PER_SLEEP = 50          # calls queued behind one spin kernel (stays well below the launch queue depth)
 TIME_BUDGET_S = 0.3           # at most ~this much GPU time per timed op (slow ops get fewer samples)
@@ -151,6 +152,11 @@ def default_path(m, dispatch):
     """The path thresholds (gemv_max_m, tc_max_m, mma_max_m) give M (fp16 / bf16 activations, a
     layout the kernels take)."""
     return next((name for name, limit in zip(("gemv", "tc", "mma"), dispatch) if m <= limit), "dense")
+
+
+def paths_taking(m):
+    """(path, dispatch that forces it) for every path that can run M activation rows."""
+    return [(path, forced) for path, (forced, most) in PATHS.items() if most is None or m <= most]
 
 
 def paths_row(r):
@@ -390,9 +396,7 @@ def run_paths(lq, timer, args, n, k, l2):
             x = xs[m]
             row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
                    "us": {}, "errors": {}, "default_path": default_path(m, dispatch)}
-            for path, forced in PATHS.items():
-                if m > max(forced):  # a path that takes at most max(forced) rows
-                    continue
+            for path, forced in paths_taking(m):
                 with lq.cuda_linear_dispatch(*forced):
                     try:
                         err = max_rel_error(lq.linear(x, qw0.qweight, qw0.scales, qw0.zeros, None, bits, group),

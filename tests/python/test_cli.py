@@ -91,6 +91,15 @@ def test_bench_cuda_without_a_gpu_says_so():
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_bench_cuda_paths_sweep_every_path_that_takes_the_batch():
+    from linquant.benchmark_cuda import paths_taking
+
+    assert [p for p, _ in paths_taking(1)] == ["gemv", "tc", "mma", "dense"]
+    assert [p for p, _ in paths_taking(9)] == ["tc", "mma", "dense"]
+    assert [p for p, _ in paths_taking(1024)] == ["mma", "dense"]
+    assert dict(paths_taking(1024))["dense"] == (0, 0, 0)
+
+
 def test_bench_cuda_renders_its_json_without_a_gpu(tmp_path):
     # --table turns a GPU run's --json into the README's markdown (main table or --paths sweep).
     env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0", "act": "fp16", "copy_TBps": 3.0}
