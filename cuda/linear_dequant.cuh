@@ -18,10 +18,7 @@ __global__ void dequant_chunks_kernel(LinearParams p, T* __restrict__ out) {
   constexpr int P = 8 / BITS;
   const int64_t per_row = p.row_bytes * P / kMmaChunk;
   const bool whole = p.K % kMmaChunk == 0;
-  [[maybe_unused]] const bool pairs_exact = [&] {
-    if constexpr (std::is_same_v<T, float>) return false;
-    else return pairs_exact_for<BITS, T>(p);
-  }();
+  [[maybe_unused]] const bool pairs_exact = pairs_exact_for<BITS, T>(p);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.N * per_row;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / per_row, k0 = i % per_row * kMmaChunk;

@@ -201,10 +201,15 @@ __device__ __forceinline__ void fetch_chunk(const LinearParams& p, int64_t n, in
 }
 
 // Whether dequant_chunk_pairs is exact for every chunk of this weight but those whose zero point
-// is out of range: scales stored in T, and every value within T's magic (not 8-bit weights in bf16).
+// is out of range: T 16-bit, scales stored in T, and every value within T's magic (not 8-bit
+// weights in bf16).
 template <int BITS, typename T>
 LQ_HD bool pairs_exact_for(const LinearParams& p) {
-  return p.scales.kind == MmaType<T>::kind && (1u << BITS) <= MmaType<T>::max_q;
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    return p.scales.kind == MmaType<T>::kind && (1u << BITS) <= MmaType<T>::max_q;
+  }
 }
 
 // The chunk's s * (q - z) rounded once to T (fp16 / bf16), as 16 words of consecutive pairs: with
