@@ -68,12 +68,43 @@ def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"linquant.load_quantized: {cfg_path} not found (not a save_quantized directory)")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    if config.get("format") != "linquant" or config.get("format_version") != FORMAT_VERSION:
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"linquant.load_quantized: {cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != "linquant" or \
+            config.get("format_version") != FORMAT_VERSION:
+        found = config if not isinstance(config, dict) else \
+            f"format {config.get('format')!r}, version {config.get('format_version')!r}"
         raise ValueError(f"linquant.load_quantized: {cfg_path} is not a linquant format {FORMAT_VERSION} config "
-                         f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+                         f"({found})")
+    modules, tied = config.get("modules"), config.get("tied", {})
+    if not isinstance(modules, dict) or not isinstance(tied, dict):
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: 'modules' and 'tied' must be JSON objects")
+    for name, spec in modules.items():
+        _check_module_spec(cfg_path, name, spec)
     return config
+
+
+_SPEC_TYPES = {"in_features": int, "out_features": int, "bits": int, "group_size": (int, type(None)),
+               "symmetric": bool, "bias": bool, "dtype": str}
+
+
+def _check_module_spec(cfg_path: str, name: str, spec) -> None:
+    """A module entry as save_quantized writes it; a hand-edited or damaged one is named, not a
+    KeyError or AttributeError from deep inside the loader."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} must be a JSON object")
+    for key, kind in _SPEC_TYPES.items():
+        value = spec.get(key)
+        if key not in spec or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} has a missing or invalid "
+                             f"{key!r} (expected {expected}, got {value!r})")
+    if not isinstance(getattr(torch, spec["dtype"], None), torch.dtype):
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} has dtype {spec['dtype']!r}, "
+                         "which is not a torch dtype (e.g. 'float16')")
 
 
 def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
@@ -99,17 +130,21 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
         except AttributeError:
             raise ValueError(f"linquant.load_quantized: the model has no module {name!r} that the file "
                              "quantized; is this the right model?") from None
+        layer = QLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"],
+                        spec["symmetric"], device="meta", dtype=getattr(torch, spec["dtype"]))
+        if not name:  # the model is itself the quantized layer
+            model = layer
+            continue
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"],
-                                       spec["group_size"], spec["symmetric"], device="meta",
-                                       dtype=getattr(torch, spec["dtype"])))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     weights = os.path.join(path, WEIGHTS_NAME)
     try:
         state = load_file(weights, device=str(torch.device(device)) if device is not None else "cpu")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
     for name, source in config.get("tied", {}).items():
+        if source not in state:
+            raise ValueError(f"linquant.load_quantized: {name!r} is tied to {source!r}, which the file does not hold")
         state[name] = state[source]
     expected = model.state_dict()
     for key in expected:
@@ -121,6 +156,17 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
         if tuple(expected[key].shape) != tuple(t.shape):
             raise ValueError(f"linquant.load_quantized: {key!r} is {list(t.shape)} in the file but "
                              f"{list(expected[key].shape)} in the model")
+        # Float tensors keep the file's float dtype (assign=True); integer ones (qweight, zeros) are
+        # the format itself. Another dtype would only fail at the first forward.
+        want = expected[key]
+        if t.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and t.dtype != want.dtype):
+            raise ValueError(f"linquant.load_quantized: {key!r} is {t.dtype} in the file but the model "
+                             f"expects {want.dtype}")
+    for name in config["modules"]:  # damaged scales would make every output NaN or inf, silently
+        scales = state[f"{name}.scales" if name else "scales"]
+        if scales.numel() and not bool(torch.isfinite(scales).logical_and_(scales > 0).all()):
+            raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are not finite and "
+                             "positive (a damaged file?)")
     model.load_state_dict(state, assign=True, strict=True)
     if hasattr(model, "tie_weights") and config.get("tied"):
         model.tie_weights()

@@ -124,6 +124,63 @@ def test_load_errors(tmp_path):
         lq.load_quantized(str(tmp_path / "big"), hf_models.llama)
 
 
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if edit_config:
+        config = json.loads((dst / "linquant.json").read_text())
+        edit_config(config)
+        (dst / "linquant.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(dst / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, dst / "model.safetensors")
+    return str(dst)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ({"edit_config": lambda c: c["modules"]["0"].pop("bits")}, r"module '0' has a missing or invalid 'bits'"),
+    ({"edit_config": lambda c: c["modules"]["2"].update(dtype="float128")}, "'float128', which is not a torch dtype"),
+    ({"edit_config": lambda c: c.update(modules=[])}, "'modules' and 'tied' must be JSON objects"),
+    ({"edit_config": lambda c: c.update(tied={"2.bias": "9.bias"})}, "tied to '9.bias', which the file does not hold"),
+    ({"edit_tensors": lambda t: t.update({"0.qweight": t["0.qweight"].int()})},
+     "'0.qweight' is torch.int32 in the file but the model expects torch.uint8"),
+    ({"edit_tensors": lambda t: t.update({"2.bias": t["2.bias"].int()})}, "'2.bias' is torch.int32 in the file"),
+    ({"edit_tensors": lambda t: t["2.scales"].view(-1)[3:4].fill_(float("nan"))},
+     "the scales of '2' hold values that are not finite and positive"),
+    ({"edit_tensors": lambda t: t["0.scales"].view(-1)[0:1].fill_(0.0)}, "the scales of '0' hold values"),
+], ids=["missing-key", "dtype-name", "modules-list", "tied-source", "qweight-dtype", "bias-dtype", "nan-scale",
+        "zero-scale"])
+def test_a_damaged_save_is_named_at_load(tmp_path, damage, match):
+    # Each of these used to load (failing or giving NaN at the first forward) or fail with a bare
+    # KeyError / AttributeError from inside the loader.
+    lq.save_quantized(lq.quantize_model(_small(), bits=4, group_size=8, symmetric=False, exclude=[]),
+                      str(tmp_path / "ok"))
+    damaged = _damaged_copy(tmp_path / "ok", tmp_path / "damaged", **damage)
+    with pytest.raises(ValueError, match=match):
+        lq.load_quantized(damaged, _small)
+    (tmp_path / "ok" / "linquant.json").write_text("{not json")
+    with pytest.raises(ValueError, match="linquant.json is not valid JSON"):
+        lq.load_quantized(str(tmp_path / "ok"), _small)
+
+
+def test_a_bare_linear_is_quantized_saved_and_loaded(tmp_path):
+    layer = lq.quantize_model(nn.Linear(16, 8), bits=4, group_size=8)  # no parent to put it in
+    assert isinstance(layer, lq.QLinear)
+    lq.save_quantized(layer, str(tmp_path))
+    loaded = lq.load_quantized(str(tmp_path), lambda: nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    assert isinstance(loaded, lq.QLinear) and torch.equal(loaded(x), layer(x))
+
+
 PEAK_SCRIPT = """
 import sys, torch, linquant as lq
 sys.path.insert(0, sys.argv[2])
