@@ -78,13 +78,18 @@ elseif(LINQUANT_CUDA AND NOT LINQUANT_TORCH_CUDA_VERSION)
 endif()
 
 if(LINQUANT_WITH_CUDA)
-  # Torch's CMake turns TORCH_CUDA_ARCH_LIST into -gencode flags; give it ours ("80;90" -> "8.0;9.0")
-  # so it does not fall back to building for every architecture.
+  # Torch's CMake turns TORCH_CUDA_ARCH_LIST into -gencode flags; give it ours ("80;90" ->
+  # "8.0;9.0+PTX") so it does not fall back to building for every architecture. The last
+  # architecture's PTX rides along, so a newer GPU than those listed JIT-compiles the kernels
+  # instead of failing with "no kernel image is available".
   set(_lq_arch_list "")
   foreach(_arch IN LISTS LINQUANT_CUDA_ARCHS)
     string(REGEX REPLACE "^([0-9]+)([0-9a])$" "\\1.\\2" _dotted "${_arch}")
     list(APPEND _lq_arch_list "${_dotted}")
   endforeach()
+  list(SORT _lq_arch_list COMPARE NATURAL)
+  list(POP_BACK _lq_arch_list _lq_newest)
+  list(APPEND _lq_arch_list "${_lq_newest}+PTX")
   set(TORCH_CUDA_ARCH_LIST "${_lq_arch_list}")
   set(CMAKE_CUDA_ARCHITECTURES OFF)
   enable_language(CUDA)

@@ -13,6 +13,7 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
   check_float_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "linquant: x must have at least one dim [..., K], got a 0-dim tensor");
   for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, std::pair{&scales, "scales"}}) {
+    check_defined(*t, name);
     TORCH_CHECK_VALUE(t->device() == x.device(), "linquant: ", name, " is on ", t->device(),
                       " but x is on ", x.device());
   }
@@ -52,6 +53,7 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
   TORCH_CHECK_VALUE(scales.numel() == s.N * s.groups, "linquant: scales must be [", s.N, ", ", s.groups,
                     "] (out_features x ceil(K / group_size)), got shape ", scales.sizes());
   if (zeros.has_value()) {
+    check_defined(*zeros, "zeros");
     TORCH_CHECK_VALUE(zeros->device() == x.device(), "linquant: zeros is on ", zeros->device(), " but x is on ",
                       x.device());
     TORCH_CHECK_VALUE(at::isIntegralType(zeros->scalar_type(), /*includeBool=*/false),
@@ -60,6 +62,7 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
                       "] like scales, got shape ", zeros->sizes());
   }
   if (bias.has_value()) {
+    check_defined(*bias, "bias");
     TORCH_CHECK_VALUE(bias->device() == x.device(), "linquant: bias is on ", bias->device(), " but x is on ",
                       x.device());
     check_float_dtype(*bias, "bias");

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <sstream>
 
 namespace linquant {
@@ -19,7 +20,12 @@ void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "linquant: bits must be between 2 and 8, got ", bits);
 }
 
+void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "linquant: ", name, " must be a tensor, got None (an undefined tensor)");
+}
+
 void check_float_dtype(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   const auto dt = t.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "linquant: ", name,
                     " must be float32, float16 or bfloat16, got ", dt);
@@ -96,6 +102,7 @@ at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const Quant
 }
 
 at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& l) {
+  check_defined(scale, "scale");
   TORCH_CHECK_VALUE(scale.device() == x.device(), "linquant: scale is on ", scale.device(),
                     " but the input is on ", x.device());
   check_float_dtype(scale, "scale");
@@ -110,16 +117,39 @@ at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const Qua
   return s;
 }
 
+at::Tensor zero_points_as_int32(const at::Tensor& z, const char* name) {
+  switch (z.scalar_type()) {
+    case at::kByte:
+    case at::kChar:
+    case at::kShort:
+    case at::kInt:
+    case at::kUInt16:
+      return z.to(at::kInt);  // every value fits
+    case at::kLong:
+      // A plain cast wraps (2^40 becomes 0) and would quietly give another result: check the
+      // range first. The zero points are few (one per group); on a GPU this synchronizes, so the
+      // format's int32 never takes this path.
+      if (z.numel() > 0) {
+        const auto [lo, hi] = at::aminmax(z);
+        const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+        TORCH_CHECK_VALUE(lo_v >= std::numeric_limits<int32_t>::min() && hi_v <= std::numeric_limits<int32_t>::max(),
+                          "linquant: ", name, " must fit in int32, but its values span [", lo_v, ", ", hi_v, "]");
+      }
+      return z.to(at::kInt);
+    default:
+      TORCH_CHECK_VALUE(false, "linquant: ", name, " must be an integer tensor (int32, or int8/uint8/int16/int64 ",
+                        "with values that fit in int32), got ", z.scalar_type());
+  }
+}
+
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x, const QuantLayout& l) {
+  check_defined(zero_point, "zero_point");
   TORCH_CHECK_VALUE(zero_point.device() == x.device(), "linquant: zero_point is on ",
                     zero_point.device(), " but the input is on ", x.device());
-  TORCH_CHECK_VALUE(at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false),
-                    "linquant: zero_point must be an integer tensor (int32), got ",
-                    zero_point.scalar_type());
   TORCH_CHECK_VALUE(zero_point.numel() == l.num_params(), "linquant: zero_point must have ",
                     l.num_params(), " elements (shape ", shape_str(param_shape(x, l)),
                     ") for this granularity, got shape ", shape_str(zero_point.sizes()));
-  return zero_point.to(at::kInt).contiguous().view({-1});
+  return zero_points_as_int32(zero_point, "zero_point").contiguous().view({-1});
 }
 
 namespace {
@@ -148,6 +178,7 @@ QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const st
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                             std::optional<int64_t> axis, std::optional<int64_t> group_size,
                             std::optional<at::ScalarType> dtype) {
+  check_defined(q, "q");
   TORCH_CHECK_VALUE(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
                     "linquant: q must be int8 (symmetric) or uint8 (asymmetric), got ", q.scalar_type());
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);

@@ -30,6 +30,7 @@ struct QuantLayout {
 };
 
 void check_bits(int64_t bits);
+void check_defined(const at::Tensor& t, const char* name);  // a None / undefined tensor is named
 void check_float_dtype(const at::Tensor& t, const char* name);
 
 // Validates axis / group_size against the input's shape and returns the layout.
@@ -49,6 +50,9 @@ at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const Quant
 at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout);
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
                               const QuantLayout& layout);
+
+// Zero points (any integer dtype) as the kernels' int32; values that do not fit are an error.
+at::Tensor zero_points_as_int32(const at::Tensor& z, const char* name);
 
 // The validated arguments of quantize / dequantize as every backend's kernel sees them: the layout,
 // the input as its [rows, cols] matrix, fp32 scales, int32 zero points (undefined when symmetric)

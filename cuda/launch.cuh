@@ -12,10 +12,12 @@
 #include <cstdint>
 
 #include "../csrc/core/float_convert.h"
+#include "../csrc/quant_layout.h"
 
 namespace linquant::cuda {
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.is_cuda(), "linquant: ", name, " must be a CUDA tensor for this kernel, got ", t.device());
 }
 

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "../csrc/linear_checks.h"
+#include "../csrc/quant_layout.h"
 #include "launch.cuh"
 #include "linear_dequant.cuh"
 #include "linear_gemv.cuh"
@@ -194,7 +196,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
 
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.contiguous();
-  const at::Tensor z = zeros.has_value() ? zeros->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor z = zeros.has_value() ? zero_points_as_int32(*zeros, "zeros").contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   LinearParams p;
   p.w = reinterpret_cast<const uint8_t*>(w.const_data_ptr());
@@ -222,7 +224,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
                   tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
-  if (tc || (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) &&
+  if (tc || (half_precision && sh.M <= std::min(mma_max_m.load(std::memory_order_relaxed), kMmaMaxRows) &&
              mma_supports(p, static_cast<int>(bits)))) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     auto run = [&](auto* tag) {

@@ -128,6 +128,9 @@ inline bool mma_supports(const LinearParams& p, int bits) {
 struct MmaGrid {
   int64_t col_tiles, row_tiles, steps;
 };
+// Row tiles go on gridDim.y, at most 65535 of them, and above 32 rows a tile holds 64: the most
+// rows one launch can take (more go to the dequantize + cuBLAS path).
+constexpr int64_t kMmaMaxRows = int64_t{65535} * 64;
 template <int BM>
 MmaGrid mma_grid(const LinearParams& p) {
   return {(p.N + kMmaBN - 1) / kMmaBN, (p.M + BM - 1) / BM, (p.K + kMmaBK - 1) / kMmaBK};

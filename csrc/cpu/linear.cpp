@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../linear_checks.h"
+#include "../quant_layout.h"
 #include "linear_kernels.h"
 
 namespace linquant::cpu {
@@ -53,7 +54,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const at::Tensor x2 = x.reshape({sh.M, sh.K}).to(at::kFloat).contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.to(at::kFloat).contiguous();
-  const at::Tensor z = zeros.has_value() ? zeros->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor z = zeros.has_value() ? zero_points_as_int32(*zeros, "zeros").contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
   LinearArgs a;

@@ -56,6 +56,7 @@ FloatType float_type(at::ScalarType dt) {
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.device().is_cpu(), "linquant: ", name, " must be on the CPU for this kernel, got ",
                     t.device());
 }

@@ -37,6 +37,13 @@ def _check_devices(ref, ref_name: str, **tensors) -> None:
             raise ValueError(f"linquant: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def _require_tensor(t, name: str) -> None:
+    """For ops whose only tensor argument is `t`: given None, the dispatcher would only say that
+    there were no tensor arguments."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"linquant: {name} must be a tensor, got {'None' if t is None else type(t).__name__}")
+
+
 def _check_bits(bits: int) -> None:
     if not 2 <= bits <= 8:
         raise ValueError(f"linquant: bits must be between 2 and 8, got {bits}")
@@ -106,6 +113,7 @@ def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis:
     `axis=None, group_size=None` is per-tensor; `axis=k` gives one scale per index of dim k;
     `group_size=g` gives groups of g consecutive elements along the last dim (a last group that
     is shorter than g is allowed)."""
+    _require_tensor(x, "x")
     scale, zero_point = torch.ops.linquant.choose_qparams.default(x, bits, symmetric, axis, group_size)
     return scale, (None if symmetric else zero_point)
 
@@ -129,11 +137,13 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     [i*bits, (i+1)*bits) of the row's little-endian bit stream, so the lowest index sits in the
     lowest bits of its byte (pack([0, 1, 2, 3], 2) == [228]). A last dim that does not fill the
     final byte is padded with zero bits: the packed last dim is ceil(n * bits / 8). bits 1..8."""
+    _require_tensor(q, "q")
     return torch.ops.linquant.pack.default(q, bits)
 
 
 def unpack(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
     """Inverse of `pack`: uint8 values with last dim `size` (the original last dim)."""
+    _require_tensor(packed, "packed")
     return torch.ops.linquant.unpack.default(packed, bits, size)
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 from torch import nn
 
 from .nn import QLinear
+from .weights import check_format
 
 log = logging.getLogger("linquant")
 
@@ -50,12 +51,11 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
                    exclude: Exclude = ("lm_head",), progress: Optional[bool] = None,
                    verbose: bool = False) -> nn.Module:
     """Replaces, in place, every nn.Linear and transformers Conv1D (but those `exclude` names) with
-    a QLinear of `bits` bits (per output channel when group_size is None) and returns the model.
-    A layer the format cannot hold (group_size not a multiple of 8 / bits) is skipped with a
-    warning naming it. `progress` shows a bar (default: when there are more than 16 layers);
-    the summary is logged to the "linquant" logger and printed when verbose."""
-    if bits not in (8, 4, 2):
-        raise ValueError(f"linquant.quantize_model: bits must be 8, 4 or 2, got {bits}")
+    a QLinear of `bits` bits (per output channel when group_size is None) and returns the model
+    (the QLinear itself when the model is a bare Linear). bits and group_size are checked before
+    any layer changes. `progress` shows a bar (default: when there are more than 16 layers); the
+    summary is logged to the "linquant" logger and printed when verbose."""
+    check_format(bits, group_size, "linquant.quantize_model")
     layers = quantizable_layers(model, exclude)
     if not layers:
         warnings.warn("linquant.quantize_model: nothing to quantize (no nn.Linear or Conv1D outside exclude)",
@@ -68,18 +68,15 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
             iterator = tqdm(layers, desc=f"quantizing to {bits} bits", unit="layer")
         except ImportError:
             pass
-    replaced, skipped = [], []
     for name, module, transposed in iterator:
-        if group_size is not None and group_size % (8 // bits):
-            skipped.append(name)
-            warnings.warn(f"linquant.quantize_model: skipping {name}: group_size {group_size} is not a multiple "
-                          f"of {8 // bits} at {bits} bits", stacklevel=2)
-            continue
-        _set_submodule(model, name, QLinear.from_linear(module, bits, group_size, symmetric, transposed=transposed))
-        replaced.append(name)
-    summary = (f"linquant: replaced {len(replaced)} layers with {bits}-bit QLinear "
+        layer = QLinear.from_linear(module, bits, group_size, symmetric, transposed=transposed)
+        if name:
+            _set_submodule(model, name, layer)
+        else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back
+            model = layer
+    summary = (f"linquant: replaced {len(layers)} layers with {bits}-bit QLinear "
                f"({'per-channel' if group_size is None else f'group_size={group_size}'}, "
-               f"{'symmetric' if symmetric else 'asymmetric'}); skipped {len(skipped)}")
+               f"{'symmetric' if symmetric else 'asymmetric'})")
     log.info(summary)
     if verbose:
         print(summary)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .weights import QuantizedWeight, dequantize_weight, quantize_weight
+from .weights import QuantizedWeight, check_format, dequantize_weight, quantize_weight
 
 
 def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool):
@@ -32,11 +32,7 @@ class QLinear(nn.Module):
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if bits not in (8, 4, 2):
-            raise ValueError(f"linquant.QLinear: bits must be 8, 4 or 2, got {bits}")
-        if group_size is not None and (group_size < 1 or group_size % (8 // bits)):
-            raise ValueError(f"linquant.QLinear: group_size must be a positive multiple of {8 // bits} at "
-                             f"{bits} bits, got {group_size}")
+        check_format(bits, group_size, "linquant.QLinear")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         groups = 1 if group_size is None else -(-in_features // group_size)  # none when in_features = 0

@@ -16,6 +16,16 @@ class QuantizedWeight(NamedTuple):
     in_features: int
 
 
+def check_format(bits: int, group_size: Optional[int], who: str) -> None:
+    """bits and group_size the format can hold: a sub-byte group starts on a byte boundary, so it
+    is a multiple of the values per byte (what `linear` requires)."""
+    if bits not in (8, 4, 2):
+        raise ValueError(f"{who}: bits must be 8, 4 or 2, got {bits}")
+    if group_size is not None and (group_size < 1 or group_size % (8 // bits)):
+        raise ValueError(f"{who}: group_size must be a positive multiple of {8 // bits} at {bits} bits "
+                         f"(groups start on byte boundaries), got {group_size}")
+
+
 def _granularity(group_size):
     return {"axis": 0} if group_size is None else {"group_size": group_size}
 
@@ -27,8 +37,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     values are quantized with the stored scales, so dequantization is self-consistent."""
     if weight.dim() != 2:
         raise ValueError(f"linquant: weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
-    if bits not in (8, 4, 2):
-        raise ValueError(f"linquant: the weight format supports bits 8, 4 and 2, got {bits}")
+    check_format(bits, group_size, "linquant.quantize_weight")
     dtype = dtype or weight.dtype
     w = weight.detach()
     gran = _granularity(group_size)

@@ -76,6 +76,50 @@ def test_zero_point_mismatch():
         lq.quantize(X, s, torch.zeros(4, 1), axis=0)
 
 
+def test_wide_zero_points_are_range_checked_not_wrapped():
+    # int64 zero points are accepted when they fit the kernels' int32; a plain cast would turn
+    # 2^40 into 0 and quietly give another result.
+    s = torch.full((4, 1), 0.1)
+    big = torch.full((4, 1), 1 << 40, dtype=torch.int64)
+    with raises(re.escape("zero_point must fit in int32, but its values span [1099511627776, 1099511627776]")):
+        lq.quantize(X, s, big, axis=0)
+    with raises(re.escape("zero_point must fit in int32, but its values span [-1099511627776, -1099511627776]")):
+        lq.dequantize(torch.zeros(4, 8, dtype=torch.uint8), s, -big, axis=0)
+    with raises("zero_point must be an integer tensor"):
+        lq.quantize(X, s, torch.zeros(4, 1, dtype=torch.uint32), axis=0)
+    fits = torch.tensor([[3], [-7], [2**31 - 1], [-(2**31)]])
+    assert torch.equal(lq.quantize(X, s, fits, axis=0), lq.quantize(X, s, fits.int(), axis=0))
+
+    qw = lq.quantize_weight(torch.randn(6, 16), 4, 8, symmetric=False)
+    x = torch.randn(2, 16)
+    with raises("zeros must fit in int32"):
+        lq.linear(x, qw.qweight, qw.scales, qw.zeros.long() + (1 << 40), None, 4, 8)
+    assert torch.equal(lq.linear(x, qw.qweight, qw.scales, qw.zeros.long(), None, 4, 8),
+                       lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, 4, 8))
+
+
+_QW = lq.quantize_weight(torch.randn(6, 16), 4, 8, symmetric=False)
+_NONE_ARGUMENT = {  # the call with one tensor argument None, and that argument's name
+    "choose_qparams": ("x", lambda: lq.choose_qparams(None)),
+    "quantize x": ("x", lambda: lq.quantize(None, torch.tensor(1.0))),
+    "quantize scale": ("scale", lambda: lq.quantize(X, None)),
+    "dequantize": ("q", lambda: lq.dequantize(None, torch.tensor(1.0))),
+    "dequantize scale": ("scale", lambda: lq.dequantize(X.to(torch.int8), None)),
+    "pack": ("q", lambda: lq.pack(None, 4)),
+    "unpack": ("packed", lambda: lq.unpack(None, 4, 3)),
+    "linear x": ("x", lambda: lq.linear(None, _QW.qweight, _QW.scales, _QW.zeros, None, 4, 8)),
+    "linear qweight": ("qweight", lambda: lq.linear(torch.randn(2, 16), None, _QW.scales, _QW.zeros, None, 4, 8)),
+    "linear scales": ("scales", lambda: lq.linear(torch.randn(2, 16), _QW.qweight, None, _QW.zeros, None, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NONE_ARGUMENT))
+def test_none_for_a_tensor_names_the_argument(case):
+    name, call = _NONE_ARGUMENT[case]
+    with pytest.raises((TypeError, ValueError), match=f"linquant: {name} must be a tensor, got None"):
+        call()
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_scale_values(bad):
     s = torch.ones(4, 1)

@@ -55,6 +55,13 @@ def test_bad_configuration():
         lq.QLinear(16, 8, bits=3)
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 4 at 2 bits"):
         lq.QLinear(16, 8, bits=2, group_size=6)
+    # The same check before a weight is quantized or a model is changed: linear could not run either.
+    with pytest.raises(ValueError, match="quantize_weight: group_size must be a positive multiple of 2 at 4 bits"):
+        lq.quantize_weight(torch.randn(8, 16), bits=4, group_size=3)
+    model = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="quantize_model: group_size must be a positive multiple of 4 at 2 bits"):
+        lq.quantize_model(model, bits=2, group_size=2)
+    assert isinstance(model[0], nn.Linear)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
