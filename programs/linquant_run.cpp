@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -117,7 +118,14 @@ int main(int argc, char** argv) {
         return usage();
       }
     } else if (args[i] == "--runs" && i + 1 < args.size()) {
-      runs = std::max(1, std::atoi(args[++i].c_str()));
+      const std::string& n = args[++i];
+      char* end = nullptr;
+      const long value = std::strtol(n.c_str(), &end, 10);
+      if (n.empty() || *end != '\0' || value < 1 || value > 1000000) {
+        std::cerr << "linquant-run: --runs must be a whole number from 1 to 1000000, got '" << n << "'\n";
+        return usage();
+      }
+      runs = static_cast<int>(value);
     } else if (args[i] == "-h" || args[i] == "--help") {
       usage();
       return 0;

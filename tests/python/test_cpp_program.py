@@ -81,6 +81,9 @@ def test_errors(tmp_path):
     assert run(paths["model"]).returncode == 2
     out = run(paths["model"], paths["inputs"], "--device", "gpu0")
     assert out.returncode == 2 and "--device must be cpu, cuda or cuda:N, got 'gpu0'" in out.stderr
+    for runs in ("0", "-1", "ten", "3x", ""):  # each used to run once, silently
+        out = run(paths["model"], paths["inputs"], "--runs", runs)
+        assert out.returncode == 2 and f"--runs must be a whole number from 1 to 1000000, got '{runs}'" in out.stderr
     if not torch.cuda.is_available():
         out = run(paths["model"], paths["inputs"], "--device", "cuda")
         assert out.returncode == 1 and "no CUDA device is available" in out.stderr
