@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ._arguments import non_negative_int, positive_int, shape
 from ._files import write_json
 
 # name: (bits, group_size, symmetric). W2 uses group 128 like the CPU benchmark
@@ -430,11 +431,11 @@ def probe_linquant(lq):
 def add_arguments(ap):
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="activation (and scale) dtype")
     ap.add_argument("--quick", action="store_true", help="only the 8192x8192 layer")
-    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K (out_features x in_features)")
-    ap.add_argument("--batches", nargs="+", type=int)
+    ap.add_argument("--shapes", nargs="+", type=shape, default=SHAPES, help="N x K (out_features x in_features)")
+    ap.add_argument("--batches", nargs="+", type=positive_int)
     ap.add_argument("--formats", nargs="+", default=["w8", "w4g128", "w2g128"], choices=list(FORMATS))
-    ap.add_argument("--iters", type=int, default=200, help="timed calls per op (fewer for slow ops)")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=positive_int, default=200, help="timed calls per op (fewer for slow ops)")
+    ap.add_argument("--warmup", type=non_negative_int, default=10)
     ap.add_argument("--json", help="also write every row and the environment to this file")
     ap.add_argument("--paths", action="store_true", help="time each CUDA path (GEMV, tensor-core kernel, "
                     "dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds "

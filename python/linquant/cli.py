@@ -18,6 +18,7 @@ from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize,
 from ._files import atomic_write
 from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, report
 from .nn import QLinear
+from .weights import check_format
 
 GRANULARITIES = {
     "per-tensor": {},
@@ -322,6 +323,11 @@ def main(argv=None) -> int:
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
+    if hasattr(args, "group_size"):  # a bad format is a usage error before any model is loaded
+        try:
+            check_format(args.bits, args.group_size, f"linquant {args.command}")
+        except ValueError as e:
+            parser.exit(2, f"{e}\n")
     try:
         return args.func(args)
     except (ModelError, FileNotFoundError, ValueError, ImportError) as e:

@@ -70,6 +70,16 @@ def test_eval_builtin_encoder_in_memory():
     (["eval", "/tmp"], 1, "not a Hugging Face model directory"),
     (["quantize", "minilm", "--bits", "3", "--out", "/tmp/x"], 2, "invalid choice: 3"),
     (["frobnicate"], 2, "invalid choice"),
+    # Checked before any model loads or any benchmark runs (a 0 x K shape used to hang the CPU
+    # benchmark in a loop over millions of empty weight copies, -1 rows to end in a traceback).
+    (["quantize", "minilm", "--bits", "4", "--group-size", "3", "--out", "/tmp/x"], 2,
+     "group_size must be a positive multiple of 2 at 4 bits"),
+    (["export", "--bits", "2", "--group-size", "6", "--out", "/tmp/x"], 2, "multiple of 4 at 2 bits (groups start on byte boundaries), got 6"),
+    (["bench", "--shapes", "0x5"], 2, "argument --shapes: expected N x K as two positive integers"),
+    (["bench", "--shapes", "64x64", "--batches", "-1"], 2, "argument --batches: expected a positive integer, got '-1'"),
+    (["bench", "--repeat", "0"], 2, "argument --repeat: expected a positive integer"),
+    (["bench-cuda", "--shapes", "8192x"], 2, "argument --shapes: expected N x K"),
+    (["bench-cuda", "--warmup", "-2"], 2, "argument --warmup: expected an integer >= 0, got '-2'"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, code, message):
     out = linquant(*args)
