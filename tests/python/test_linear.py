@@ -105,10 +105,42 @@ def test_bad_input():
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 64, False), (4, 32, True), (2, 64, False)])
 def test_opcheck(bits, group_size, symmetric):
     qw = lq.quantize_weight(torch.randn(16, 128), bits, group_size, symmetric)
-    for x in (torch.randn(3, 128), torch.randn(2, 2, 128).bfloat16()):
+    for x in (torch.randn(3, 128), torch.randn(2, 2, 128).bfloat16(), torch.randn(5, 128, requires_grad=True)):
         scales = qw.scales.to(x.dtype)
+        bias = torch.randn(16).to(x.dtype).requires_grad_(x.requires_grad)
         torch.library.opcheck(torch.ops.linquant.linear.default,
-                              (x, qw.qweight, scales, qw.zeros, torch.randn(16).to(x.dtype), bits, group_size))
+                              (x, qw.qweight, scales, qw.zeros, bias, bits, group_size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, None, False),
+                                                       (4, 32, True), (2, 64, False), (2, None, True)], ids=str)
+def test_gradients_for_x_and_bias(bits, group_size, symmetric, dtype, gen):
+    # The weights are frozen (a LoRA or a prompt trained through a quantized model); before the
+    # backward was registered, x got no gradient at all, with only a warning.
+    n, k = 24, 100  # K not a multiple of the group
+    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=dtype)
+    x = torch.randn(2, 3, k, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(n, generator=gen).to(dtype).requires_grad_()
+    dy = torch.randn(2, 3, n, generator=gen).to(dtype)
+    lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size).backward(dy)
+
+    w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
+    dy64 = dy.double().reshape(-1, n)
+    ref_dx = (dy64 @ w).reshape(x.shape)
+    # dy @ W_hat with W_hat rounded to dtype, fp32 (or dtype) accumulation, output rounding.
+    bound = (dy64.abs() @ w.abs()).reshape(x.shape) * (2 * EPS[dtype] + n * 2.0**-23) + 1e-30
+    assert x.grad.dtype == dtype and bool(((x.grad.double() - ref_dx).abs() <= bound).all())
+    ref_db = dy64.sum(0)
+    assert bias.grad.dtype == dtype
+    assert bool(((bias.grad.double() - ref_db).abs() <= dy64.abs().sum(0) * (EPS[dtype] * 8)).all())
+
+
+def test_no_gradient_for_scales(gen):
+    qw = lq.quantize_weight(torch.randn(8, 32, generator=gen), 4, 16)
+    y = lq.linear(torch.randn(2, 32, generator=gen), qw.qweight, qw.scales.requires_grad_(), None, None, 4, 16)
+    with pytest.raises(NotImplementedError, match="no gradient for scales"):
+        y.sum().backward()
 
 
 def test_compile_fullgraph():
