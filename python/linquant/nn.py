@@ -21,7 +21,7 @@ class QLinear(nn.Module):
 
     Buffers: `qweight`, `scales` [out, G] (the compute dtype), `zeros` [out, G] int32 or None
     (symmetric), `bias` [out] or None. `.to(dtype)` converts scales and bias only; the integer
-    buffers stay integer."""
+    buffers stay integer. The weights are frozen buffers, but gradients flow to the input."""
 
     zeros: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]

@@ -786,11 +786,30 @@ def test_opcheck_pack_unpack(bits):
 def test_opcheck_linear(bits, group_size, symmetric):
     qw = lq.quantize_weight(torch.randn(16, 128), bits, group_size, symmetric)
     for x in (torch.randn(3, 128), torch.randn(2, 2, 128).half(), torch.randn(20, 128).bfloat16(),
-              torch.randn(17, 128).half(), torch.randn(2, 128).bfloat16()):
-        x = x.to(DEV)
+              torch.randn(17, 128).half(), torch.randn(2, 128).bfloat16(), torch.randn(4, 128)):
+        x = x.to(DEV).requires_grad_(x.shape[0] == 4)  # the last one checks the backward too
         args = (x, on_dev(qw.qweight), on_dev(qw.scales.to(x.dtype)), on_dev(qw.zeros),
-                torch.randn(16).to(x.dtype).to(DEV), bits, group_size)
+                torch.randn(16).to(x.dtype).to(DEV).requires_grad_(x.requires_grad), bits, group_size)
         torch.library.opcheck(torch.ops.linquant.linear.default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (2, 64, True)], ids=str)
+def test_linear_gradients_match_the_cpu(bits, group_size, symmetric, dtype):
+    gen = torch.Generator().manual_seed(bits)
+    qw = lq.quantize_weight(torch.randn(40, 96, generator=gen), bits, group_size, symmetric, dtype=dtype)
+    x = torch.randn(3, 96, generator=gen).to(dtype)
+    dy = torch.randn(3, 40, generator=gen).to(dtype)
+    grads = {}
+    for device in ("cpu", DEV):
+        xd = x.clone().to(device).requires_grad_()  # x itself stays a plain tensor
+        bias = torch.zeros(40, dtype=dtype, device=device, requires_grad=True)
+        lq.linear(xd, *(on_dev(t, device) for t in (qw.qweight, qw.scales, qw.zeros)), bias, bits,
+                  group_size).backward(dy.to(device))
+        grads[str(device)] = (xd.grad.cpu().double(), bias.grad.cpu().double())
+    # The same dequantized weight on both; the matmuls differ only in summation order.
+    for cpu, gpu in zip(grads["cpu"], grads["cuda"]):
+        assert torch.allclose(cpu, gpu, rtol=4 * MMA_EPS[dtype], atol=4 * MMA_EPS[dtype] * cpu.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------
