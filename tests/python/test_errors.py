@@ -110,13 +110,14 @@ _NONE_ARGUMENT = {  # the call with one tensor argument None, and that argument'
     "linear x": ("x", lambda: lq.linear(None, _QW.qweight, _QW.scales, _QW.zeros, None, 4, 8)),
     "linear qweight": ("qweight", lambda: lq.linear(torch.randn(2, 16), None, _QW.scales, _QW.zeros, None, 4, 8)),
     "linear scales": ("scales", lambda: lq.linear(torch.randn(2, 16), _QW.qweight, None, _QW.zeros, None, 4, 8)),
+    "metrics": ("x_hat", lambda: lq.metrics(X, None)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_NONE_ARGUMENT))
 def test_none_for_a_tensor_names_the_argument(case):
     name, call = _NONE_ARGUMENT[case]
-    with pytest.raises((TypeError, ValueError), match=f"linquant: {name} must be a tensor, got None"):
+    with pytest.raises((TypeError, ValueError), match=f"linquant(.metrics)?: {name} must be a tensor, got None"):
         call()
 
 
