@@ -10,7 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -162,7 +161,7 @@ void launch_mma(const LinearParams& p, const T* x, T* y, const at::Tensor& like)
   const MmaGrid g = mma_grid<BM>(p);
   const SplitK k = split_k(g.col_tiles * g.row_tiles, g.steps, multiprocessors(like.device().index()));
   SplitWorkspace work(like, k, p, g.col_tiles * g.row_tiles);
-  const dim3 grid(static_cast<unsigned>(g.col_tiles), static_cast<unsigned>(g.row_tiles),
+  const dim3 grid(static_cast<unsigned>(g.row_tiles), static_cast<unsigned>(g.col_tiles),
                   static_cast<unsigned>(k.splits));
   mma_kernel<BITS, BM, T><<<grid, kMmaWarps * 32, 0, current_stream()>>>(
       p, x, y, work.partial(), work.tickets(), k.per_split);
@@ -224,7 +223,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
                   tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
-  if (tc || (half_precision && sh.M <= std::min(mma_max_m.load(std::memory_order_relaxed), kMmaMaxRows) &&
+  if (tc || (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) && sh.N <= kMmaMaxCols &&
              mma_supports(p, static_cast<int>(bits)))) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     auto run = [&](auto* tag) {

@@ -23,7 +23,7 @@ __global__ void dequant_chunks_kernel(LinearParams p, T* __restrict__ out) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / per_row, k0 = i % per_row * kMmaChunk;
     WeightChunk<BITS> c;
-    fetch_chunk(p, n, k0, c);
+    fetch_chunk<BITS, true>(p, n, k0, c);
     T* const dst = out + n * p.K + k0;
     // The chunk's values as 32-bit words: fp32 values, or pairs of 16-bit ones.
     constexpr int WORDS = kMmaChunk * sizeof(T) / 4;

@@ -128,9 +128,9 @@ inline bool mma_supports(const LinearParams& p, int bits) {
 struct MmaGrid {
   int64_t col_tiles, row_tiles, steps;
 };
-// Row tiles go on gridDim.y, at most 65535 of them, and above 32 rows a tile holds 64: the most
-// rows one launch can take (more go to the dequantize + cuBLAS path).
-constexpr int64_t kMmaMaxRows = int64_t{65535} * 64;
+// Column tiles go on gridDim.y, at most 65535 of them: the most output features one launch can
+// take (more go to the dequantize + cuBLAS path). Row tiles go on x, which has no such limit.
+constexpr int64_t kMmaMaxCols = int64_t{65535} * kMmaBN;
 template <int BM>
 MmaGrid mma_grid(const LinearParams& p) {
   return {(p.N + kMmaBN - 1) / kMmaBN, (p.M + BM - 1) / BM, (p.K + kMmaBK - 1) / kMmaBK};
@@ -144,17 +144,30 @@ __device__ __forceinline__ uint32_t bits16(D v) {
   return b;
 }
 
+// A weight load: evict-first (streaming) when nothing reads these bytes again (STREAM), else
+// cached so another block's read of them can come from L2. A compile-time choice: a run-time one
+// keeps both loads in the unrolled ring and costs registers.
+template <bool STREAM, typename V>
+__device__ __forceinline__ V load_weights(const V* p) {
+  if constexpr (STREAM) {
+    return __ldcs(p);
+  } else {
+    return __ldg(p);
+  }
+}
+
 // Loads kMmaChunk * BITS / 8 bytes (aligned) of a weight row as 32-bit words.
-template <int BITS>
+template <int BITS, bool STREAM>
 __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[BITS]) {
   if constexpr (BITS == 8) {
-    const uint4 a = __ldcs(reinterpret_cast<const uint4*>(p)), b = __ldcs(reinterpret_cast<const uint4*>(p) + 1);
+    const uint4 a = load_weights<STREAM>(reinterpret_cast<const uint4*>(p));
+    const uint4 b = load_weights<STREAM>(reinterpret_cast<const uint4*>(p) + 1);
     w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
   } else if constexpr (BITS == 4) {
-    const uint4 a = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint4 a = load_weights<STREAM>(reinterpret_cast<const uint4*>(p));
     w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
   } else {
-    const uint2 a = __ldcs(reinterpret_cast<const uint2*>(p));
+    const uint2 a = load_weights<STREAM>(reinterpret_cast<const uint2*>(p));
     w[0] = a.x, w[1] = a.y;
   }
 }
@@ -187,12 +200,12 @@ struct WeightChunk {
 
 // Loads the chunk of row n starting at value k0 (a multiple of kMmaChunk, in a layout
 // mma_supports takes); past the last row or the row's end a chunk of scale 0, which dequantizes
-// to zeros.
-template <int BITS>
+// to zeros. STREAM: no other block reads this chunk (see load_weights).
+template <int BITS, bool STREAM>
 __device__ __forceinline__ void fetch_chunk(const LinearParams& p, int64_t n, int64_t k0, WeightChunk<BITS>& c) {
   constexpr int P = 8 / BITS;
   if (n < p.N && k0 / P < p.row_bytes) {
-    load_mma_chunk<BITS>(p.w + n * p.row_bytes + k0 / P, c.w);
+    load_mma_chunk<BITS, STREAM>(p.w + n * p.row_bytes + k0 / P, c.w);
     const int64_t u = n * p.groups + k0 / p.group;
     c.scale = p.scales.raw(u);
     c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
@@ -254,8 +267,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   float* const out = reinterpret_cast<float*>(smem);  // [BM][LDO]
 
   const int warp = threadIdx.x / 32;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaBN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
+  // Row tiles on x: the blocks that share a weight column tile have adjacent indices, so they run
+  // at the same time and all but the first read each weight chunk from L2, not DRAM (the weight
+  // loads are therefore cached, not evict-first as in the kernels that read each byte once).
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMmaBN;
   const int64_t steps = (p.K + kMmaBK - 1) / kMmaBK;
   const int64_t step0 = blockIdx.z * steps_per_split;
   const int64_t step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
@@ -302,7 +318,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     __syncthreads();
     // In flight while the tensor cores work: the chunk DEPTH steps on (into the registers just
     // consumed) and the next step's activations.
-    if (step + DEPTH < step1) fetch_chunk(p, n, (step + DEPTH) * kMmaBK + wcol, c);
+    if (step + DEPTH < step1) fetch_chunk<BITS, false>(p, n, (step + DEPTH) * kMmaBK + wcol, c);
     if (step + 1 < step1) fetch_x(step + 1);
     // Warp w: output columns [16w, 16w + 16) of the tile, every row fragment.
 #pragma unroll
@@ -325,7 +341,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   WeightChunk<BITS> chunks[DEPTH];
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j) {
-    if (step0 + j < step1) fetch_chunk(p, n, (step0 + j) * kMmaBK + wcol, chunks[j]);
+    if (step0 + j < step1) fetch_chunk<BITS, false>(p, n, (step0 + j) * kMmaBK + wcol, chunks[j]);
   }
   if (step0 < step1) fetch_x(step0);
   for (int64_t base = step0; base < step1; base += DEPTH) {

@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     dequant_chunk_to<BITS, T>(p, c[1], pairs_exact, hi);
     const int64_t k0 = step * kTcStep + t * kMmaChunk;
     if (step + DEPTH < step1) {  // the registers just consumed take the chunks DEPTH steps on
-      fetch_chunk(p, n0 + g, k0 + DEPTH * kTcStep, c[0]);
-      fetch_chunk(p, n0 + g + 8, k0 + DEPTH * kTcStep, c[1]);
+      fetch_chunk<BITS, true>(p, n0 + g, k0 + DEPTH * kTcStep, c[0]);
+      fetch_chunk<BITS, true>(p, n0 + g + 8, k0 + DEPTH * kTcStep, c[1]);
     }
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j) {
     if (step0 + j < step1) {
-      fetch_chunk(p, n0 + g, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][0]);
-      fetch_chunk(p, n0 + g + 8, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][1]);
+      fetch_chunk<BITS, true>(p, n0 + g, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][0]);
+      fetch_chunk<BITS, true>(p, n0 + g + 8, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][1]);
     }
   }
   for (int64_t base = step0; base < step1; base += DEPTH) {

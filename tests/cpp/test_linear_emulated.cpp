@@ -180,7 +180,7 @@ void run_mma(const Problem& pr, int sms) {
   for (int run = 0; run < (k.splits > 1 ? 2 : 1); ++run) {  // split K: again with the same tickets
     std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
     std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
-    emu::launch(dim3(g.col_tiles, g.row_tiles, k.splits), dim3(kMmaWarps * 32), mma_kernel<BITS, BM, T>, pr.p,
+    emu::launch(dim3(g.row_tiles, g.col_tiles, k.splits), dim3(kMmaWarps * 32), mma_kernel<BITS, BM, T>, pr.p,
                 x.data(), y.data(), partial.data(), tickets.data(), k.per_split);
     // Weights rounded once to T (relative eps(T)), then fp32 sums.
     pr.expect_close(y, eps<T>() + 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
@@ -272,6 +272,8 @@ TEST(LinearEmulated, TensorCoreKernel) {
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
+  // Several row tiles and several column tiles (rows on the grid's x, columns on y), split K.
+  run_mma<4, 16, core::half_t>(Problem(4, false, 40, 520, 512, 128, 41).params_in<core::half_t>(), 8);
 }
 
 TEST(LinearEmulated, RegisterTensorCoreKernel) {

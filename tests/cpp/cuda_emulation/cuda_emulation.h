@@ -110,6 +110,10 @@ template <typename V>
 V __ldcg(const V* p) {
   return *p;
 }
+template <typename V>
+V __ldg(const V* p) {
+  return *p;
+}
 
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
