@@ -69,7 +69,10 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
         except ImportError:
             pass
     for name, module, transposed in iterator:
-        layer = QLinear.from_linear(module, bits, group_size, symmetric, transposed=transposed)
+        try:
+            layer = QLinear.from_linear(module, bits, group_size, symmetric, transposed=transposed)
+        except ValueError as e:  # e.g. NaN weights: say which layer
+            raise ValueError(f"linquant.quantize_model: layer {name or '(the model)'!r}: {e}") from e
         if name:
             _set_submodule(model, name, layer)
         else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back

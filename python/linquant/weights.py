@@ -43,6 +43,9 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     gran = _granularity(group_size)
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
     scale = scale.to(dtype).clamp_min(torch.finfo(dtype).tiny)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"linquant.quantize_weight: the weight's range needs scales above {dtype}'s largest value "
+                         f"({torch.finfo(dtype).max:g}); store the scales in float32 or bfloat16 (dtype=...)")
     q = quantize(w, scale, zp, bits=bits, **gran)
     if bits < 8:
         if symmetric:  # signed values are stored offset by 2^(bits-1)

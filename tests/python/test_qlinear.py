@@ -58,10 +58,16 @@ def test_bad_configuration():
     # The same check before a weight is quantized or a model is changed: linear could not run either.
     with pytest.raises(ValueError, match="quantize_weight: group_size must be a positive multiple of 2 at 4 bits"):
         lq.quantize_weight(torch.randn(8, 16), bits=4, group_size=3)
+    with pytest.raises(ValueError, match=r"scales above torch.float16's largest value \(65504\)"):
+        lq.quantize_weight(torch.randn(8, 16) * 1e7, bits=8, dtype=torch.float16)  # 1e7 / 127 > 65504
     model = nn.Sequential(nn.Linear(16, 8))
     with pytest.raises(ValueError, match="quantize_model: group_size must be a positive multiple of 4 at 2 bits"):
         lq.quantize_model(model, bits=2, group_size=2)
     assert isinstance(model[0], nn.Linear)
+    with torch.no_grad():
+        model[0].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="quantize_model: layer '0': linquant: x contains NaN or Inf"):
+        lq.quantize_model(model, bits=8)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
