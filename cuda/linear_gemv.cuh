@@ -85,10 +85,6 @@ LQ_HD float weight_at(const LinearParams& p, int bits, int64_t n, int64_t k) {
   return core::dequantize_value(q, p.scales[u], p.zeros != nullptr ? p.zeros[u] : p.zero_const);
 }
 
-LQ_HD float zero_of(const LinearParams& p, int64_t u) {
-  return kMagic + static_cast<float>(p.zeros != nullptr ? p.zeros[u] : p.zero_const);
-}
-
 // Loads VEC bytes (aligned) of a weight row as 32-bit words, streaming (evict first).
 template <int VEC>
 __device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[VEC / 4]) {
@@ -193,7 +189,9 @@ LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const ui
 
 // K split over blocks: `tiles` blocks of output, `steps` units of K (GEMV warp steps, MMA K steps)
 // shared out so that there are about two blocks per multiprocessor, each split walking
-// `per_split` consecutive steps (every split gets at least one).
+// `per_split` consecutive steps (every split gets at least one). The split count is the nearest
+// to that aim, not the next above it: 256 row blocks of a 8192-row layer on 132 SMs run as one
+// round without a reduction, rather than as 512 blocks in two rounds plus the reduction.
 struct SplitK {
   int64_t splits = 1;
   int64_t per_split = 0;
@@ -202,7 +200,7 @@ struct SplitK {
 inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors) {
   SplitK k;
   const int64_t want = 2 * static_cast<int64_t>(multiprocessors);
-  k.splits = std::min<int64_t>(std::max<int64_t>((want + tiles - 1) / tiles, 1), std::max<int64_t>(steps, 1));
+  k.splits = std::min<int64_t>(std::max<int64_t>((want + tiles / 2) / tiles, 1), std::max<int64_t>(steps, 1));
   k.per_split = (steps + k.splits - 1) / k.splits;
   k.splits = k.per_split > 0 ? (steps + k.per_split - 1) / k.per_split : 1;
   return k;
@@ -271,8 +269,47 @@ struct GemvGrid {
   }
 };
 
+// Activations of `iters` warp steps from step `base` (rows [0, MT), zero past M and K) as fp32 in
+// the slice layout. Each thread issues LOADS loads before it uses any, so it waits for one L2
+// round trip per LOADS values rather than one per value (4 from MT = 4 on, where 8 would spill:
+// the slice's first weights are live across the staging).
 template <int BITS, int VEC, int MT, typename T>
-__global__ void __launch_bounds__(kGemvWarps * 32)
+__device__ __forceinline__ void stage_activations(const LinearParams& p, const T* __restrict__ x, int64_t base,
+                                                  int iters, float* xs) {
+  using L = SliceLayout<BITS, VEC>;
+  constexpr int SV = GemvGrid<BITS, VEC, MT>::SLICE_VALUES;
+  constexpr int LOADS = MT >= 4 ? 4 : 8;
+  const int values = iters * L::WARP_VALUES;  // of each row: only the steps this slice walks
+  const int64_t k0 = base * L::WARP_VALUES;
+#pragma unroll 1
+  for (int m = 0; m < MT; ++m) {
+    for (int j0 = threadIdx.x; j0 < values; j0 += LOADS * blockDim.x) {
+      T v[LOADS];
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) {
+        const int j = j0 + u * static_cast<int>(blockDim.x);
+        v[u] = m < p.M && j < values && k0 + j < p.K ? x[m * p.K + k0 + j] : T{};  // T{}: +0.0
+      }
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) {
+        const int j = j0 + u * static_cast<int>(blockDim.x);
+        if (j < values) xs[m * SV + L::position(j)] = core::to_float(v[u]);
+      }
+    }
+  }
+}
+
+// A chunk's scale as stored and its zero point: loaded with the chunk, converted only when the
+// chunk is used, so that the loads stay in flight over the previous chunk's arithmetic.
+struct ChunkParams {
+  uint32_t scale;
+  int32_t z;
+};
+
+// Two blocks per multiprocessor, as split_k plans for: up to 128 registers a thread (ptxas then
+// spills 12 bytes in the 8-row, 2-bit variant only; it may not take more without halving that).
+template <int BITS, int VEC, int MT, typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
     gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
                 int* __restrict__ tickets, int64_t steps, int64_t steps_per_split) {
   using L = SliceLayout<BITS, VEC>;
@@ -280,7 +317,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   constexpr int P = L::P, R = G::R, ITERS = G::ITERS, SV = G::SLICE_VALUES;
   static_assert(MT * SV * 4 <= kGemvSharedBytes, "the slice fits the shared-memory budget");
   __shared__ float4 xs4[kGemvSharedBytes / 16];  // [MT][SV / 4]
-  float* xs = reinterpret_cast<float*>(xs4);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
@@ -290,22 +326,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
   float acc[R][MT] = {};
   for (int64_t base = s_begin; base < s_end; base += ITERS) {
-    // Activations of this block's next `iters` steps (zero past K), in the slice layout.
     const int iters = s_end - base < ITERS ? static_cast<int>(s_end - base) : ITERS;
-    __syncthreads();  // the previous slice's activations are no longer read
-    for (int i = threadIdx.x; i < MT * SV; i += blockDim.x) {
-      const int m = i / SV, v = i % SV;
-      const int64_t k = base * L::WARP_VALUES + v;
-      if (v >= iters * L::WARP_VALUES) continue;
-      xs[m * SV + L::position(v)] = m < p.M && k < p.K ? core::to_float(x[m * p.K + k]) : 0.0f;
-    }
-    __syncthreads();
-    // This lane's chunk of every row for step `it`, with its scale and 2^23 + zero point; false
-    // past the row's end. The next step's chunk is loaded before this one's arithmetic, so two
-    // steps of weights are in flight per lane.
+    // This lane's chunk of every row for step `it` of the slice, with its scale and zero point
+    // (chunk of 0s, scale 0 past the last row); false past the slice or the row's end. The next
+    // step's chunk is loaded before this one's arithmetic, so two steps of weights are in flight.
     uint32_t c[R][VEC / 4], next[R][VEC / 4];
-    float s[R], fz[R], next_s[R], next_fz[R];
-    auto fetch = [&](int it, uint32_t (&w)[R][VEC / 4], float (&sc)[R], float (&z)[R]) {
+    ChunkParams cp[R], next_cp[R];
+    auto fetch = [&](int it, uint32_t (&w)[R][VEC / 4], ChunkParams (&params)[R]) {
       const int64_t byte = ((base + it) * 32 + lane) * VEC;
       if (it >= iters || byte >= p.row_bytes) return false;
       const int64_t g = byte * P / p.group;
@@ -314,20 +341,29 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         const int64_t n = row0 + r;
         if (n < p.N) {
           load_chunk<VEC>(p.w + n * p.row_bytes + byte, w[r]);
-          sc[r] = p.scales[n * p.groups + g];
-          z[r] = zero_of(p, n * p.groups + g);
+          params[r].scale = p.scales.raw(n * p.groups + g);
+          params[r].z = p.zeros != nullptr ? p.zeros[n * p.groups + g] : p.zero_const;
         } else {
           for (int d = 0; d < VEC / 4; ++d) w[r][d] = 0;
-          sc[r] = 0.0f;
-          z[r] = kMagic;
+          params[r] = {0, 0};  // scale +0.0 in every dtype
         }
       }
       return true;
     };
-    bool have = fetch(0, c, s, fz);
+    // The slice's first weights are in flight while its activations are staged.
+    bool have = fetch(0, c, cp);
+    __syncthreads();  // the previous slice's activations are no longer read
+    stage_activations<BITS, VEC, MT, T>(p, x, base, iters, reinterpret_cast<float*>(xs4));
+    __syncthreads();
 #pragma unroll 1
     for (int it = 0; have; ++it) {
-      const bool more = fetch(it + 1, next, next_s, next_fz);
+      const bool more = fetch(it + 1, next, next_cp);
+      float s[R], fz[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        s[r] = p.scales.value_of(cp[r].scale);
+        fz[r] = kMagic + static_cast<float>(cp[r].z);
+      }
       float t[R][MT] = {};
       chunk_products<BITS, VEC, MT, R>(xs4, SV / 4, it, lane, c, p.flip, fz, t);
 #pragma unroll
@@ -335,8 +371,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = fma_rn(s[r], t[r][m], acc[r][m]);
         for (int d = 0; d < VEC / 4; ++d) c[r][d] = next[r][d];
-        s[r] = next_s[r];
-        fz[r] = next_fz[r];
+        cp[r] = next_cp[r];
       }
       have = more;
     }

@@ -208,6 +208,18 @@ void run_tc(const Problem& pr, int sms) {
   }
 }
 
+TEST(LinearEmulated, SplitCountIsTheNearestToTwoBlocksPerMultiprocessor) {
+  // 8192 rows of W4 at M = 1 (256 row blocks) on an H100's 132 SMs: one round, no reduction.
+  EXPECT_EQ(split_k(256, 8, 132).splits, 1);
+  EXPECT_EQ(split_k(128, 8, 132).splits, 2);  // 2.06 -> 2
+  EXPECT_EQ(split_k(32, 8, 132).splits, 8);   // 8.25 -> 8
+  EXPECT_EQ(split_k(1, 3, 132).splits, 3);    // never more splits than steps
+  const SplitK k = split_k(7, 10, 14);        // 4 splits of 3, 3, 3 and 1 steps: each split has one
+  EXPECT_EQ(k.splits, 4);
+  EXPECT_EQ(k.per_split, 3);
+  EXPECT_EQ(split_k(900, 64, 132).splits, 1);
+}
+
 TEST(LinearEmulated, GemvFourBit) {
   // K ending inside a byte (zero-padded x), N not a multiple of the block's rows.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 70, 2047, 128, 1), 1);
@@ -273,7 +285,7 @@ TEST(LinearEmulated, TensorCoreKernel) {
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
   // Several row tiles and several column tiles (rows on the grid's x, columns on y), split K.
-  run_mma<4, 16, core::half_t>(Problem(4, false, 40, 520, 512, 128, 41).params_in<core::half_t>(), 8);
+  run_mma<4, 16, core::half_t>(Problem(4, false, 40, 520, 512, 128, 41).params_in<core::half_t>(), 16);
 }
 
 TEST(LinearEmulated, RegisterTensorCoreKernel) {
