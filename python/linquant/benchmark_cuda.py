@@ -167,6 +167,40 @@ def paths_row(r):
             + " | ".join(cells) + f" | {fastest} | {r['default_path']} |")
 
 
+def suggested_thresholds(rows):
+    """Per (shape, format) of a --paths sweep: the fastest path at each M, and the dispatch
+    thresholds (gemv_max_m, tc_max_m, mma_max_m) that give each M its fastest path, taken in
+    dispatch order (GEMV, then tc, then mma, then dense) for as long as the fastest paths follow
+    that order; a path that never wins gets 0 (tc) or the previous threshold."""
+    by_layer = {}
+    for r in rows:
+        if r["us"]:
+            by_layer.setdefault((f"{r['N']}x{r['K']}", r["format"]), []).append(
+                (r["M"], min(r["us"], key=r["us"].get)))
+    out = []
+    for (shape, fmt), wins in by_layer.items():
+        wins.sort()
+        limits, order, i = {}, ["gemv", "tc", "mma"], 0
+        for path in order:
+            while i < len(wins) and wins[i][1] == path:
+                limits[path] = wins[i][0]
+                i += 1
+        gemv = limits.get("gemv", 0)
+        tc = limits.get("tc", 0)
+        mma = limits.get("mma", max(gemv, tc))
+        out.append((shape, fmt, wins, (gemv, tc, mma), i == len(wins) or all(p == "dense" for _, p in wins[i:])))
+    return out
+
+
+def thresholds_summary(rows):
+    lines = []
+    for shape, fmt, wins, (gemv, tc, mma), ordered in suggested_thresholds(rows):
+        lines.append(f"# {shape} {fmt}: fastest by M: " + ", ".join(f"{m} {p}" for m, p in wins))
+        lines.append(f"#   -> gemv_max_m={gemv}, tc_max_m={tc}, mma_max_m={mma}"
+                     + ("" if ordered else " (the fastest paths do not follow the dispatch order past here)"))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- timing
 
 class GpuTimer:
@@ -453,6 +487,7 @@ def render(path):
           f"device-to-device copy {env['copy_TBps']:.2f} TB/s (bytes read + written)\n")
     if "paths" in data:  # a --paths run
         print("\n".join([PATHS_HEADER] + [paths_row(r) for r in data["paths"]]))
+        print("\n" + thresholds_summary(data["paths"]))
         return 0
     print(markdown_table(data["rows"]))
     print(summary(data["rows"]))
@@ -521,6 +556,7 @@ def run_paths_table(lq, timer, args, l2, env) -> int:
     finally:
         if args.json:
             write_json(args.json, {"env": env, "paths": rows, "complete": done})
+    print("\n" + thresholds_summary(rows))
     return 1 if any(r["errors"] for r in rows) else 0
 
 
