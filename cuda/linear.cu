@@ -206,8 +206,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   p.M = sh.M;
   p.N = sh.N;
   p.K = sh.K;
-  p.group = sh.group;
-  p.groups = sh.groups;
+  set_groups(p, sh.group, sh.groups);
 
   const at::Tensor x2 = x.reshape({sh.M, sh.K}).contiguous();
   if (sh.M <= gemv_max_m.load(std::memory_order_relaxed)) {

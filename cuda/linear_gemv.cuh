@@ -58,7 +58,25 @@ struct LinearParams {
   uint32_t flip = 0;
   FloatArray bias;              // [N], or no data
   int64_t M = 0, N = 0, K = 0, group = 0, groups = 0;
+  int group_shift = -1;  // log2(group) when that is whole (or 62 for one group per row), else -1
+
+  // The group of value k of a row: a shift for every usual group size, since the kernels ask
+  // once per chunk and a 64-bit division costs tens of instructions.
+  LQ_HD int64_t group_of(int64_t k) const { return group_shift >= 0 ? k >> group_shift : k / group; }
 };
+
+// Sets the group size and count (and the shift group_of uses).
+inline void set_groups(LinearParams& p, int64_t group, int64_t groups) {
+  p.group = group;
+  p.groups = groups;
+  p.group_shift = -1;
+  if (groups == 1) {
+    p.group_shift = 62;  // every value of a row is in group 0
+  } else if (group > 0 && (group & (group - 1)) == 0) {
+    p.group_shift = 0;
+    while ((int64_t{1} << p.group_shift) < group) ++p.group_shift;
+  }
+}
 
 // How the format stores zero points: asymmetric weights carry them (`zeros`); symmetric sub-byte
 // weights are stored offset by 2^(bits-1); int8 symmetric weights are signed, read as unsigned after
@@ -81,7 +99,7 @@ LQ_HD float weight_at(const LinearParams& p, int bits, int64_t n, int64_t k) {
   const int per_byte = 8 / bits;
   const uint32_t byte = p.w[n * p.row_bytes + k / per_byte] ^ (p.flip & 0xFFu);
   const int32_t q = static_cast<int32_t>((byte >> ((k % per_byte) * bits)) & ((1u << bits) - 1));
-  const int64_t u = n * p.groups + k / p.group;
+  const int64_t u = n * p.groups + p.group_of(k);
   return core::dequantize_value(q, p.scales[u], p.zeros != nullptr ? p.zeros[u] : p.zero_const);
 }
 
@@ -335,7 +353,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     auto fetch = [&](int it, uint32_t (&w)[R][VEC / 4], ChunkParams (&params)[R]) {
       const int64_t byte = ((base + it) * 32 + lane) * VEC;
       if (it >= iters || byte >= p.row_bytes) return false;
-      const int64_t g = byte * P / p.group;
+      const int64_t g = p.group_of(byte * P);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t n = row0 + r;

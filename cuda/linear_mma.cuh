@@ -206,7 +206,7 @@ __device__ __forceinline__ void fetch_chunk(const LinearParams& p, int64_t n, in
   constexpr int P = 8 / BITS;
   if (n < p.N && k0 / P < p.row_bytes) {
     load_mma_chunk<BITS, STREAM>(p.w + n * p.row_bytes + k0 / P, c.w);
-    const int64_t u = n * p.groups + k0 / p.group;
+    const int64_t u = n * p.groups + p.group_of(k0);
     c.scale = p.scales.raw(u);
     c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
   } else {

@@ -61,7 +61,8 @@ struct Problem {
     p.scales = {scales.data(), FloatArray::kF32};
     set_zero_points(p, bits, symmetric ? nullptr : zeros.data());
     p.bias = {bias.data(), FloatArray::kF32};
-    p.M = M, p.N = N, p.K = K, p.group = group, p.groups = groups;
+    p.M = M, p.N = N, p.K = K;
+    set_groups(p, group, groups);
   }
 
   void misalign(int64_t bytes) { p.w = w.data() + 16 - bytes; }
@@ -220,6 +221,18 @@ TEST(LinearEmulated, SplitCountIsTheNearestToTwoBlocksPerMultiprocessor) {
   EXPECT_EQ(split_k(900, 64, 132).splits, 1);
 }
 
+TEST(LinearEmulated, GroupOfShiftsOrDivides) {
+  LinearParams p;
+  for (const auto [group, groups] : {std::pair<int64_t, int64_t>{128, 64}, {96, 10}, {1000, 1}, {1, 7}, {2, 3}}) {
+    set_groups(p, group, groups);
+    for (int64_t k : {int64_t{0}, int64_t{1}, int64_t{95}, int64_t{96}, int64_t{127}, int64_t{128}, int64_t{999},
+                      int64_t{6}}) {
+      if (k >= group * groups) continue;  // values of the row only
+      EXPECT_EQ(p.group_of(k), k / group) << "group " << group << ", k " << k;
+    }
+  }
+}
+
 TEST(LinearEmulated, GemvFourBit) {
   // K ending inside a byte (zero-padded x), N not a multiple of the block's rows.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 70, 2047, 128, 1), 1);
@@ -233,6 +246,8 @@ TEST(LinearEmulated, GemvFourBit) {
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 20000, 128, 6), 64);
   run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 70, 20000, 64, 27).half_params(), 3);
   run_gemv<4, 16, 8, core::bf16_t>(Problem(4, false, 8, 40, 3008, 256, 7), 64);
+  // A group size that is not a power of two (group_of divides instead of shifting), split K.
+  run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 2880, 96, 60), 16);
 }
 
 TEST(LinearEmulated, GemvEightAndTwoBit) {
@@ -281,6 +296,9 @@ TEST(LinearEmulated, TensorCoreKernel) {
   // Many K steps: the ring of chunks in flight wraps several times and ends part way round.
   run_mma<4, 16, core::half_t>(Problem(4, true, 10, 50, 1344, 64, 39).params_in<core::half_t>(), 1);
   run_mma<8, 32, core::bf16_t>(Problem(8, false, 24, 30, 1216, 128, 40), 1);
+  // Groups of 96 and of 160 values (not powers of two).
+  run_mma<4, 32, core::half_t>(Problem(4, false, 20, 70, 960, 96, 61).params_in<core::half_t>(), 1);
+  run_mma<8, 16, core::bf16_t>(Problem(8, false, 9, 40, 640, 160, 62), 1);
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
