@@ -90,26 +90,32 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   float acc[NF][4] = {};
   // One step: this lane's chunks of rows g and g + 8 dequantized, then 8 k tiles x NF fragments.
   auto run_step = [&](int64_t step, WeightChunk<BITS> (&c)[2]) {
+    const int64_t k0 = step * kTcStep + t * kMmaChunk;
+    // The step's activations first, so that their loads (from L2) overlap the dequantization:
+    // row m = 8 f + g at this lane's chunk; zeros past M and past K (a step's last chunks may
+    // start beyond K, which is a multiple of the chunk).
+    uint2 xv[NF][kMmaChunk / 4];
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int64_t m = f * 8 + g;
+      const bool in = m < p.M && k0 < p.K;
+      const uint2* xs = reinterpret_cast<const uint2*>(x + (in ? m * p.K + k0 : 0));
+#pragma unroll
+      for (int j = 0; j < kMmaChunk / 4; ++j) xv[f][j] = in ? xs[j] : make_uint2(0u, 0u);
+    }
     uint32_t lo[kMmaChunk / 2], hi[kMmaChunk / 2];
     dequant_chunk_to<BITS, T>(p, c[0], pairs_exact, lo);
     dequant_chunk_to<BITS, T>(p, c[1], pairs_exact, hi);
-    const int64_t k0 = step * kTcStep + t * kMmaChunk;
     if (step + DEPTH < step1) {  // the registers just consumed take the chunks DEPTH steps on
       fetch_chunk<BITS, true>(p, n0 + g, k0 + DEPTH * kTcStep, c[0]);
       fetch_chunk<BITS, true>(p, n0 + g + 8, k0 + DEPTH * kTcStep, c[1]);
     }
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
-      // Activation row m = 8 f + g at this lane's chunk; zeros past M and past K (a step's last
-      // chunks may start beyond K, which is a multiple of the chunk).
-      const int64_t m = f * 8 + g;
-      const bool in = m < p.M && k0 < p.K;
-      const uint2* xs = reinterpret_cast<const uint2*>(x + (in ? m * p.K + k0 : 0));
 #pragma unroll
       for (int j = 0; j < kMmaChunk / 4; ++j) {
-        const uint2 xv = in ? xs[j] : make_uint2(0u, 0u);
         const uint32_t a[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-        const uint32_t b[2] = {xv.x, xv.y};
+        const uint32_t b[2] = {xv[f][j].x, xv[f][j].y};
         mma_16816<T>(acc[f], a, b);
       }
     }
