@@ -289,14 +289,13 @@ struct GemvGrid {
 
 // Activations of `iters` warp steps from step `base` (rows [0, MT), zero past M and K) as fp32 in
 // the slice layout. Each thread issues LOADS loads before it uses any, so it waits for one L2
-// round trip per LOADS values rather than one per value (4 from MT = 4 on, where 8 would spill:
-// the slice's first weights are live across the staging).
+// round trip per LOADS values rather than one per value.
 template <int BITS, int VEC, int MT, typename T>
 __device__ __forceinline__ void stage_activations(const LinearParams& p, const T* __restrict__ x, int64_t base,
                                                   int iters, float* xs) {
   using L = SliceLayout<BITS, VEC>;
   constexpr int SV = GemvGrid<BITS, VEC, MT>::SLICE_VALUES;
-  constexpr int LOADS = MT >= 4 ? 4 : 8;
+  constexpr int LOADS = 8;
   const int values = iters * L::WARP_VALUES;  // of each row: only the steps this slice walks
   const int64_t k0 = base * L::WARP_VALUES;
 #pragma unroll 1
@@ -325,7 +324,8 @@ struct ChunkParams {
 };
 
 // Two blocks per multiprocessor, as split_k plans for: up to 128 registers a thread (ptxas then
-// spills 12 bytes in the 8-row, 2-bit variant only; it may not take more without halving that).
+// spills 12 bytes in one variant, 2-bit with 8 activation rows and fp16; more registers would
+// halve the blocks).
 template <int BITS, int VEC, int MT, typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
