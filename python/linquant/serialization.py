@@ -159,14 +159,15 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
         # Float tensors keep the file's float dtype (assign=True); integer ones (qweight, zeros) are
         # the format itself. Another dtype would only fail at the first forward.
         want = expected[key]
-        if t.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and t.dtype != want.dtype):
+        same_kind = t.is_floating_point() == want.is_floating_point()
+        if not same_kind or (not want.is_floating_point() and t.dtype != want.dtype):
             raise ValueError(f"linquant.load_quantized: {key!r} is {t.dtype} in the file but the model "
                              f"expects {want.dtype}")
     for name in config["modules"]:  # damaged scales would make every output NaN or inf, silently
         scales = state[f"{name}.scales" if name else "scales"]
         if scales.numel() and not bool(torch.isfinite(scales).logical_and_(scales > 0).all()):
-            raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are not finite and "
-                             "positive (a damaged file?)")
+            raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are "
+                             "not finite and positive (a damaged file?)")
     model.load_state_dict(state, assign=True, strict=True)
     if hasattr(model, "tie_weights") and config.get("tied"):
         model.tie_weights()
