@@ -160,11 +160,15 @@ def paths_taking(m):
     return [(path, forced) for path, (forced, most) in PATHS.items() if most is None or m <= most]
 
 
+def fastest_path(r):
+    """The path a --paths row timed fastest, or None when none ran."""
+    return min(r["us"], key=r["us"].get) if r["us"] else None
+
+
 def paths_row(r):
     cells = [f"{r['us'][p]:.1f}" if p in r["us"] else r.get("errors", {}).get(p, "-") for p in PATHS]
-    fastest = min(r["us"], key=r["us"].get) if r["us"] else "-"
     return (f"| {r['N']}x{r['K']} | {r['format']} | {r['act']} | {r['M']} | {r['cublas_us']:.1f} | "
-            + " | ".join(cells) + f" | {fastest} | {r['default_path']} |")
+            + " | ".join(cells) + f" | {fastest_path(r) or '-'} | {r['default_path']} |")
 
 
 def suggested_thresholds(rows):
@@ -174,28 +178,27 @@ def suggested_thresholds(rows):
     that order; a path that never wins gets 0 (tc) or the previous threshold."""
     by_layer = {}
     for r in rows:
-        if r["us"]:
-            by_layer.setdefault((f"{r['N']}x{r['K']}", r["format"]), []).append(
-                (r["M"], min(r["us"], key=r["us"].get)))
+        if fastest_path(r):
+            by_layer.setdefault((f"{r['N']}x{r['K']}", r["format"]), []).append((r["M"], fastest_path(r)))
     out = []
-    for (shape, fmt), wins in by_layer.items():
+    for (layer, fmt), wins in by_layer.items():
         wins.sort()
-        limits, order, i = {}, ["gemv", "tc", "mma"], 0
-        for path in order:
+        limits, i = {}, 0
+        for path in ("gemv", "tc", "mma"):
             while i < len(wins) and wins[i][1] == path:
                 limits[path] = wins[i][0]
                 i += 1
         gemv = limits.get("gemv", 0)
         tc = limits.get("tc", 0)
         mma = limits.get("mma", max(gemv, tc))
-        out.append((shape, fmt, wins, (gemv, tc, mma), i == len(wins) or all(p == "dense" for _, p in wins[i:])))
+        out.append((layer, fmt, wins, (gemv, tc, mma), all(p == "dense" for _, p in wins[i:])))
     return out
 
 
 def thresholds_summary(rows):
     lines = []
-    for shape, fmt, wins, (gemv, tc, mma), ordered in suggested_thresholds(rows):
-        lines.append(f"# {shape} {fmt}: fastest by M: " + ", ".join(f"{m} {p}" for m, p in wins))
+    for layer, fmt, wins, (gemv, tc, mma), ordered in suggested_thresholds(rows):
+        lines.append(f"# {layer} {fmt}: fastest by M: " + ", ".join(f"{m} {p}" for m, p in wins))
         lines.append(f"#   -> gemv_max_m={gemv}, tc_max_m={tc}, mma_max_m={mma}"
                      + ("" if ordered else " (the fastest paths do not follow the dispatch order past here)"))
     return "\n".join(lines)
