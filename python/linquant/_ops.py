@@ -38,8 +38,8 @@ def _check_devices(ref, ref_name: str, **tensors) -> None:
 
 
 def _require_tensor(t, name: str) -> None:
-    """For ops whose only tensor argument is `t`: given None, the dispatcher would only say that
-    there were no tensor arguments."""
+    """For functions whose only tensor argument is `t` (given None, the dispatcher would only say
+    that there were no tensor arguments) and for Python-only ones such as metrics."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"linquant: {name} must be a tensor, got {'None' if t is None else type(t).__name__}")
 

@@ -4,14 +4,14 @@ import math
 
 import torch
 
+from ._ops import _require_tensor
+
 
 def metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
     """mse, max_error (max |x - x_hat|), mean_error (mean |x - x_hat|) and snr_db
     (10 log10(sum x^2 / sum (x - x_hat)^2); inf for an exact reconstruction)."""
-    for name, t in (("x", x), ("x_hat", x_hat)):
-        if not isinstance(t, torch.Tensor):
-            got = "None" if t is None else type(t).__name__
-            raise TypeError(f"linquant.metrics: {name} must be a tensor, got {got}")
+    _require_tensor(x, "x")
+    _require_tensor(x_hat, "x_hat")
     if x.shape != x_hat.shape:
         raise ValueError(f"linquant.metrics: x has shape {list(x.shape)} but x_hat has {list(x_hat.shape)}")
     if x.numel() == 0:
