@@ -1,9 +1,10 @@
 // CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size M
-// (default thresholds; _cuda_linear_dispatch moves them)
-//   M <= 8:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
-//   M <= 0 (off):    the register-dequantizing tensor-core kernel for M <= 16 (linear_tc_gemv.cuh),
-//                    until a GPU measurement places it;
-//   8 < M <= 256:    the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
+// (default thresholds, measured on an H100 with bench/bench_linear_cuda.py --paths; moved by
+// _cuda_linear_dispatch)
+//   M <= 2:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
+//                    for fp32 activations, which no tensor-core kernel takes, up to M = 8;
+//   2 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh);
+//   8 < M <= 64:     the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
 //                    is also the path of fp32 activations and of layouts the fused kernels reject.
 #include <ATen/ATen.h>
@@ -116,13 +117,14 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 }
 
 // Batch sizes where linear changes path: the GEMV up to gemv_max_m rows (it takes at most
-// kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows;
-// off until measured on a GPU), the fused tensor-core kernel up to mma_max_m, where the one-off
-// dequantization becomes small next to the GEMM and cuBLAS's tiling wins. Settable through
-// _cuda_linear_dispatch.
-std::atomic<int64_t> gemv_max_m{kGemvMaxRows};
-std::atomic<int64_t> tc_max_m{0};
-std::atomic<int64_t> mma_max_m{256};
+// kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows),
+// the fused tensor-core kernel up to mma_max_m, where the one-off dequantization becomes small
+// next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
+// GEMV, whose time grows with M past 2 rows, is fastest for M <= 2, the register kernel for M <= 8
+// and dequantize + cuBLAS from M = 128. Settable through _cuda_linear_dispatch.
+std::atomic<int64_t> gemv_max_m{2};
+std::atomic<int64_t> tc_max_m{8};
+std::atomic<int64_t> mma_max_m{64};
 
 std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma) {
   TORCH_CHECK_VALUE(gemv <= kGemvMaxRows, "linquant: gemv_max_m must be at most ", kGemvMaxRows,
@@ -139,7 +141,7 @@ std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma) {
 template <int BITS, int NF, typename T>
 void launch_tc_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   const int64_t blocks = tc_gemv_blocks(p.N), steps = tc_gemv_steps(p.K);
-  const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()));
+  const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()), tc_gemv_blocks_per_sm(NF));
   SplitWorkspace work(like, k, p, blocks);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(k.splits));
   tc_gemv_kernel<BITS, NF, T><<<grid, kTcWarps * 32, 0, current_stream()>>>(
@@ -209,7 +211,9 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   set_groups(p, sh.group, sh.groups);
 
   const at::Tensor x2 = x.reshape({sh.M, sh.K}).contiguous();
-  if (sh.M <= gemv_max_m.load(std::memory_order_relaxed)) {
+  // The tensor-core kernels: fp16 / bf16 activations, layouts of whole 32-value chunks.
+  const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (sh.M <= gemv_max_m.load(std::memory_order_relaxed) || (!half_precision && sh.M <= kGemvMaxRows)) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     dispatch_float(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -218,8 +222,6 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     return y.view(out_shape);
   }
 
-  // The tensor-core kernels: fp16 / bf16 activations, layouts of whole 32-value chunks.
-  const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
                   tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
   if (tc || (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) && sh.N <= kMmaMaxCols &&

@@ -206,7 +206,8 @@ LQ_HD void chunk_products(const float4* xs4, int sv4, int it, int lane, const ui
 }
 
 // K split over blocks: `tiles` blocks of output, `steps` units of K (GEMV warp steps, MMA K steps)
-// shared out so that there are about two blocks per multiprocessor, each split walking
+// shared out so that there are about `per_sm` blocks per multiprocessor (as many as fit at once:
+// two for the GEMV and the MMA kernel), each split walking
 // `per_split` consecutive steps (every split gets at least one). The split count is the nearest
 // to that aim, not the next above it: 256 row blocks of a 8192-row layer on 132 SMs run as one
 // round without a reduction, rather than as 512 blocks in two rounds plus the reduction.
@@ -215,9 +216,9 @@ struct SplitK {
   int64_t per_split = 0;
 };
 
-inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors) {
+inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors, int per_sm = 2) {
   SplitK k;
-  const int64_t want = 2 * static_cast<int64_t>(multiprocessors);
+  const int64_t want = static_cast<int64_t>(per_sm) * multiprocessors;
   k.splits = std::min<int64_t>(std::max<int64_t>((want + tiles / 2) / tiles, 1), std::max<int64_t>(steps, 1));
   k.per_split = (steps + k.splits - 1) / k.splits;
   k.splits = k.per_split > 0 ? (steps + k.per_split - 1) / k.per_split : 1;
@@ -253,6 +254,9 @@ __device__ void finish_split_k(const LinearParams& p, T* __restrict__ y, const f
 // rows aligned to it. 2-bit chunks stop at 8 bytes so that a lane's 32 values fit the
 // shared-memory layout of the other widths.
 inline int gemv_chunk_bytes(const LinearParams& p, int bits) {
+  // gemv_kernel's offsets within a warp's rows are 32-bit: R rows of bytes, of groups and of
+  // values (bytes * 8 / bits) must stay under 2^31.
+  if (p.row_bytes > (int64_t{1} << 27) || p.groups > (int64_t{1} << 28)) return 0;
   const int widest = bits == 2 ? 8 : 16;
   const int64_t group_bytes = p.group * bits / 8;
   const auto addr = reinterpret_cast<uintptr_t>(p.w);
@@ -342,56 +346,71 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   const int64_t s_begin = split * steps_per_split;
   const int64_t s_end = s_begin + steps_per_split < steps ? s_begin + steps_per_split : steps;
 
+  // The warp's rows are first_row + min(r, last_r): in the last row block, rows past N would be
+  // shifted back over the previous warp's rows (first_row <= row0), and where N < R the rows past
+  // it repeat row N - 1. Either way every load is in bounds with no check per chunk, and only rows
+  // [row0, N) are written. Kept as a 64-bit base and small ints so that the per-row offsets are
+  // one multiply-add each.
+  const int64_t shifted = row0 < p.N - R ? row0 : p.N - R;
+  const int64_t first_row = shifted > 0 ? shifted : 0;
+  const int last_r = static_cast<int>(p.N - 1 - first_row < R - 1 ? p.N - 1 - first_row : R - 1);
+  const uint8_t* const w_base = p.w + first_row * p.row_bytes;
+  const int64_t u_base = first_row * p.groups;
+  // Offsets within R rows in 32 bits (gemv_chunk_bytes sends larger rows to the generic kernel).
+  const int row_bytes = static_cast<int>(p.row_bytes), groups = static_cast<int>(p.groups);
+  const int group = static_cast<int>(p.group), group_shift = p.group_shift < 31 ? p.group_shift : 31;
+
   float acc[R][MT] = {};
   for (int64_t base = s_begin; base < s_end; base += ITERS) {
     const int iters = s_end - base < ITERS ? static_cast<int>(s_end - base) : ITERS;
-    // This lane's chunk of every row for step `it` of the slice, with its scale and zero point
-    // (chunk of 0s, scale 0 past the last row); false past the slice or the row's end. The next
-    // step's chunk is loaded before this one's arithmetic, so two steps of weights are in flight.
-    uint32_t c[R][VEC / 4], next[R][VEC / 4];
-    ChunkParams cp[R], next_cp[R];
+    // This lane's chunk of every row for step `it` of the slice, with its scale and zero point;
+    // false past the slice or the row's end.
     auto fetch = [&](int it, uint32_t (&w)[R][VEC / 4], ChunkParams (&params)[R]) {
-      const int64_t byte = ((base + it) * 32 + lane) * VEC;
-      if (it >= iters || byte >= p.row_bytes) return false;
-      const int64_t g = p.group_of(byte * P);
+      const int byte = static_cast<int>(((base + it) * 32 + lane) * VEC);
+      if (it >= iters || byte >= row_bytes) return false;
+      const int g = group_shift >= 0 ? (byte * P) >> group_shift : (byte * P) / group;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int64_t n = row0 + r;
-        if (n < p.N) {
-          load_chunk<VEC>(p.w + n * p.row_bytes + byte, w[r]);
-          params[r].scale = p.scales.raw(n * p.groups + g);
-          params[r].z = p.zeros != nullptr ? p.zeros[n * p.groups + g] : p.zero_const;
-        } else {
-          for (int d = 0; d < VEC / 4; ++d) w[r][d] = 0;
-          params[r] = {0, 0};  // scale +0.0 in every dtype
-        }
+        const int row = r < last_r ? r : last_r;
+        load_chunk<VEC>(w_base + (row * row_bytes + byte), w[r]);
+        const int64_t u = u_base + (row * groups + g);
+        params[r].scale = p.scales.raw(u);
+        params[r].z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
       }
       return true;
     };
-    // The slice's first weights are in flight while its activations are staged.
-    bool have = fetch(0, c, cp);
-    __syncthreads();  // the previous slice's activations are no longer read
-    stage_activations<BITS, VEC, MT, T>(p, x, base, iters, reinterpret_cast<float*>(xs4));
-    __syncthreads();
-#pragma unroll 1
-    for (int it = 0; have; ++it) {
-      const bool more = fetch(it + 1, next, next_cp);
+    // acc += the products of step `it`'s chunks, scaled.
+    auto consume = [&](int it, const uint32_t (&w)[R][VEC / 4], const ChunkParams (&params)[R]) {
       float s[R], fz[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        s[r] = p.scales.value_of(cp[r].scale);
-        fz[r] = kMagic + static_cast<float>(cp[r].z);
+        s[r] = p.scales.value_of(params[r].scale);
+        fz[r] = kMagic + static_cast<float>(params[r].z);
       }
       float t[R][MT] = {};
-      chunk_products<BITS, VEC, MT, R>(xs4, SV / 4, it, lane, c, p.flip, fz, t);
+      chunk_products<BITS, VEC, MT, R>(xs4, SV / 4, it, lane, w, p.flip, fz, t);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = fma_rn(s[r], t[r][m], acc[r][m]);
-        for (int d = 0; d < VEC / 4; ++d) c[r][d] = next[r][d];
-        cp[r] = next_cp[r];
       }
-      have = more;
+    };
+    // Two buffers of chunks taking turns: the next step's chunks are loaded before this one's
+    // arithmetic, so two steps of weights are in flight, and nothing is copied between buffers.
+    uint32_t a[R][VEC / 4], b[R][VEC / 4];
+    ChunkParams a_params[R], b_params[R];
+    // The slice's first weights are in flight while its activations are staged.
+    bool have = fetch(0, a, a_params);
+    __syncthreads();  // the previous slice's activations are no longer read
+    stage_activations<BITS, VEC, MT, T>(p, x, base, iters, reinterpret_cast<float*>(xs4));
+    __syncthreads();
+#pragma unroll 1
+    for (int it = 0; have; it += 2) {
+      const bool more = fetch(it + 1, b, b_params);
+      consume(it, a, a_params);
+      if (!more) break;
+      have = fetch(it + 2, a, a_params);
+      consume(it + 1, b, b_params);
     }
   }
 
@@ -405,8 +424,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   if (gridDim.y == 1) {
     if (lane == 0) {
       for (int r = 0; r < R; ++r) {
-        const int64_t n = row0 + r;
-        if (n >= p.N) break;
+        const int64_t n = first_row + r;
+        if (n < row0 || r > last_r) continue;
         const float b = p.bias.get_or_zero(n);
         for (int m = 0; m < MT && m < p.M; ++m) y[m * p.N + n] = core::from_float<T>(acc[r][m] + b);
       }
@@ -417,8 +436,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   // Split K: publish this split's sums; the last block of the row block adds them up.
   if (lane == 0) {
     for (int r = 0; r < R; ++r) {
-      const int64_t n = row0 + r;
-      if (n >= p.N) break;
+      const int64_t n = first_row + r;
+      if (n < row0 || r > last_r) continue;
       for (int m = 0; m < MT && m < p.M; ++m) partial[(split * p.M + m) * p.N + n] = acc[r][m];
     }
   }

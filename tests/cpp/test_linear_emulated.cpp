@@ -196,7 +196,7 @@ void run_tc(const Problem& pr, int sms) {
   const std::vector<T> x = pr.activations<T>();
   ASSERT_TRUE(tc_gemv_supports(pr.p, BITS, x.data()));
   const int64_t blocks = tc_gemv_blocks(pr.N), steps = tc_gemv_steps(pr.K);
-  const SplitK k = split_k(blocks, steps, sms);
+  const SplitK k = split_k(blocks, steps, sms, tc_gemv_blocks_per_sm(NF));
   std::vector<int> tickets(blocks, 0);
   for (int run = 0; run < (k.splits > 1 ? 2 : 1); ++run) {  // split K: again with the same tickets
     std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
@@ -219,6 +219,8 @@ TEST(LinearEmulated, SplitCountIsTheNearestToTwoBlocksPerMultiprocessor) {
   EXPECT_EQ(k.splits, 4);
   EXPECT_EQ(k.per_split, 3);
   EXPECT_EQ(split_k(900, 64, 132).splits, 1);
+  // The register tensor-core kernel's 128 blocks of 8192 rows, aiming at 4 blocks per SM.
+  EXPECT_EQ(split_k(128, 64, 132, 4).splits, 4);  // 4.125 -> 4
 }
 
 TEST(LinearEmulated, GroupOfShiftsOrDivides) {
@@ -248,6 +250,12 @@ TEST(LinearEmulated, GemvFourBit) {
   run_gemv<4, 16, 8, core::bf16_t>(Problem(4, false, 8, 40, 3008, 256, 7), 64);
   // A group size that is not a power of two (group_of divides instead of shifting), split K.
   run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 40, 2880, 96, 60), 16);
+  // Fewer rows than a warp takes (its rows past N repeat row N - 1), and a last warp shifted back
+  // over its neighbour's rows (5 rows: warps of rows 0-3 and 1-4), with and without split K.
+  run_gemv<4, 16, 1, core::half_t>(Problem(4, false, 1, 3, 512, 128, 61), 1);
+  run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 1, 4096, 64, 62), 8);
+  run_gemv<4, 16, 2, core::half_t>(Problem(4, false, 2, 5, 1024, 128, 63), 1);
+  run_gemv<4, 16, 2, core::half_t>(Problem(4, false, 2, 5, 4096, 128, 64), 16);
 }
 
 TEST(LinearEmulated, GemvEightAndTwoBit) {

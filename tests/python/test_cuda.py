@@ -502,8 +502,8 @@ def test_mixed_devices_raise_value_error():
 # linear: against the float64 reference and the CPU kernel, on both CUDA paths
 
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-GEMV_MAX_M = 8  # M <= 8: the fused CUDA-core GEMV, fp32 weights and fp32 accumulation (no weight rounding)
-# M > 8: the tensor-core GEMM dequantizes the weights to the activation dtype before the MMA (fp32
+GEMV_ROWS = 8  # the most rows the fused CUDA-core GEMV takes: fp32 weights, fp32 accumulation (no weight rounding)
+# The tensor-core kernels and the GEMM dequantizes the weights to the activation dtype before the MMA (fp32
 # accumulation). Per operand that costs a relative error of at most the unit roundoff of the
 # dtype it is rounded to: 2**-11 for fp16, 2**-8 for bf16; we allow MMA_EPS = eps (twice that) per
 # operand and 2 * MMA_EPS per product. fp32 activations may go through TF32, which keeps 10
@@ -541,16 +541,22 @@ def ref_for(qw):
     return RefWeight(qw.qweight, qw.zeros, qw.bits, qw.group_size, qw.in_features)
 
 
-def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_args=None, what="", gemv=None):
+def takes_gemv(m, dtype):
+    """Whether CUDA linear gives m rows of `dtype` activations to the GEMV: up to the threshold in
+    force, and fp32 activations, which no tensor-core kernel takes, up to GEMV_ROWS whatever it is."""
+    return m <= torch.ops.linquant._cuda_linear_dispatch()[0] or (dtype == torch.float32 and m <= GEMV_ROWS)
+
+
+def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_args=None, what=""):
     """linear on CUDA (on copies of the CPU arguments, or on `gpu_args`) against the float64
-    reference `w64` and against the CPU kernel. Returns the CUDA result. `gemv`: whether the
-    call takes the GEMV (no weight rounding); None: as the default thresholds choose."""
+    reference `w64` and against the CPU kernel, with the error bound of the path the thresholds in
+    force choose. Returns the CUDA result."""
     if gpu_args is None:
         gpu_args = tuple(on_dev(t) for t in (x, qweight, scales, zeros, bias))
     y = lq.linear(*gpu_args, bits, group_size)
     n, k = qweight.shape[0], x.shape[-1]
     m = math.prod(x.shape[:-1])
-    gemv = m <= GEMV_MAX_M if gemv is None else gemv
+    gemv = takes_gemv(m, x.dtype)
     what = (f"{what} M={m} N={n} K={k} bits={bits} group_size={group_size} symmetric={zeros is None} "
             f"x {x.dtype} scales {scales.dtype} bias={bias is not None} "
             f"path={'GEMV' if gemv else 'GEMM'}")
@@ -579,7 +585,8 @@ def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_arg
         r, c = divmod(i, n) if n else (0, 0)
         raise AssertionError(f"CUDA linear vs float64 reference: error {float(err[r, c]):.3e} at [{r}, {c}] is "
                              f"{float(ratio.max()):.2f}x the bound {float(bound[r, c]):.3e} (ref {float(ref[r, c]):.6e}); "
-                             f"{what}. M <= {GEMV_MAX_M} is expected to take the fp32 GEMV path (no weight rounding).")
+                             f"{what}. The GEMV path (no weight rounding) is expected for M <= "
+                             f"{torch.ops.linquant._cuda_linear_dispatch()[0]}, and for fp32 up to M = {GEMV_ROWS}.")
     diff = (yg - y_cpu.double().reshape(m, n)).abs()
     both = bound + cpu_bound
     if not bool((diff <= both).all()):
@@ -607,8 +614,9 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
             check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g, rw(scales))
 
 
-# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path.
-FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
+# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path (fp32
+# activations: the GEMV up to GEMV_ROWS whatever the thresholds).
+FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
 
 
 @pytest.mark.parametrize("path", list(FORCED_PATHS))
@@ -616,7 +624,8 @@ FORCED_PATHS = {"gemv": (GEMV_MAX_M, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 <<
 def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
     # Every path over the batch sizes it can be given (lq.cuda_linear_dispatch), not only those
     # the default thresholds send it: the thresholds are tuning, any setting must stay correct.
-    # fp32 activations take the dense path when a tensor-core kernel is asked for.
+    # fp32 activations take the GEMV up to 8 rows, then the dense path when a tensor-core kernel is
+    # asked for.
     n, k = 72, 1024
     w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
     bias = torch.randn(n, generator=gen)
@@ -631,7 +640,7 @@ def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
                 scales = qw.scales.to(dtype)
                 with lq.cuda_linear_dispatch(*FORCED_PATHS[path]):
                     check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, bias.to(dtype) if mi % 2 else None,
-                                 bits, g, rw(scales), what=f"forced {path} path", gemv=path == "gemv")
+                                 bits, g, rw(scales), what=f"forced {path} path")
 
 
 LARGE_SHAPES = {(96, 4096): (None, 128), (4096, 96): (None, 32), (256, 4104): (None, 128)}
