@@ -92,13 +92,11 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const bool pairs_exact = pairs_exact_for<BITS, T>(p);
 
   float acc[NF][4] = {};
-  // One step: this lane's chunks of rows g and g + 8 dequantized, then 8 k tiles x NF fragments.
-  auto run_step = [&](int64_t step, WeightChunk<BITS> (&c)[2]) {
+  // The activations of a step at this lane's chunk: row m = 8 f + g; zeros past M and past K (a
+  // step's last chunks may start beyond K, which is a multiple of the chunk).
+  uint2 xv[NF][kMmaChunk / 4];
+  auto load_x = [&](int64_t step) {
     const int64_t k0 = step * kTcStep + t * kMmaChunk;
-    // The step's activations first, so that their loads (from L2) overlap the dequantization:
-    // row m = 8 f + g at this lane's chunk; zeros past M and past K (a step's last chunks may
-    // start beyond K, which is a multiple of the chunk).
-    uint2 xv[NF][kMmaChunk / 4];
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const int64_t m = f * 8 + g;
@@ -107,6 +105,12 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 #pragma unroll
       for (int j = 0; j < kMmaChunk / 4; ++j) xv[f][j] = in ? xs[j] : make_uint2(0u, 0u);
     }
+  };
+  // One step: this lane's chunks of rows g and g + 8 dequantized, then 8 k tiles x NF fragments,
+  // then the next step's activations loaded, so that their latency (L1 or L2) passes during that
+  // step's dequantization instead of stalling the MMAs (an H100 took as long at 2 bits as at 8).
+  auto run_step = [&](int64_t step, WeightChunk<BITS> (&c)[2]) {
+    const int64_t k0 = step * kTcStep + t * kMmaChunk;
     uint32_t lo[kMmaChunk / 2], hi[kMmaChunk / 2];
     dequant_chunk_to<BITS, T>(p, c[0], pairs_exact, lo);
     dequant_chunk_to<BITS, T>(p, c[1], pairs_exact, hi);
@@ -123,6 +127,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         mma_16816<T>(acc[f], a, b);
       }
     }
+    if (step + 1 < step1) load_x(step + 1);
   };
 
   WeightChunk<BITS> chunks[DEPTH][2];
@@ -133,6 +138,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
       fetch_chunk<BITS, true>(p, n0 + g + 8, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][1]);
     }
   }
+  if (step0 < step1) load_x(step0);
   for (int64_t base = step0; base < step1; base += DEPTH) {
 #pragma unroll
     for (int j = 0; j < DEPTH; ++j) {
