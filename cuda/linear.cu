@@ -1,9 +1,10 @@
 // CUDA kernel of the weight-only quantized linear op: argument checks, then by batch size M
 // (default thresholds, measured on an H100 with bench/bench_linear_cuda.py --paths; moved by
 // _cuda_linear_dispatch)
-//   M <= 2:          the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
-//                    for fp32 activations, which no tensor-core kernel takes, up to M = 8;
-//   2 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh);
+//   M = 1:           the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
+//                    up to M = 8 where no tensor-core kernel takes the call (fp32 activations,
+//                    layouts they reject);
+//   1 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh);
 //   8 < M <= 64:     the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
 //                    is also the path of fp32 activations and of layouts the fused kernels reject.
@@ -120,9 +121,10 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 // kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows),
 // the fused tensor-core kernel up to mma_max_m, where the one-off dequantization becomes small
 // next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
-// GEMV, whose time grows with M past 2 rows, is fastest for M <= 2, the register kernel for M <= 8
-// and dequantize + cuBLAS from M = 128. Settable through _cuda_linear_dispatch.
-std::atomic<int64_t> gemv_max_m{2};
+// GEMV, whose time grows with M, is fastest at M = 1, the register kernel (about as fast at M = 1
+// to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from M = 128. Settable
+// through _cuda_linear_dispatch.
+std::atomic<int64_t> gemv_max_m{1};
 std::atomic<int64_t> tc_max_m{8};
 std::atomic<int64_t> mma_max_m{64};
 
@@ -213,7 +215,15 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const at::Tensor x2 = x.reshape({sh.M, sh.K}).contiguous();
   // The tensor-core kernels: fp16 / bf16 activations, layouts of whole 32-value chunks.
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (sh.M <= gemv_max_m.load(std::memory_order_relaxed) || (!half_precision && sh.M <= kGemvMaxRows)) {
+  const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
+                  tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
+  const bool mma = !tc && half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) &&
+                   sh.N <= kMmaMaxCols && mma_supports(p, static_cast<int>(bits));
+  // The GEMV also takes the few rows no tensor-core kernel takes (fp32 activations, layouts they
+  // reject) unless it is off (gemv_max_m = 0): it reads the weight once, where dequantize + cuBLAS
+  // would first write and read all of it at 16 or 32 bits.
+  const int64_t gemv_rows = gemv_max_m.load(std::memory_order_relaxed);
+  if (sh.M <= gemv_rows || (gemv_rows > 0 && sh.M <= kGemvMaxRows && !tc && !mma)) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     dispatch_float(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -222,10 +232,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     return y.view(out_shape);
   }
 
-  const bool tc = half_precision && sh.M <= tc_max_m.load(std::memory_order_relaxed) &&
-                  tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
-  if (tc || (half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) && sh.N <= kMmaMaxCols &&
-             mma_supports(p, static_cast<int>(bits)))) {
+  if (tc || mma) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

@@ -189,9 +189,10 @@ def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[in
     """Within the block, CUDA `linear` takes the GEMV for M <= gemv_max_m (at most 8), the
     register-dequantizing tensor-core kernel for M <= tc_max_m (at most 16), the shared-memory
     tensor-core kernel for M <= mma_max_m, and dequantize + cuBLAS beyond (None keeps a threshold;
-    the defaults, measured on an H100, are 2, 8 and 64; fp32 activations, which no tensor-core kernel
-    takes, get the GEMV up to M = 8 whatever the thresholds). The setting is process-wide, not per thread. For measuring
-    the paths on a GPU (bench/bench_linear_cuda.py --paths) and for testing each of them."""
+    the defaults, measured on an H100, are 1, 8 and 64). Unless gemv_max_m is 0, the GEMV also
+    takes up to 8 rows that no tensor-core kernel takes (fp32 activations, layouts they reject).
+    The setting is process-wide, not per thread. For measuring the paths on a GPU
+    (bench/bench_linear_cuda.py --paths) and for testing each of them."""
     if not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"):
         raise RuntimeError("linquant: this build has no CUDA kernels (built without LINQUANT_CUDA)")
     previous = torch.ops.linquant._cuda_linear_dispatch(*(-1 if v is None else v for v in (gemv_max_m, tc_max_m,

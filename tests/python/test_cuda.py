@@ -542,9 +542,12 @@ def ref_for(qw):
 
 
 def takes_gemv(m, dtype):
-    """Whether CUDA linear gives m rows of `dtype` activations to the GEMV: up to the threshold in
-    force, and fp32 activations, which no tensor-core kernel takes, up to GEMV_ROWS whatever it is."""
-    return m <= torch.ops.linquant._cuda_linear_dispatch()[0] or (dtype == torch.float32 and m <= GEMV_ROWS)
+    """Whether CUDA linear surely gives m rows of `dtype` activations to the GEMV: up to the
+    threshold in force, and while the GEMV is on, fp32 activations (no tensor-core kernel takes
+    them) up to GEMV_ROWS. (It also takes fp16 / bf16 layouts the tensor-core kernels reject;
+    those are checked against the looser bound of the other paths.)"""
+    gemv_max_m = torch.ops.linquant._cuda_linear_dispatch()[0]
+    return m <= gemv_max_m or (gemv_max_m > 0 and dtype == torch.float32 and m <= GEMV_ROWS)
 
 
 def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_args=None, what=""):
@@ -586,7 +589,7 @@ def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_arg
         raise AssertionError(f"CUDA linear vs float64 reference: error {float(err[r, c]):.3e} at [{r}, {c}] is "
                              f"{float(ratio.max()):.2f}x the bound {float(bound[r, c]):.3e} (ref {float(ref[r, c]):.6e}); "
                              f"{what}. The GEMV path (no weight rounding) is expected for M <= "
-                             f"{torch.ops.linquant._cuda_linear_dispatch()[0]}, and for fp32 up to M = {GEMV_ROWS}.")
+                             f"{torch.ops.linquant._cuda_linear_dispatch()[0]}, and while it is on, for fp32 up to M = {GEMV_ROWS}.")
     diff = (yg - y_cpu.double().reshape(m, n)).abs()
     both = bound + cpu_bound
     if not bool((diff <= both).all()):
@@ -614,8 +617,7 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
             check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g, rw(scales))
 
 
-# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path (fp32
-# activations: the GEMV up to GEMV_ROWS whatever the thresholds).
+# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path.
 FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
 
 
@@ -624,8 +626,7 @@ FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 
 def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
     # Every path over the batch sizes it can be given (lq.cuda_linear_dispatch), not only those
     # the default thresholds send it: the thresholds are tuning, any setting must stay correct.
-    # fp32 activations take the GEMV up to 8 rows, then the dense path when a tensor-core kernel is
-    # asked for.
+    # fp32 activations take the dense path when a tensor-core kernel is asked for.
     n, k = 72, 1024
     w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
     bias = torch.randn(n, generator=gen)

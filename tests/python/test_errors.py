@@ -176,12 +176,12 @@ def test_cuda_linear_dispatch_checks_and_restores():
     # Needs no GPU: the thresholds are host state of a CUDA build.
     op = torch.ops.linquant._cuda_linear_dispatch
     before = op()
-    assert before == [2, 8, 64]  # the defaults, measured on an H100 (cuda/linear.cu)
-    with lq.cuda_linear_dispatch(gemv_max_m=1):
-        assert op() == [1, 8, 64]
+    assert before == [1, 8, 64]  # the defaults, measured on an H100 (cuda/linear.cu)
+    with lq.cuda_linear_dispatch(gemv_max_m=2):
+        assert op() == [2, 8, 64]
         with lq.cuda_linear_dispatch(tc_max_m=16, mma_max_m=0):
-            assert op() == [1, 16, 0]
-        assert op() == [1, 8, 64]
+            assert op() == [2, 16, 0]
+        assert op() == [2, 8, 64]
     assert op() == before
     with raises(re.escape("gemv_max_m must be at most 8")), lq.cuda_linear_dispatch(gemv_max_m=9):
         pass
