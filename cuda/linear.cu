@@ -7,7 +7,8 @@
 //   1 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh);
 //   8 < M <= 64:     the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
-//                    is also the path of fp32 activations and of layouts the fused kernels reject.
+//                    is also the path, past 8 rows, of fp32 activations and of layouts the fused
+//                    kernels reject.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -121,8 +122,8 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 // kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows),
 // the fused tensor-core kernel up to mma_max_m, where the one-off dequantization becomes small
 // next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
-// GEMV, whose time grows with M, is fastest at M = 1, the register kernel (about as fast at M = 1
-// to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from M = 128. Settable
+// GEMV, whose time grows with M, is fastest at M = 1, the register kernel (whose time hardly
+// changes from M = 1 to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from M = 128. Settable
 // through _cuda_linear_dispatch.
 std::atomic<int64_t> gemv_max_m{1};
 std::atomic<int64_t> tc_max_m{8};

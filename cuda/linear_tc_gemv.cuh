@@ -75,8 +75,9 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 LQ_HD int64_t tc_gemv_blocks(int64_t n) { return (n + kTcWarps * 16 - 1) / (kTcWarps * 16); }
 LQ_HD int64_t tc_gemv_steps(int64_t k) { return (k + kTcStep - 1) / kTcStep; }
 // Blocks a multiprocessor holds at once, which split K aims to fill: registers bound them (128 a
-// thread with one activation fragment, 168 with two, of 64K). An H100 profile of 8192 x 8192 at
-// M = 1 with split K aiming at 2 showed 8 warps per SM, latency-bound at 22% of DRAM bandwidth.
+// thread with one activation fragment, 168 with two, of 64K). On an H100 (8192 x 8192 W4, M = 1,
+// under the profiler) aiming at 2 left 8 warps per SM at 22% of DRAM bandwidth, 53 us; aiming at 4
+// gives 30%, 39 us.
 constexpr int tc_gemv_blocks_per_sm(int nf) { return nf == 1 ? 4 : 3; }
 
 template <int BITS, int NF, typename T>
@@ -108,7 +109,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   };
   // One step: this lane's chunks of rows g and g + 8 dequantized, then 8 k tiles x NF fragments,
   // then the next step's activations loaded, so that their latency (L1 or L2) passes during that
-  // step's dequantization instead of stalling the MMAs (an H100 took as long at 2 bits as at 8).
+  // step's dequantization. (On an H100 this gained nothing measurable over loading them at the
+  // start of their own step: the kernel is bound by its instructions, see linear.cu.)
   auto run_step = [&](int64_t step, WeightChunk<BITS> (&c)[2]) {
     const int64_t k0 = step * kTcStep + t * kMmaChunk;
     uint32_t lo[kMmaChunk / 2], hi[kMmaChunk / 2];

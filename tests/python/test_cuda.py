@@ -503,7 +503,7 @@ def test_mixed_devices_raise_value_error():
 
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 GEMV_ROWS = 8  # the most rows the fused CUDA-core GEMV takes: fp32 weights, fp32 accumulation (no weight rounding)
-# The tensor-core kernels and the GEMM dequantizes the weights to the activation dtype before the MMA (fp32
+# The tensor-core kernels and the GEMM dequantize the weights to the activation dtype before the MMA (fp32
 # accumulation). Per operand that costs a relative error of at most the unit roundoff of the
 # dtype it is rounded to: 2**-11 for fp16, 2**-8 for bf16; we allow MMA_EPS = eps (twice that) per
 # operand and 2 * MMA_EPS per product. fp32 activations may go through TF32, which keeps 10
