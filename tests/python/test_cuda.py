@@ -11,7 +11,8 @@ by the CPU suites) as the oracle:
 - the errors on CUDA are the CPU's ValueErrors, word for word (NaN / Inf, out-of-range pack values
   naming the first bad index, bad arguments), and mixed devices are ValueErrors naming both devices;
 - linear on CUDA against the float64 reference (reference.ref_weight) and against the CPU kernel,
-  on both CUDA paths (the CUDA-core GEMV for M <= 8, the tensor-core GEMM above), over bits,
+  on every CUDA path (the CUDA-core GEMV, the two tensor-core kernels, dequantize + cuBLAS; as the
+  thresholds choose and each forced), over bits,
   modes, group sizes, shapes, dtypes, leading dims, bias, empty inputs, non-contiguous x and
   misaligned qweight / scales / zeros / bias (the kernels' aligned fast path and their fallback);
 - torch.library.opcheck of every op on CUDA; QLinear and quantize_weight on CUDA; quantize_model on
@@ -499,7 +500,7 @@ def test_mixed_devices_raise_value_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# linear: against the float64 reference and the CPU kernel, on both CUDA paths
+# linear: against the float64 reference and the CPU kernel, on every CUDA path
 
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 GEMV_ROWS = 8  # the most rows the fused CUDA-core GEMV takes: fp32 weights, fp32 accumulation (no weight rounding)
