@@ -10,7 +10,7 @@
 #   sanitizer.log          compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests
 #   bench_linear_cuda.txt, bench_linear_cuda.json     bench/bench_linear_cuda.py
 #   bench_paths.txt        bench/bench_linear_cuda.py --paths --quick: each CUDA path forced at
-#                          each M (where the dispatch thresholds belong)
+#                          each M (where the dispatch thresholds belong), fp16 then bf16
 #
 # Steps, in order, each under `timeout` (budget in s = the most it may take):
 #   1. versions: nvidia-smi, torch, nvcc, cmake, compute-sanitizer                      30
@@ -25,7 +25,7 @@
 #      layouts ($MEMCHECK_K), with PyTorch's caching allocator off so out-of-bounds
 #      accesses inside a block show; racecheck, then synccheck, on the forced-path tests  90 each
 #   6. python3 bench/bench_linear_cuda.py --json                                        240
-#   7. python3 bench/bench_linear_cuda.py --paths --quick, if time is left                 120
+#   7. python3 bench/bench_linear_cuda.py --paths --quick, fp16 then bf16, if time is left  120
 # The budgets add up to more than one device call allows, so the whole run also has a deadline,
 # GPU_CHECK_DEADLINE_S (default 540 s, under the tool's 600 s): a step gets its budget or what is
 # left before the deadline, less BENCH_RESERVE_S (default 150 s) kept for the benchmark, and a step
@@ -128,6 +128,11 @@ build_cpp_tests() {
 }
 
 # shellcheck disable=SC2329
+bench_paths() {  # the path sweep for both activation dtypes (the thresholds were measured on fp16)
+  python3 bench/bench_linear_cuda.py --paths --quick && python3 bench/bench_linear_cuda.py --paths --quick --dtype bf16
+}
+
+# shellcheck disable=SC2329
 profile_kernels() {  # Nsight Compute on the linear kernels, W4 g128 8192x8192: bandwidth, issue slots, stalls
   ncu --kernel-name regex:"gemv_kernel|tc_gemv_kernel|mma_kernel" --launch-count 6 --section SpeedOfLight \
     --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats python3 - <<'EOF_PY'
@@ -226,7 +231,7 @@ main() {
   echo "== bench_linear_cuda.txt:"
   cat "$OUT/bench_linear_cuda.txt"
   # 7. the path sweep (8192x8192), with what time is left.
-  run_step bench-paths 120 0 "$OUT/bench_paths.txt" python3 bench/bench_linear_cuda.py --paths --quick
+  run_step bench-paths 120 0 "$OUT/bench_paths.txt" bench_paths
 
   echo
   echo "== summary ($SECONDS s; logs in $OUT)"
