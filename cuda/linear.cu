@@ -123,8 +123,8 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 // the fused tensor-core kernel up to mma_max_m, where the one-off dequantization becomes small
 // next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
 // GEMV, whose time grows with M, is fastest at M = 1, the register kernel (whose time hardly
-// changes from M = 1 to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from M = 128. Settable
-// through _cuda_linear_dispatch.
+// changes from M = 1 to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from
+// M = 128. Settable through _cuda_linear_dispatch.
 std::atomic<int64_t> gemv_max_m{1};
 std::atomic<int64_t> tc_max_m{8};
 std::atomic<int64_t> mma_max_m{64};

@@ -209,7 +209,7 @@ void run_tc(const Problem& pr, int sms) {
   }
 }
 
-TEST(LinearEmulated, SplitCountIsTheNearestToTwoBlocksPerMultiprocessor) {
+TEST(LinearEmulated, SplitCountIsTheNearestToTheBlocksAMultiprocessorHolds) {
   // 8192 rows of W4 at M = 1 (256 row blocks) on an H100's 132 SMs: one round, no reduction.
   EXPECT_EQ(split_k(256, 8, 132).splits, 1);
   EXPECT_EQ(split_k(128, 8, 132).splits, 2);  // 2.06 -> 2
