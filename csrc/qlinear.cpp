@@ -62,13 +62,8 @@ at::Tensor QLinearImpl::forward(const at::Tensor& x) {
 }
 
 at::Tensor QLinearImpl::dequantize() const {
-  at::Tensor q = qweight;
-  std::optional<at::Tensor> z = zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt;
-  if (options.bits < 8) {
-    q = unpack(q, options.bits, in_features);
-    if (options.symmetric) z = at::full_like(scales, 1 << (options.bits - 1), at::TensorOptions(at::kInt));
-  }
-  return linquant::dequantize(q, scales, z, axis_of(options), options.group_size, scales.scalar_type());
+  return dequantize_weight(qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
+                           options.bits, options.group_size, in_features, scales.scalar_type());
 }
 
 }  // namespace linquant

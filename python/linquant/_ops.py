@@ -106,35 +106,6 @@ def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=N
     return x.new_empty(list(x.shape[:-1]) + [qweight.shape[0]])
 
 
-# Backward of linear for frozen quantized weights (a LoRA or a prompt trained through a quantized
-# model): gradients for x and bias. dx = dy @ W_hat, with W_hat dequantized in dy's dtype for the
-# call, as bitsandbytes and quanto do; the packed weight is all that stays in memory.
-def _linear_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, bits, group_size = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.format = (bits, group_size, x.shape[-1])
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _linear_backward(ctx, grad):
-    if ctx.needs_input_grad[2]:
-        raise NotImplementedError("linquant: linear has no gradient for scales (the quantized weight is frozen)")
-    from .weights import QuantizedWeight, dequantize_weight  # weights imports this module
-
-    qweight, scales, zeros = ctx.saved_tensors
-    bits, group_size, k = ctx.format
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w_hat = dequantize_weight(QuantizedWeight(qweight, scales, zeros, bits, group_size, k), dtype=grad.dtype)
-        grad_x = grad.matmul(w_hat)
-    if ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None, None
-
-
-torch.library.register_autograd("linquant::linear", _linear_backward, setup_context=_linear_setup_context)
-
-
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,
                    group_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (float32) and zero point (int32, or None when symmetric) for quantizing `x`.

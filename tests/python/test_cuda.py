@@ -823,6 +823,21 @@ def test_linear_gradients_match_the_cpu(bits, group_size, symmetric, dtype):
         assert torch.allclose(cpu, gpu, rtol=4 * MMA_EPS[dtype], atol=4 * MMA_EPS[dtype] * cpu.abs().max().item())
 
 
+def test_linear_under_cuda_autocast_runs_in_fp16():
+    # An fp32 quantized layer under CUDA autocast takes x in fp16, as nn.Linear does (and with it
+    # the tensor-core kernels, which fp32 activations never reach); CPU autocast leaves it alone.
+    gen = torch.Generator().manual_seed(5)
+    qw = lq.quantize_weight(torch.randn(64, 256, generator=gen), 4, 128, symmetric=False)
+    args = [on_dev(t) for t in (qw.qweight, qw.scales, qw.zeros)]
+    x = torch.randn(4, 256, generator=gen).to(DEV)
+    with torch.autocast("cuda"):
+        y = lq.linear(x, *args, None, 4, 128)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lq.linear(x, *args, None, 4, 128).dtype == torch.float16
+    assert y.dtype == torch.float16
+    assert torch.equal(y, lq.linear(x.half(), *args, None, 4, 128))
+
+
 # ---------------------------------------------------------------------------------------------
 # QLinear and quantize_weight on CUDA
 

@@ -156,6 +156,50 @@ def test_compile_fullgraph():
         assert torch.equal(compiled(x), f(x))
 
 
+def test_compile_backward_matches_eager(gen):
+    # The backward is a C++ autograd kernel: AOTAutograd traces it into the compiled graph too.
+    qw = lq.quantize_weight(torch.randn(24, 96, generator=gen), 4, 32, symmetric=False)
+    bias = torch.randn(24, generator=gen)
+
+    def f(x, b):
+        return torch.relu(lq.linear(x, qw.qweight, qw.scales, qw.zeros, b, 4, 32)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 96, generator=gen)
+    grads = []
+    for fn in (f, compiled):
+        xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        fn(xi, bi).backward()
+        grads.append((xi.grad, bi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_in_the_autocast_dtype(dtype, gen):
+    # As nn.Linear under torch.autocast: x is cast, y comes out in the autocast dtype, equal to
+    # the call on the cast x; gradients reach the fp32 x through the cast. Scales stay fp32.
+    qw = lq.quantize_weight(torch.randn(16, 64, generator=gen), 4, 32, symmetric=False)
+    bias = torch.randn(16, generator=gen)
+    x = torch.randn(3, 64, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, 4, 32)
+    assert y.dtype == dtype
+    assert torch.equal(y, lq.linear(x.detach().to(dtype), qw.qweight, qw.scales, qw.zeros, bias, 4, 32))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
+    assert lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, 4, 32).dtype == torch.float32  # autocast off
+
+
+def test_autocast_in_a_quantized_model(gen):
+    # A quantized fp32 model under CPU autocast runs its QLinear layers in bf16, like nn.Linear.
+    torch.manual_seed(0)
+    model = lq.quantize_model(torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)),
+                              bits=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 32, generator=gen)).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("group_size", [None, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_empty_weights_from_quantize_weight(group_size, symmetric, gen):

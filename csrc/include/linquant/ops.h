@@ -74,4 +74,19 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const a
   return h.call(x, qweight, scales, zeros, bias, bits, group_size);
 }
 
+// The float weight [N, in_features] that a weight in the quantized-weight format stands for, in
+// dtype (Python: linquant.dequantize_weight): sub-byte rows unpacked, symmetric sub-byte values
+// (stored offset by 2^(bits-1)) back to signed, then dequantize per channel or per group.
+inline at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, int64_t bits,
+                                    std::optional<int64_t> group_size, int64_t in_features, at::ScalarType dtype) {
+  at::Tensor q = qweight;
+  if (bits < 8) {
+    q = unpack(q, bits, in_features);
+    if (!zeros.has_value()) q = q.to(at::kShort).sub(int64_t{1} << (bits - 1)).to(at::kChar);
+  }
+  if (group_size.has_value()) return dequantize(q, scales, zeros, std::nullopt, group_size, dtype);
+  return dequantize(q, scales.reshape({-1, 1}), zeros, 0, std::nullopt, dtype);
+}
+
 }  // namespace linquant
