@@ -51,4 +51,13 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace linquant::cpu

@@ -9,6 +9,9 @@ enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };
 
 CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
+// Whether the AVX-512 kernels may use AVX512-BF16 dot products (vdpbf16ps): the CPU has them and
+// the AVX-512 variant runs.
+bool cpu_has_avx512_bf16();
 
 }  // namespace linquant::cpu
 

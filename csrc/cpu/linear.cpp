@@ -80,6 +80,30 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     return y.to(x.scalar_type()).view(out_shape);
   }
 
+  // bf16 activations with 4- or 2-bit weights, on a CPU with AVX512-BF16: the dot-product kernel
+  // on bf16 byte streams (below, in bf16) and each row's sums over each group. Only for groups of
+  // whole 32-byte loads (or one per row): on a 4096 x 4096 W4 layer with groups of 32 (16 bytes) it
+  // measured 0.7-0.9x the LUT kernel, with groups of 128 1.5-2.1x.
+  const bool bf16_layout = !group_size.has_value() || (sh.group / per_byte) % 32 == 0;
+  if (kernels.gemv_bf16 != nullptr && bits < 8 && x.scalar_type() == at::kBFloat16 && bf16_layout &&
+      cpu_has_avx512_bf16()) {
+    const at::Tensor xb16 = x.reshape({sh.M, sh.K});
+    const at::Tensor xb = at::constant_pad_nd(xb16, {0, sh.row_bytes * per_byte - sh.K})
+                              .view({sh.M, sh.row_bytes, per_byte})
+                              .transpose(1, 2)
+                              .contiguous();
+    const at::Tensor xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K})
+                                .view({sh.M, sh.groups, sh.group})
+                                .sum(-1)
+                                .contiguous();
+    a.xb = reinterpret_cast<const uint16_t*>(xb.const_data_ptr());
+    a.xsum = xsum.const_data_ptr<float>();
+    at::parallel_for(0, (sh.N + 3) / 4, 4, [&](int64_t b0, int64_t b1) {
+      kernels.gemv_bf16(a, b0 * 4, std::min(b1 * 4, sh.N));
+    });
+    return y.to(x.scalar_type()).view(out_shape);
+  }
+
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
   a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());

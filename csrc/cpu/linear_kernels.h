@@ -6,7 +6,8 @@
 // read both sides contiguously: for bits < 8 a byte holds PER = 8 / bits values, and `xd` holds
 // PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Kernels
 // that read weights a 32-bit word at a time instead take VPW = 32 / bits streams, stream p being
-// x[w * VPW + p] for word w (`word_streams`). Then
+// x[w * VPW + p] for word w (`word_streams`). The bf16 kernel (`gemv_bf16`) takes the byte
+// streams in bf16 (`xb`), with each activation row's sum over each group (`xsum`). Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
 
@@ -29,6 +30,8 @@ struct LinearArgs {
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)
   const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
+  const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
+  const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
 };
@@ -47,6 +50,9 @@ struct LinearKernels {
   GemvFn gemv;
   WordStreamsFn word_streams;
   DequantFn dequant_rows;
+  // 4- and 2-bit weights with bf16 activations through AVX512-BF16 dot products, or nullptr (this
+  // instruction set has none; run it only where cpu_has_avx512_bf16()).
+  GemvFn gemv_bf16;
 };
 
 const LinearKernels& linear_kernels_baseline();

@@ -13,6 +13,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+def offset_weight(qw, bits, group_size, k):
+    """|s| (128 + |z|) per weight: what the CPU's AVX512-BF16 kernel (bf16 activations, 4 and 2
+    bits) accumulates in place of s (q - z) before subtracting (128 + z) sum x (architecture.md)."""
+    z = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, 2 ** (bits - 1), dtype=torch.int32)
+    return ref_weight(torch.zeros_like(qw.qweight), qw.scales.abs(), -(128 + z.abs()), bits, group_size, k)
+
+
 def check(x, qw, bias, bits, group_size):
     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
     k = x.shape[-1]
@@ -20,8 +27,10 @@ def check(x, qw, bias, bits, group_size):
     x64 = x.double().reshape(-1, k)
     ref = x64 @ w.T + (bias.double() if bias is not None else 0)
     assert y.dtype == x.dtype and y.shape == tuple(list(x.shape[:-1]) + [qw.qweight.shape[0]])
-    # fp32 accumulation over K terms, then rounding to the output dtype.
-    bound = (x64.abs() @ w.abs().T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
+    # fp32 accumulation over K terms (of the offset weights where the bf16 kernel may run), then
+    # rounding to the output dtype.
+    w_acc = offset_weight(qw, bits, group_size, k) if x.dtype == torch.bfloat16 and bits < 8 else w.abs()
+    bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
     err = (y.double().reshape(ref.shape) - ref).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
 
@@ -49,6 +58,19 @@ def test_dtypes_and_leading_dims(dtype, bits, gen):
     bias = torch.randn(24, generator=gen).to(dtype)
     for lead in [(), (1,), (2, 3), (4, 1, 2)]:
         check(torch.randn(*lead, 96, generator=gen).to(dtype), qw, bias, bits, 32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, None), (4, 64), (4, 128), (2, None), (2, 128), (2, 256)], ids=str)
+def test_bf16_activations_sub_byte_layouts(bits, group_size, gen):
+    # The layouts the CPU's AVX512-BF16 kernel takes (where the CPU has it; elsewhere the LUT
+    # kernels): groups of whole 32-byte loads or one per row. K ends inside a group and inside a
+    # load, N is odd (a one-row tile after the pairs), M covers every activation tile (4 to 1).
+    n, k = 13, 4 * 128 + 40
+    for symmetric in (True, False):
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=torch.bfloat16)
+        bias = torch.randn(n, generator=gen).bfloat16()
+        for m in (1, 2, 3, 4, 7):
+            check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
 def test_non_contiguous_and_empty(gen):
