@@ -80,46 +80,37 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     return y.to(x.scalar_type()).view(out_shape);
   }
 
-  // bf16 activations with 4- or 2-bit weights, on a CPU with AVX512-BF16: the dot-product kernel
-  // on bf16 byte streams (below, in bf16) and each row's sums over each group. Only for groups of
-  // whole 32-byte loads (or one per row): on a 4096 x 4096 W4 layer with groups of 32 (16 bytes) it
+  // bf16 activations with 4- or 2-bit weights, on a CPU with AVX512-BF16: the dot-product kernel,
+  // on the byte streams kept in bf16 and each row's sums over each group. Only for groups of whole
+  // 32-byte loads (or one per row): on a 4096 x 4096 W4 layer with groups of 32 (16 bytes) it
   // measured 0.7-0.9x the LUT kernel, with groups of 128 1.5-2.1x.
-  const bool bf16_layout = !group_size.has_value() || (sh.group / per_byte) % 32 == 0;
-  if (kernels.gemv_bf16 != nullptr && bits < 8 && x.scalar_type() == at::kBFloat16 && bf16_layout &&
-      cpu_has_avx512_bf16()) {
-    const at::Tensor xb16 = x.reshape({sh.M, sh.K});
-    const at::Tensor xb = at::constant_pad_nd(xb16, {0, sh.row_bytes * per_byte - sh.K})
-                              .view({sh.M, sh.row_bytes, per_byte})
-                              .transpose(1, 2)
-                              .contiguous();
-    const at::Tensor xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K})
-                                .view({sh.M, sh.groups, sh.group})
-                                .sum(-1)
-                                .contiguous();
-    a.xb = reinterpret_cast<const uint16_t*>(xb.const_data_ptr());
-    a.xsum = xsum.const_data_ptr<float>();
-    at::parallel_for(0, (sh.N + 3) / 4, 4, [&](int64_t b0, int64_t b1) {
-      kernels.gemv_bf16(a, b0 * 4, std::min(b1 * 4, sh.N));
-    });
-    return y.to(x.scalar_type()).view(out_shape);
-  }
-
+  const bool bf16_dot = kernels.gemv_bf16 != nullptr && bits < 8 && x.scalar_type() == at::kBFloat16 &&
+                        (!group_size.has_value() || (sh.group / per_byte) % 32 == 0) && cpu_has_avx512_bf16();
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
-  a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
-  const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
-  const int64_t units = a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes;
-  const at::Tensor xd = unit_values == 1 ? x2
-                                         : at::constant_pad_nd(x2, {0, units * unit_values - sh.K})
-                                               .view({sh.M, units, unit_values})
-                                               .transpose(1, 2)
-                                               .contiguous();
-  a.xd = xd.const_data_ptr<float>();
+  const auto streams = [&](const at::Tensor& rows, int64_t units, int64_t unit_values) {
+    if (unit_values == 1) return rows;
+    return at::constant_pad_nd(rows, {0, units * unit_values - sh.K})
+        .view({sh.M, units, unit_values})
+        .transpose(1, 2)
+        .contiguous();
+  };
+  at::Tensor xd, xsum;
+  if (bf16_dot) {
+    xd = streams(x.reshape({sh.M, sh.K}), sh.row_bytes, per_byte);
+    xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
+    a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
+    a.xsum = xsum.const_data_ptr<float>();
+  } else {
+    a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
+    const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
+    xd = streams(x2, a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes, unit_values);
+    a.xd = xd.const_data_ptr<float>();
+  }
+  const LinearKernels::GemvFn gemv = bf16_dot ? kernels.gemv_bf16 : kernels.gemv;
   // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
   const int64_t blocks = (sh.N + 3) / 4;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    kernels.gemv(a, b0 * 4, std::min(b1 * 4, sh.N));
-  });
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { gemv(a, b0 * 4, std::min(b1 * 4, sh.N)); });
   return y.to(x.scalar_type()).view(out_shape);
 }
 
