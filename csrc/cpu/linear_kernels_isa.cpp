@@ -242,9 +242,9 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
 //   sum x (q - z) = sum x (128 + q) - (128 + z) sum x,
 // with sum x per activation row and group computed once per call (xsum): no arithmetic per weight
 // beyond the extraction, where the LUT kernels above need a permute and an fp32 FMA per 16
-// weights and activation row. The offset costs about 5 of the fp32 sums' 24 bits (128 against
-// |q - z| <= 15), far below the bf16 output's 8. Products are exact; vdpbf16ps flushes bf16
-// subnormals (below 1.2e-38) to zero.
+// weights and activation row. The offset costs 5 to 7 of the fp32 sums' 24 bits (128 against
+// |q - z| of a few units: at most 15 at 4 bits, 3 at 2), still above the bf16 output's 8.
+// Products are exact; vdpbf16ps flushes bf16 subnormals (below 1.2e-38) to zero.
 template <int BITS, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
