@@ -81,11 +81,12 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   }
 
   // bf16 activations with 4- or 2-bit weights, on a CPU with AVX512-BF16: the dot-product kernel,
-  // on the byte streams kept in bf16 and each row's sums over each group. Only for groups of whole
-  // 32-byte loads (or one per row): on a 4096 x 4096 W4 layer with groups of 32 (16 bytes) it
-  // measured 0.7-0.9x the LUT kernel, with groups of 128 1.5-2.1x.
+  // on the byte streams kept in bf16 and each row's sums over each group. Its 32-byte loads take
+  // groups of whole loads, one group per row, or 2 or 4 groups per load (16- or 8-byte groups).
+  const int64_t group_bytes = sh.group / per_byte;
   const bool bf16_dot = kernels.gemv_bf16 != nullptr && bits < 8 && x.scalar_type() == at::kBFloat16 &&
-                        (!group_size.has_value() || (sh.group / per_byte) % 32 == 0) && cpu_has_avx512_bf16();
+                        (!group_size.has_value() || group_bytes % 32 == 0 || group_bytes == 16 || group_bytes == 8) &&
+                        cpu_has_avx512_bf16();
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
   const auto streams = [&](const at::Tensor& rows, int64_t units, int64_t unit_values) {

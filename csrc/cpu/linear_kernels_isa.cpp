@@ -245,16 +245,52 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
 // weights and activation row. The offset costs 5 to 7 of the fp32 sums' 24 bits (128 against
 // |q - z| of a few units: at most 15 at 4 bits, 3 at 2), still above the bf16 output's 8.
 // Products are exact; vdpbf16ps flushes bf16 subnormals (below 1.2e-38) to zero.
+
+// The dots of one 32-byte load of NT weight rows (bytes [j, j + 32) of each, masked) with the
+// matching bf16 activations of MT rows, added to acc.
+template <int BITS, int MT, int NT>
+__attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT],
+                                                             const uint16_t* const (&xs)[MT][8 / BITS], int64_t j,
+                                                             __mmask32 mask, __m512 (&acc)[MT][NT]) {
+  const __m512i low = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
+  __m512i wi[NT];
+  for (int u = 0; u < NT; ++u) wi[u] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, wrow[u] + j));
+#pragma GCC unroll 4
+  for (int r = 0; r < 8 / BITS; ++r) {
+    __m512bh wv[NT];
+    for (int u = 0; u < NT; ++u) {
+      wv[u] = (__m512bh)_mm512_ternarylogic_epi32(r == 0 ? wi[u] : _mm512_srli_epi16(wi[u], r * BITS), low, magic,
+                                                  0xEA);  // (w & low) | magic
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xs[t][r] + j);
+      for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_dpbf16_ps(acc[t][u], wv[u], xv);
+    }
+  }
+}
+
+// Masked past `end`: a weight byte of 0 is 128 there, against an activation of 0.
+inline __mmask32 block_mask(int64_t end, int64_t j) {
+  return end - j >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - j)) - 1;
+}
+
+template <int BITS, int MT>
+struct Bf16Rows {
+  const uint16_t* xs[MT][8 / BITS];
+  Bf16Rows(const LinearArgs& a, int64_t m0) {
+    for (int t = 0; t < MT; ++t)
+      for (int r = 0; r < 8 / BITS; ++r) xs[t][r] = a.xb + ((m0 + t) * (8 / BITS) + r) * a.row_bytes;
+  }
+};
+
+// Groups of whole 32-byte loads (or one per row): each group's sums scaled once, its offset taken
+// out through the group's activation sum.
 template <int BITS, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_t n0, int64_t m0) {
-  constexpr int PER = 8 / BITS;
-  const int64_t gb = a.group / PER;
-  const __m512i low = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
+  const int64_t gb = a.group / (8 / BITS);
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
-  const uint16_t* xs[MT][PER];
-  for (int t = 0; t < MT; ++t)
-    for (int r = 0; r < PER; ++r) xs[t][r] = a.xb + ((m0 + t) * PER + r) * a.row_bytes;
+  const Bf16Rows<BITS, MT> x(a, m0);
   __m512 total[MT][NT];
   float corr[MT][NT] = {};
   for (int t = 0; t < MT; ++t)
@@ -264,24 +300,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    for (int64_t j = b0; j < b1; j += 32) {
-      // Masked past the group: a weight byte of 0 is 128 there, against an activation of 0.
-      const __mmask32 mask = b1 - j >= 32 ? ~__mmask32{0} : (__mmask32{1} << (b1 - j)) - 1;
-      __m512i wi[NT];
-      for (int u = 0; u < NT; ++u) wi[u] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, wrow[u] + j));
-#pragma GCC unroll 4
-      for (int r = 0; r < PER; ++r) {
-        __m512bh wv[NT];
-        for (int u = 0; u < NT; ++u) {
-          wv[u] = (__m512bh)_mm512_ternarylogic_epi32(r == 0 ? wi[u] : _mm512_srli_epi16(wi[u], r * BITS), low,
-                                                      magic, 0xEA);  // (w & low) | magic
-        }
-        for (int t = 0; t < MT; ++t) {
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xs[t][r] + j);
-          for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_dpbf16_ps(acc[t][u], wv[u], xv);
-        }
-      }
-    }
+    for (int64_t j = b0; j < b1; j += 32) block_dots<BITS, MT, NT>(wrow, x.xs, j, block_mask(b1, j), acc);
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
       const __m512 sv = _mm512_set1_ps(p.s);
@@ -298,12 +317,60 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
   }
 }
 
+// Groups of 16 or 8 bytes (4-bit g32 / g16, 2-bit g64 / g32): a 32-byte load spans GPB = 2 or 4
+// of them, and output lane i of a dot (bytes 2i, 2i + 1) belongs to group i / (16 / GPB). So the
+// scales, the offsets 128 + z and the activation sums (a 16 / GPB-th in each lane of a group, so
+// that the lanes add up to it) are spread over the lanes by one permute each, and every load's
+// sums are corrected and scaled lane by lane.
+template <int BITS, int MT, int NT>
+__attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, int64_t n0, int64_t m0) {
+  const int64_t gb = a.group / (8 / BITS), per_load = 32 / gb, lanes = 16 / per_load;
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               per_load == 2 ? 3 : 2);
+  const __m512 share = _mm512_set1_ps(1.0f / static_cast<float>(lanes));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const Bf16Rows<BITS, MT> x(a, m0);
+  __m512 total[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) total[t][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < a.row_bytes; j += 32) {
+    const int64_t g0 = j / gb;
+    const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
+    __m512 acc[MT][NT];
+    for (int t = 0; t < MT; ++t)
+      for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
+    block_dots<BITS, MT, NT>(wrow, x.xs, j, block_mask(a.row_bytes, j), acc);
+    __m512 xshare[MT];
+    for (int t = 0; t < MT; ++t) {
+      const __m512 sums = _mm512_maskz_loadu_ps(groups, a.xsum + (m0 + t) * a.groups + g0);
+      xshare[t] = _mm512_mul_ps(_mm512_permutexvar_ps(lane_group, sums), share);
+    }
+    for (int u = 0; u < NT; ++u) {
+      const int64_t first = (n0 + u) * a.groups + g0;
+      const __m512 sv = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, a.scales + first));
+      const __m512i z = a.zeros != nullptr ? _mm512_maskz_loadu_epi32(groups, a.zeros + first)
+                                           : _mm512_set1_epi32(a.zero_const);
+      const __m512 offset = _mm512_add_ps(_mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(z)),
+                                          _mm512_set1_ps(128.0f));
+      for (int t = 0; t < MT; ++t) {
+        total[t][u] = _mm512_fmadd_ps(_mm512_fnmadd_ps(offset, xshare[t], acc[t][u]), sv, total[t][u]);
+      }
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t][u]) + b;
+  }
+}
+
 // Tiles of MT activation rows x 2 weight rows over weight rows [n0, n1).
 template <int BITS, int MT>
 void span_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  const bool split = a.group / (8 / BITS) < 32 && a.groups > 1;
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) tile_bf16<BITS, MT, 2>(a, n, m0);
-  if (n < n1) tile_bf16<BITS, MT, 1>(a, n, m0);
+  for (; n + 2 <= n1; n += 2) split ? tile_bf16_split<BITS, MT, 2>(a, n, m0) : tile_bf16<BITS, MT, 2>(a, n, m0);
+  if (n < n1) split ? tile_bf16_split<BITS, MT, 1>(a, n, m0) : tile_bf16<BITS, MT, 1>(a, n, m0);
 }
 
 template <int BITS>

@@ -60,11 +60,13 @@ def test_dtypes_and_leading_dims(dtype, bits, gen):
         check(torch.randn(*lead, 96, generator=gen).to(dtype), qw, bias, bits, 32)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, None), (4, 64), (4, 128), (2, None), (2, 128), (2, 256)], ids=str)
+@pytest.mark.parametrize("bits,group_size", [(4, None), (4, 64), (4, 128), (4, 32), (4, 16), (2, None), (2, 128),
+                                             (2, 256), (2, 64), (2, 32)], ids=str)
 def test_bf16_activations_sub_byte_layouts(bits, group_size, gen):
     # The layouts the CPU's AVX512-BF16 kernel takes (where the CPU has it; elsewhere the LUT
-    # kernels): groups of whole 32-byte loads or one per row. K ends inside a group and inside a
-    # load, N is odd (a one-row tile after the pairs), M covers every activation tile (4 to 1).
+    # kernels): groups of whole 32-byte loads, one per row, or 2 or 4 per load (16- and 8-byte
+    # groups). K ends inside a group and inside a load, N is odd (a one-row tile after the pairs),
+    # M covers every activation tile (4 to 1).
     n, k = 13, 4 * 128 + 40
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=torch.bfloat16)
