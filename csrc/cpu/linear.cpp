@@ -80,13 +80,17 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     return y.to(x.scalar_type()).view(out_shape);
   }
 
-  // bf16 activations with 4- or 2-bit weights, on a CPU with AVX512-BF16: the dot-product kernel,
-  // on the byte streams kept in bf16 and each row's sums over each group. Its 32-byte loads take
-  // groups of whole loads, one group per row, or 2 or 4 groups per load (16- or 8-byte groups).
+  // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
+  // bf16 and each row's sums over each group. Its 32-byte loads take groups of whole loads, one
+  // group per row, or (below 8 bits) 2 or 4 groups per load (16- or 8-byte groups). 8-bit weights
+  // only from 8 activation rows: against tile8 (bench_linear.py, bf16, the three shapes) it
+  // measured 0.69-0.89x at M = 1, where tile8 streams at 91-93% of the read bandwidth, 0.87-1.09x
+  // at M = 4 and 1.15-1.33x at M = 16.
   const int64_t group_bytes = sh.group / per_byte;
-  const bool bf16_dot = kernels.gemv_bf16 != nullptr && bits < 8 && x.scalar_type() == at::kBFloat16 &&
-                        (!group_size.has_value() || group_bytes % 32 == 0 || group_bytes == 16 || group_bytes == 8) &&
-                        cpu_has_avx512_bf16();
+  const bool bf16_dot =
+      kernels.gemv_bf16 != nullptr && x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() &&
+      (bits < 8 || sh.M >= 8) &&
+      (!group_size.has_value() || group_bytes % 32 == 0 || (bits < 8 && (group_bytes == 16 || group_bytes == 8)));
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
   const auto streams = [&](const at::Tensor& rows, int64_t units, int64_t unit_values) {
@@ -98,7 +102,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   };
   at::Tensor xd, xsum;
   if (bf16_dot) {
-    xd = streams(x.reshape({sh.M, sh.K}), sh.row_bytes, per_byte);
+    xd = streams(x.reshape({sh.M, sh.K}).contiguous(), sh.row_bytes, per_byte);
     xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
     a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
     a.xsum = xsum.const_data_ptr<float>();

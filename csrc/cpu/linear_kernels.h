@@ -50,8 +50,8 @@ struct LinearKernels {
   GemvFn gemv;
   WordStreamsFn word_streams;
   DequantFn dequant_rows;
-  // 4- and 2-bit weights with bf16 activations through AVX512-BF16 dot products, or nullptr (this
-  // instruction set has none; run it only where cpu_has_avx512_bf16()).
+  // bf16 activations through AVX512-BF16 dot products, or nullptr (this instruction set has none;
+  // run it only where cpu_has_avx512_bf16()).
   GemvFn gemv_bf16;
 };
 

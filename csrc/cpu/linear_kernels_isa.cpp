@@ -235,23 +235,46 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
 
-// ---- AVX512-BF16: bf16 activations with 4- and 2-bit weights -------------------------------------
-// A weight value q becomes the bf16 128 + q by masking it into the low mantissa bits of 128 (one
-// ternary-logic op per 32 values, after one shift per bit plane; exact for q < 128), and
-// vdpbf16ps multiplies 32 of them by 32 bf16 activations into 16 fp32 sums. Per group,
-//   sum x (q - z) = sum x (128 + q) - (128 + z) sum x,
-// with sum x per activation row and group computed once per call (xsum): no arithmetic per weight
-// beyond the extraction, where the LUT kernels above need a permute and an fp32 FMA per 16
-// weights and activation row. The offset costs 5 to 7 of the fp32 sums' 24 bits (128 against
-// |q - z| of a few units: at most 15 at 4 bits, 3 at 2), still above the bf16 output's 8.
-// Products are exact; vdpbf16ps flushes bf16 subnormals (below 1.2e-38) to zero.
+// ---- AVX512-BF16: bf16 activations -------------------------------------------------------------
+// vdpbf16ps multiplies 32 bf16 weights by 32 bf16 activations into 16 fp32 sums, with exact
+// products, so the weights only have to become bf16 numbers:
+// - 4 and 2 bits: a value q becomes 128 + q by masking it into the low mantissa bits of 128 (one
+//   ternary-logic op per 32 values, after one shift per bit plane; exact for q < 128). Per group,
+//     sum x (q - z) = sum x (128 + q) - (128 + z) sum x,
+//   with sum x per activation row and group computed once per call (xsum): no arithmetic per
+//   weight beyond the extraction, where the LUT kernels above need a permute and an fp32 FMA per
+//   16 weights and activation row. The offset costs 5 to 7 of the fp32 sums' 24 bits (128 against
+//   |q - z| of a few units: at most 15 at 4 bits, 3 at 2), still above the bf16 output's 8.
+// - 8 bits: q itself, exact in bf16 (8 significant bits), converted through fp32 (no instruction
+//   goes from integers to bf16), 5 instructions per 32 weights against tile8's 6 plus an FMA per
+//   16 weights and activation row; the zero point comes out through the group sums as above (its
+//   offset is z, not 128 + z, and int8 symmetric weights have none).
+// vdpbf16ps flushes bf16 subnormals (below 1.2e-38) to zero.
+template <int BITS>
+constexpr float kBf16Offset = BITS == 8 ? 0.0f : 128.0f;
 
 // The dots of one 32-byte load of NT weight rows (bytes [j, j + 32) of each, masked) with the
 // matching bf16 activations of MT rows, added to acc.
-template <int BITS, int MT, int NT>
+template <int BITS, bool SIGNED, int MT, int NT>
 __attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT],
                                                              const uint16_t* const (&xs)[MT][8 / BITS], int64_t j,
                                                              __mmask32 mask, __m512 (&acc)[MT][NT]) {
+  if constexpr (BITS == 8) {
+    const auto to_ps = [](__m128i bytes) {
+      return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+    };
+    __m512bh wv[NT];
+    for (int u = 0; u < NT; ++u) {
+      const __m128i lo = _mm_maskz_loadu_epi8(static_cast<__mmask16>(mask), wrow[u] + j);
+      const __m128i hi = _mm_maskz_loadu_epi8(static_cast<__mmask16>(mask >> 16), wrow[u] + j + 16);
+      wv[u] = _mm512_cvtne2ps_pbh(to_ps(hi), to_ps(lo));  // weights j .. j + 31 in order
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xs[t][0] + j);
+      for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_dpbf16_ps(acc[t][u], wv[u], xv);
+    }
+    return;
+  }
   const __m512i low = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
   __m512i wi[NT];
   for (int u = 0; u < NT; ++u) wi[u] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, wrow[u] + j));
@@ -269,7 +292,7 @@ __attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* cons
   }
 }
 
-// Masked past `end`: a weight byte of 0 is 128 there, against an activation of 0.
+// Masked past `end`: a weight byte of 0 there (128 at 4 and 2 bits) meets an activation of 0.
 inline __mmask32 block_mask(int64_t end, int64_t j) {
   return end - j >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - j)) - 1;
 }
@@ -285,7 +308,7 @@ struct Bf16Rows {
 
 // Groups of whole 32-byte loads (or one per row): each group's sums scaled once, its offset taken
 // out through the group's activation sum.
-template <int BITS, int MT, int NT>
+template <int BITS, bool SIGNED, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / (8 / BITS);
   const uint8_t* wrow[NT];
@@ -300,11 +323,11 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    for (int64_t j = b0; j < b1; j += 32) block_dots<BITS, MT, NT>(wrow, x.xs, j, block_mask(b1, j), acc);
+    for (int64_t j = b0; j < b1; j += 32) block_dots<BITS, SIGNED, MT, NT>(wrow, x.xs, j, block_mask(b1, j), acc);
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
       const __m512 sv = _mm512_set1_ps(p.s);
-      const float offset = p.s * (128.0f + static_cast<float>(p.z));
+      const float offset = p.s * (kBf16Offset<BITS> + static_cast<float>(p.z));
       for (int t = 0; t < MT; ++t) {
         total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
         corr[t][u] += offset * a.xsum[(m0 + t) * a.groups + g];
@@ -340,7 +363,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    block_dots<BITS, MT, NT>(wrow, x.xs, j, block_mask(a.row_bytes, j), acc);
+    block_dots<BITS, false, MT, NT>(wrow, x.xs, j, block_mask(a.row_bytes, j), acc);
     __m512 xshare[MT];
     for (int t = 0; t < MT; ++t) {
       const __m512 sums = _mm512_maskz_loadu_ps(groups, a.xsum + (m0 + t) * a.groups + g0);
@@ -365,29 +388,41 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
 }
 
 // Tiles of MT activation rows x 2 weight rows over weight rows [n0, n1).
-template <int BITS, int MT>
+template <int BITS, bool SIGNED, int MT>
 void span_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
-  const bool split = a.group / (8 / BITS) < 32 && a.groups > 1;
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) split ? tile_bf16_split<BITS, MT, 2>(a, n, m0) : tile_bf16<BITS, MT, 2>(a, n, m0);
-  if (n < n1) split ? tile_bf16_split<BITS, MT, 1>(a, n, m0) : tile_bf16<BITS, MT, 1>(a, n, m0);
+  if constexpr (BITS < 8) {
+    if (a.group / (8 / BITS) < 32 && a.groups > 1) {
+      for (; n + 2 <= n1; n += 2) tile_bf16_split<BITS, MT, 2>(a, n, m0);
+      if (n < n1) tile_bf16_split<BITS, MT, 1>(a, n, m0);
+      return;
+    }
+  }
+  for (; n + 2 <= n1; n += 2) tile_bf16<BITS, SIGNED, MT, 2>(a, n, m0);
+  if (n < n1) tile_bf16<BITS, SIGNED, MT, 1>(a, n, m0);
 }
 
-template <int BITS>
+template <int BITS, bool SIGNED>
 void gemv_bf16_bits(const LinearArgs& a, int64_t n0, int64_t n1) {
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t nb1 = std::min(nb + kRowBlock, n1);
     int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) span_bf16<BITS, 4>(a, nb, nb1, m);
-    if (a.M - m == 3) span_bf16<BITS, 3>(a, nb, nb1, m);
-    if (a.M - m == 2) span_bf16<BITS, 2>(a, nb, nb1, m);
-    if (a.M - m == 1) span_bf16<BITS, 1>(a, nb, nb1, m);
+    for (; m + 4 <= a.M; m += 4) span_bf16<BITS, SIGNED, 4>(a, nb, nb1, m);
+    if (a.M - m == 3) span_bf16<BITS, SIGNED, 3>(a, nb, nb1, m);
+    if (a.M - m == 2) span_bf16<BITS, SIGNED, 2>(a, nb, nb1, m);
+    if (a.M - m == 1) span_bf16<BITS, SIGNED, 1>(a, nb, nb1, m);
   }
 }
 
 void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4) return gemv_bf16_bits<4>(a, n0, n1);
-  gemv_bf16_bits<2>(a, n0, n1);
+  switch (a.bits) {
+    case 8:
+      return a.signed_q ? gemv_bf16_bits<8, true>(a, n0, n1) : gemv_bf16_bits<8, false>(a, n0, n1);
+    case 4:
+      return gemv_bf16_bits<4, false>(a, n0, n1);
+    default:
+      return gemv_bf16_bits<2, false>(a, n0, n1);
+  }
 }
 #define LINQUANT_HAVE_BF16_GEMV 1
 

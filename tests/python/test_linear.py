@@ -13,11 +13,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def offset_weight(qw, bits, group_size, k):
-    """|s| (128 + |z|) per weight: what the CPU's AVX512-BF16 kernel (bf16 activations, 4 and 2
-    bits) accumulates in place of s (q - z) before subtracting (128 + z) sum x (architecture.md)."""
-    z = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, 2 ** (bits - 1), dtype=torch.int32)
-    return ref_weight(torch.zeros_like(qw.qweight), qw.scales.abs(), -(128 + z.abs()), bits, group_size, k)
+def dot_kernel_weight(qw, bits, group_size, k):
+    """|s| (c + |z|) per weight, c = 128 below 8 bits, else 0: what the CPU's AVX512-BF16 kernel
+    (bf16 activations) accumulates beyond |s (q - z)| before it takes (c + z) sum x back out
+    (architecture.md). z is the stored zero point: 2^(bits-1) for symmetric sub-byte weights, none
+    for int8."""
+    if qw.zeros is not None:
+        z = qw.zeros
+    else:
+        z = torch.full_like(qw.scales, 2 ** (bits - 1) if bits < 8 else 0, dtype=torch.int32)
+    c = 128 if bits < 8 else 0
+    return ref_weight(torch.zeros_like(qw.qweight), qw.scales.abs(), -(c + z.abs()), bits, group_size, k)
 
 
 def check(x, qw, bias, bits, group_size):
@@ -27,9 +33,9 @@ def check(x, qw, bias, bits, group_size):
     x64 = x.double().reshape(-1, k)
     ref = x64 @ w.T + (bias.double() if bias is not None else 0)
     assert y.dtype == x.dtype and y.shape == tuple(list(x.shape[:-1]) + [qw.qweight.shape[0]])
-    # fp32 accumulation over K terms (of the offset weights where the bf16 kernel may run), then
+    # fp32 accumulation over K terms (of larger weights where the bf16 dot kernel may run), then
     # rounding to the output dtype.
-    w_acc = offset_weight(qw, bits, group_size, k) if x.dtype == torch.bfloat16 and bits < 8 else w.abs()
+    w_acc = w.abs() + (dot_kernel_weight(qw, bits, group_size, k) if x.dtype == torch.bfloat16 else 0)
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
     err = (y.double().reshape(ref.shape) - ref).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
@@ -60,18 +66,18 @@ def test_dtypes_and_leading_dims(dtype, bits, gen):
         check(torch.randn(*lead, 96, generator=gen).to(dtype), qw, bias, bits, 32)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, None), (4, 64), (4, 128), (4, 32), (4, 16), (2, None), (2, 128),
-                                             (2, 256), (2, 64), (2, 32)], ids=str)
-def test_bf16_activations_sub_byte_layouts(bits, group_size, gen):
-    # The layouts the CPU's AVX512-BF16 kernel takes (where the CPU has it; elsewhere the LUT
-    # kernels): groups of whole 32-byte loads, one per row, or 2 or 4 per load (16- and 8-byte
-    # groups). K ends inside a group and inside a load, N is odd (a one-row tile after the pairs),
-    # M covers every activation tile (4 to 1).
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 32), (8, 128), (4, None), (4, 64), (4, 128), (4, 32),
+                                             (4, 16), (2, None), (2, 128), (2, 256), (2, 64), (2, 32)], ids=str)
+def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
+    # The layouts the CPU's AVX512-BF16 kernel takes (where the CPU has it; elsewhere the LUT and
+    # 8-bit kernels): groups of whole 32-byte loads, one per row, or below 8 bits 2 or 4 per load
+    # (16- and 8-byte groups). K ends inside a group and inside a load, N is odd (a one-row tile
+    # after the pairs), M covers every activation tile (4 to 1).
     n, k = 13, 4 * 128 + 40
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=torch.bfloat16)
         bias = torch.randn(n, generator=gen).bfloat16()
-        for m in (1, 2, 3, 4, 7):
+        for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit weights take it from M = 8
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
