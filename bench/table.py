@@ -1,26 +1,63 @@
-"""Renders a bench_linear.py --json file as the README's markdown tables.
+"""Renders bench_linear.py --json files as the README's markdown tables. Given several runs of the
+same benchmark (this VM's timings vary by up to ~50% between runs), each row is taken whole from
+the run with the median linquant time for that row, so its ratios stay those of one run.
 
     python bench/table.py bench/results_linear_cpu.json [--batches 1 4 16 64]
+    python bench/table.py run1.json run2.json run3.json --json bench/results_linear_cpu.json
 """
 
 import argparse
 import json
+
+from linquant._files import write_json  # atomic, like every file the library writes
+
+KEY = ("N", "K", "M", "act", "format")
 
 
 def fmt(v):
     return f"{v:.2f}x" if v else "-"
 
 
+def median_runs(runs):
+    """One row per benchmark case: the row of the run whose linquant time is the median."""
+    cases = {}
+    for run in runs:
+        for r in run["rows"]:
+            cases.setdefault(tuple(r[k] for k in KEY), []).append(r)
+    rows = []
+    for candidates in cases.values():
+        if len(candidates) != len(runs):
+            raise SystemExit(f"table.py: the runs do not hold the same cases ({len(candidates)} of {len(runs)})")
+        rows.append(sorted(candidates, key=lambda r: r["time_us"])[len(candidates) // 2])
+    env = dict(runs[0]["env"])
+    if len(runs) > 1:
+        bandwidths = [run["env"]["read_GBps"] for run in runs]
+        env.update(runs=len(runs), read_GBps=sorted(bandwidths)[len(runs) // 2], read_GBps_range=[min(bandwidths),
+                                                                                                   max(bandwidths)])
+    return {"env": env, "rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("path")
+    ap.add_argument("paths", nargs="+", metavar="path")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--json", help="write the rows shown (of several runs, the median ones) to this file")
     args = ap.parse_args()
-    with open(args.path) as f:
-        data = json.load(f)
+    runs = []
+    for path in args.paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    data = median_runs(runs)
+    if args.json:
+        write_json(args.json, data)
     env = data["env"]
+    bandwidth = f"{env['read_GBps']:.1f} GB/s"
+    if "runs" in env:
+        low, high = env["read_GBps_range"]
+        bandwidth = (f"{low:.1f}-{high:.1f} GB/s over {env['runs']} runs (each row: the run with the median "
+                     "linquant time)")
     print(f"{env['machine']}, {env['threads']} threads, torch {env['torch']}, LLC {env['llc_MiB']} MiB, "
-          f"measured DRAM read bandwidth {env['read_GBps']:.1f} GB/s\n")
+          f"measured DRAM read bandwidth {bandwidth}\n")
     print("| N x K | M | act | format | time µs | GB/s | % bw | vs fp32 | vs bf16 | vs ATen int8 | vs ATen int4 "
           "| vs quanto | vs torchao |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
