@@ -82,14 +82,20 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
 
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
   // bf16 and each row's sums over each group. Its 32-byte loads take groups of whole loads, one
-  // group per row, or (below 8 bits) 2 or 4 groups per load (16- or 8-byte groups). 8-bit weights
-  // only from 8 activation rows: against tile8 (bench_linear.py, bf16, the three shapes) it
-  // measured 0.69-0.89x at M = 1, where tile8 streams at 91-93% of the read bandwidth, 0.87-1.09x
-  // at M = 4 and 1.15-1.33x at M = 16.
+  // group per row, or (below 8 bits) 2 or 4 groups per load (16- or 8-byte groups). Where the
+  // other kernels stream one activation row at nearly the same speed, it waits for two or more
+  // (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096):
+  //   8 bits, against tile8: 0.69-0.89x at M = 1 (tile8 reaches 91-93% of the read bandwidth),
+  //     0.87-1.09x at M = 4, 1.15-1.33x at M = 16, hence from 8 rows;
+  //   4 bits in the word-stream LUT layouts (g128, per channel): 0.73-0.97x at M = 1,
+  //     0.95-1.46x at M = 2, 1.43-1.81x at M = 4, hence from 2 rows;
+  //   the other 4-bit groups and all 2-bit ones: 1.13-2.3x already at M = 1.
   const int64_t group_bytes = sh.group / per_byte;
+  const int64_t dot_min_rows =
+      bits == 8 ? 8 : (kernels.word_streams(a.bits, sh.group, !group_size.has_value()) ? 2 : 1);
   const bool bf16_dot =
       kernels.gemv_bf16 != nullptr && x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() &&
-      (bits < 8 || sh.M >= 8) &&
+      sh.M >= dot_min_rows &&
       (!group_size.has_value() || group_bytes % 32 == 0 || (bits < 8 && (group_bytes == 16 || group_bytes == 8)));
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).

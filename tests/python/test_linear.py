@@ -77,7 +77,7 @@ def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=torch.bfloat16)
         bias = torch.randn(n, generator=gen).bfloat16()
-        for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit weights take it from M = 8
+        for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit: from M = 8; 4-bit g128: M = 2
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
