@@ -96,3 +96,14 @@ def ref_weight(qweight, scales, zeros, bits, group_size, k):
     s = scales.double().reshape(qweight.shape[0], -1).repeat_interleave(g, dim=1)[:, :k]
     z = 0 if zeros is None else zeros.reshape(qweight.shape[0], -1).to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
     return s * (q - z).double()
+
+
+def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
+    """|s| (c + |z|) per weight, c = 128 below 8 bits, else 0: what the CPU's AVX512-BF16 kernel
+    (bf16 activations) accumulates beyond |s (q - z)| before it takes (c + z) sum x back out
+    (architecture.md), so fp32 rounding of its sums is relative to that. z is the stored zero
+    point: 2^(bits-1) for symmetric sub-byte weights, none for int8."""
+    if zeros is None:
+        zeros = torch.full_like(scales, 2 ** (bits - 1) if bits < 8 else 0, dtype=torch.int32)
+    c = 128 if bits < 8 else 0
+    return ref_weight(torch.zeros_like(qweight), scales.abs(), -(c + zeros.to(torch.int64).abs()), bits, group_size, k)

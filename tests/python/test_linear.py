@@ -7,23 +7,10 @@ import pytest
 import torch
 
 import linquant as lq
-from reference import ref_weight
+from reference import dot_kernel_weight, ref_weight
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def dot_kernel_weight(qw, bits, group_size, k):
-    """|s| (c + |z|) per weight, c = 128 below 8 bits, else 0: what the CPU's AVX512-BF16 kernel
-    (bf16 activations) accumulates beyond |s (q - z)| before it takes (c + z) sum x back out
-    (architecture.md). z is the stored zero point: 2^(bits-1) for symmetric sub-byte weights, none
-    for int8."""
-    if qw.zeros is not None:
-        z = qw.zeros
-    else:
-        z = torch.full_like(qw.scales, 2 ** (bits - 1) if bits < 8 else 0, dtype=torch.int32)
-    c = 128 if bits < 8 else 0
-    return ref_weight(torch.zeros_like(qw.qweight), qw.scales.abs(), -(c + z.abs()), bits, group_size, k)
 
 
 def check(x, qw, bias, bits, group_size):
@@ -35,7 +22,8 @@ def check(x, qw, bias, bits, group_size):
     assert y.dtype == x.dtype and y.shape == tuple(list(x.shape[:-1]) + [qw.qweight.shape[0]])
     # fp32 accumulation over K terms (of larger weights where the bf16 dot kernel may run), then
     # rounding to the output dtype.
-    w_acc = w.abs() + (dot_kernel_weight(qw, bits, group_size, k) if x.dtype == torch.bfloat16 else 0)
+    w_acc = w.abs() + (dot_kernel_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
+                       if x.dtype == torch.bfloat16 else 0)
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
     err = (y.double().reshape(ref.shape) - ref).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
