@@ -17,8 +17,8 @@ using torch::autograd::variable_list;
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
                             std::optional<int64_t> group_size) {
     at::Tensor y;
     {
@@ -29,9 +29,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["group_size"] = group_size.has_value() ? c10::IValue(*group_size) : c10::IValue();
     ctx->saved_data["in_features"] = x.size(-1);
-    // needs_input_grad counts the tensor arguments that are there: bias follows zeros when given.
-    const bool with_zeros = zeros.has_value() && zeros->defined(), with_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["bias_input"] = with_bias ? c10::IValue(with_zeros ? 4 : 3) : c10::IValue();
+    const bool with_bias = bias.has_value() && bias->defined();
     ctx->saved_data["bias_dtype"] = with_bias ? c10::IValue(bias->scalar_type()) : c10::IValue();
     return y;
   }
@@ -50,9 +48,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
           ctx->saved_data["in_features"].toInt(), dy.scalar_type());
       dx = dy.matmul(w_hat);
     }
-    const c10::IValue bias_input = ctx->saved_data["bias_input"];
-    if (!bias_input.isNone() && ctx->needs_input_grad(bias_input.toInt())) {
-      dbias = dy.reshape({-1, dy.size(-1)}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
+    // needs_input_grad counts the tensor arguments that are there: bias follows zeros when given.
+    const c10::IValue bias_dtype = ctx->saved_data["bias_dtype"];
+    if (!bias_dtype.isNone() && ctx->needs_input_grad(saved[2].defined() ? 4 : 3)) {
+      dbias = dy.reshape({-1, dy.size(-1)}).sum(0).to(bias_dtype.toScalarType());
     }
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), dbias, at::Tensor(), at::Tensor()};
   }

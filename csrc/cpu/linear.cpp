@@ -91,8 +91,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   //     0.95-1.46x at M = 2, 1.43-1.81x at M = 4, hence from 2 rows;
   //   the other 4-bit groups and all 2-bit ones: 1.13-2.3x already at M = 1.
   const int64_t group_bytes = sh.group / per_byte;
-  const int64_t dot_min_rows =
-      bits == 8 ? 8 : (kernels.word_streams(a.bits, sh.group, !group_size.has_value()) ? 2 : 1);
+  const bool word_lut = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
+  const int64_t dot_min_rows = bits == 8 ? 8 : (word_lut ? 2 : 1);
   const bool bf16_dot =
       kernels.gemv_bf16 != nullptr && x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() &&
       sh.M >= dot_min_rows &&
@@ -113,7 +113,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
     a.xsum = xsum.const_data_ptr<float>();
   } else {
-    a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
+    a.word_streams = word_lut;
     const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
     xd = streams(x2, a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes, unit_values);
     a.xd = xd.const_data_ptr<float>();

@@ -28,9 +28,37 @@ inline RowParams params(const LinearArgs& a, int64_t n, int64_t g) {
   return {a.scales[n * a.groups + g], z};
 }
 
+// fn.template operator()<BITS, SIGNED>() for the weight format of `a`: int8 symmetric weights are
+// signed, every other format unsigned.
+template <typename Fn>
+void for_format(const LinearArgs& a, Fn&& fn) {
+  switch (a.bits) {
+    case 8:
+      return a.signed_q ? fn.template operator()<8, true>() : fn.template operator()<8, false>();
+    case 4:
+      return fn.template operator()<4, false>();
+    default:
+      return fn.template operator()<2, false>();
+  }
+}
+
 // Weight rows per block: a block's weights (at most 32 x K bytes) stay in L2 while every
 // activation tile passes over them, so they are read from memory once.
 constexpr int64_t kRowBlock = 32;
+
+// fn.template operator()<MT>(nb, nb1, m0) for every block [nb, nb1) of weight rows within
+// [n0, n1) and every tile of MT activation rows from m0: tiles of 4, then one of the 3, 2 or 1 left.
+template <typename Fn>
+void row_tiles(const LinearArgs& a, int64_t n0, int64_t n1, Fn&& fn) {
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t nb1 = std::min(nb + kRowBlock, n1);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) fn.template operator()<4>(nb, nb1, m);
+    if (a.M - m == 3) fn.template operator()<3>(nb, nb1, m);
+    if (a.M - m == 2) fn.template operator()<2>(nb, nb1, m);
+    if (a.M - m == 1) fn.template operator()<1>(nb, nb1, m);
+  }
+}
 
 template <int PER>
 inline const float* xstream(const LinearArgs& a, int64_t m, int r) {
@@ -402,27 +430,11 @@ void span_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   if (n < n1) tile_bf16<BITS, SIGNED, MT, 1>(a, n, m0);
 }
 
-template <int BITS, bool SIGNED>
-void gemv_bf16_bits(const LinearArgs& a, int64_t n0, int64_t n1) {
-  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
-    const int64_t nb1 = std::min(nb + kRowBlock, n1);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) span_bf16<BITS, SIGNED, 4>(a, nb, nb1, m);
-    if (a.M - m == 3) span_bf16<BITS, SIGNED, 3>(a, nb, nb1, m);
-    if (a.M - m == 2) span_bf16<BITS, SIGNED, 2>(a, nb, nb1, m);
-    if (a.M - m == 1) span_bf16<BITS, SIGNED, 1>(a, nb, nb1, m);
-  }
-}
-
 void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
-  switch (a.bits) {
-    case 8:
-      return a.signed_q ? gemv_bf16_bits<8, true>(a, n0, n1) : gemv_bf16_bits<8, false>(a, n0, n1);
-    case 4:
-      return gemv_bf16_bits<4, false>(a, n0, n1);
-    default:
-      return gemv_bf16_bits<2, false>(a, n0, n1);
-  }
+  for_format(a, [&]<int BITS, bool SIGNED>() {
+    row_tiles(a, n0, n1,
+              [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { span_bf16<BITS, SIGNED, MT>(a, nb, nb1, m); });
+  });
 }
 #define LINQUANT_HAVE_BF16_GEMV 1
 
@@ -504,24 +516,8 @@ void tile_span(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 
 template <int BITS, bool SIGNED>
 void gemv_simd(const LinearArgs& a, int64_t n0, int64_t n1) {
-  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
-    const int64_t nb1 = std::min(nb + kRowBlock, n1);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) tile_span<BITS, SIGNED, 4, 4>(a, nb, nb1, m);
-    switch (a.M - m) {
-      case 3:
-        tile_span<BITS, SIGNED, 3, 4>(a, nb, nb1, m);
-        break;
-      case 2:
-        tile_span<BITS, SIGNED, 2, 4>(a, nb, nb1, m);
-        break;
-      case 1:
-        tile_span<BITS, SIGNED, 1, 4>(a, nb, nb1, m);
-        break;
-      default:
-        break;
-    }
-  }
+  row_tiles(a, n0, n1,
+            [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { tile_span<BITS, SIGNED, MT, 4>(a, nb, nb1, m); });
 }
 #endif
 
@@ -535,14 +531,7 @@ void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 }
 
 void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
-  switch (a.bits) {
-    case 8:
-      return a.signed_q ? gemv<8, true>(a, n0, n1) : gemv<8, false>(a, n0, n1);
-    case 4:
-      return gemv<4, false>(a, n0, n1);
-    default:
-      return gemv<2, false>(a, n0, n1);
-  }
+  for_format(a, [&]<int BITS, bool SIGNED>() { gemv<BITS, SIGNED>(a, n0, n1); });
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
@@ -572,14 +561,7 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
 }
 
 void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
-  switch (a.bits) {
-    case 8:
-      return a.signed_q ? dequant<8, true>(a, n0, n1, out) : dequant<8, false>(a, n0, n1, out);
-    case 4:
-      return dequant<4, false>(a, n0, n1, out);
-    default:
-      return dequant<2, false>(a, n0, n1, out);
-  }
+  for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, out); });
 }
 
 #if defined(LINQUANT_HAVE_BF16_GEMV)
