@@ -15,27 +15,30 @@
 namespace linquant::cpu {
 namespace {
 
-// From this many activation rows on the layer is bound by arithmetic, not weight bytes, and
+// From this many activation rows the layer is bound by arithmetic, not weight bytes, and
 // dequantizing weight tiles for ATen's GEMM (MKL's blocking) keeps up with fp32 F.linear (1.0x at
 // M = 128 and 256 on 4096x4096) where the register-tiled kernel falls behind it. Below it the tiled
 // kernel wins: at M = 64 it measured 1.0-1.5x fp32 F.linear, the GEMM path 0.9-1.0x.
 constexpr int64_t kGemmMinRows = 128;
-// Weight rows dequantized per GEMM call: at most 4M fp32 values (16 MiB).
-constexpr int64_t kTileValues = int64_t{1} << 22;
+// Weight rows dequantized per GEMM call: at most 16 MiB of them. Fewer, longer rows cost the GEMM
+// more: bf16 at M = 64 on 4096x14336, tiles of 292 / 585 / 1024 rows took 1.47x / 1.17x / 1.12x
+// the time of one call on the whole weight.
+constexpr int64_t kTileBytes = int64_t{1} << 24;
 
-// y = x2 @ dequantized(weight).T, tile by tile. The tile buffer is kept per thread: a fresh 16 MiB
-// allocation per tile costs more in first-touch page faults than the dequantization itself.
-void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, const LinearKernels& kernels, at::Tensor& y) {
-  const int64_t tile = std::max<int64_t>(1, kTileValues / std::max<int64_t>(a.K, 1));
-  thread_local std::vector<float> buffer;
+// y = x2 @ dequantized(weight).T, tile by tile, in x2's dtype (fp32, or bf16 with T = uint16_t
+// holding bf16 bits). The tile buffer is kept per thread: a fresh 16 MiB allocation per tile costs
+// more in first-touch page faults than the dequantization itself.
+template <typename T>
+void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a,
+                    void (*dequant_rows)(const LinearArgs&, int64_t, int64_t, T*), at::Tensor& y) {
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(a.K, 1));
+  thread_local std::vector<T> buffer;
   buffer.resize(static_cast<size_t>(std::min(tile, a.N) * a.K));
   // The workers write through this pointer: inside the lambda `buffer` would name their own copy.
-  float* const base = buffer.data();
+  T* const base = buffer.data();
   for (int64_t n0 = 0; n0 < a.N; n0 += tile) {
     const int64_t len = std::min(tile, a.N - n0);
-    at::parallel_for(n0, n0 + len, 4, [&](int64_t r0, int64_t r1) {
-      kernels.dequant_rows(a, r0, r1, base + (r0 - n0) * a.K);
-    });
+    at::parallel_for(n0, n0 + len, 4, [&](int64_t r0, int64_t r1) { dequant_rows(a, r0, r1, base + (r0 - n0) * a.K); });
     const at::Tensor wt = at::from_blob(base, {len, a.K}, x2.options());
     y.narrow(1, n0, len).copy_(at::mm(x2, wt.t()));
   }
@@ -51,7 +54,6 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
 
   const int64_t per_byte = 8 / bits;
-  const at::Tensor x2 = x.reshape({sh.M, sh.K}).to(at::kFloat).contiguous();
   const at::Tensor w = qweight.contiguous();
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const at::Tensor z = zeros.has_value() ? zero_points_as_int32(*zeros, "zeros").contiguous() : at::Tensor();
@@ -71,18 +73,39 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.zeros = z.defined() ? z.const_data_ptr<int32_t>() : nullptr;
   a.zero_const = sh.symmetric && bits < 8 ? 1 << (bits - 1) : 0;  // stored offset of signed sub-byte values
   a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const LinearKernels& kernels = linear_kernels();
+  const bool bf16_x = x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16();
+  // The layouts of the bf16 dot-product kernel (below): groups of whole 32-byte loads (one group
+  // per row included), or below 8 bits 2 or 4 groups per load (16- or 8-byte groups), where it is
+  // slower, spreading scales and sums over the lanes.
+  const int64_t group_bytes = sh.group / per_byte;
+  const bool whole_loads = !group_size.has_value() || group_bytes % 32 == 0;
+  const bool split_loads = bits < 8 && (group_bytes == 16 || group_bytes == 8);
+  // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
+  // 4096x4096, 14336x4096, 4096x14336; same run):
+  //   M = 32: 4-bit g128 1.00x / 0.91x / 0.73x, 4-bit g32 1.37x / 1.33x / 1.11x;
+  //   M = 64: 4-bit g128 1.30x / 1.27x / 0.99x, 4-bit g32 1.93x / 1.89x / 1.54x, 8-bit per channel
+  //     1.51x / 1.50x / 1.17x; and at M = 128 (against the fp32 GEMM path) 2.2x;
+  // hence from 64 rows on whole-load layouts, from 32 on the others.
+  if (bf16_x && sh.M >= (whole_loads ? 64 : 32)) {
+    // The product is rounded to bf16 by the GEMM, then the bias is added in fp32 and the sum
+    // rounded again: F.linear on the dequantized bf16 weight, within one more rounding.
+    at::Tensor yb = at::empty({sh.M, sh.N}, x.options());
+    linear_by_gemm(x.reshape({sh.M, sh.K}).contiguous(), a, kernels.dequant_rows_bf16, yb);
+    if (b.defined()) yb.add_(b);
+    return yb.view(out_shape);
+  }
+  const at::Tensor x2 = x.reshape({sh.M, sh.K}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
-  const LinearKernels& kernels = linear_kernels();
   if (sh.M >= kGemmMinRows) {
-    linear_by_gemm(x2, a, kernels, y);
+    linear_by_gemm(x2, a, kernels.dequant_rows, y);
     if (b.defined()) y.add_(b);
     return y.to(x.scalar_type()).view(out_shape);
   }
 
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
-  // bf16 and each row's sums over each group. Its 32-byte loads take groups of whole loads, one
-  // group per row, or (below 8 bits) 2 or 4 groups per load (16- or 8-byte groups). Where the
+  // bf16 and each row's sums over each group, for its layouts (whole or split loads). Where the
   // other kernels stream one activation row at nearly the same speed, it waits for two or more
   // (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096):
   //   8 bits, against tile8: 0.69-0.89x at M = 1 (tile8 reaches 91-93% of the read bandwidth),
@@ -90,13 +113,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   //   4 bits in the word-stream LUT layouts (g128, per channel): 0.73-0.97x at M = 1,
   //     0.95-1.46x at M = 2, 1.43-1.81x at M = 4, hence from 2 rows;
   //   the other 4-bit groups and all 2-bit ones: 1.13-2.3x already at M = 1.
-  const int64_t group_bytes = sh.group / per_byte;
   const bool word_lut = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
   const int64_t dot_min_rows = bits == 8 ? 8 : (word_lut ? 2 : 1);
   const bool bf16_dot =
-      kernels.gemv_bf16 != nullptr && x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() &&
-      sh.M >= dot_min_rows &&
-      (!group_size.has_value() || group_bytes % 32 == 0 || (bits < 8 && (group_bytes == 16 || group_bytes == 8)));
+      kernels.gemv_bf16 != nullptr && bf16_x && sh.M >= dot_min_rows && (whole_loads || split_loads);
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
   // split by position within the byte (word).
   const auto streams = [&](const at::Tensor& rows, int64_t units, int64_t unit_values) {

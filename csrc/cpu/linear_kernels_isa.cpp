@@ -538,8 +538,10 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
-template <int BITS, bool SIGNED>
-void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
+// OUT is float, or core::bf16_t: the fp32 value rounded to nearest even, as a cast of
+// linquant::dequantize's fp32 result to bf16 would round it.
+template <int BITS, bool SIGNED, typename OUT>
+void dequant(const LinearArgs& a, int64_t n0, int64_t n1, OUT* out) {
   std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.w + n * a.row_bytes;
@@ -547,14 +549,14 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
       core::unpack_row<BITS>(q, a.K, values.data());
       q = values.data();
     }
-    float* o = out + (n - n0) * a.K;
+    OUT* o = out + (n - n0) * a.K;
     for (int64_t g = 0; g < a.groups; ++g) {
       const RowParams p = params(a, n, g);
       const int64_t k1 = std::min((g + 1) * a.group, a.K);
 #pragma omp simd
       for (int64_t k = g * a.group; k < k1; ++k) {
         const int32_t v = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(q[k])) : static_cast<int32_t>(q[k]);
-        o[k] = p.s * static_cast<float>(v - p.z);
+        o[k] = core::from_float<OUT>(p.s * static_cast<float>(v - p.z));
       }
     }
   }
@@ -564,10 +566,15 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, out); });
 }
 
+void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
+  auto* o = reinterpret_cast<core::bf16_t*>(out);
+  for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, o); });
+}
+
 #if defined(LINQUANT_HAVE_BF16_GEMV)
-const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, gemv_bf16};
+const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, gemv_bf16};
 #else
-const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, nullptr};
+const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, nullptr};
 #endif
 
 }  // namespace

@@ -98,6 +98,11 @@ def ref_weight(qweight, scales, zeros, bits, group_size, k):
     return s * (q - z).double()
 
 
+# From this many rows bf16 activations may take the CPU's bf16 GEMM over weights rounded to bf16
+# (csrc/cpu/linear.cpp: from 32 or 64 rows, by layout, on CPUs with AVX512-BF16).
+BF16_GEMM_MIN_ROWS = 32
+
+
 def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
     """|s| (c + |z|) per weight, c = 128 below 8 bits, else 0: what the CPU's AVX512-BF16 kernel
     (bf16 activations) accumulates beyond |s (q - z)| before it takes (c + z) sum x back out

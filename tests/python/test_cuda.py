@@ -40,7 +40,7 @@ from torch import nn
 import hf_models
 import linquant as lq
 from conftest import cuda_only
-from reference import dot_kernel_weight, ref_weight
+from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, ref_weight
 from test_opcheck import SAMPLES as CPU_OPCHECK_SAMPLES
 from test_opcheck import opcheck_quantize_family
 
@@ -592,10 +592,13 @@ def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_arg
                              f"{what}. The GEMV path (no weight rounding) is expected for M <= "
                              f"{torch.ops.linquant._cuda_linear_dispatch()[0]}, and while it is on, for fp32 up to M = {GEMV_ROWS}.")
     diff = (yg - y_cpu.double().reshape(m, n)).abs()
-    # With bf16 activations the CPU may run its AVX512-BF16 kernel, whose fp32 sums carry an offset.
+    # With bf16 activations the CPU may run its AVX512-BF16 kernel, whose fp32 sums carry an offset,
+    # or from BF16_GEMM_MIN_ROWS rows its bf16 GEMM (weights and the sum before the bias rounded).
     if x.dtype == torch.bfloat16:
         cpu_bound = cpu_bound + (x64.abs() @ dot_kernel_weight(qweight, scales, zeros, bits, group_size, k).T) * (
             (k**0.5 + 4) * 2.0**-23)
+        if m >= BF16_GEMM_MIN_ROWS:
+            cpu_bound = cpu_bound + mag * (2 * 2.0**-8)
     both = bound + cpu_bound
     if not bool((diff <= both).all()):
         raise AssertionError(f"CUDA linear vs CPU linear: {float((diff / both).max()):.2f}x the bound; {what}")

@@ -1,16 +1,27 @@
 """linquant.linear against dequantize-then-matmul in float64 (reference.py's own unpacking), over
 bits, modes, group sizes, odd shapes, dtypes, leading dims and bias; errors; opcheck; compile."""
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import linquant as lq
-from reference import dot_kernel_weight, ref_weight
+from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, ref_weight
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def cpu_has_avx512_bf16():
+    """Whether linquant's CPU kernels take the AVX512-BF16 paths here (not narrowed below avx512)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and os.environ.get("LINQUANT_CPU_ISA", "avx512") == "avx512"
 
 
 def check(x, qw, bias, bits, group_size):
@@ -25,6 +36,9 @@ def check(x, qw, bias, bits, group_size):
     w_acc = w.abs() + (dot_kernel_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
                        if x.dtype == torch.bfloat16 else 0)
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
+    if x.dtype == torch.bfloat16 and x64.shape[0] >= BF16_GEMM_MIN_ROWS:
+        # The bf16 GEMM path: each weight rounded to bf16, and the sum before the bias too.
+        bound += (x64.abs() @ w.abs().T) * 2 * 2.0**-8
     err = (y.double().reshape(ref.shape) - ref).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
 
@@ -67,6 +81,48 @@ def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
         bias = torch.randn(n, generator=gen).bfloat16()
         for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit: from M = 8; 4-bit g128: M = 2
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 64), (8, 32, 64), (4, None, 64), (4, 128, 64),
+                                                      (2, 128, 64), (4, 32, 32), (4, 16, 32), (2, 32, 32),
+                                                      (2, 16, 32)], ids=str)
+def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
+    # From min_rows rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized to
+    # bf16: from 64 on the dot kernel's whole-load layouts, from 32 on the others. Its
+    # result is the float64 product with the reference weight rounded to fp32 then to bf16 (as
+    # the kernel rounds s * (q - z)), within fp32 accumulation and the roundings of the sum before
+    # and after the bias: a sharper check than check()'s, which would pass a wrongly rounded weight.
+    # K ends inside a group, N is odd; the bias is bf16 or fp32.
+    n, k = 37, 300
+    for symmetric in (True, False):
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric)
+        w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k).float().bfloat16().double()
+        for m, bias in ((min_rows, None), (min_rows + 1, torch.randn(n, generator=gen).bfloat16()),
+                        (130, torch.randn(n, generator=gen))):
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            x64 = x.double()
+            pre = x64 @ w.T
+            ref = pre + (bias.double() if bias is not None else 0)
+            bound = ((x64.abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + pre.abs() * 2.0**-8
+                     + (ref.abs() * 2.0**-8 if bias is not None else 0) + 1e-30)
+            err = (y.double() - ref).abs()
+            assert bool((err <= bound).all()), (m, float((err / bound).max()))
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
+def test_bf16_activations_gemm_path_many_tiles(gen):
+    # 2049 rows of K = 4096 span three dequantized tiles (1024 rows each) and a one-row tail.
+    n, k = 2049, 4096
+    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
+    w = ref_weight(qw.qweight, qw.scales, qw.zeros, 4, 128, k).float().bfloat16().double()
+    x = torch.randn(64, k, generator=gen).bfloat16()
+    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, 4, 128).double()
+    ref = x.double() @ w.T
+    bound = (x.double().abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + ref.abs() * 2.0**-8 + 1e-30
+    assert bool(((y - ref).abs() <= bound).all())
 
 
 def test_non_contiguous_and_empty(gen):
