@@ -82,12 +82,12 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const bool whole_loads = !group_size.has_value() || group_bytes % 32 == 0;
   const bool split_loads = bits < 8 && (group_bytes == 16 || group_bytes == 8);
   // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
-  // 4096x4096, 14336x4096, 4096x14336; same run):
-  //   M = 32: 4-bit g128 1.00x / 0.91x / 0.73x, 4-bit g32 1.37x / 1.33x / 1.11x;
-  //   M = 64: 4-bit g128 1.30x / 1.27x / 0.99x, 4-bit g32 1.93x / 1.89x / 1.54x, 8-bit per channel
-  //     1.51x / 1.50x / 1.17x; and at M = 128 (against the fp32 GEMM path) 2.2x;
+  // 4096x4096, 14336x4096, 4096x14336; same session):
+  //   M = 32: 4-bit g128 1.09x / 0.98x / 0.98x, 4-bit g32 1.64x / 1.55x / 1.25x;
+  //   M = 64: 4-bit g128 1.42x / 1.43x / 1.17x, 4-bit g32 1.90x / 2.08x / 1.68x, 8-bit per channel
+  //     1.47x / 1.48x / 1.26x; and at M = 128 against the fp32 GEMM path, 2.2x;
   // hence from 64 rows on whole-load layouts, from 32 on the others.
-  if (bf16_x && sh.M >= (whole_loads ? 64 : 32)) {
+  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && sh.M >= (whole_loads ? 64 : 32)) {
     // The product is rounded to bf16 by the GEMM, then the bias is added in fp32 and the sum
     // rounded again: F.linear on the dequantized bf16 weight, within one more rounding.
     at::Tensor yb = at::empty({sh.M, sh.N}, x.options());

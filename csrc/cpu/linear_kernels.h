@@ -46,15 +46,16 @@ struct LinearKernels {
   // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
   // into out[(n - n_begin) * K + k], fp32.
   using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
-  // The same rounded to bf16 (nearest even), as bit patterns.
+  // The same rounded to bf16 (nearest even), as bit patterns; AVX-512 with AVX512-BF16 only.
   using DequantBf16Fn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, uint16_t* out);
 
   GemvFn gemv;
   WordStreamsFn word_streams;
   DequantFn dequant_rows;
+  // The bf16 kernels, or nullptr (this instruction set has none; run them only where
+  // cpu_has_avx512_bf16()): the dequantization above in bf16, and bf16 activations through
+  // AVX512-BF16 dot products.
   DequantBf16Fn dequant_rows_bf16;
-  // bf16 activations through AVX512-BF16 dot products, or nullptr (this instruction set has none;
-  // run it only where cpu_has_avx512_bf16()).
   GemvFn gemv_bf16;
 };
 

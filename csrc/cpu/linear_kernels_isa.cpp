@@ -436,6 +436,63 @@ void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
               [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { span_bf16<BITS, SIGNED, MT>(a, nb, nb1, m); });
   });
 }
+
+// 32 weights from `bytes` (32 / PER bytes of row n, the first `rem` of them wanted, at most 32) as
+// two vectors of 16 integers in value order: each byte's PER values spread to consecutive bytes,
+// then widened.
+template <int BITS, bool SIGNED>
+__attribute__((target("avx512bf16"))) inline void widen32(const uint8_t* bytes, int64_t rem, __m512i& lo,
+                                                           __m512i& hi) {
+  constexpr int PER = 8 / BITS;
+  const __mmask32 byte_mask = block_mask((rem + PER - 1) / PER, 0);
+  __m256i spread;
+  if constexpr (BITS == 8) {
+    spread = _mm256_maskz_loadu_epi8(byte_mask, bytes);
+  } else if constexpr (BITS == 4) {  // byte b -> 16-bit lane (b & 15) | (b >> 4) << 8
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask), bytes));
+    spread = _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi16(0x000F)),
+                             _mm256_and_si256(_mm256_slli_epi16(w, 4), _mm256_set1_epi16(0x0F00)));
+  } else {  // byte b -> 32-bit lane holding its four 2-bit values in consecutive bytes
+    const __m256i d = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask), bytes));
+    spread = _mm256_or_si256(
+        _mm256_or_si256(_mm256_and_si256(d, _mm256_set1_epi32(0x3)),
+                        _mm256_and_si256(_mm256_slli_epi32(d, 6), _mm256_set1_epi32(0x300))),
+        _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(d, 12), _mm256_set1_epi32(0x30000)),
+                        _mm256_and_si256(_mm256_slli_epi32(d, 18), _mm256_set1_epi32(0x3000000))));
+  }
+  const __m128i b0 = _mm256_castsi256_si128(spread), b1 = _mm256_extracti128_si256(spread, 1);
+  lo = SIGNED ? _mm512_cvtepi8_epi32(b0) : _mm512_cvtepu8_epi32(b0);
+  hi = SIGNED ? _mm512_cvtepi8_epi32(b1) : _mm512_cvtepu8_epi32(b1);
+}
+
+// Rows [n0, n1) dequantized for the bf16 GEMM: s * (q - z) in fp32 exactly as dequant() computes
+// it, then rounded to bf16 to nearest even, 32 values per instruction (a NaN scale gives a NaN
+// whose payload may differ from core::from_float's). No unpacked copy of the row is written.
+template <int BITS, bool SIGNED>
+__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
+                                                        uint16_t* out) {
+  constexpr int PER = 8 / BITS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = a.w + n * a.row_bytes;
+    uint16_t* o = out + (n - n0) * a.K;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const RowParams p = params(a, n, g);
+      const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
+      const int64_t k1 = std::min((g + 1) * a.group, a.K);
+      for (int64_t k = g * a.group; k < k1; k += 32) {  // a group starts on a byte (group % PER == 0)
+        __m512i lo, hi;
+        widen32<BITS, SIGNED>(wrow + k / PER, std::min<int64_t>(32, k1 - k), lo, hi);
+        const __m512 vlo = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_cvtepi32_ps(lo), z));
+        const __m512 vhi = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_cvtepi32_ps(hi), z));
+        _mm512_mask_storeu_epi16(o + k, block_mask(k1, k), (__m512i)_mm512_cvtne2ps_pbh(vhi, vlo));
+      }
+    }
+  }
+}
+
+void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
+  for_format(a, [&]<int BITS, bool SIGNED>() { dequant_bf16<BITS, SIGNED>(a, n0, n1, out); });
+}
 #define LINQUANT_HAVE_BF16_GEMV 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -538,10 +595,8 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
-// OUT is float, or core::bf16_t: the fp32 value rounded to nearest even, as a cast of
-// linquant::dequantize's fp32 result to bf16 would round it.
-template <int BITS, bool SIGNED, typename OUT>
-void dequant(const LinearArgs& a, int64_t n0, int64_t n1, OUT* out) {
+template <int BITS, bool SIGNED>
+void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.w + n * a.row_bytes;
@@ -549,14 +604,14 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, OUT* out) {
       core::unpack_row<BITS>(q, a.K, values.data());
       q = values.data();
     }
-    OUT* o = out + (n - n0) * a.K;
+    float* o = out + (n - n0) * a.K;
     for (int64_t g = 0; g < a.groups; ++g) {
       const RowParams p = params(a, n, g);
       const int64_t k1 = std::min((g + 1) * a.group, a.K);
 #pragma omp simd
       for (int64_t k = g * a.group; k < k1; ++k) {
         const int32_t v = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(q[k])) : static_cast<int32_t>(q[k]);
-        o[k] = core::from_float<OUT>(p.s * static_cast<float>(v - p.z));
+        o[k] = p.s * static_cast<float>(v - p.z);
       }
     }
   }
@@ -566,15 +621,10 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, out); });
 }
 
-void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
-  auto* o = reinterpret_cast<core::bf16_t*>(out);
-  for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, o); });
-}
-
 #if defined(LINQUANT_HAVE_BF16_GEMV)
 const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, gemv_bf16};
 #else
-const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, nullptr};
+const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, nullptr, nullptr};
 #endif
 
 }  // namespace

@@ -93,6 +93,7 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
     # result is the float64 product with the reference weight rounded to fp32 then to bf16 (as
     # the kernel rounds s * (q - z)), within fp32 accumulation and the roundings of the sum before
     # and after the bias: a sharper check than check()'s, which would pass a wrongly rounded weight.
+    # Without bias it is bit for bit ATen's GEMM on that weight, so every dequantized value is exact.
     # K ends inside a group, N is odd; the bias is bf16 or fp32.
     n, k = 37, 300
     for symmetric in (True, False):
@@ -110,6 +111,8 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
                      + (ref.abs() * 2.0**-8 if bias is not None else 0) + 1e-30)
             err = (y.double() - ref).abs()
             assert bool((err <= bound).all()), (m, float((err / bound).max()))
+            if bias is None:  # one tile: the same GEMM call as on the reference weight, bit for bit
+                assert torch.equal(y, x @ w.bfloat16().T), m
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
