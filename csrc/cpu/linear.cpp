@@ -105,16 +105,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   }
 
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
-  // bf16 and each row's sums over each group, for its layouts (whole or split loads). Where the
-  // other kernels stream one activation row at nearly the same speed, it waits for two or more
-  // (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096):
-  //   8 bits, against tile8: 0.69-0.89x at M = 1 (tile8 reaches 91-93% of the read bandwidth),
-  //     0.87-1.09x at M = 4, 1.15-1.33x at M = 16, hence from 8 rows;
-  //   4 bits in the word-stream LUT layouts (g128, per channel): 0.73-0.97x at M = 1,
-  //     0.95-1.46x at M = 2, 1.43-1.81x at M = 4, hence from 2 rows;
-  //   the other 4-bit groups and all 2-bit ones: 1.13-2.3x already at M = 1.
-  const bool word_lut = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
-  const int64_t dot_min_rows = bits == 8 ? 8 : (word_lut ? 2 : 1);
+  // bf16 and each row's sums over each group, for its layouts (whole or split loads). At 8 bits it
+  // waits for 8 activation rows, since tile8 streams fewer rows as fast (weights streamed from
+  // DRAM; 4096x4096, 4096x14336, 14336x4096): 0.69-0.89x tile8 at M = 1 (tile8 reaches 91-93% of
+  // the read bandwidth), 0.87-1.09x at M = 4, 1.15-1.33x at M = 16. Below 8 bits it takes every M:
+  // with 4 weight rows per tile for one or two activation rows it is 0.9-1.2x the LUT kernel at
+  // M = 1 on the word-stream layouts (4-bit g128, per channel; this VM's noise is about as wide)
+  // and faster on the others, and from M = 2 faster everywhere (0.95-1.46x at M = 2 with 2-row
+  // tiles, which 4-row tiles speed up by another 20-25%).
+  const int64_t dot_min_rows = bits == 8 ? 8 : 1;
   const bool bf16_dot =
       kernels.gemv_bf16 != nullptr && bf16_x && sh.M >= dot_min_rows && (whole_loads || split_loads);
   // Activation streams (see linear_kernels.h): x padded to whole bytes (or words) of weights, then
@@ -133,7 +132,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
     a.xsum = xsum.const_data_ptr<float>();
   } else {
-    a.word_streams = word_lut;
+    a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
     const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
     xd = streams(x2, a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes, unit_values);
     a.xd = xd.const_data_ptr<float>();

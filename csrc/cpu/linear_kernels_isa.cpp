@@ -415,19 +415,22 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
   }
 }
 
-// Tiles of MT activation rows x 2 weight rows over weight rows [n0, n1).
+// Tiles of MT activation rows x NT weight rows over weight rows [n0, n1), then single rows. For one
+// or two activation rows, 4 weight rows: twice the independent chains of dot products (each waits
+// on the last's latency), 10-25% faster than 2 at M = 1 and 2. From 3 rows the registers run out.
 template <int BITS, bool SIGNED, int MT>
 void span_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int NT = MT <= 2 ? 4 : 2;
   int64_t n = n0;
   if constexpr (BITS < 8) {
     if (a.group / (8 / BITS) < 32 && a.groups > 1) {
-      for (; n + 2 <= n1; n += 2) tile_bf16_split<BITS, MT, 2>(a, n, m0);
-      if (n < n1) tile_bf16_split<BITS, MT, 1>(a, n, m0);
+      for (; n + NT <= n1; n += NT) tile_bf16_split<BITS, MT, NT>(a, n, m0);
+      for (; n < n1; ++n) tile_bf16_split<BITS, MT, 1>(a, n, m0);
       return;
     }
   }
-  for (; n + 2 <= n1; n += 2) tile_bf16<BITS, SIGNED, MT, 2>(a, n, m0);
-  if (n < n1) tile_bf16<BITS, SIGNED, MT, 1>(a, n, m0);
+  for (; n + NT <= n1; n += NT) tile_bf16<BITS, SIGNED, MT, NT>(a, n, m0);
+  for (; n < n1; ++n) tile_bf16<BITS, SIGNED, MT, 1>(a, n, m0);
 }
 
 void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {

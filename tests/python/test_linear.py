@@ -73,13 +73,13 @@ def test_dtypes_and_leading_dims(dtype, bits, gen):
 def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
     # The layouts the CPU's AVX512-BF16 kernel takes (where the CPU has it; elsewhere the LUT and
     # 8-bit kernels): groups of whole 32-byte loads, one per row, or below 8 bits 2 or 4 per load
-    # (16- and 8-byte groups). K ends inside a group and inside a load, N is odd (a one-row tile
-    # after the pairs), M covers every activation tile (4 to 1).
+    # (16- and 8-byte groups). K ends inside a group and inside a load, N = 13 (4-row tiles for one
+    # or two activation rows, pairs for more, then a single row), M covers every activation tile.
     n, k = 13, 4 * 128 + 40
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric, dtype=torch.bfloat16)
         bias = torch.randn(n, generator=gen).bfloat16()
-        for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit: from M = 8; 4-bit g128: M = 2
+        for m in (1, 2, 3, 4, 7) if bits < 8 else (8, 9, 10, 11):  # 8-bit: from M = 8
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
