@@ -41,6 +41,13 @@ for bits in (8, 4, 2):
                 x = torch.randn(m, 100, generator=g)
                 y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, gs)
                 assert torch.allclose(y.double(), x.double() @ ref.T, rtol=1e-5, atol=1e-5)
+            # bf16 activations: the AVX512-BF16 kernels where the variant and the CPU have them (the
+            # dot kernel, the bf16 GEMM from 64 rows), the fp32 ones elsewhere; bf16 roundings only.
+            for m in (3, 70):
+                x = torch.randn(m, 100, generator=g).bfloat16()
+                y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, gs).double()
+                err = (y - x.double() @ ref.T).abs()
+                assert bool((err <= (x.double().abs() @ ref.abs().T) * 2.0**-6).all())
 print("ok")
 """
 
