@@ -103,20 +103,25 @@ def minilm_rows():
     return rows
 
 
-# (label, bits, group_size, symmetric) of the causal-LM table.
-LM_CONFIGS = [("int8 per-channel", 8, None, True), ("int4 g128 asym", 4, 128, False)]
+# (label, dtype, bits, group_size, symmetric) of the causal-LM table: the fp32 model, and the same in
+# bf16 (CPU decoding with bf16 activations takes the AVX512-BF16 kernels where the CPU has them).
+LM_CONFIGS = [("fp32", torch.float32, None, None, None),
+              ("int8 per-channel", torch.float32, 8, None, True),
+              ("int4 g128 asym", torch.float32, 4, 128, False),
+              ("bf16", torch.bfloat16, None, None, None),
+              ("int8 per-channel (bf16)", torch.bfloat16, 8, None, True),
+              ("int4 g128 asym (bf16)", torch.bfloat16, 4, 128, False)]
 
 
 def smollm2_rows():
-    """SmolLM2-135M-Instruct in fp32 and every LM_CONFIGS entry: footprint, perplexity of the
-    built-in text, greedy continuation of builtin.GREEDY_PROMPT, time per generated token."""
-    import copy
-
+    """SmolLM2-135M-Instruct in every LM_CONFIGS entry: footprint, perplexity of the built-in text,
+    greedy continuation of builtin.GREEDY_PROMPT, time per generated token."""
     model, tok = builtin.load_smollm2()
     rows = []
-    for label, bits, group, sym in _progress([("fp32", None, None, None)] + LM_CONFIGS, "SmolLM2"):
-        m = model if bits is None else quantize_model(copy.deepcopy(model), bits=bits, group_size=group,
-                                                      symmetric=sym, progress=False)
+    for label, dtype, bits, group, sym in _progress(LM_CONFIGS, "SmolLM2"):
+        m = model if dtype == torch.float32 and bits is None else copy.deepcopy(model).to(dtype)
+        if bits is not None:
+            m = quantize_model(m, bits=bits, group_size=group, symmetric=sym, progress=False)
         start = time.perf_counter()
         text = builtin.greedy(m, tok, builtin.GREEDY_PROMPT, new_tokens=16)
         ms_per_token = (time.perf_counter() - start) / 16 * 1e3
@@ -208,7 +213,7 @@ def cmd_demo(args) -> int:
     if lm_error:
         print(f"  skipped: {lm_error}")
     for r in lm_rows:
-        print(f"  {r['model']:<18} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
+        print(f"  {r['model']:<23} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
               f"{r['ms_per_token']:6.1f} ms/token  {r['greedy']!r}")
     for path in plots:
         print(f"plot: {path}")
