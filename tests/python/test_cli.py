@@ -33,6 +33,9 @@ def test_demo_json_and_plots(tmp_path):
     assert rows["int8 per-channel"]["linear_bytes"] < rows["fp32"]["linear_bytes"] * 0.26
     assert rows["int4 g128 asym"]["linear_bytes"] < rows["fp32"]["linear_bytes"] * 0.15
     assert rows["bf16"]["bytes"] * 2 == pytest.approx(rows["fp32"]["bytes"], rel=0.01)
+    assert rows["int8 per-channel (bf16)"]["cosine_mean"] >= 0.9995
+    assert rows["int4 g128 asym (bf16)"]["cosine_mean"] > rows["int4 g128 asym"]["cosine_mean"] - 0.005
+    assert rows["int4 g128 asym (bf16)"]["bytes"] < rows["int4 g128 asym"]["bytes"] * 0.6
     if report["smollm2"]:
         lm = {r["model"]: r for r in report["smollm2"]}
         assert lm["int8 per-channel"]["greedy"] == lm["fp32"]["greedy"]
