@@ -1,6 +1,7 @@
 // CPU kernel of the weight-only quantized linear op (W8A16 / W4A16 / W2A16): checks, activation
 // layout, and a parallel loop over blocks of output features calling the per-ISA kernels, which
-// dequantize in registers while reading each weight row from memory once.
+// dequantize in registers while reading each weight row from memory once; from enough activation
+// rows (compute-bound), ATen's GEMM over dequantized weight tiles instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -440,9 +440,9 @@ void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
   });
 }
 
-// 32 weights from `bytes` (32 / PER bytes of row n, the first `rem` of them wanted, at most 32) as
-// two vectors of 16 integers in value order: each byte's PER values spread to consecutive bytes,
-// then widened.
+// The 32 values packed from `bytes` on (32 / PER bytes; the first `rem` values are wanted, at most
+// 32, and no byte past them is read) as two vectors of 16 integers in value order: each byte's PER
+// values spread to consecutive bytes, then widened.
 template <int BITS, bool SIGNED>
 __attribute__((target("avx512bf16"))) inline void widen32(const uint8_t* bytes, int64_t rem, __m512i& lo,
                                                            __m512i& hi) {
@@ -496,7 +496,7 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
 void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
   for_format(a, [&]<int BITS, bool SIGNED>() { dequant_bf16<BITS, SIGNED>(a, n0, n1, out); });
 }
-#define LINQUANT_HAVE_BF16_GEMV 1
+#define LINQUANT_HAVE_BF16_KERNELS 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
 // ---- AVX2: the same tiling with 8-byte chunks; group and row ends go through a zero-padded copy --
@@ -624,7 +624,7 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, out); });
 }
 
-#if defined(LINQUANT_HAVE_BF16_GEMV)
+#if defined(LINQUANT_HAVE_BF16_KERNELS)
 const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, gemv_bf16};
 #else
 const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, nullptr, nullptr};

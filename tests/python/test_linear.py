@@ -117,8 +117,8 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
 def test_bf16_activations_gemm_path_many_tiles(gen):
-    # 2049 rows of K = 4096 span three dequantized tiles (1024 rows each) and a one-row tail.
-    n, k = 2049, 4096
+    # 4097 rows of K = 4096 span two dequantized tiles (2048 rows: 16 MiB of bf16) and a one-row tail.
+    n, k = 4097, 4096
     qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
     w = ref_weight(qw.qweight, qw.scales, qw.zeros, 4, 128, k).float().bfloat16().double()
     x = torch.randn(64, k, generator=gen).bfloat16()
