@@ -20,8 +20,9 @@ void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "linquant: bits must be between 2 and 8, got ", bits);
 }
 
+// A TypeError, as Python raises for a None where a tensor belongs (linquant's Python wrappers too).
 void check_defined(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), "linquant: ", name, " must be a tensor, got None (an undefined tensor)");
+  TORCH_CHECK_TYPE(t.defined(), "linquant: ", name, " must be a tensor, got None (an undefined tensor)");
 }
 
 void check_float_dtype(const at::Tensor& t, const char* name) {

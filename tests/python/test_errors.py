@@ -119,7 +119,7 @@ _NONE_ARGUMENT = {  # the call with one tensor argument None, and that argument'
 @pytest.mark.parametrize("case", sorted(_NONE_ARGUMENT))
 def test_none_for_a_tensor_names_the_argument(case):
     name, call = _NONE_ARGUMENT[case]
-    with pytest.raises((TypeError, ValueError), match=f"linquant: {name} must be a tensor, got None"):
+    with pytest.raises(TypeError, match=f"linquant: {name} must be a tensor, got None"):
         call()
 
 
