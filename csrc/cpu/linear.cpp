@@ -41,7 +41,11 @@ void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a,
     const int64_t len = std::min(tile, a.N - n0);
     at::parallel_for(n0, n0 + len, 4, [&](int64_t r0, int64_t r1) { dequant_rows(a, r0, r1, base + (r0 - n0) * a.K); });
     const at::Tensor wt = at::from_blob(base, {len, a.K}, x2.options());
-    y.narrow(1, n0, len).copy_(at::mm(x2, wt.t()));
+    if (len == a.N) {
+      at::mm_out(y, x2, wt.t());  // one tile: straight into y
+    } else {
+      y.narrow(1, n0, len).copy_(at::mm(x2, wt.t()));
+    }
   }
 }
 

@@ -116,9 +116,9 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-def test_bf16_activations_gemm_path_many_tiles(gen):
-    # 4097 rows of K = 4096 span two dequantized tiles (2048 rows: 16 MiB of bf16) and a one-row tail.
-    n, k = 4097, 4096
+def test_bf16_activations_gemm_path_two_tiles(gen):
+    # 2049 rows of K = 4096: a dequantized tile of 2048 rows (16 MiB of bf16) and a one-row tail.
+    n, k = 2049, 4096
     qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
     w = ref_weight(qw.qweight, qw.scales, qw.zeros, 4, 128, k).float().bfloat16().double()
     x = torch.randn(64, k, generator=gen).bfloat16()
@@ -147,6 +147,14 @@ def test_large_batches_take_the_gemm_path(bits, symmetric, group_size, gen):
     bias = torch.randn(40, generator=gen)
     for m in (127, 128, 130):
         check(torch.randn(m, 200, generator=gen), qw, bias, bits, group_size)
+
+
+def test_gemm_path_two_tiles(gen):
+    # 1025 rows of K = 4096: a dequantized tile of 1024 rows (16 MiB of fp32) and a one-row tail,
+    # each product written into its columns of y (a single tile goes straight into y).
+    n, k = 1025, 4096
+    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
+    check(torch.randn(128, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
 
 
 def raises(match):
