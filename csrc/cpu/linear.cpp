@@ -79,6 +79,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   a.zero_const = sh.symmetric && bits < 8 ? 1 << (bits - 1) : 0;  // stored offset of signed sub-byte values
   a.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const LinearKernels& kernels = linear_kernels();
+  const at::Tensor x_rows = x.reshape({sh.M, sh.K});
   const bool bf16_x = x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16();
   // The layouts of the bf16 dot-product kernel (below): groups of whole 32-byte loads (one group
   // per row included), or below 8 bits 2 or 4 groups per load (16- or 8-byte groups), where it is
@@ -96,11 +97,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     // The product is rounded to bf16 by the GEMM, then the bias is added in fp32 and the sum
     // rounded again: F.linear on the dequantized bf16 weight, within one more rounding.
     at::Tensor yb = at::empty({sh.M, sh.N}, x.options());
-    linear_by_gemm(x.reshape({sh.M, sh.K}).contiguous(), a, kernels.dequant_rows_bf16, yb);
+    linear_by_gemm(x_rows.contiguous(), a, kernels.dequant_rows_bf16, yb);
     if (b.defined()) yb.add_(b);
     return yb.view(out_shape);
   }
-  const at::Tensor x2 = x.reshape({sh.M, sh.K}).to(at::kFloat).contiguous();
+  const at::Tensor x2 = x_rows.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
   if (sh.M >= kGemmMinRows) {
@@ -132,7 +133,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   };
   at::Tensor xd, xsum;
   if (bf16_dot) {
-    xd = streams(x.reshape({sh.M, sh.K}).contiguous(), sh.row_bytes, per_byte);
+    xd = streams(x_rows.contiguous(), sh.row_bytes, per_byte);
     xsum = at::constant_pad_nd(x2, {0, sh.groups * sh.group - sh.K}).view({sh.M, sh.groups, sh.group}).sum(-1);
     a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
     a.xsum = xsum.const_data_ptr<float>();

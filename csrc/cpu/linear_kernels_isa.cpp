@@ -403,7 +403,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
       const __m512i z = a.zeros != nullptr ? _mm512_maskz_loadu_epi32(groups, a.zeros + first)
                                            : _mm512_set1_epi32(a.zero_const);
       const __m512 offset = _mm512_add_ps(_mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(z)),
-                                          _mm512_set1_ps(128.0f));
+                                          _mm512_set1_ps(kBf16Offset<BITS>));
       for (int t = 0; t < MT; ++t) {
         total[t][u] = _mm512_fmadd_ps(_mm512_fnmadd_ps(offset, xshare[t], acc[t][u]), sv, total[t][u]);
       }

@@ -83,36 +83,43 @@ def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
+def check_bf16_gemm(x, qw, bias, bits, group_size):
+    """linear of bf16 x on the CPU's bf16 GEMM path against the float64 product with the reference
+    weight rounded to fp32 then to bf16 (as the kernel rounds s * (q - z)), within fp32
+    accumulation and the roundings of the sum before and after the bias: a sharper check than
+    check()'s, which would pass a wrongly rounded weight. Returns y and that bf16 weight."""
+    k = x.shape[-1]
+    w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k).float().bfloat16().double()
+    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
+    assert y.dtype == torch.bfloat16 and y.shape == (x.shape[0], qw.qweight.shape[0])
+    x64 = x.double()
+    pre = x64 @ w.T
+    ref = pre + (bias.double() if bias is not None else 0)
+    bound = ((x64.abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + pre.abs() * 2.0**-8
+             + (ref.abs() * 2.0**-8 if bias is not None else 0) + 1e-30)
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), (x.shape[0], float((err / bound).max()))
+    return y, w.bfloat16()
+
+
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 64), (8, 32, 64), (4, None, 64), (4, 128, 64),
                                                       (2, 128, 64), (4, 32, 32), (4, 16, 32), (2, 32, 32),
                                                       (2, 16, 32)], ids=str)
 def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
     # From min_rows rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized to
-    # bf16: from 64 on the dot kernel's whole-load layouts, from 32 on the others. Its
-    # result is the float64 product with the reference weight rounded to fp32 then to bf16 (as
-    # the kernel rounds s * (q - z)), within fp32 accumulation and the roundings of the sum before
-    # and after the bias: a sharper check than check()'s, which would pass a wrongly rounded weight.
+    # bf16: from 64 on the dot kernel's whole-load layouts, from 32 on the others (check_bf16_gemm).
     # Without bias it is bit for bit ATen's GEMM on that weight, so every dequantized value is exact.
     # K ends inside a group, N is odd; the bias is bf16 or fp32.
     n, k = 37, 300
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric)
-        w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k).float().bfloat16().double()
         for m, bias in ((min_rows, None), (min_rows + 1, torch.randn(n, generator=gen).bfloat16()),
                         (130, torch.randn(n, generator=gen))):
             x = torch.randn(m, k, generator=gen).bfloat16()
-            y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
-            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-            x64 = x.double()
-            pre = x64 @ w.T
-            ref = pre + (bias.double() if bias is not None else 0)
-            bound = ((x64.abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + pre.abs() * 2.0**-8
-                     + (ref.abs() * 2.0**-8 if bias is not None else 0) + 1e-30)
-            err = (y.double() - ref).abs()
-            assert bool((err <= bound).all()), (m, float((err / bound).max()))
+            y, w = check_bf16_gemm(x, qw, bias, bits, group_size)
             if bias is None:  # one tile: the same GEMM call as on the reference weight, bit for bit
-                assert torch.equal(y, x @ w.bfloat16().T), m
+                assert torch.equal(y, x @ w.T), m
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
@@ -120,12 +127,7 @@ def test_bf16_activations_gemm_path_two_tiles(gen):
     # 2049 rows of K = 4096: a dequantized tile of 2048 rows (16 MiB of bf16) and a one-row tail.
     n, k = 2049, 4096
     qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
-    w = ref_weight(qw.qweight, qw.scales, qw.zeros, 4, 128, k).float().bfloat16().double()
-    x = torch.randn(64, k, generator=gen).bfloat16()
-    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, 4, 128).double()
-    ref = x.double() @ w.T
-    bound = (x.double().abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + ref.abs() * 2.0**-8 + 1e-30
-    assert bool(((y - ref).abs() <= bound).all())
+    check_bf16_gemm(torch.randn(64, k, generator=gen).bfloat16(), qw, None, 4, 128)
 
 
 def test_non_contiguous_and_empty(gen):
