@@ -42,15 +42,23 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
     const int64_t g = *group_size;
     TORCH_CHECK_VALUE(g >= 1 && g % per_byte == 0, "linquant: group_size must be a positive multiple of ",
                       per_byte, " at ", bits, " bits (groups start on byte boundaries), got ", g);
-    s.group = g;
-    s.groups = (s.K + g - 1) / g;  // as choose_qparams counts them: none when K = 0
+    // As choose_qparams counts them (none when K = 0), without the overflow of (K + g - 1) / g near
+    // INT64_MAX. A group that covers the row is the per-channel layout below.
+    s.groups = s.K == 0 ? 0 : (s.K - 1) / g + 1;
+    s.group = s.groups == 1 ? s.row_bytes * per_byte : g;
   } else {
     s.group = s.row_bytes * per_byte;  // per-channel: one group per row, K rounded up to whole bytes
     s.groups = 1;
   }
 
+  // [N, G] exactly (or [N] with one group): a transposed [G, N], as some other formats store their
+  // scales, has the same element count and would run with every scale in the wrong place.
+  const auto param_shape_ok = [&](const at::Tensor& t) {
+    return (t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.groups) ||
+           (t.dim() == 1 && s.groups == 1 && t.size(0) == s.N);
+  };
   check_float_dtype(scales, "scales");
-  TORCH_CHECK_VALUE(scales.numel() == s.N * s.groups, "linquant: scales must be [", s.N, ", ", s.groups,
+  TORCH_CHECK_VALUE(param_shape_ok(scales), "linquant: scales must be [", s.N, ", ", s.groups,
                     "] (out_features x ceil(K / group_size)), got shape ", scales.sizes());
   if (zeros.has_value()) {
     check_defined(*zeros, "zeros");
@@ -58,7 +66,7 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
                       x.device());
     TORCH_CHECK_VALUE(at::isIntegralType(zeros->scalar_type(), /*includeBool=*/false),
                       "linquant: zeros must be an integer tensor (int32), got ", zeros->scalar_type());
-    TORCH_CHECK_VALUE(zeros->numel() == s.N * s.groups, "linquant: zeros must be [", s.N, ", ", s.groups,
+    TORCH_CHECK_VALUE(param_shape_ok(*zeros), "linquant: zeros must be [", s.N, ", ", s.groups,
                       "] like scales, got shape ", zeros->sizes());
   }
   if (bias.has_value()) {
@@ -66,8 +74,8 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
     TORCH_CHECK_VALUE(bias->device() == x.device(), "linquant: bias is on ", bias->device(), " but x is on ",
                       x.device());
     check_float_dtype(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->numel() == s.N, "linquant: bias must have out_features=", s.N, " elements, got shape ",
-                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, "linquant: bias must be [out_features] = [", s.N,
+                      "], got shape ", bias->sizes());
   }
   return s;
 }

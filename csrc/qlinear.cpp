@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 #include "linquant/ops.h"
 
 namespace linquant {
@@ -11,6 +14,13 @@ namespace {
 
 std::optional<int64_t> axis_of(const QLinearOptions& o) {
   return o.group_size.has_value() ? std::nullopt : std::optional<int64_t>(0);
+}
+
+// The smallest positive value of a float dtype: 2^-24 in fp16, 2^-133 in bf16.
+double smallest_subnormal(at::ScalarType t) {
+  if (t == at::kHalf) return std::ldexp(1.0, -24);
+  if (t == at::kBFloat16) return std::ldexp(1.0, -133);
+  return std::numeric_limits<float>::denorm_min();
 }
 
 }  // namespace
@@ -22,9 +32,15 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
   TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant::QLinear: bits must be 8, 4 or 2, got ", bits);
   TORCH_CHECK_VALUE(!options.group_size.has_value() || (*options.group_size > 0 && *options.group_size % (8 / bits) == 0),
                     "linquant::QLinear: group_size must be a positive multiple of ", 8 / bits, " at ", bits, " bits");
-  // As choose_qparams counts groups: ceil(K / group_size), none when K = 0; one per row per-channel.
-  const int64_t groups =
-      options.group_size.has_value() ? (in_features + *options.group_size - 1) / *options.group_size : 1;
+  TORCH_CHECK_VALUE(in_features >= 0 && out_features >= 0, "linquant::QLinear: in_features and out_features must be ",
+                    ">= 0, got ", in_features, " and ", out_features);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
+  // As choose_qparams counts groups: ceil(K / group_size) without overflow, none when K = 0; one
+  // per row per-channel.
+  const int64_t groups = !options.group_size.has_value() ? 1
+                         : in_features == 0          ? 0
+                                                     : (in_features - 1) / *options.group_size + 1;
   const auto qdtype = bits == 8 && options.symmetric ? at::kChar : at::kByte;
   qweight = register_buffer("qweight", at::zeros({out_features, (in_features * bits + 7) / 8}, at::TensorOptions(qdtype)));
   scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype)));
@@ -39,7 +55,9 @@ std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& l
   const auto axis = axis_of(options);
   auto [scale, zp] = choose_qparams(w, options.bits, options.symmetric, axis, options.group_size);
   // Quantize with the scales as stored (the layer's dtype), as the Python side does.
-  scale = scale.to(w.scalar_type()).clamp_min(std::numeric_limits<float>::min());
+  // A scale that rounds to 0 in that dtype becomes its smallest subnormal (as weights.py does).
+  scale = scale.to(w.scalar_type());
+  scale = scale.clamp_min(smallest_subnormal(scale.scalar_type()));
   const std::optional<at::Tensor> z = options.symmetric ? std::nullopt : std::optional<at::Tensor>(zp);
   at::Tensor values = quantize(w, scale, z, options.bits, axis, options.group_size);
   if (options.bits < 8) {

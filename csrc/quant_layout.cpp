@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
 
@@ -60,8 +61,11 @@ QuantLayout make_layout(const at::Tensor& x, std::optional<int64_t> axis,
     l.rows = 1;
     for (int64_t d = 0; d + 1 < dim; ++d) l.rows *= x.size(d);
     l.cols = x.size(-1);
-    l.group = g;
-    l.groups = (l.cols + g - 1) / g;
+    // A group as long as the row or longer is the row: stored as the row's length, so that no count
+    // overflows (ceil(cols / g) as (cols + g - 1) / g would near INT64_MAX) and no kernel sizes
+    // buffers by a group far longer than the data.
+    l.group = std::min(g, std::max<int64_t>(l.cols, 1));
+    l.groups = l.cols == 0 ? 0 : (l.cols - 1) / l.group + 1;
   } else {
     l.granularity = Granularity::per_tensor;
     l.rows = 1;
@@ -102,14 +106,35 @@ at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const Quant
   return rows.view(moved).movedim(0, *l.axis).contiguous();
 }
 
+namespace {
+
+// The shapes a scale or zero point may have: param_shape, or that shape without its size-1 dims
+// (a per-channel [N] for x [N, K] and axis 0), or per-tensor any one-element tensor. The element
+// count alone would also take a transposed [G, N] for [N, G], or a column for a row, and quantize
+// with the wrong parameters without a word.
+void check_param_shape(const at::Tensor& t, const char* name, const at::Tensor& x, const QuantLayout& l) {
+  const std::vector<int64_t> want = param_shape(x, l);
+  std::vector<int64_t> squeezed;
+  for (const int64_t d : want) {
+    if (d != 1) squeezed.push_back(d);
+  }
+  const bool ok = l.granularity == Granularity::per_tensor ? t.numel() == 1
+                                                             : t.sizes() == at::IntArrayRef(want) ||
+                                                                   t.sizes() == at::IntArrayRef(squeezed);
+  TORCH_CHECK_VALUE(ok, "linquant: ", name, " must have shape ", shape_str(want),
+                    l.granularity == Granularity::per_tensor ? " (one element)" : "",
+                    squeezed.size() != want.size() ? " or " + shape_str(squeezed) : std::string(),
+                    " for this granularity, got shape ", shape_str(t.sizes()));
+}
+
+}  // namespace
+
 at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& l) {
   check_defined(scale, "scale");
   TORCH_CHECK_VALUE(scale.device() == x.device(), "linquant: scale is on ", scale.device(),
                     " but the input is on ", x.device());
   check_float_dtype(scale, "scale");
-  TORCH_CHECK_VALUE(scale.numel() == l.num_params(), "linquant: scale must have ", l.num_params(),
-                    " elements (shape ", shape_str(param_shape(x, l)), ") for this granularity, got shape ",
-                    shape_str(scale.sizes()));
+  check_param_shape(scale, "scale", x, l);
   at::Tensor s = scale.to(at::kFloat).contiguous().view({-1});
   if (s.numel() > 0) {
     TORCH_CHECK_VALUE(!(s <= 0).logical_or_(s.isinf()).logical_or_(s.isnan()).any().item<bool>(),
@@ -147,9 +172,7 @@ at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
   check_defined(zero_point, "zero_point");
   TORCH_CHECK_VALUE(zero_point.device() == x.device(), "linquant: zero_point is on ",
                     zero_point.device(), " but the input is on ", x.device());
-  TORCH_CHECK_VALUE(zero_point.numel() == l.num_params(), "linquant: zero_point must have ",
-                    l.num_params(), " elements (shape ", shape_str(param_shape(x, l)),
-                    ") for this granularity, got shape ", shape_str(zero_point.sizes()));
+  check_param_shape(zero_point, "zero_point", x, l);
   return zero_points_as_int32(zero_point, "zero_point").contiguous().view({-1});
 }
 

@@ -45,7 +45,7 @@ std::vector<int64_t> param_shape(const at::Tensor& x, const QuantLayout& layout)
 at::Tensor to_rows(const at::Tensor& x, const QuantLayout& layout);
 at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const QuantLayout& layout);
 
-// Checks scale / zero_point against x and the layout (device, dtype, element count, values) and
+// Checks scale / zero_point against x and the layout (device, dtype, shape, values) and
 // returns them as contiguous fp32 / int32 vectors of layout.num_params() elements.
 at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout);
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,

@@ -35,4 +35,7 @@ TORCH_LIBRARY(linquant, m) {
   // beyond). A negative value keeps the current one. Returns the previous [gemv_max_m, tc_max_m,
   // mma_max_m]. For tuning on a new GPU (bench/bench_linear_cuda.py --paths) and for tests.
   m.def("_cuda_linear_dispatch(int gemv_max_m=-1, int tc_max_m=-1, int mma_max_m=-1) -> int[]");
+  // The CPU kernels' instruction-set variant in use: "baseline", "avx2" or "avx512" (the CPU's
+  // best, narrowed by LINQUANT_CPU_ISA). For tests and benchmark reports.
+  m.def("_cpu_isa() -> str");
 }

@@ -13,7 +13,9 @@
 namespace linquant::core {
 inline namespace LINQUANT_CPU_ISA {
 
-LQ_HD int64_t packed_size(int64_t n, int bits) { return (n * bits + 7) / 8; }
+// Bytes that n values of `bits` bits take: whole 8-value units, then the tail, so that no size
+// overflows (n * bits would past 2^63 / bits, as a bad `size` argument of unpack can ask).
+LQ_HD int64_t packed_size(int64_t n, int bits) { return n / 8 * bits + (n % 8 * bits + 7) / 8; }
 
 // Eight values, one per byte of the little-endian word `w`, -> BITS bytes in the low bits of the
 // result. Widths 1, 2 and 4 use shift-and-mask compression (log2 steps instead of 8); the others

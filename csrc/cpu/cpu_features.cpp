@@ -1,8 +1,12 @@
 #include "cpu_features.h"
 
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 
 namespace linquant::cpu {
 namespace {
@@ -28,9 +32,11 @@ CpuIsa choose() {
   if (want == nullptr) return best;
   for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
     // An override can only narrow: asking for more than the CPU has keeps what it has.
-    if (std::strcmp(want, cpu_isa_name(isa)) == 0 && isa <= best) return isa;
+    if (std::strcmp(want, cpu_isa_name(isa)) == 0) return isa <= best ? isa : best;
   }
-  return best;
+  // A misspelt name would otherwise run the best variant while the caller believes it narrowed it.
+  TORCH_CHECK_VALUE(false, "linquant: LINQUANT_CPU_ISA must be baseline, avx2 or avx512 (or unset), got '", want,
+                    "'");
 }
 
 }  // namespace
@@ -51,6 +57,8 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
+std::string cpu_isa_in_use() { return cpu_isa_name(cpu_isa()); }
+
 bool cpu_has_avx512_bf16() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool has = cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16");
@@ -61,3 +69,6 @@ bool cpu_has_avx512_bf16() {
 }
 
 }  // namespace linquant::cpu
+
+// No tensor arguments: the kernel that runs for an empty dispatch key set.
+TORCH_LIBRARY_IMPL(linquant, CompositeExplicitAutograd, m) { m.impl("_cpu_isa", &linquant::cpu::cpu_isa_in_use); }

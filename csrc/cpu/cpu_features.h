@@ -3,12 +3,16 @@
 // which is how the tests exercise every variant on one machine.
 #pragma once
 
+#include <string>
+
 namespace linquant::cpu {
 
 enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };
 
+// The variant in use; an unknown LINQUANT_CPU_ISA is an error (c10::ValueError) on every call.
 CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
+std::string cpu_isa_in_use();  // cpu_isa_name(cpu_isa()), the _cpu_isa op
 // Whether the AVX-512 kernels may use AVX512-BF16 dot products (vdpbf16ps): the CPU has them and
 // the AVX-512 variant runs.
 bool cpu_has_avx512_bf16();

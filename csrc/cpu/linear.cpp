@@ -84,8 +84,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   // The layouts of the bf16 dot-product kernel (below): groups of whole 32-byte loads (one group
   // per row included), or below 8 bits 2 or 4 groups per load (16- or 8-byte groups), where it is
   // slower, spreading scales and sums over the lanes.
+  // One group per row (per-channel, or a group as long as K or longer: check_linear_args gives
+  // both the same group) takes the per-channel kernels.
+  const bool per_channel = sh.groups == 1;
   const int64_t group_bytes = sh.group / per_byte;
-  const bool whole_loads = !group_size.has_value() || group_bytes % 32 == 0;
+  const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = bits < 8 && (group_bytes == 16 || group_bytes == 8);
   // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
   // 4096x4096, 14336x4096, 4096x14336; same session):
@@ -138,7 +141,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     a.xb = reinterpret_cast<const uint16_t*>(xd.const_data_ptr());
     a.xsum = xsum.const_data_ptr<float>();
   } else {
-    a.word_streams = kernels.word_streams(a.bits, sh.group, !group_size.has_value());
+    a.word_streams = kernels.word_streams(a.bits, sh.group, per_channel);
     const int64_t unit_values = a.word_streams ? 32 / bits : per_byte;
     xd = streams(x2, a.word_streams ? (sh.row_bytes + 3) / 4 : sh.row_bytes, unit_values);
     a.xd = xd.const_data_ptr<float>();

@@ -49,9 +49,39 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"linquant: bits must be between 2 and 8, got {bits}")
 
 
+# The fake kernels make the kernels' dtype and shape checks (csrc/quant_layout.cpp,
+# csrc/linear_checks.cpp), so that torch.compile and torch.export reject a bad call while tracing
+# rather than when the traced graph first runs.
+def _check_dtype(t, name: str, dtypes, expected: str) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"linquant: {name} must be {expected}, got {t.dtype}")
+
+
+def _check_float(t, name: str) -> None:
+    _check_dtype(t, name, _FLOAT_DTYPES, "float32, float16 or bfloat16")
+
+
+def _check_param_shape(t, name: str, want: list) -> None:
+    """A scale or zero point as the kernels take it: param_shape, or that shape without its size-1
+    dims, or per-tensor (want == []) any one-element tensor."""
+    if t is None:
+        return
+    squeezed = [d for d in want if d != 1]
+    if (t.numel() != 1) if not want else list(t.shape) not in (want, squeezed):
+        raise ValueError(f"linquant: {name} must have shape {want} for this granularity, got shape {list(t.shape)}")
+
+
+def _check_qparams(x, scale, zero_point, axis, group_size) -> None:
+    want = param_shape(x.shape, axis, group_size)
+    _check_float(scale, "scale")
+    _check_param_shape(scale, "scale", want)
+    _check_param_shape(zero_point, "zero_point", want)
+
+
 @torch.library.register_fake("linquant::choose_qparams")
 def _choose_qparams_fake(x, bits, symmetric, axis=None, group_size=None):
     _check_bits(bits)
+    _check_float(x, "x")
     shape = param_shape(x.shape, axis, group_size)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
 
@@ -59,16 +89,18 @@ def _choose_qparams_fake(x, bits, symmetric, axis=None, group_size=None):
 @torch.library.register_fake("linquant::quantize")
 def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
     _check_bits(bits)
+    _check_float(x, "x")
     _check_devices(x, "the input", scale=scale, zero_point=zero_point)
-    param_shape(x.shape, axis, group_size)
+    _check_qparams(x, scale, zero_point, axis, group_size)
     return torch.empty_like(x, dtype=torch.int8 if zero_point is None else torch.uint8,
                             memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("linquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=None):
+    _check_dtype(q, "q", (torch.int8, torch.uint8), "int8 (symmetric) or uint8 (asymmetric)")
     _check_devices(q, "the input", scale=scale, zero_point=zero_point)
-    param_shape(q.shape, axis, group_size)
+    _check_qparams(q, scale, zero_point, axis, group_size)
     return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
 
 
@@ -87,12 +119,18 @@ def packed_size(n: int, bits: int) -> int:
 @torch.library.register_fake("linquant::pack")
 def _pack_fake(q, bits):
     _check_pack_args(q, "q", bits)
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise ValueError(f"linquant: q must hold integers (uint8, or int8/int16/int32/int64 in range), got {q.dtype}")
     return q.new_empty(list(q.shape[:-1]) + [packed_size(q.shape[-1], bits)], dtype=torch.uint8)
 
 
 @torch.library.register_fake("linquant::unpack")
 def _unpack_fake(packed, bits, size):
     _check_pack_args(packed, "packed", bits)
+    _check_dtype(packed, "packed", (torch.uint8,), "uint8")
+    if size < 0 or packed.shape[-1] != packed_size(size, bits):
+        raise ValueError(f"linquant: packed has {packed.shape[-1]} bytes in its last dim, but {size} values of "
+                         f"{bits} bits take {packed_size(size, bits)}")
     return packed.new_empty(list(packed.shape[:-1]) + [size], dtype=torch.uint8)
 
 
@@ -102,8 +140,22 @@ def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=N
         raise ValueError(f"linquant: linear supports bits 8, 4 and 2, got {bits}")
     if x.dim() == 0 or qweight.dim() != 2:
         raise ValueError("linquant: linear needs x [..., K] and a 2-D qweight")
+    _check_float(x, "x")
     _check_devices(x, "x", qweight=qweight, scales=scales, zeros=zeros, bias=bias)
-    return x.new_empty(list(x.shape[:-1]) + [qweight.shape[0]])
+    _check_dtype(qweight, "qweight", (torch.int8 if bits == 8 and zeros is None else torch.uint8,),
+                 "int8 (8-bit symmetric)" if bits == 8 and zeros is None else "uint8 (packed, or 8-bit asymmetric)")
+    n, k = qweight.shape[0], x.shape[-1]
+    if qweight.shape[1] != packed_size(k, bits):
+        raise ValueError(f"linquant: x has in_features K={k}, which at {bits} bits packs into "
+                         f"{packed_size(k, bits)} bytes per weight row, but qweight has {qweight.shape[1]}")
+    groups = 1 if group_size is None else -(-k // group_size)
+    _check_float(scales, "scales")
+    for t, name in ((scales, "scales"), (zeros, "zeros")):
+        if t is not None and list(t.shape) not in ([n, groups], [n] if groups == 1 else None):
+            raise ValueError(f"linquant: {name} must be [{n}, {groups}], got shape {list(t.shape)}")
+    if bias is not None and list(bias.shape) != [n]:
+        raise ValueError(f"linquant: bias must be [out_features] = [{n}], got shape {list(bias.shape)}")
+    return x.new_empty(list(x.shape[:-1]) + [n])
 
 
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,

@@ -16,6 +16,26 @@ def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool
     return (out_features, (in_features * bits + 7) // 8), torch.uint8
 
 
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_arguments(in_features, out_features, group_size, dtype) -> None:
+    """The constructor's sizes and dtype, named here rather than as a tensor-factory error (a
+    negative size) or at the first forward (scales that `linear` cannot take)."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"linquant.QLinear: {name} must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"linquant.QLinear: {name} must be >= 0, got {value}")
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
+        raise TypeError(f"linquant.QLinear: group_size must be an int or None, got {type(group_size).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"linquant.QLinear: dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"linquant.QLinear: dtype (of the scales and bias) must be float32, float16 or bfloat16, "
+                         f"got {dtype}")
+
+
 class QLinear(nn.Module):
     """y = x @ W_hat.T + bias with W_hat = scales * (q - zeros), W8A16 / W4A16 / W2A16.
 
@@ -32,6 +52,7 @@ class QLinear(nn.Module):
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
+        _check_arguments(in_features, out_features, group_size, dtype)
         check_format(bits, group_size, "linquant.QLinear")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric

@@ -26,6 +26,12 @@ def check_format(bits: int, group_size: Optional[int], who: str) -> None:
                          f"(groups start on byte boundaries), got {group_size}")
 
 
+def smallest_subnormal(dtype: torch.dtype) -> float:
+    """The smallest positive value of a float dtype: 2^-24 in fp16, 2^-133 in bf16."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
 def _granularity(group_size):
     return {"axis": 0} if group_size is None else {"group_size": group_size}
 
@@ -42,7 +48,10 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     w = weight.detach()
     gran = _granularity(group_size)
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
-    scale = scale.to(dtype).clamp_min(torch.finfo(dtype).tiny)
+    # A scale that rounds to 0 in the storage dtype becomes its smallest subnormal. Not its smallest
+    # normal: fp16's (6.1e-5) would give every group with max|w| under 127 * 6.1e-5 = 7.8e-3 a
+    # coarser scale than it needs at 8 bits, where the subnormals keep it.
+    scale = scale.to(dtype).clamp_min(smallest_subnormal(dtype))
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"linquant.quantize_weight: the weight's range needs scales above {dtype}'s largest value "
                          f"({torch.finfo(dtype).max:g}); store the scales in float32 or bfloat16 (dtype=...)")

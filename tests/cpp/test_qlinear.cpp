@@ -9,6 +9,23 @@
 
 namespace {
 
+// The format's float weight from its formulas (docs/architecture.md), in plain ATen fp32 steps over
+// [N, K / group, group] (K a multiple of the group): qparams from the weight, scales rounded to the
+// weight's dtype, the values quantized with those rounded scales and the zero points of the fp32
+// ones, then s * (q - z) rounded to the weight's dtype. Independent of the library's code.
+at::Tensor reference_weight(const at::Tensor& w, int64_t bits, int64_t group, bool symmetric) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const at::Tensor wg = w.to(at::kFloat).view({n, k / group, group});
+  const at::Tensor mn = wg.amin(-1, true), mx = wg.amax(-1, true);
+  const double qmin = symmetric ? -(1 << (bits - 1)) : 0;
+  const double qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+  const at::Tensor s32 = symmetric ? at::maximum(mn.abs(), mx.abs()) / qmax : (mx - mn) / (qmax - qmin);
+  const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s32);
+  const at::Tensor s = s32.to(w.scalar_type()).to(at::kFloat);
+  const at::Tensor q = at::clamp(at::round(wg / s) + z, qmin, qmax);
+  return (s * (q - z)).view({n, k}).to(w.scalar_type());
+}
+
 TEST(QLinearCpp, Int8PerChannelMatchesTheAbsmaxReference) {
   torch::manual_seed(0);
   torch::nn::Linear lin(torch::nn::LinearOptions(70, 24));
@@ -23,20 +40,55 @@ TEST(QLinearCpp, Int8PerChannelMatchesTheAbsmaxReference) {
   EXPECT_TRUE(at::allclose(y, at::linear(x, ref, lin->bias.detach()), 1e-5, 1e-5));
 }
 
-TEST(QLinearCpp, SubByteForwardMatchesItsDequantizedWeight) {
+TEST(QLinearCpp, EveryFormatAndDtypeMatchesTheFormulas) {
   torch::manual_seed(1);
-  torch::nn::Linear lin(torch::nn::LinearOptions(96, 40));
-  for (int64_t bits : {4, 2}) {
-    for (bool symmetric : {true, false}) {
-      auto q = linquant::QLinearImpl::from_linear(lin, {bits, 32, symmetric});
-      EXPECT_EQ(q->qweight.size(1), 96 * bits / 8);
-      const at::Tensor w_hat = q->dequantize();
-      const at::Tensor err = (w_hat - lin->weight.detach()).abs();
-      EXPECT_LE(err.max().item<float>(), q->scales.max().item<float>() * 0.5001f);
-      const at::Tensor x = torch::randn({3, 96});
-      EXPECT_TRUE(at::allclose(q->forward(x), at::linear(x, w_hat, lin->bias.detach()), 1e-5, 1e-5));
+  for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    torch::nn::Linear lin(torch::nn::LinearOptions(96, 40));
+    lin->to(dtype);
+    const at::Tensor w = lin->weight.detach(), b = lin->bias.detach();
+    for (int64_t bits : {8, 4, 2}) {
+      for (bool symmetric : {true, false}) {
+        for (const int64_t group : {32, 96}) {  // 96 = K: what per-channel gives
+          const std::optional<int64_t> g = group == 96 ? std::nullopt : std::optional<int64_t>(group);
+          auto q = linquant::QLinearImpl::from_linear(lin, {bits, g, symmetric});
+          EXPECT_EQ(q->qweight.size(1), 96 * bits / 8);
+          const at::Tensor ref = reference_weight(w, bits, group, symmetric);
+          EXPECT_TRUE(at::equal(q->dequantize(), ref)) << bits << " bits, group " << group << ", " << dtype;
+          // Forward: x in the layer's dtype against the float64 product with the reference weight,
+          // within fp32 accumulation and the output's rounding (relative to sum |x| |w|; a dropped
+          // term of K = 96 would be about 1e-2 of it).
+          const at::Tensor x = torch::randn({3, 96}).to(dtype);
+          const at::Tensor x64 = x.to(at::kDouble), w64 = ref.to(at::kDouble);
+          const at::Tensor want = at::linear(x64, w64, b.to(at::kDouble));
+          const at::Tensor err = (q->forward(x).to(at::kDouble) - want).abs();
+          const double rel = dtype == at::kFloat ? 2e-6 : dtype == at::kHalf ? 1e-3 : 4e-3;
+          const at::Tensor bound = (at::linear(x64.abs(), w64.abs()) + b.to(at::kDouble).abs()) * rel + 1e-30;
+          EXPECT_TRUE((err <= bound).all().item<bool>()) << bits << " bits, group " << group << ", " << dtype;
+        }
+      }
     }
   }
+}
+
+TEST(QLinearCpp, TinyFp16ScalesAreSubnormalNotClampedToTheSmallestNormal) {
+  // Rows of +-1e-6 and +-3e-4 in fp16, 8 bits: the first's scale (1e-6 / 127) rounds to 0 in fp16
+  // and is stored as 2^-24, its smallest subnormal; the second's (2.4e-6) is a subnormal kept as it
+  // rounds, where fp16's smallest normal (6.1e-5) would leave its values 5 of 127 levels.
+  torch::nn::Linear lin(torch::nn::LinearOptions(8, 2).bias(false));
+  lin->to(at::kHalf);
+  const at::Tensor sign = at::tensor({1.0, -1.0}).repeat({4});
+  {
+    torch::NoGradGuard no_grad;
+    lin->weight[0].copy_(sign * 1e-6);
+    lin->weight[1].copy_(sign * 3e-4);
+  }
+  auto q = linquant::QLinearImpl::from_linear(lin, {8, std::nullopt, true});
+  const at::Tensor w = lin->weight.detach().to(at::kDouble);
+  EXPECT_EQ(q->scales[0].item<double>(), std::ldexp(1.0, -24));
+  const double s1 = q->scales[1].item<double>();
+  EXPECT_EQ(s1, at::tensor(w[1].abs().max().item<double>() / 127, at::kFloat).to(at::kHalf).item<double>());
+  EXPECT_LT(s1, 6.1e-5);
+  EXPECT_LE((q->dequantize()[1].to(at::kDouble) - w[1]).abs().max().item<double>(), s1);
 }
 
 TEST(QLinearCpp, BadOptionsRaise) {
@@ -62,7 +114,7 @@ TEST(QLinearCpp, BackwardGivesXAndBiasTheirGradients) {
     const at::Tensor x = torch::randn({2, 3, 80}).requires_grad_(true);
     const at::Tensor dy = torch::randn({2, 3, 24});
     q->forward(x).backward(dy);
-    const at::Tensor w_hat = q->dequantize();
+    const at::Tensor w_hat = reference_weight(lin->weight.detach(), 4, 16, symmetric);
     EXPECT_TRUE(at::allclose(x.grad(), at::matmul(dy, w_hat), 1e-5, 1e-5));
     EXPECT_TRUE(at::allclose(q->bias.grad(), dy.sum({0, 1}), 1e-5, 1e-5));
     q->scales.requires_grad_(true);  // the weight is frozen: a gradient for it is refused

@@ -98,6 +98,29 @@ def ref_weight(qweight, scales, zeros, bits, group_size, k):
     return s * (q - z).double()
 
 
+def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
+    """The quantized-weight format of w [N, K] from its formulas (docs/architecture.md), N >= 1:
+    qparams from the float weight, scales rounded to the compute dtype (`dtype`, default w's) and
+    kept at least its smallest subnormal (an fp16 scale may round to 0), the values
+    quantized with those stored scales and the zero points of the fp32 scales, sub-byte symmetric
+    values offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing,
+    scales [N, G] in dtype, zeros [N, G] int32 or None)."""
+    dtype = dtype or w.dtype
+    axis = 0 if group_size is None else None  # per-channel: one [N, 1] scale per output row
+    s, z = ref_qparams(w, bits, symmetric, axis, group_size)
+    info = torch.finfo(dtype)
+    s = torch.clamp(s.to(dtype), min=info.smallest_normal * info.eps)
+    q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
+    if symmetric and bits < 8:
+        q = q + 2 ** (bits - 1)
+    return q, s, z
+
+
+def ref_stored_values(qweight, bits, k):
+    """qweight's values [N, K] as stored (unsigned below 8 bits), int64, unpacked by ref_unpack."""
+    return qweight.to(torch.int64) if bits == 8 else ref_unpack(qweight, bits, k)
+
+
 # From this many rows bf16 activations may take the CPU's bf16 GEMM over weights rounded to bf16
 # (csrc/cpu/linear.cpp: from 32 or 64 rows, by layout, on CPUs with AVX512-BF16).
 BF16_GEMM_MIN_ROWS = 32
@@ -112,3 +135,28 @@ def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
         zeros = torch.full_like(scales, 2 ** (bits - 1) if bits < 8 else 0, dtype=torch.int32)
     c = 128 if bits < 8 else 0
     return ref_weight(torch.zeros_like(qweight), scales.abs(), -(c + zeros.to(torch.int64).abs()), bits, group_size, k)
+
+
+def linear_bound(x64, w, qweight, scales, zeros, bits, group_size, dtype, ref):
+    """Bound on |linear(x) - ref| for x (float64 copy x64 [M, K]) in `dtype` over the float64
+    weight w [N, K] of (qweight, scales, zeros), ref = x64 @ w.T + bias: fp32 accumulation over K
+    terms (of the larger weights the bf16 dot kernel sums), rounding to the output dtype and, from
+    BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16."""
+    k = x64.shape[-1]
+    w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k)
+                       if dtype == torch.bfloat16 else 0)
+    bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * torch.finfo(dtype).eps + 1e-30
+    if dtype == torch.bfloat16 and x64.shape[0] >= BF16_GEMM_MIN_ROWS:
+        bound += (x64.abs() @ w.abs().T) * 2 * 2.0**-8
+    return bound
+
+
+def strided_view(t):
+    """t's values in a non-contiguous view (dims of size > 1 permitting): every other element of
+    a tensor twice as large, so the last dim has stride 2 and the view starts at offset 0."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+def column_major(t):
+    """t's values with the last two dims' strides swapped (a transposed copy transposed back)."""
+    return t.mT.contiguous().mT

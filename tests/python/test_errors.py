@@ -62,17 +62,59 @@ def test_bad_group_size(g):
 
 
 def test_scale_shape_mismatch():
-    with raises(re.escape("scale must have 4 elements (shape [4, 1])")):
+    with raises(re.escape("scale must have shape [4, 1] or [4] for this granularity, got shape [8]")):
         lq.quantize(X, torch.ones(8), axis=0)
-    with raises(re.escape("scale must have 12 elements (shape [4, 3])")):
+    with raises(re.escape("scale must have shape [4, 3] for this granularity, got shape [4, 2]")):
         lq.quantize(X, torch.ones(4, 2), group_size=3)
-    with raises(re.escape("scale must have 1 elements (shape [])")):
+    with raises(re.escape("scale must have shape [] (one element) for this granularity, got shape [2]")):
         lq.dequantize(X.to(torch.int8), torch.ones(2))
+
+
+def test_scale_shape_is_checked_not_only_its_element_count():
+    # A column of scales for axis=1 of a square matrix, or scales [G, N] for [N, G] (as other
+    # formats store them), has the right count and would quantize with every scale misplaced.
+    sq = torch.randn(3, 3)
+    with raises(re.escape("scale must have shape [1, 3] or [3] for this granularity, got shape [3, 1]")):
+        lq.quantize(sq, torch.tensor([[1.0], [2.0], [4.0]]), None, 8, axis=1)
+    with raises(re.escape("zero_point must have shape [4, 2] for this granularity, got shape [2, 4]")):
+        lq.quantize(X, torch.ones(4, 2), torch.zeros(2, 4, dtype=torch.int32), 8, group_size=4)
+    # The shape without its size-1 dims is the same layout, and gives the same bits.
+    s = torch.rand(4, 1) + 0.1
+    assert torch.equal(lq.quantize(X, s.view(4), None, 8, axis=0), lq.quantize(X, s, None, 8, axis=0))
+    assert torch.equal(lq.quantize(X, torch.tensor([0.1]), None, 8), lq.quantize(X, torch.tensor(0.1), None, 8))
+
+    qw = lq.quantize_weight(torch.randn(6, 16), 4, 8, symmetric=False)
+    x = torch.randn(3, 16)
+    with raises(re.escape("scales must be [6, 2] (out_features x ceil(K / group_size)), got shape [2, 6]")):
+        lq.linear(x, qw.qweight, qw.scales.t().contiguous(), qw.zeros, None, 4, 8)
+    with raises(re.escape("zeros must be [6, 2] like scales, got shape [2, 6]")):
+        lq.linear(x, qw.qweight, qw.scales, qw.zeros.t().contiguous(), None, 4, 8)
+    with raises(re.escape("bias must be [out_features] = [6], got shape [6, 1]")):
+        lq.linear(x, qw.qweight, qw.scales, qw.zeros, torch.zeros(6, 1), 4, 8)
+    pc = lq.quantize_weight(torch.randn(6, 16), 4, None, symmetric=False)  # per-channel: [6] is [6, 1]
+    assert torch.equal(lq.linear(x, pc.qweight, pc.scales.view(6), pc.zeros.view(6), None, 4),
+                       lq.linear(x, pc.qweight, pc.scales, pc.zeros, None, 4))
+
+
+@pytest.mark.parametrize("g", [16, 1000, 2**62, 2**63 - 1])
+def test_group_as_long_as_the_row_or_longer_is_per_channel(g):
+    # One group per row, however long; (K + g - 1) // g in int64 used to overflow to no groups at
+    # all near 2^63, and the ops then ran on empty scales (uninitialized or zero outputs).
+    s, z = lq.choose_qparams(X, 4, False, group_size=g)
+    rs, rz = lq.choose_qparams(X, 4, False, axis=0)
+    assert torch.equal(s, rs) and torch.equal(z, rz)
+    q = lq.quantize(X, s, z, 4, group_size=g)
+    assert torch.equal(q, lq.quantize(X, rs, rz, 4, axis=0))
+    assert torch.equal(lq.dequantize(q, s, z, group_size=g), lq.dequantize(q, rs, rz, axis=0))
+    pc = lq.quantize_weight(torch.randn(6, 16), 4, None, symmetric=False)
+    x = torch.randn(3, 16)
+    assert torch.equal(lq.linear(x, pc.qweight, pc.scales, pc.zeros, None, 4, g - g % 2),  # whole bytes
+                       lq.linear(x, pc.qweight, pc.scales, pc.zeros, None, 4))
 
 
 def test_zero_point_mismatch():
     s = torch.ones(4, 1)
-    with raises("zero_point must have 4 elements"):
+    with raises(re.escape("zero_point must have shape [4, 1] or [4] for this granularity, got shape [3]")):
         lq.quantize(X, s, torch.zeros(3, dtype=torch.int32), axis=0)
     with raises("zero_point must be an integer tensor"):
         lq.quantize(X, s, torch.zeros(4, 1), axis=0)
@@ -190,3 +232,10 @@ def test_cuda_linear_dispatch_checks_and_restores():
     with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0, 0):  # restored when the block raises too
         raise KeyError("inside")
     assert op() == before
+
+
+@pytest.mark.parametrize("size,bits,take", [(2**61, 8, 2**61), (2**63 - 1, 1, 2**60), (2**63 - 1, 8, 2**63 - 1)])
+def test_unpack_size_past_int64_is_a_clear_error(size, bits, take):
+    # size * bits would overflow int64: the byte count is computed per 8-value unit instead.
+    with raises(re.escape(f"packed has 0 bytes in its last dim, but {size} values of {bits} bits take {take}")):
+        lq.unpack(torch.empty(1, 0, dtype=torch.uint8), bits, size)

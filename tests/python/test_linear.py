@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import linquant as lq
-from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, ref_weight
+from reference import column_major, linear_bound, ref_weight, strided_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -31,14 +31,7 @@ def check(x, qw, bias, bits, group_size):
     x64 = x.double().reshape(-1, k)
     ref = x64 @ w.T + (bias.double() if bias is not None else 0)
     assert y.dtype == x.dtype and y.shape == tuple(list(x.shape[:-1]) + [qw.qweight.shape[0]])
-    # fp32 accumulation over K terms (of larger weights where the bf16 dot kernel may run), then
-    # rounding to the output dtype.
-    w_acc = w.abs() + (dot_kernel_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
-                       if x.dtype == torch.bfloat16 else 0)
-    bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * EPS[x.dtype] + 1e-30
-    if x.dtype == torch.bfloat16 and x64.shape[0] >= BF16_GEMM_MIN_ROWS:
-        # The bf16 GEMM path: each weight rounded to bf16, and the sum before the bias too.
-        bound += (x64.abs() @ w.abs().T) * 2 * 2.0**-8
+    bound = linear_bound(x64, w, qw.qweight, qw.scales, qw.zeros, bits, group_size, x.dtype, ref)
     err = (y.double().reshape(ref.shape) - ref).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
 
@@ -139,6 +132,26 @@ def test_non_contiguous_and_empty(gen):
     assert lq.linear(torch.randn(0, 64), qw.qweight, qw.scales, None, None, 4, 32).shape == (0, 20)
 
 
+@pytest.mark.parametrize("view", [strided_view, column_major], ids=["strided", "column_major"])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, None, False),
+                                                       (4, 32, True), (2, 64, False)], ids=str)
+def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
+    # qweight, scales, zeros and bias as views with other strides (as slices or transposes of
+    # stored tensors may come), over the register-tiled kernel's and the GEMM path's row counts,
+    # for each activation dtype: the reference reads them by index.
+    n, k = 13, 100
+    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric)
+    nc = qw._replace(qweight=view(qw.qweight), scales=view(qw.scales),
+                     zeros=None if qw.zeros is None else view(qw.zeros))
+    bias = strided_view(torch.randn(n, generator=gen))
+    assert not nc.qweight.is_contiguous() and not bias.is_contiguous()
+    assert not nc.scales.is_contiguous() or group_size is None  # a [13, 1] column stays contiguous transposed
+    for dtype in DTYPES:
+        for m in (1, 5, 130):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            check(x, nc, bias, bits, group_size)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [None, 64])
@@ -183,7 +196,7 @@ def test_bad_input():
         lq.linear(x.double(), qw.qweight, qw.scales, None, None, 4, 32)
     with raises("zeros must be"):
         lq.linear(x, qw.qweight, qw.scales, torch.zeros(8, 3, dtype=torch.int32), None, 4, 32)
-    with raises("bias must have out_features=8 elements"):
+    with raises(re.escape("bias must be [out_features] = [8], got shape [7]")):
         lq.linear(x, qw.qweight, qw.scales, None, torch.zeros(7), 4, 32)
     with raises("scales is on meta but x is on cpu"):
         lq.linear(x, qw.qweight, qw.scales.to("meta"), None, None, 4, 32)

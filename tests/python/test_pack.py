@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import linquant as lq
+from reference import column_major, ref_unpack, strided_view
 
 ALL_BITS = list(range(1, 9))
 SHAPES = [(1,), (3,), (8,), (9,), (4, 7), (2, 3, 33), (5, 64), (1, 257), (0,), (0, 6), (3, 0), (2, 1, 1)]
@@ -67,6 +68,20 @@ def test_non_contiguous(gen):
     for view in (q.t(), q[:, ::3], q[::2, 1:]):
         assert torch.equal(lq.unpack(lq.pack(view, 2), 2, view.shape[-1]), view)
         assert torch.equal(lq.pack(view, 2), ref_pack(view.contiguous(), 2))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_unpack_non_contiguous(bits, gen):
+    # packed as views with other strides (slices of a wider tensor, at offsets 0 and 1, a row
+    # step, a column step, column-major) against the bit-string reference. Random bytes: the
+    # last byte's padding bits are not values, whatever they hold.
+    size = 37
+    wide = torch.randint(0, 256, (12, (size * bits + 7) // 8 + 1), generator=gen, dtype=torch.uint8)
+    packed = wide[:, :-1]
+    for view in (packed, wide[:, 1:], packed[::2], strided_view(packed), column_major(packed)):
+        assert not view.is_contiguous()
+        out = lq.unpack(view, bits, size)
+        assert out.dtype == torch.uint8 and torch.equal(out.to(torch.int64), ref_unpack(view, bits, size))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])

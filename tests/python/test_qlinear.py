@@ -1,34 +1,102 @@
-"""QLinear: from_linear against the float64 reference, dequantize, repr, .to(), TorchScript,
-torch.compile(fullgraph) on a quantized model."""
+"""QLinear: from_linear, quantize_weight and quantize_model against the format's independent
+reference (reference.py), forward against the float64 reference, dequantize, constructor
+errors, repr, .to(), TorchScript, torch.compile(fullgraph) on a quantized model."""
 
 import pytest
 import torch
 from torch import nn
 
 import linquant as lq
-from reference import ref_weight
+from reference import linear_bound, ref_stored_values, ref_weight_format
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, 128, True),
-                                                       (4, 32, False), (2, 64, True), (2, None, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_from_linear_matches_reference(bits, group_size, symmetric, dtype, gen):
-    lin = nn.Linear(200, 48, dtype=dtype)
-    q = lq.QLinear.from_linear(lin, bits, group_size, symmetric)
-    assert q.qweight.dtype == (torch.int8 if bits == 8 and symmetric else torch.uint8)
-    assert q.scales.dtype == dtype and q.bias.dtype == dtype
-    w = ref_weight(q.qweight, q.scales, q.zeros, bits, group_size, 200)
-    assert torch.equal(q.dequantize().double(), w.to(dtype).double())
-    x = torch.randn(3, 5, 200, generator=gen).to(dtype)
-    ref = x.double() @ w.T + lin.bias.double()
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert torch.allclose(q(x).double(), ref, rtol=tol, atol=tol)
-    # The quantization error itself is what the bits allow: half a step, plus the rounding of the
-    # scales (stored in the layer's dtype, so the extreme value may clip) and of the output.
-    eps = 2.0**-24 if dtype == torch.float32 else 2.0**-8
-    err = (q.dequantize().float() - lin.weight.detach().float()).abs().max()
-    smax, wmax = float(q.scales.float().max()), float(lin.weight.detach().float().abs().max())
-    assert float(err) <= smax * 0.5 + (smax * 2 ** (bits - 1) + wmax) * eps * 2
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Odd K (no group divides it), N = 1 with a group that divides K and one that does not, K = 64.
+FORMAT_SHAPES = [(5, 37), (1, 40), (3, 64)]
+FORMAT_GROUPS = [None, 8, 12, 16]  # multiples of 4, as 2 bits need
+
+
+def format_weight(n, k, gen):
+    """Rows of mixed magnitudes and offsets (asymmetric ranges, zero points away from 0); from
+    N = 3 a row of 1e-5 (fp16 scales below its smallest normal: subnormal, or its smallest subnormal
+    where they round to 0)
+    and a constant row (scale |c|)."""
+    mag = 10.0 ** (torch.rand(n, 1, generator=gen) * 3 - 2)
+    w = torch.randn(n, k, generator=gen) * mag + torch.randn(n, 1, generator=gen) * mag
+    if n >= 3:
+        w[1] = torch.randn(k, generator=gen) * 1e-5
+        w[2] = 0.3
+    return w
+
+
+def check_reference_format(qw, weight, bits, group_size, symmetric, dtype=None):
+    """qw's scales, zeros and stored values are those of reference.py's format, bit for bit."""
+    n, k = weight.shape
+    q, s, z = ref_weight_format(weight, bits, group_size, symmetric, dtype)
+    assert qw.scales.dtype == s.dtype and qw.scales.shape == s.shape and torch.equal(qw.scales, s)
+    assert (qw.zeros is None) == symmetric
+    if not symmetric:
+        assert qw.zeros.dtype == torch.int32 and torch.equal(qw.zeros, z)
+    assert qw.qweight.dtype == (torch.int8 if bits == 8 and symmetric else torch.uint8)
+    assert qw.qweight.shape == (n, k if bits == 8 else -(-k * bits // 8))
+    assert torch.equal(ref_stored_values(qw.qweight, bits, k), q)
+    return q, s, z
+
+
+def check_forward(layer, x, w, bits, group_size):
+    """layer(x) against x @ w.T + bias in float64, w the reference's float64 weight [N, K]."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    ref = x64 @ w.T + layer.bias.double()
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (w.shape[0],)
+    bound = linear_bound(x64, w, layer.qweight, layer.scales, layer.zeros, bits, group_size, x.dtype, ref)
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_from_linear_is_the_reference_format(bits, dtype, gen):
+    # The buffers against the format computed from its formulas, not from the layer's own output:
+    # a wrong scale or values quantized with the unrounded fp32 scale show here. Then the forward
+    # and dequantize() on the reference's float64 weight.
+    for n, k in FORMAT_SHAPES:
+        lin = nn.Linear(k, n, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(format_weight(n, k, gen))
+        weight = lin.weight.detach()
+        for group_size in FORMAT_GROUPS:
+            for symmetric in (True, False):
+                layer = lq.QLinear.from_linear(lin, bits, group_size, symmetric)
+                assert layer.scales.dtype == dtype and torch.equal(layer.bias, lin.bias.detach())
+                q, s, z = check_reference_format(layer, weight, bits, group_size, symmetric)
+                g = k if group_size is None else group_size
+                offset = 2 ** (bits - 1) if symmetric and bits < 8 else 0
+                zq = offset if symmetric else z.to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
+                w = s.double().repeat_interleave(g, dim=1)[:, :k] * (q - zq).double()
+                assert torch.equal(layer.dequantize(), w.float().to(dtype))  # fp32 product, then dtype
+                check_forward(layer, torch.randn(2, 3, k, generator=gen).to(dtype), w, bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_quantize_weight_scales_in_another_dtype(dtype, gen):
+    # fp32 weights with fp16 / bf16 scales: the values are quantized with the rounded scales.
+    for n, k in FORMAT_SHAPES:
+        w = format_weight(n, k, gen)
+        for bits, group_size, symmetric in [(8, None, True), (4, 12, False), (2, 16, True), (8, 8, False)]:
+            qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=dtype)
+            check_reference_format(qw, w, bits, group_size, symmetric, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, False), (4, 12, True), (2, 8, False)])
+def test_quantize_model_is_the_reference_format(bits, group_size, symmetric, dtype, gen):
+    model = nn.Sequential(nn.Linear(37, 5), nn.ReLU(), nn.Linear(5, 1, bias=False)).to(dtype)
+    weights = [m.weight.detach().clone() for m in (model[0], model[2])]
+    lq.quantize_model(model, bits, group_size, symmetric, exclude=())
+    for layer, weight in zip((model[0], model[2]), weights):
+        assert isinstance(layer, lq.QLinear)
+        check_reference_format(layer, weight, bits, group_size, symmetric)
 
 
 def test_conv1d_transposed_weight(gen):
@@ -68,6 +136,30 @@ def test_bad_configuration():
         model[0].weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match="quantize_model: layer '0': linquant: x contains NaN or Inf"):
         lq.quantize_model(model, bits=8)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(in_features=-1), ValueError, "in_features must be >= 0, got -1"),
+    (dict(out_features=-3), ValueError, "out_features must be >= 0, got -3"),
+    (dict(in_features=8.0), TypeError, "in_features must be an int, got float"),
+    (dict(out_features=None), TypeError, "out_features must be an int, got NoneType"),
+    (dict(group_size=32.0, bits=4), TypeError, "group_size must be an int or None, got float"),
+    (dict(dtype=torch.int32), ValueError, "dtype .* must be float32, float16 or bfloat16, got torch.int32"),
+    (dict(dtype=torch.float64), ValueError, "dtype .* must be float32, float16 or bfloat16, got torch.float64"),
+    (dict(dtype="float16"), TypeError, "dtype must be a torch.dtype, got str"),
+], ids=str)
+def test_constructor_arguments_are_checked(kwargs, error, match):
+    # Named at construction, not as a tensor factory's "Dimension size must be non-negative" or,
+    # for an integer dtype, at the first forward.
+    args = dict(in_features=8, out_features=4) | kwargs
+    with pytest.raises(error, match="linquant.QLinear: " + match):
+        lq.QLinear(**args)
+
+
+def test_constructor_accepts_empty_and_every_compute_dtype():
+    for dtype in DTYPES:
+        layer = lq.QLinear(0, 0, bits=4, group_size=8, dtype=dtype)
+        assert layer.scales.shape == (0, 0) and layer.scales.dtype == dtype and layer.bias.shape == (0,)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import linquant as lq
-from reference import q_range, ref_dequantize, ref_qparams, ref_quantize
+from reference import (FLT_MIN, ZERO_POINT_LIMIT, column_major, q_range, ref_dequantize, ref_qparams, ref_quantize,
+                       strided_view)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(), (1,), (7,), (3, 5), (4, 33), (2, 3, 67), (5, 256), (0,), (0, 5), (5, 0)]
@@ -79,8 +80,9 @@ def test_error_is_within_half_a_step_in_float64(bits, symmetric, gen):
         assert bool((err <= s / 2 * (1 + 1e-6)).all()), float((err / s).max())
 
 
-def test_non_contiguous_inputs(gen):
-    base = torch.randn(40, 66, generator=gen)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype, gen):
+    base = torch.randn(40, 66, generator=gen).to(dtype)
     for x in (base.t(), base[:, ::3], base[::2], base.t()[5:, 1::2]):
         assert not x.is_contiguous()
         for axis, g in [(None, None), (0, None), (1, None), (None, 8), (None, 5)]:
@@ -119,3 +121,111 @@ def test_rounds_half_to_even():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 100.0])
     q = lq.quantize(x, torch.tensor(1.0), None, bits=8)
     assert q.tolist() == [0, 2, 2, 0, -2, -2, 3, 100]
+
+
+NON_CONTIGUOUS_VIEWS = {"strided": strided_view, "column_major": column_major}
+
+
+@pytest.mark.parametrize("view", list(NON_CONTIGUOUS_VIEWS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_parameters_and_codes(view, dtype, gen):
+    # scale, zero_point and q as views with the same values and other strides: the kernels must
+    # read them by index, not assume a dense layout.
+    as_view = NON_CONTIGUOUS_VIEWS[view]
+    x = random_input((12, 40), dtype, gen)
+    for axis, g in [(0, None), (1, None), (None, 8), (None, 7)]:
+        for bits, symmetric in [(4, False), (8, True), (3, False)]:
+            scale, zp = lq.choose_qparams(x, bits=bits, symmetric=symmetric, axis=axis, group_size=g)
+            s = as_view(scale)
+            z = None if zp is None else as_view(zp)
+            if view == "strided":  # column_major keeps a [12, 1] or [1, 40] parameter contiguous
+                assert not s.is_contiguous()
+            q = lq.quantize(x, s, z, bits=bits, axis=axis, group_size=g)
+            rq = ref_quantize(x, scale, zp, bits, axis, g)
+            assert torch.equal(q, rq)
+            qv = as_view(rq)
+            assert not qv.is_contiguous()
+            for out_dtype in DTYPES:
+                assert torch.equal(lq.dequantize(qv, s, z, axis=axis, group_size=g, dtype=out_dtype),
+                                   ref_dequantize(rq, scale, zp, axis, g, out_dtype))
+
+
+def extreme_inputs(dtype, gen):
+    """Inputs that reach the formulas' limits (ported from test_cuda.py): a huge dynamic range
+    down into the subnormals; constant and nearly constant rows (all zero, +-constant, one
+    nonzero, subnormal only, a narrow range far from zero whose zero points exceed 2^23 steps,
+    the largest safe values); a non-constant subnormal row, whose scale falls below FLT_MIN."""
+    lo, hi = {torch.float32: (-44.0, 37.0), torch.float16: (-7.5, 4.5), torch.bfloat16: (-40.0, 37.0)}[dtype]
+    exps = torch.rand(9, 70, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    signs = torch.randint(0, 2, (9, 70), generator=gen).double() * 2 - 1
+    huge = (signs * 10.0**exps).to(dtype)
+    big = 1e30 if dtype != torch.float16 else 3e4
+    tiny = {torch.float32: 3e-42, torch.float16: 1e-7, torch.bfloat16: 3e-40}[dtype]
+    rows = torch.zeros(10, 64, dtype=torch.float64)
+    rows[1] = 1.0
+    rows[2] = -2.5
+    rows[3, ::2], rows[3, 1::2] = 0.1, -0.1
+    rows[4, 17] = 3.0
+    rows[5] = tiny
+    rows[6] = 1000.0 + torch.randn(64, generator=gen, dtype=torch.float64) * 1e-3
+    rows[7] = big
+    rows[8, ::2], rows[8, 1::2] = big, -big
+    rows[9] = torch.randn(64, generator=gen, dtype=torch.float64) * tiny
+    return {"huge range": huge, "constant rows": rows.to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_values_match_reference(dtype, gen):
+    scales, zero_points = [], []
+    for name, x in extreme_inputs(dtype, gen).items():
+        assert bool(torch.isfinite(x).all()), name
+        for bits in (2, 3, 4, 8):
+            for symmetric in (True, False):
+                for axis, g in [(None, None), (0, None), (-1, None), (None, 1), (None, 5), (None, 16), (None, 64)]:
+                    scale, zp, _ = check_roundtrip(x, bits, symmetric, axis, g)
+                    scales.append(scale.flatten())
+                    zero_points += [] if zp is None else [zp.flatten()]
+    # The limits were reached, so the comparisons above covered them: the scale floor where the
+    # dtype has values below FLT_MIN, the zero point's clamp where fp32 resolves 1000 +- 1e-3.
+    if dtype != torch.float16:
+        assert bool((torch.cat(scales) == FLT_MIN).any())
+    if dtype == torch.float32:
+        assert bool((torch.cat(zero_points).abs() == ZERO_POINT_LIMIT).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounding_ties_with_zero_points(dtype):
+    # x / s lands exactly halfway between integers, and half to even must happen before adding
+    # the zero point (z odd and even, negative and positive), then the clamp.
+    x = ((torch.arange(-600, 600, dtype=torch.float64) + 0.5) * 0.25).to(dtype).reshape(12, 100)
+    z = torch.arange(12, dtype=torch.int32).reshape(12, 1) - 3
+    for scale in (0.25, 0.5, 0.125, 0.0625):
+        s = torch.full((12, 1), scale)
+        for bits in (2, 3, 4, 8):
+            for zp in (None, z):
+                q = lq.quantize(x, s, zp, bits=bits, axis=0)
+                assert torch.equal(q, ref_quantize(x, s, zp, bits, axis=0)), (scale, bits, zp is None)
+                assert torch.equal(lq.dequantize(q, s, zp, axis=0, dtype=dtype),
+                                   ref_dequantize(q, s, zp, 0, None, dtype))
+
+
+ZERO_POINT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
+
+
+def test_parameter_dtypes(gen):
+    # Scales in any float dtype and zero points in any integer dtype, read as their values.
+    x = random_input((6, 70), torch.float32, gen)
+    for axis, g in [(None, None), (0, None), (None, 32)]:
+        scale, zp = lq.choose_qparams(x, bits=4, symmetric=False, axis=axis, group_size=g)
+        for sdt in DTYPES:
+            s = scale.to(sdt)
+            for zdt in ZERO_POINT_DTYPES:
+                info = torch.iinfo(zdt)
+                z = zp.clamp(max(info.min, -300), min(info.max, 300)).to(zdt)  # negative where it fits
+                q = lq.quantize(x, s, z, bits=4, axis=axis, group_size=g)
+                assert torch.equal(q, ref_quantize(x, s, z, 4, axis, g)), (sdt, zdt)
+                assert torch.equal(lq.dequantize(q, s, z, axis=axis, group_size=g, dtype=torch.bfloat16),
+                                   ref_dequantize(q, s, z, axis, g, torch.bfloat16)), (sdt, zdt)
+            q = lq.quantize(x, s, None, bits=8, axis=axis, group_size=g)
+            assert torch.equal(q, ref_quantize(x, s, None, 8, axis, g)), sdt
+            assert torch.equal(lq.dequantize(q, s, None, axis=axis, group_size=g), ref_dequantize(q, s, None, axis, g))
