@@ -78,7 +78,11 @@ LQ_HD int32_t quantize_value(float x, float s, int32_t z, int32_t qmin, int32_t 
   return static_cast<int32_t>(clampf(v, static_cast<float>(qmin), static_cast<float>(qmax)));
 }
 
-LQ_HD float dequantize_value(int32_t q, float s, int32_t z) { return s * static_cast<float>(q - z); }
+// q - z in 64 bits: a zero point the caller gave near INT32_MIN would wrap the int32 difference
+// (and flip the sign of the result).
+LQ_HD float dequantize_value(int32_t q, float s, int32_t z) {
+  return s * static_cast<float>(static_cast<int64_t>(q) - z);
+}
 
 }  // namespace LINQUANT_CPU_ISA
 }  // namespace linquant::core

@@ -7,16 +7,15 @@ bf16 and 8/4/2 bits (footprint, embedding agreement, speed) and the real SmolLM2
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 
 import torch
 
-import os
-
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
-from ._files import atomic_write
-from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, report
+from ._files import atomic_write, check_directory_target, make_directory
+from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, portable_spec, report
 from .nn import QLinear
 from .weights import check_format
 
@@ -149,7 +148,7 @@ def write_plots(out_dir: str, model_rows, lm_rows) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
+    make_directory(out_dir, "out_dir")
     paths = []
     quantized = [r for r in model_rows if r.get("layer_snr_db")]
     if quantized:
@@ -231,7 +230,9 @@ def cmd_quantize(args) -> int:
     quantize_model(model, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                    exclude=args.exclude, progress=True)
     n_layers = sum(isinstance(m, QLinear) for m in model.modules())
-    save_quantized(model, args.out, metadata={"source": args.model, "kind": kind})
+    # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
+    # working directory; a path relative to --out would break when only --out moves.
+    save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind})
     result = {"out": args.out, "layers": n_layers, "bytes_before": before, "bytes_after": footprint(model)["total"]}
     if args.json:
         print(json.dumps(result))
@@ -339,8 +340,10 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.exit(2, f"{e}\n")
     try:
+        if getattr(args, "out", None) is not None:  # every --out is a directory: say so before any model loads
+            check_directory_target(args.out, "--out")
         return args.func(args)
-    except (ModelError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ModelError, OSError, ValueError, ImportError) as e:
         print(f"linquant {args.command}: error: {e}", file=sys.stderr)
         return 1
 

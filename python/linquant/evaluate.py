@@ -3,7 +3,6 @@ bf16 vs quantized, per-layer weight error, output agreement (embedding cosine fo
 perplexity and greedy generation for causal LMs) and time per forward."""
 
 import copy
-import json
 import os
 import time
 from typing import Dict, List, Optional, Tuple
@@ -15,7 +14,7 @@ from . import builtin
 from .metrics import metrics
 from .model import footprint, quantizable_layers
 from .nn import QLinear
-from .serialization import CONFIG_NAME, load_quantized
+from .serialization import CONFIG_NAME, load_quantized, read_config
 
 BUILTIN = {"minilm": "encoder", "smollm2": "causal-lm"}
 
@@ -49,16 +48,21 @@ def load_model(spec: str) -> Tuple[nn.Module, object, str]:
     return model.eval(), AutoTokenizer.from_pretrained(spec), "causal-lm" if causal else "encoder"
 
 
+def portable_spec(spec: str) -> str:
+    """`spec` as it loads from any working directory: built-in names as they are, paths made
+    absolute (what `linquant quantize` records for `linquant eval`)."""
+    return spec if spec in BUILTIN else os.path.abspath(spec)
+
+
 def load_quantized_dir(path: str):
     """A `linquant quantize` output directory: (fp32 source model, tokenizer, kind, quantized
     model); the quantized model is built from the source's config with parameters on meta."""
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise ModelError(f"{path}: not a linquant output directory (no {CONFIG_NAME})")
-    with open(cfg_path) as f:
-        source = json.load(f).get("metadata", {}).get("source")
-    if source is None:
-        raise ModelError(f"{path}: saved without a source model; evaluate it through the Python API")
+    source = read_config(path).get("metadata", {}).get("source")
+    if not isinstance(source, str):
+        raise ModelError(f"{path}: {CONFIG_NAME} records no source model (metadata 'source' is {source!r}); "
+                         "evaluate it through the Python API")
     base, tokenizer, kind = load_model(source)
     return base, tokenizer, kind, load_quantized(path, lambda: type(base)(base.config))
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ._files import atomic_write
+from ._files import atomic_write, check_directory_target
 from .model import quantize_model
 
 FORMAT_VERSION = 1  # programs/linquant_run.cpp checks the same number
@@ -72,6 +72,7 @@ def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symm
                    batch: int = 2, seq_len: int = 16) -> dict:
     """Writes out_dir/model.pt (TorchScript), inputs.pt ([input_ids, attention_mask]) and
     expected.pt (Python's output for them); returns the paths."""
+    check_directory_target(out_dir, "linquant.export_encoder: out_dir")  # before the model is built
     model = quantize_model(load_encoder(name), bits=bits, group_size=group_size, symmetric=symmetric,
                            progress=False)
     gen = torch.Generator().manual_seed(1)

@@ -4,26 +4,31 @@ into a meta-device skeleton without a full-precision copy and without unpickling
 import contextlib
 import json
 import os
+import uuid
 from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from ._files import atomic_write, write_json
+from ._files import atomic_write, make_directory, write_text
 from .nn import QLinear
+from .weights import check_format
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "linquant.json"
 FORMAT_VERSION = 1
+# Written into both files by one save (the safetensors header metadata and linquant.json).
+SAVE_ID_KEY = "linquant_save_id"
 
 
 def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     """Writes `path`/model.safetensors (every parameter and persistent buffer) and
     `path`/linquant.json (which modules are QLinear and their formats; tied tensors; `metadata`,
-    e.g. the source model that `linquant eval` reloads)."""
+    a JSON-serializable dict, e.g. the source model that `linquant eval` reloads). Everything is
+    checked before either file is touched; both files carry the same random save id, so a pair
+    from two saves (one interrupted between its two renames) is refused at load."""
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
     modules = {name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
                       "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
                       "dtype": str(m.scales.dtype).replace("torch.", "")}
@@ -40,10 +45,25 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
             continue
         first_by_storage[key] = name
         tensors[name] = t.detach().contiguous()
-    config = {"format": "linquant", "format_version": FORMAT_VERSION, "modules": modules, "tied": tied,
-              "metadata": metadata or {}}
-    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(os.path.join(path, CONFIG_NAME), config)
+    save_id = uuid.uuid4().hex
+    config_text = _config_text({"format": "linquant", "format_version": FORMAT_VERSION, "save_id": save_id,
+                                "modules": modules, "tied": tied, "metadata": {} if metadata is None else metadata})
+    make_directory(path, "linquant.save_quantized: path")
+    atomic_write(os.path.join(path, WEIGHTS_NAME),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", SAVE_ID_KEY: save_id}))
+    write_text(os.path.join(path, CONFIG_NAME), config_text)
+
+
+def _config_text(config: dict) -> str:
+    """linquant.json's text; only the caller's metadata can fail to serialize."""
+    if not isinstance(config["metadata"], dict):
+        raise ValueError("linquant.save_quantized: metadata must be a dict (a JSON object), got "
+                         f"{type(config['metadata']).__name__}")
+    try:  # allow_nan=False: NaN is not JSON, and other readers of the file would refuse it
+        return json.dumps(config, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"linquant.save_quantized: metadata must hold only JSON values (dict, list, str, "
+                         f"finite number, bool, None): {e}") from None
 
 
 @contextlib.contextmanager
@@ -64,7 +84,9 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
+    """`path`/linquant.json, checked field by field: a hand-edited or damaged entry is a ValueError
+    that names it, not a KeyError, TypeError or AttributeError from deep inside the loader."""
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"linquant.load_quantized: {cfg_path} not found (not a save_quantized directory)")
@@ -82,6 +104,15 @@ def _read_config(path: str) -> dict:
     modules, tied = config.get("modules"), config.get("tied", {})
     if not isinstance(modules, dict) or not isinstance(tied, dict):
         raise ValueError(f"linquant.load_quantized: {cfg_path}: 'modules' and 'tied' must be JSON objects")
+    for name, source in tied.items():
+        if not isinstance(source, str):
+            raise ValueError(f"linquant.load_quantized: {cfg_path}: 'tied' maps {name!r} to {source!r}; expected "
+                             "the name of the tensor it shares (a string)")
+    if not isinstance(config.get("metadata", {}), dict):
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: 'metadata' must be a JSON object, got "
+                         f"{config['metadata']!r}")
+    if not isinstance(config.get("save_id", ""), str):  # absent in files from before save ids
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: 'save_id' must be a string, got {config['save_id']!r}")
     for name, spec in modules.items():
         _check_module_spec(cfg_path, name, spec)
     return config
@@ -89,22 +120,82 @@ def _read_config(path: str) -> dict:
 
 _SPEC_TYPES = {"in_features": int, "out_features": int, "bits": int, "group_size": (int, type(None)),
                "symmetric": bool, "bias": bool, "dtype": str}
+_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Far above any real layer, and low enough that out_features x in_features fits torch's int64 sizes.
+_MAX_FEATURES = 2**31 - 1
 
 
 def _check_module_spec(cfg_path: str, name: str, spec) -> None:
-    """A module entry as save_quantized writes it; a hand-edited or damaged one is named, not a
-    KeyError or AttributeError from deep inside the loader."""
+    """A module entry as save_quantized writes it."""
+    where = f"linquant.load_quantized: {cfg_path}: module {name!r}"
     if not isinstance(spec, dict):
-        raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} must be a JSON object")
+        raise ValueError(f"{where} must be a JSON object")
     for key, kind in _SPEC_TYPES.items():
         value = spec.get(key)
         if key not in spec or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-            raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} has a missing or invalid "
-                             f"{key!r} (expected {expected}, got {value!r})")
-    if not isinstance(getattr(torch, spec["dtype"], None), torch.dtype):
-        raise ValueError(f"linquant.load_quantized: {cfg_path}: module {name!r} has dtype {spec['dtype']!r}, "
-                         "which is not a torch dtype (e.g. 'float16')")
+            raise ValueError(f"{where} has a missing or invalid {key!r} (expected {expected}, got {value!r})")
+    for key in ("in_features", "out_features"):
+        if not 0 <= spec[key] <= _MAX_FEATURES:
+            raise ValueError(f"{where} has an invalid {key!r} (expected an integer from 0 to {_MAX_FEATURES}, "
+                             f"got {spec[key]})")
+    check_format(spec["bits"], spec["group_size"], where)
+    if spec["dtype"] not in _SCALE_DTYPES:
+        raise ValueError(f"{where} has an invalid 'dtype' (expected one of {', '.join(_SCALE_DTYPES)}, "
+                         f"got {spec['dtype']!r})")
+
+
+def _load_device(device) -> str:
+    """The device the file's tensors are read onto, as safetensors spells it."""
+    if device is None:
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"linquant.load_quantized: device {device!r} is not a torch device ({e})") from None
+    if dev.type == "meta":
+        raise ValueError("linquant.load_quantized: device 'meta' is not a load target: meta tensors hold no data. "
+                         "Build the model under `with torch.device('meta'):` for a skeleton without weights")
+    return str(dev)
+
+
+def _read_weights(path: str, config: dict, device: str) -> Dict[str, torch.Tensor]:
+    """model.safetensors' tensors, read onto `device`, if the file comes from the save that wrote
+    `config`. Both files carry that save's id: a pair from two saves (one interrupted between its
+    two renames, or files copied from two directories) would load one model's weights under
+    another's formats and metadata. Files from before save ids have neither. The id and the
+    tensors come from one open of the file, so a save running meanwhile cannot slip between them."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"linquant.load_quantized: {weights} not found (an incomplete save_quantized "
+                                "directory)")
+    try:
+        with safe_open(weights, framework="pt", device=device) as f:
+            weights_id, config_id = (f.metadata() or {}).get(SAVE_ID_KEY), config.get("save_id")
+            if weights_id != config_id:
+                raise ValueError(f"linquant.load_quantized: {WEIGHTS_NAME} and {CONFIG_NAME} in {path} come from "
+                                 f"different saves (save ids {weights_id!r} and {config_id!r}): a save_quantized was "
+                                 "interrupted between its two files, or the files were copied from two saves; "
+                                 "save the model again")
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
+
+
+def _build_model(model_or_factory) -> nn.Module:
+    if isinstance(model_or_factory, nn.Module):
+        return model_or_factory
+    if not callable(model_or_factory):
+        raise TypeError("linquant.load_quantized: model_or_factory must be an nn.Module or a callable that "
+                        f"builds one, got {type(model_or_factory).__name__}")
+    with _parameters_on_meta():
+        model = model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"linquant.load_quantized: model_or_factory returned {type(model).__name__}, "
+                        "expected an nn.Module")
+    return model
 
 
 def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
@@ -115,15 +206,10 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
     tensor is assigned from the file; peak memory stays near the quantized size. With `device`
     (e.g. "cuda") the file's tensors are read straight onto that device and the model's other
     buffers follow. The model is returned in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config = _read_config(path)
-    if isinstance(model_or_factory, nn.Module):
-        model = model_or_factory
-    else:
-        with _parameters_on_meta():
-            model = model_or_factory()
+    load_device = _load_device(device)
+    config = read_config(path)
+    state = _read_weights(path, config, load_device)
+    model = _build_model(model_or_factory)
     for name, spec in config["modules"].items():
         try:
             model.get_submodule(name)
@@ -131,17 +217,12 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
             raise ValueError(f"linquant.load_quantized: the model has no module {name!r} that the file "
                              "quantized; is this the right model?") from None
         layer = QLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"],
-                        spec["symmetric"], device="meta", dtype=getattr(torch, spec["dtype"]))
+                        spec["symmetric"], device="meta", dtype=_SCALE_DTYPES[spec["dtype"]])
         if not name:  # the model is itself the quantized layer
             model = layer
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    try:
-        state = load_file(weights, device=str(torch.device(device)) if device is not None else "cpu")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
     for name, source in config.get("tied", {}).items():
         if source not in state:
             raise ValueError(f"linquant.load_quantized: {name!r} is tied to {source!r}, which the file does not hold")
@@ -172,5 +253,5 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
     if hasattr(model, "tie_weights") and config.get("tied"):
         model.tie_weights()
     if device is not None:
-        model.to(device)  # buffers the file does not hold (rotary tables and the like)
+        model.to(load_device)  # buffers the file does not hold (rotary tables and the like)
     return model.eval()  # like from_pretrained: loaded for inference

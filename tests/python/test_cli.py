@@ -13,9 +13,9 @@ import torch
 import hf_models
 
 
-def linquant(*args, timeout=600):
+def linquant(*args, timeout=600, cwd=None):
     return subprocess.run([sys.executable, "-m", "linquant", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def test_demo_json_and_plots(tmp_path):
@@ -53,10 +53,12 @@ def test_quantize_then_eval_a_local_model_directory(tmp_path):
     model_dir, out_dir = tmp_path / "llama", tmp_path / "q"
     hf_models.llama().save_pretrained(model_dir)
     hf_models.word_tokenizer().save_pretrained(model_dir)
-    out = linquant("quantize", model_dir, "--bits", "4", "--group-size", "32", "--out", out_dir, "--json")
+    # Relative paths, and eval from another directory: the source used to be recorded as typed.
+    out = linquant("quantize", "llama", "--bits", "4", "--group-size", "32", "--out", "q", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["layers"] == 14 and result["bytes_after"] < result["bytes_before"]
+    assert json.loads((out_dir / "linquant.json").read_text())["metadata"]["source"] == str(model_dir)
     out = linquant("eval", out_dir, "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     rep = json.loads(out.stdout)
@@ -94,6 +96,34 @@ def test_bad_input_is_one_line_and_non_zero(args, code, message):
     out = linquant(*args)
     assert out.returncode == code and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["quantize", "minilm", "--bits", "8"], ["export"], ["demo"]],
+                         ids=["quantize", "export", "demo"])
+def test_an_out_that_is_a_file_is_one_line(tmp_path, args):
+    # FileExistsError used to end quantize and export in a traceback (after the model was quantized).
+    file = tmp_path / "file"
+    file.write_text("")
+    out = linquant(*args, "--out", file)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr == f"linquant {args[0]}: error: --out must be a directory, but '{file}' is an existing file\n"
+
+
+@pytest.mark.parametrize("config,message", [
+    ("[1, 2]", "linquant.json is not a linquant format 1 config ([1, 2])"),
+    ("{not json", "linquant.json is not valid JSON: Expecting property name"),
+    ('{"format": "linquant", "format_version": 1, "modules": {}, "metadata": ["minilm"]}',
+     "linquant.json: 'metadata' must be a JSON object, got ['minilm']"),
+    ('{"format": "linquant", "format_version": 1, "modules": {}, "metadata": {"source": 7}}',
+     "linquant.json records no source model (metadata 'source' is 7)"),
+], ids=["list", "not-json", "metadata-list", "source-int"])
+def test_eval_of_a_damaged_config_is_one_line_naming_the_file(tmp_path, config, message):
+    # A list or a non-object metadata used to end in an AttributeError traceback, bad JSON in a
+    # parse error that did not say which file.
+    (tmp_path / "linquant.json").write_text(config)
+    out = linquant("eval", tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+    assert str(tmp_path) in out.stderr and message in out.stderr
 
 
 def test_bench_smoke(tmp_path):

@@ -239,3 +239,13 @@ def test_unpack_size_past_int64_is_a_clear_error(size, bits, take):
     # size * bits would overflow int64: the byte count is computed per 8-value unit instead.
     with raises(re.escape(f"packed has 0 bytes in its last dim, but {size} values of {bits} bits take {take}")):
         lq.unpack(torch.empty(1, 0, dtype=torch.uint8), bits, size)
+
+
+@pytest.mark.parametrize("name,x,x_hat", [
+    ("x", torch.tensor([1 + 1j]), torch.tensor([1.0])),  # the float64 cast would drop 1j: an MSE of 0
+    ("x_hat", torch.tensor([1.0]), torch.tensor([1 + 0j])),
+    ("x_hat", torch.tensor([1.0, 2.0]), torch.tensor([1, 2], dtype=torch.uint8)),  # codes, not a reconstruction
+])
+def test_metrics_take_real_floating_point_tensors(name, x, x_hat):
+    with raises(f"linquant.metrics: {name} must be a real floating-point tensor"):
+        lq.metrics(x, x_hat)

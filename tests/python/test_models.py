@@ -1,7 +1,10 @@
 """quantize_model, footprint and save/load on randomly initialised Hugging Face models (GPT-2 with
 Conv1D, Llama, T5) driven through forward, generate() and pipeline()."""
 
+import copy
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ from torch import nn
 
 import linquant as lq
 import hf_models
+from reference import broadcast_params, ref_qparams, ref_quantize
 
 pytest.importorskip("transformers")
 
@@ -22,14 +26,40 @@ def relative_error(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def reference_weight(w, bits, group_size, symmetric):
+    """float64 weight that w's quantized format stands for, from reference.py's formulas: one scale
+    (and zero point) per output channel when group_size is None, else per group along K."""
+    axis = 0 if group_size is None else None
+    s, z = ref_qparams(w, bits, symmetric, axis, group_size)
+    q = ref_quantize(w, s, z, bits, axis, group_size).double()
+    if z is not None:
+        q = q - broadcast_params(z, w, axis, group_size).double()
+    return broadcast_params(s, w, axis, group_size).double() * q
+
+
+def reference_model(original, quantized, bits, group_size, symmetric):
+    """float64 copy of `original` (the model before quantize_model) in which every layer that
+    `quantized` holds as a QLinear has reference_weight of its own weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    ref = copy.deepcopy(original)
+    for name, layer in quantized.named_modules():
+        if isinstance(layer, lq.QLinear):
+            target = ref.get_submodule(name)
+            transposed = isinstance(target, Conv1D)  # GPT-2 stores its weights [in, out]
+            w = target.weight.detach()
+            w_hat = reference_weight(w.t() if transposed else w, bits, group_size, symmetric)
+            target.weight = nn.Parameter(w_hat.t() if transposed else w_hat)
+    return ref.double()
+
+
 @pytest.mark.parametrize("make", [hf_models.gpt2, hf_models.llama, hf_models.t5], ids=["gpt2", "llama", "t5"])
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (2, 32)])
-def test_quantize_model_forward_and_generate(make, bits, group_size):
+def test_quantize_model_forward_and_generate(make, bits, group_size, gen):
     model = make()
-    ids = torch.randint(3, 500, (2, 12))
+    original = copy.deepcopy(model)  # quantize_model works in place
+    ids = torch.randint(3, 500, (2, 12), generator=gen)
     kwargs = {"decoder_input_ids": ids[:, :4]} if "T5" in type(model).__name__ else {}
-    with torch.no_grad():
-        ref = model(input_ids=ids, **kwargs).logits
     n_linear = len(lq.quantizable_layers(model))
     lq.quantize_model(model, bits=bits, group_size=group_size)
     qlayers = [m for m in model.modules() if isinstance(m, lq.QLinear)]
@@ -37,9 +67,15 @@ def test_quantize_model_forward_and_generate(make, bits, group_size):
     assert not isinstance(model.lm_head, lq.QLinear)
     with torch.no_grad():
         out = model(input_ids=ids, **kwargs).logits
-    assert relative_error(out, ref) < {8: 0.02, 4: 0.3, 2: 1.5}[bits]
-    gen = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
-    assert gen.shape[0] == 2 and gen.shape[1] >= 6
+        ref = reference_model(original, model, bits, group_size, symmetric=True)(input_ids=ids, **kwargs).logits
+    # The same weights, so only fp32 rounding separates them (float64 has none to speak of).
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    if bits == 8:  # close to the fp32 model too; at 4 and 2 bits the distance says little
+        with torch.no_grad():
+            fp32 = original(input_ids=ids, **kwargs).logits
+        assert relative_error(out, fp32) < 0.02
+    generated = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+    assert generated.shape[0] == 2 and generated.shape[1] >= 6
 
 
 def test_gpt2_conv1d_layers_are_replaced():
@@ -129,26 +165,52 @@ def _small():
     return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
-def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
-    import json
-    import shutil
-
+def _rewrite_weights(directory, edit_tensors=None, edit_metadata=None):
+    """Rewrites directory/model.safetensors with its tensors and header metadata edited in place."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    path = directory / "model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_metadata:
+        edit_metadata(metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _rewrite_config(directory, edit_config):
+    config = json.loads((directory / "linquant.json").read_text())
+    edit_config(config)
+    (directory / "linquant.json").write_text(json.dumps(config))
+
+
+def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
     shutil.copytree(src, dst)
     if edit_config:
-        config = json.loads((dst / "linquant.json").read_text())
-        edit_config(config)
-        (dst / "linquant.json").write_text(json.dumps(config))
+        _rewrite_config(dst, edit_config)
     if edit_tensors:
-        tensors = load_file(dst / "model.safetensors")
-        edit_tensors(tensors)
-        save_file(tensors, dst / "model.safetensors")
+        _rewrite_weights(dst, edit_tensors)
     return str(dst)
 
 
 @pytest.mark.parametrize("damage,match", [
     ({"edit_config": lambda c: c["modules"]["0"].pop("bits")}, r"module '0' has a missing or invalid 'bits'"),
-    ({"edit_config": lambda c: c["modules"]["2"].update(dtype="float128")}, "'float128', which is not a torch dtype"),
+    ({"edit_config": lambda c: c["modules"]["2"].update(dtype="float128")},
+     r"module '2' has an invalid 'dtype' \(expected one of float32, float16, bfloat16, got 'float128'\)"),
+    ({"edit_config": lambda c: c["modules"]["2"].update(dtype="qint8")}, "invalid 'dtype'.*got 'qint8'"),
+    ({"edit_config": lambda c: c["modules"]["0"].update(in_features=10**30)},
+     rf"module '0' has an invalid 'in_features' \(expected an integer from 0 to 2147483647, got {10**30}\)"),
+    ({"edit_config": lambda c: c["modules"]["0"].update(in_features=-1)}, "invalid 'in_features'.*got -1"),
+    ({"edit_config": lambda c: c["modules"]["2"].update(out_features=-4)}, "invalid 'out_features'.*got -4"),
+    ({"edit_config": lambda c: c["modules"]["0"].update(in_features=1e30)},
+     r"missing or invalid 'in_features' \(expected int, got 1e\+30\)"),
+    ({"edit_config": lambda c: c["modules"]["0"].update(bits=3)}, "module '0': bits must be 8, 4 or 2, got 3"),
+    ({"edit_config": lambda c: c["modules"]["0"].update(group_size=0)}, "module '0': group_size must be a positive"),
+    ({"edit_config": lambda c: c.update(tied={"a": ["x"]})}, r"'tied' maps 'a' to \['x'\]; expected the name"),
+    ({"edit_config": lambda c: c.update(metadata=["source"])}, r"'metadata' must be a JSON object, got \['source'\]"),
+    ({"edit_config": lambda c: c.update(save_id=7)}, "'save_id' must be a string, got 7"),
     ({"edit_config": lambda c: c.update(modules=[])}, "'modules' and 'tied' must be JSON objects"),
     ({"edit_config": lambda c: c.update(tied={"2.bias": "9.bias"})}, "tied to '9.bias', which the file does not hold"),
     ({"edit_tensors": lambda t: t.update({"0.qweight": t["0.qweight"].int()})},
@@ -157,8 +219,9 @@ def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
     ({"edit_tensors": lambda t: t["2.scales"].view(-1)[3:4].fill_(float("nan"))},
      "the scales of '2' hold values that are not finite and positive"),
     ({"edit_tensors": lambda t: t["0.scales"].view(-1)[0:1].fill_(0.0)}, "the scales of '0' hold values"),
-], ids=["missing-key", "dtype-name", "modules-list", "tied-source", "qweight-dtype", "bias-dtype", "nan-scale",
-        "zero-scale"])
+], ids=["missing-key", "dtype-name", "quantized-dtype", "huge-in", "negative-in", "negative-out", "float-in",
+        "bits", "group-size", "tied-list", "metadata-list", "save-id-int", "modules-list", "tied-source",
+        "qweight-dtype", "bias-dtype", "nan-scale", "zero-scale"])
 def test_a_damaged_save_is_named_at_load(tmp_path, damage, match):
     # Each of these used to load (failing or giving NaN at the first forward) or fail with a bare
     # KeyError / AttributeError from inside the loader.
@@ -179,6 +242,118 @@ def test_a_bare_linear_is_quantized_saved_and_loaded(tmp_path):
     loaded = lq.load_quantized(str(tmp_path), lambda: nn.Linear(16, 8))
     x = torch.randn(3, 16)
     assert isinstance(loaded, lq.QLinear) and torch.equal(loaded(x), layer(x))
+
+
+def _odd_model(dtype, gen):
+    """Layers of odd K (37, then 5) down to N = 1, weights drawn from gen, in dtype."""
+    model = nn.Sequential(nn.Linear(37, 5), nn.ReLU(), nn.Linear(5, 1, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / 4)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 5, False), (4, 6, False), (2, 8, True)],
+                         ids=["w8", "w8-g5-asym", "w4-g6-asym", "w2-g8"])  # 6 and 8 divide neither 37 nor 5
+@pytest.mark.parametrize("given", ["factory", "instance"])
+def test_save_load_odd_shapes_and_half_dtypes(tmp_path, gen, dtype, bits, group_size, symmetric, given):
+    model = lq.quantize_model(_odd_model(dtype, gen), bits=bits, group_size=group_size, symmetric=symmetric, exclude=[])
+    lq.save_quantized(model, str(tmp_path))
+    # An instance keeps its modules but has every tensor replaced: its own weights are other draws.
+    loaded = lq.load_quantized(str(tmp_path), (lambda: _odd_model(dtype, gen)) if given == "factory"
+                               else _odd_model(dtype, gen))
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert sorted(back) == sorted(saved)
+    for key, t in saved.items():
+        assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
+    assert isinstance(loaded[0], lq.QLinear) and loaded[2].out_features == 1 and not loaded.training
+    x = torch.randn(3, 37, generator=gen).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def _save_small(path, bias_shift=0.0, **metadata):
+    """Saves _small() quantized, its first bias shifted so that saves told apart by it differ."""
+    model = lq.quantize_model(_small(), bits=4, group_size=8, exclude=[])
+    with torch.no_grad():
+        model[0].bias.add_(bias_shift)
+    lq.save_quantized(model, str(path), metadata=metadata)
+    return model
+
+
+def _outputs_equal(a, b):
+    x = torch.arange(32.0).view(2, 16) / 7
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+def test_a_save_that_fails_leaves_the_previous_pair(tmp_path):
+    # The metadata used to fail in json after model.safetensors was replaced: b's weights with a's config.
+    a = _save_small(tmp_path / "d", source="model-A")
+    with pytest.raises(ValueError, match="metadata must hold only JSON values .*object is not JSON serializable"):
+        lq.save_quantized(_save_small(tmp_path / "b", 1.0), str(tmp_path / "d"), metadata={"x": object()})
+    with pytest.raises(ValueError, match="metadata must hold only JSON values"):
+        lq.save_quantized(a, str(tmp_path / "d"), metadata={"loss": float("nan")})
+    with pytest.raises(ValueError, match="metadata must be a dict .*got list"):
+        lq.save_quantized(a, str(tmp_path / "d"), metadata=["model-A"])
+    assert sorted(os.listdir(tmp_path / "d")) == ["linquant.json", "model.safetensors"]
+    assert json.loads((tmp_path / "d" / "linquant.json").read_text())["metadata"] == {"source": "model-A"}
+    assert _outputs_equal(lq.load_quantized(str(tmp_path / "d"), _small), a)
+    with pytest.raises(ValueError, match="metadata must hold only JSON values"):
+        lq.save_quantized(a, str(tmp_path / "new"), metadata={"x": object()})
+    assert not (tmp_path / "new").exists()  # used to hold a lone model.safetensors
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="path must be a directory, but .* is an existing file"):
+        lq.save_quantized(a, str(tmp_path / "file"))
+
+
+def test_a_pair_from_two_saves_is_refused(tmp_path, monkeypatch):
+    import linquant.serialization as serialization
+
+    _save_small(tmp_path / "d", source="model-A")
+
+    def crash(path, text):
+        raise KeyboardInterrupt  # the process dies between the two renames
+
+    with monkeypatch.context() as m:
+        m.setattr(serialization, "write_text", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _save_small(tmp_path / "d", 1.0, source="model-B")
+    with pytest.raises(ValueError, match="model.safetensors and linquant.json in .* come from different saves"):
+        lq.load_quantized(str(tmp_path / "d"), _small)
+    # Files copied from two complete saves, either way round.
+    b = _save_small(tmp_path / "b", 1.0, source="model-B")
+    _save_small(tmp_path / "a", source="model-A")
+    shutil.copy(tmp_path / "b" / "linquant.json", tmp_path / "a" / "linquant.json")
+    with pytest.raises(ValueError, match="come from different saves"):
+        lq.load_quantized(str(tmp_path / "a"), _small)
+    shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
+    assert _outputs_equal(lq.load_quantized(str(tmp_path / "a"), _small), b)  # the whole pair of b
+
+
+def test_files_from_before_save_ids_still_load(tmp_path):
+    model = _save_small(tmp_path, source="model-A")
+    _rewrite_weights(tmp_path, edit_metadata=lambda m: m.pop("linquant_save_id"))
+    with pytest.raises(ValueError, match="come from different saves"):  # only one of the two has an id
+        lq.load_quantized(str(tmp_path), _small)
+    _rewrite_config(tmp_path, lambda c: c.pop("save_id"))
+    assert _outputs_equal(lq.load_quantized(str(tmp_path), _small), model)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        lq.load_quantized(str(tmp_path), _small)
+
+
+def test_load_arguments_are_checked(tmp_path):
+    _save_small(tmp_path)
+    with pytest.raises(ValueError, match="device 'meta' is not a load target"):
+        lq.load_quantized(str(tmp_path), _small, device="meta")
+    with pytest.raises(ValueError, match="device 'cdua' is not a torch device"):
+        lq.load_quantized(str(tmp_path), _small, device="cdua")
+    with pytest.raises(TypeError, match="model_or_factory must be an nn.Module or a callable that builds one, got int"):
+        lq.load_quantized(str(tmp_path), 42)
+    with pytest.raises(TypeError, match="model_or_factory returned NoneType, expected an nn.Module"):
+        lq.load_quantized(str(tmp_path), lambda: None)
 
 
 PEAK_SCRIPT = """

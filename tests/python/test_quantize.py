@@ -229,3 +229,11 @@ def test_parameter_dtypes(gen):
             q = lq.quantize(x, s, None, bits=8, axis=axis, group_size=g)
             assert torch.equal(q, ref_quantize(x, s, None, 8, axis, g)), sdt
             assert torch.equal(lq.dequantize(q, s, None, axis=axis, group_size=g), ref_dequantize(q, s, None, axis, g))
+
+
+def test_dequantize_zero_points_at_the_int32_limits():
+    # q - z for z = -2^31 does not fit in int32; computed wide it is 2^31 + q, rounded once to fp32.
+    q = torch.tensor([0, 255], dtype=torch.uint8)
+    for z in (-(2**31), 2**31 - 1):
+        out = lq.dequantize(q, torch.tensor(1.0), torch.tensor(z, dtype=torch.int32))
+        assert torch.equal(out, (q.double() - z).float())
