@@ -23,7 +23,8 @@ SAVE_ID_KEY = "linquant_save_id"
 
 def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     """Writes `path`/model.safetensors (every parameter and persistent buffer) and
-    `path`/linquant.json (which modules are QLinear and their formats; tied tensors; `metadata`,
+    `path`/linquant.json (which modules are QLinear and their formats; tied tensors; for a Hugging
+    Face model its class and config, so that `load_quantized(path)` rebuilds it alone; `metadata`,
     a JSON-serializable dict, e.g. the source model that `linquant eval` reloads). Everything is
     checked before either file is touched; both files carry the same random save id, so a pair
     from two saves (one interrupted between its two renames) is refused at load."""
@@ -46,12 +47,25 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
         first_by_storage[key] = name
         tensors[name] = t.detach().contiguous()
     save_id = uuid.uuid4().hex
-    config_text = _config_text({"format": "linquant", "format_version": FORMAT_VERSION, "save_id": save_id,
-                                "modules": modules, "tied": tied, "metadata": {} if metadata is None else metadata})
+    config = {"format": "linquant", "format_version": FORMAT_VERSION, "save_id": save_id, "modules": modules,
+              "tied": tied, "metadata": {} if metadata is None else metadata}
+    description = _transformers_description(model)
+    if description is not None:
+        config["transformers"] = description
+    config_text = _config_text(config)
     make_directory(path, "linquant.save_quantized: path")
     atomic_write(os.path.join(path, WEIGHTS_NAME),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", SAVE_ID_KEY: save_id}))
     write_text(os.path.join(path, CONFIG_NAME), config_text)
+
+
+def _transformers_description(model: nn.Module) -> Optional[dict]:
+    """A Hugging Face model's class name and full config (what `model_class(config)` needs to
+    build it again), or None for other models."""
+    config = getattr(model, "config", None)
+    if not type(model).__module__.startswith("transformers.") or not hasattr(config, "to_json_string"):
+        return None
+    return {"class": type(model).__name__, "config": json.loads(config.to_json_string(use_diff=False))}
 
 
 def _config_text(config: dict) -> str:
@@ -113,6 +127,12 @@ def read_config(path: str) -> dict:
                          f"{config['metadata']!r}")
     if not isinstance(config.get("save_id", ""), str):  # absent in files from before save ids
         raise ValueError(f"linquant.load_quantized: {cfg_path}: 'save_id' must be a string, got {config['save_id']!r}")
+    description = config.get("transformers", {"class": "", "config": {"model_type": ""}})
+    if not isinstance(description, dict) or not isinstance(description.get("class"), str) or \
+            not isinstance(description.get("config"), dict) or \
+            not isinstance(description["config"].get("model_type"), str):
+        raise ValueError(f"linquant.load_quantized: {cfg_path}: 'transformers' must be an object with a 'class' "
+                         "name and a 'config' object holding a 'model_type'")
     for name, spec in modules.items():
         _check_module_spec(cfg_path, name, spec)
     return config
@@ -184,6 +204,29 @@ def _read_weights(path: str, config: dict, device: str) -> Dict[str, torch.Tenso
         raise ValueError(f"linquant.load_quantized: cannot read {weights}: {e} (truncated or corrupt file?)") from e
 
 
+def _transformers_factory(path: str, config: dict) -> Callable[[], nn.Module]:
+    """Builds the Hugging Face model that save_quantized described in linquant.json."""
+    description = config.get("transformers")
+    if description is None:
+        raise ValueError(f"linquant.load_quantized: {path} holds no Hugging Face model description (saved from "
+                         "another kind of model): pass model_or_factory, a callable that builds the model")
+    try:
+        import transformers
+        from transformers import CONFIG_MAPPING
+    except ImportError as e:
+        raise ImportError(f"linquant.load_quantized: {path} holds a Hugging Face model; building it needs "
+                          f"transformers ({e})") from None
+    model_class = getattr(transformers, description["class"], None)
+    model_type = description["config"]["model_type"]
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ValueError(f"linquant.load_quantized: {path}: transformers {transformers.__version__} has no model "
+                         f"class {description['class']!r}")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"linquant.load_quantized: {path}: transformers {transformers.__version__} does not know "
+                         f"model_type {model_type!r}")
+    return lambda: model_class(CONFIG_MAPPING[model_type].from_dict(description["config"]))
+
+
 def _build_model(model_or_factory) -> nn.Module:
     if isinstance(model_or_factory, nn.Module):
         return model_or_factory
@@ -198,18 +241,19 @@ def _build_model(model_or_factory) -> nn.Module:
     return model
 
 
-def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
+def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module], None] = None,
                    device: Union[str, torch.device, None] = None) -> nn.Module:
     """Loads a save_quantized directory. `model_or_factory` is a callable that builds the model
     (called with its parameters on the meta device, so no full-precision copy is made) or a
-    model, whose parameters are replaced. QLinear layers are swapped in per the config and every
-    tensor is assigned from the file; peak memory stays near the quantized size. With `device`
-    (e.g. "cuda") the file's tensors are read straight onto that device and the model's other
-    buffers follow. The model is returned in eval mode."""
+    model, whose parameters are replaced; None (for a Hugging Face model's save) builds the model
+    from the class and config that linquant.json records. QLinear layers are swapped in per the
+    config and every tensor is assigned from the file; peak memory stays near the quantized size.
+    With `device` (e.g. "cuda") the file's tensors are read straight onto that device and the
+    model's other buffers follow. The model is returned in eval mode."""
     load_device = _load_device(device)
     config = read_config(path)
     state = _read_weights(path, config, load_device)
-    model = _build_model(model_or_factory)
+    model = _build_model(_transformers_factory(path, config) if model_or_factory is None else model_or_factory)
     for name, spec in config["modules"].items():
         try:
             model.get_submodule(name)

@@ -130,17 +130,36 @@ def test_footprint_agrees_with_transformers_and_shrinks():
 @pytest.mark.parametrize("make,bits,group_size,symmetric", [(hf_models.gpt2, 8, None, True),
                                                             (hf_models.llama, 4, 32, False),
                                                             (hf_models.t5, 2, 64, True)], ids=["gpt2", "llama", "t5"])
-def test_save_load_round_trip_is_identical(tmp_path, make, bits, group_size, symmetric):
+def test_save_load_round_trip_is_identical(tmp_path, make, bits, group_size, symmetric, gen):
     model = lq.quantize_model(make(), bits=bits, group_size=group_size, symmetric=symmetric)
     lq.save_quantized(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["linquant.json", "model.safetensors"]
-    loaded = lq.load_quantized(str(tmp_path), lambda: type(model)(model.config))
-    ids = torch.randint(3, 500, (1, 9))
+    ids = torch.randint(3, 500, (1, 9), generator=gen)
     kwargs = {"decoder_input_ids": ids[:, :3]} if "T5" in type(model).__name__ else {}
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, **kwargs).logits, model(input_ids=ids, **kwargs).logits)
-    assert all(p.device.type == "cpu" for p in loaded.parameters())
-    assert all(b.device.type == "cpu" for b in loaded.buffers())
+        want = model(input_ids=ids, **kwargs).logits
+    # From a factory, and from the class and config the save records (no factory at all).
+    for loaded in (lq.load_quantized(str(tmp_path), lambda: type(model)(model.config)),
+                   lq.load_quantized(str(tmp_path))):
+        assert type(loaded) is type(model) and loaded.config.to_dict() == model.config.to_dict()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids, **kwargs).logits, want)
+        assert all(p.device.type == "cpu" for p in loaded.parameters())
+        assert all(b.device.type == "cpu" for b in loaded.buffers())
+
+
+def test_load_without_a_factory_needs_a_hugging_face_save(tmp_path):
+    lq.save_quantized(lq.quantize_model(_small(), bits=8, exclude=[]), str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="holds no Hugging Face model description .* pass model_or_factory"):
+        lq.load_quantized(str(tmp_path / "plain"))
+    lq.save_quantized(lq.quantize_model(hf_models.llama(), bits=8), str(tmp_path / "hf"))
+    for edit, match in [(lambda c: c["transformers"].update({"class": "NoSuchModel"}), "has no model class 'NoSuchModel'"),
+                        (lambda c: c["transformers"]["config"].update(model_type="no-such-type"),
+                         "does not know model_type 'no-such-type'"),
+                        (lambda c: c["transformers"].pop("config"), "'transformers' must be an object with a 'class'")]:
+        damaged = _damaged_copy(tmp_path / "hf", tmp_path / f"damaged{len(os.listdir(tmp_path))}", edit_config=edit)
+        with pytest.raises(ValueError, match=match):
+            lq.load_quantized(damaged)
 
 
 def test_load_errors(tmp_path):
