@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import linquant as lq
-from ._arguments import positive_int, shape
+from ._arguments import positive_int, shape as shape_argument
 from ._files import write_json
 
 FORMATS = {  # name: (bits, group_size)
@@ -190,7 +190,7 @@ def run(args):
 
 
 def add_arguments(ap):
-    ap.add_argument("--shapes", nargs="+", type=shape, default=["4096x4096", "4096x14336", "14336x4096"],
+    ap.add_argument("--shapes", nargs="+", type=shape_argument, default=["4096x4096", "4096x14336", "14336x4096"],
                     help="N x K (out_features x in_features)")
     ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4, 16, 64])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))

@@ -160,3 +160,28 @@ def strided_view(t):
 def column_major(t):
     """t's values with the last two dims' strides swapped (a transposed copy transposed back)."""
     return t.mT.contiguous().mT
+
+
+def extreme_inputs(dtype, gen):
+    """Inputs that reach the formulas' limits (test_quantize.py checks the CPU against the formulas
+    above, test_cuda.py the GPU against the CPU): a huge dynamic range down into the subnormals;
+    constant and nearly constant rows (all zero, +-constant, one nonzero, subnormal only, a narrow
+    range far from zero whose zero points exceed 2^23 steps, the largest safe values); a
+    non-constant subnormal row, whose scale falls below FLT_MIN."""
+    lo, hi = {torch.float32: (-44.0, 37.0), torch.float16: (-7.5, 4.5), torch.bfloat16: (-40.0, 37.0)}[dtype]
+    exps = torch.rand(9, 70, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    signs = torch.randint(0, 2, (9, 70), generator=gen).double() * 2 - 1
+    huge = (signs * 10.0**exps).to(dtype)
+    big = 1e30 if dtype != torch.float16 else 3e4
+    tiny = {torch.float32: 3e-42, torch.float16: 1e-7, torch.bfloat16: 3e-40}[dtype]
+    rows = torch.zeros(10, 64, dtype=torch.float64)
+    rows[1] = 1.0
+    rows[2] = -2.5
+    rows[3, ::2], rows[3, 1::2] = 0.1, -0.1
+    rows[4, 17] = 3.0
+    rows[5] = tiny
+    rows[6] = 1000.0 + torch.randn(64, generator=gen, dtype=torch.float64) * 1e-3
+    rows[7] = big
+    rows[8, ::2], rows[8, 1::2] = big, -big
+    rows[9] = torch.randn(64, generator=gen, dtype=torch.float64) * tiny
+    return {"huge range": huge, "constant rows": rows.to(dtype)}

@@ -40,7 +40,7 @@ from torch import nn
 import hf_models
 import linquant as lq
 from conftest import cuda_only
-from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, ref_weight
+from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, extreme_inputs, ref_weight
 from test_opcheck import SAMPLES as CPU_OPCHECK_SAMPLES
 from test_opcheck import opcheck_quantize_family
 
@@ -212,32 +212,13 @@ def test_quantize_family_non_contiguous_and_offset_inputs(view, dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 def test_quantize_family_extreme_values_match_cpu(dtype, gen):
-    # Huge dynamic range, down into the subnormals of each dtype (a flush-to-zero build differs).
-    lo, hi = {torch.float32: (-44.0, 37.0), torch.float16: (-7.5, 4.5), torch.bfloat16: (-40.0, 37.0)}[dtype]
-    exps = torch.rand(9, 70, generator=gen, dtype=torch.float64) * (hi - lo) + lo
-    signs = torch.randint(0, 2, (9, 70), generator=gen).double() * 2 - 1
-    huge = (signs * 10.0**exps).to(dtype)
-    assert bool(torch.isfinite(huge).all())
-    # Constant and nearly constant groups: all zero, constant, +-constant, one nonzero, subnormal
-    # only, a narrow range far from zero (zero points at their clamp), the largest safe values.
-    big = 1e30 if dtype != torch.float16 else 3e4
-    tiny = {torch.float32: 3e-42, torch.float16: 1e-7, torch.bfloat16: 3e-40}[dtype]
-    rows = torch.zeros(10, 64, dtype=torch.float64)
-    rows[1] = 1.0
-    rows[2] = -2.5
-    rows[3, ::2], rows[3, 1::2] = 0.1, -0.1
-    rows[4, 17] = 3.0
-    rows[5] = tiny
-    rows[6] = 1000.0 + torch.randn(64, generator=gen, dtype=torch.float64) * 1e-3
-    rows[7] = big
-    rows[8, ::2], rows[8, 1::2] = big, -big
-    rows[9] = torch.randn(64, generator=gen, dtype=torch.float64) * tiny
-    rows = rows.to(dtype)
+    inputs = extreme_inputs(dtype, gen)
+    assert bool(torch.isfinite(inputs["huge range"]).all())
     # One long row whose extremes sit at the very end and just past a power-of-two boundary.
     long = torch.randn(1, 100003, generator=gen)
     long[0, -1], long[0, 65536], long[0, 4096] = 40.0, -50.0, 45.0
     long = long.to(dtype)
-    for name, x in (("huge range", huge), ("constant rows", rows), ("long row", long)):
+    for name, x in (*inputs.items(), ("long row", long)):
         xg = on_dev(x)
         for bits in (2, 3, 4, 8):
             for symmetric in (True, False):
