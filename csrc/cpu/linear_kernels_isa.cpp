@@ -334,8 +334,29 @@ struct Bf16Rows {
   }
 };
 
-// Groups of whole 32-byte loads (or one per row): each group's sums scaled once, its offset taken
-// out through the group's activation sum.
+// sum over the groups of s (offset + z) times the group's activation sum, for weight row n and
+// activation rows m0 .. m0 + MT - 1, 16 groups per vector: the offsets the dot kernel's raw weights
+// carry, taken out once per row rather than with scalar arithmetic beside every group's sums.
+template <int BITS, int MT>
+__attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs& a, int64_t n, int64_t m0,
+                                                                float (&out)[MT]) {
+  __m512 sum[MT];
+  for (int t = 0; t < MT; ++t) sum[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.groups; g += 16) {
+    const __mmask16 in = a.groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (a.groups - g)) - 1);
+    const int64_t first = n * a.groups + g;
+    const __m512i z = a.zeros != nullptr ? _mm512_maskz_loadu_epi32(in, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
+    const __m512 offset = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, a.scales + first),
+                                        _mm512_add_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(kBf16Offset<BITS>)));
+    for (int t = 0; t < MT; ++t) {
+      sum[t] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(in, a.xsum + (m0 + t) * a.groups + g), sum[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(sum[t]);
+}
+
+// Groups of whole 32-byte loads (or one per row): each group's sums scaled once, the offsets taken
+// out at the end through the groups' activation sums (group_offsets).
 template <int BITS, bool SIGNED, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / (8 / BITS);
@@ -343,7 +364,6 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
   const Bf16Rows<BITS, MT> x(a, m0);
   __m512 total[MT][NT];
-  float corr[MT][NT] = {};
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) total[t][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
@@ -353,18 +373,15 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 32) block_dots<BITS, SIGNED, MT, NT>(wrow, x.xs, j, block_mask(b1, j), acc);
     for (int u = 0; u < NT; ++u) {
-      const RowParams p = params(a, n0 + u, g);
-      const __m512 sv = _mm512_set1_ps(p.s);
-      const float offset = p.s * (kBf16Offset<BITS> + static_cast<float>(p.z));
-      for (int t = 0; t < MT; ++t) {
-        total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
-        corr[t][u] += offset * a.xsum[(m0 + t) * a.groups + g];
-      }
+      const __m512 sv = _mm512_set1_ps(a.scales[(n0 + u) * a.groups + g]);
+      for (int t = 0; t < MT; ++t) total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
   for (int u = 0; u < NT; ++u) {
+    float corr[MT];
+    group_offsets<BITS, MT>(a, n0 + u, m0, corr);
     const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = (_mm512_reduce_add_ps(total[t][u]) - corr[t][u]) + b;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = (_mm512_reduce_add_ps(total[t][u]) - corr[t]) + b;
   }
 }
 
