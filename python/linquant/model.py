@@ -31,11 +31,12 @@ def _excluded(name: str, module: nn.Module, exclude: Exclude) -> bool:
 
 
 def quantizable_layers(model: nn.Module, exclude: Exclude = ("lm_head",)) -> List[Tuple[str, nn.Module, bool]]:
-    """(name, module, transposed) of every nn.Linear / Conv1D that `exclude` does not name.
-    `exclude` takes names or glob patterns, matched against the full module name or its last
-    component, or a predicate (name, module) -> bool."""
+    """(name, module, transposed) of every nn.Linear / Conv1D that `exclude` does not name, under
+    every name it has (a module registered at two places is listed at both). `exclude` takes
+    names or glob patterns, matched against the full module name or its last component, or a
+    predicate (name, module) -> bool."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.Linear) or _is_conv1d(module):
             if not _excluded(name, module, exclude):
                 found.append((name, module, _is_conv1d(module)))
@@ -68,16 +69,21 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
             iterator = tqdm(layers, desc=f"quantizing to {bits} bits", unit="layer")
         except ImportError:
             pass
+    # A layer registered at two places becomes one QLinear at both: listed once (named_modules'
+    # default), its second place would keep the float layer, quietly half quantizing the model.
+    quantized: Dict[int, QLinear] = {}
     for name, module, transposed in iterator:
         try:
-            layer = QLinear.from_linear(module, bits, group_size, symmetric, transposed=transposed)
+            layer = quantized.get(id(module)) or QLinear.from_linear(module, bits, group_size, symmetric,
+                                                                     transposed=transposed)
         except ValueError as e:  # e.g. NaN weights: say which layer
             raise ValueError(f"linquant.quantize_model: layer {name or '(the model)'!r}: {e}") from e
+        quantized[id(module)] = layer
         if name:
             _set_submodule(model, name, layer)
         else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back
             model = layer
-    summary = (f"linquant: replaced {len(layers)} layers with {bits}-bit QLinear "
+    summary = (f"linquant: replaced {len(quantized)} layers with {bits}-bit QLinear "
                f"({'per-channel' if group_size is None else f'group_size={group_size}'}, "
                f"{'symmetric' if symmetric else 'asymmetric'})")
     log.info(summary)

@@ -33,7 +33,7 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
     modules = {name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
                       "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
                       "dtype": str(m.scales.dtype).replace("torch.", "")}
-               for name, m in model.named_modules() if isinstance(m, QLinear)}
+               for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLinear)}
     if not modules:
         raise ValueError("linquant.save_quantized: the model has no QLinear layers; run quantize_model first")
     tensors: Dict[str, torch.Tensor] = {}

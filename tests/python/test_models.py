@@ -78,6 +78,24 @@ def test_quantize_model_forward_and_generate(make, bits, group_size, gen):
     assert generated.shape[0] == 2 and generated.shape[1] >= 6
 
 
+def test_a_layer_at_two_places_is_quantized_at_both(tmp_path, gen):
+    # One nn.Linear registered twice: named_modules() lists it once, and quantizing only that place
+    # left the float layer at the other, a half-quantized model without a word.
+    def make():
+        shared = nn.Linear(16, 16)
+        return nn.Sequential(shared, nn.ReLU(), shared)
+    model = lq.quantize_model(make(), bits=4, group_size=8, exclude=[])
+    assert isinstance(model[0], lq.QLinear) and model[2] is model[0]
+    lq.save_quantized(model, str(tmp_path))
+    config = json.loads((tmp_path / "linquant.json").read_text())
+    assert sorted(config["modules"]) == ["0", "2"] and config["tied"]["2.qweight"] == "0.qweight"
+    loaded = lq.load_quantized(str(tmp_path), make)
+    assert isinstance(loaded[0], lq.QLinear) and isinstance(loaded[2], lq.QLinear)
+    assert loaded[2].qweight.data_ptr() == loaded[0].qweight.data_ptr()  # stored and loaded once
+    x = torch.randn(3, 16, generator=gen)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_gpt2_conv1d_layers_are_replaced():
     model = hf_models.gpt2()
     names = [n for n, _, transposed in lq.quantizable_layers(model) if transposed]
