@@ -15,10 +15,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     # Keep the final name at the end: writers such as torch.jit.save derive things from it.
     tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
     # Not mkstemp: its 0600 would survive the rename and hide a saved model from other users.
-    # O_EXCL with a 64-bit random name never takes over someone else's file.
+    # O_EXCL with a 64-bit random name never takes over someone else's file. The mode this creation
+    # gets (the umask applied) is set again after writing: writers that replace the file they are
+    # given, as safetensors' save_file does with its own temporary, leave theirs at 0600.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,6 +31,13 @@ def test_the_temporary_keeps_the_final_name_at_its_end(tmp_path):
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
+def _private_file(directory):
+    path = directory / "private"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    return path
+
+
 @pytest.fixture
 def restore_umask():
     old = os.umask(0o022)
@@ -48,7 +55,9 @@ def test_a_written_file_gets_the_mode_of_a_plain_open(tmp_path, restore_umask, m
     assert os.stat(tmp_path / "plain").st_mode & 0o777 == expected
     write_json(str(tmp_path / "rows.json"), {"rows": []})
     atomic_write(str(tmp_path / "model.pt"), lambda tmp: open(tmp, "wb").close())
-    for name in ("rows.json", "model.pt"):
+    # A writer that replaces the file it is given with its own 0600 one, as safetensors does.
+    atomic_write(str(tmp_path / "model.safetensors"), lambda tmp: os.replace(_private_file(tmp_path), tmp))
+    for name in ("rows.json", "model.pt", "model.safetensors"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
     write_json(str(tmp_path / "rows.json"), {"rows": [1]})  # replacing a file gives it the same mode
     assert os.stat(tmp_path / "rows.json").st_mode & 0o777 == expected
@@ -66,3 +75,14 @@ def test_a_directory_target_blocked_by_a_file_is_named(tmp_path):
     make_directory(str(tmp_path / "new" / "dir"), "--out")
     make_directory(str(tmp_path / "new" / "dir"), "--out")  # an existing directory is fine
     assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_a_saved_model_is_readable_by_others(tmp_path, restore_umask):
+    # safetensors writes through its own 0600 temporary: the saved pair must still get the umask's mode.
+    import torch
+    import linquant as lq
+    os.umask(0o022)
+    model = lq.quantize_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), bits=8, exclude=[])
+    lq.save_quantized(model, str(tmp_path))
+    for name in ("model.safetensors", "linquant.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
