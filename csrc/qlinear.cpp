@@ -79,6 +79,17 @@ at::Tensor QLinearImpl::forward(const at::Tensor& x) {
                 bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits, options.group_size);
 }
 
+void QLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "linquant::QLinear(in_features=" << in_features << ", out_features=" << out_features
+         << ", bias=" << (bias.defined() ? "true" : "false") << ", bits=" << options.bits << ", ";
+  if (options.group_size.has_value()) {
+    stream << "group_size=" << *options.group_size;
+  } else {
+    stream << "per-channel";
+  }
+  stream << ", " << (options.symmetric ? "symmetric" : "asymmetric") << ", dtype=" << scales.scalar_type() << ")";
+}
+
 at::Tensor QLinearImpl::dequantize() const {
   return dequantize_weight(qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
                            options.bits, options.group_size, in_features, scales.scalar_type());

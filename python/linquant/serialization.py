@@ -176,6 +176,9 @@ def _load_device(device) -> str:
     if dev.type == "meta":
         raise ValueError("linquant.load_quantized: device 'meta' is not a load target: meta tensors hold no data. "
                          "Build the model under `with torch.device('meta'):` for a skeleton without weights")
+    if dev.type == "cuda" and not torch.cuda.is_available():  # said before safetensors' own driver error
+        raise ValueError(f"linquant.load_quantized: device {device!r} needs a CUDA GPU, and torch sees none here "
+                         "(torch.cuda.is_available() is False)")
     return str(dev)
 
 

@@ -4,6 +4,8 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
+#include <sstream>
+
 #include "linquant/ops.h"
 #include "linquant/qlinear.h"
 
@@ -89,6 +91,17 @@ TEST(QLinearCpp, TinyFp16ScalesAreSubnormalNotClampedToTheSmallestNormal) {
   EXPECT_EQ(s1, at::tensor(w[1].abs().max().item<double>() / 127, at::kFloat).to(at::kHalf).item<double>());
   EXPECT_LT(s1, 6.1e-5);
   EXPECT_LE((q->dequantize()[1].to(at::kDouble) - w[1]).abs().max().item<double>(), s1);
+}
+
+TEST(QLinearCpp, PrintsItsFormat) {
+  std::ostringstream os;
+  os << linquant::QLinear(64, 16, true, linquant::QLinearOptions{4, 32, false});
+  EXPECT_EQ(os.str(), "linquant::QLinear(in_features=64, out_features=16, bias=true, bits=4, group_size=32, "
+                      "asymmetric, dtype=Float)");
+  os.str("");
+  os << linquant::QLinear(8, 2, false, linquant::QLinearOptions{8, std::nullopt, true}, at::kBFloat16);
+  EXPECT_EQ(os.str(), "linquant::QLinear(in_features=8, out_features=2, bias=false, bits=8, per-channel, symmetric, "
+                      "dtype=BFloat16)");
 }
 
 TEST(QLinearCpp, BadOptionsRaise) {

@@ -249,3 +249,10 @@ def test_unpack_size_past_int64_is_a_clear_error(size, bits, take):
 def test_metrics_take_real_floating_point_tensors(name, x, x_hat):
     with raises(f"linquant.metrics: {name} must be a real floating-point tensor"):
         lq.metrics(x, x_hat)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a GPU")
+def test_loading_onto_cuda_without_a_gpu_says_so(tmp_path):
+    lq.save_quantized(lq.quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), bits=8, exclude=[]), str(tmp_path))
+    with raises(re.escape("device 'cuda' needs a CUDA GPU, and torch sees none here")):
+        lq.load_quantized(str(tmp_path), lambda: torch.nn.Sequential(torch.nn.Linear(8, 4)), device="cuda")

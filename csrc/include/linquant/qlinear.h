@@ -7,6 +7,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <optional>
+#include <ostream>
 
 namespace linquant {
 
@@ -27,6 +28,8 @@ class QLinearImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
   // The float weight [out, in] the layer computes with, in the scales' dtype.
   at::Tensor dequantize() const;
+  // As the Python QLinear's repr: sizes, bias, bits, granularity, mode and dtype.
+  void pretty_print(std::ostream& stream) const override;
 
   int64_t in_features, out_features;
   QLinearOptions options;
