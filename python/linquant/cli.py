@@ -9,13 +9,15 @@ import copy
 import json
 import os
 import sys
-import time
+import warnings
 
 import torch
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
 from ._files import atomic_write, check_directory_target, make_directory
-from .evaluate import ModelError, agreement, layer_errors, load_model, load_quantized_dir, portable_spec, report
+from .evaluate import (ModelError, agreement, layer_errors, load_model, load_quantized_dir, portable_spec, report,
+                       timed_greedy)
+from .model import DEFAULT_EXCLUDE, scheme_name
 from .nn import QLinear
 from .weights import check_format
 
@@ -126,9 +128,7 @@ def smollm2_rows():
         m = model if dtype == torch.float32 and bits is None else copy.deepcopy(model).to(dtype)
         if bits is not None:
             m = quantize_model(m, bits=bits, group_size=group, symmetric=sym, progress=False)
-        start = time.perf_counter()
-        text = builtin.greedy(m, tok, builtin.GREEDY_PROMPT, new_tokens=16)
-        ms_per_token = (time.perf_counter() - start) / 16 * 1e3
+        text, ms_per_token = timed_greedy(m, tok)
         rows.append({"model": label, "bytes": footprint(m)["total"], "perplexity": builtin.perplexity(m, tok),
                      "greedy": text, "ms_per_token": ms_per_token})
     return rows
@@ -233,11 +233,14 @@ def cmd_quantize(args) -> int:
     # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
     # working directory; a path relative to --out would break when only --out moves.
     save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind})
-    result = {"out": args.out, "layers": n_layers, "bytes_before": before, "bytes_after": footprint(model)["total"]}
+    # The scheme in full: symmetric is the default, and nothing else in the output would say which ran.
+    scheme = scheme_name(args.bits, args.group_size, not args.asymmetric)
+    result = {"out": args.out, "layers": n_layers, "scheme": scheme, "bytes_before": before,
+              "bytes_after": footprint(model)["total"]}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model} ({kind}): {n_layers} layers quantized to {args.bits} bits; "
+        print(f"{args.model} ({kind}): {n_layers} layers quantized to {scheme}; "
               f"{before / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB; saved to {args.out}")
     return 0
 
@@ -253,16 +256,29 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
-    print(f"{args.target} ({kind})")
+    print(f"{args.target} ({kind}), quantized {rep['scheme']}")
     for name, r in rep["models"].items():
-        quality = (f"perplexity {r['perplexity']:.3f}  greedy {r['greedy']!r}" if kind == "causal-lm"
-                   else f"cosine {r.get('cosine_mean', 1.0):.5f} (min {r.get('cosine_min', 1.0):.5f})")
-        print(f"  {name:<10} {r['bytes'] / 1e6:8.1f} MB  {r['forward_ms']:8.1f} ms/forward  {quality}")
+        print(f"  {name:<10} {r['bytes'] / 1e6:8.1f} MB  {_speed(kind, r)}  {_quality(kind, r)}")
     snrs = [r["snr_db"] for r in rep["layers"]]
     worst = min(rep["layers"], key=lambda r: r["snr_db"])
     print(f"  weights: {len(snrs)} layers, SNR {min(snrs):.1f}..{max(snrs):.1f} dB (mean {sum(snrs) / len(snrs):.1f}); "
           f"worst {worst['layer']} (MSE {worst['mse']:.3e})")
     return 0
+
+
+def _speed(kind: str, row: dict) -> str:
+    """What eval timed, by name: a forward over the whole input is compute-bound at this many tokens
+    (prefill), where quantized weights can be slower; decoding one token at a time is where they pay off."""
+    if kind == "causal-lm":
+        return (f"prefill {row['forward_ms']:7.1f} ms ({row['forward_tokens']} tokens)  "
+                f"decode {row['decode_ms_per_token']:6.1f} ms/token")
+    return f"forward {row['forward_ms']:7.1f} ms ({row['forward_tokens']} tokens)"
+
+
+def _quality(kind: str, row: dict) -> str:
+    if kind == "causal-lm":
+        return f"perplexity {row['perplexity']:.3f}  greedy {row['greedy']!r}"
+    return f"cosine {row.get('cosine_mean', 1.0):.5f} (min {row.get('cosine_min', 1.0):.5f})"
 
 
 def cmd_bench(args) -> int:
@@ -277,20 +293,51 @@ def cmd_bench_cuda(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_encoder
+    from .export import export_encoder, find_linquant_run
     paths = export_encoder(args.model, args.out, bits=args.bits, group_size=args.group_size,
                            symmetric=not args.asymmetric)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    print(f"run it from C++: linquant-run {paths['model']} {paths['inputs']}")
+    program = find_linquant_run()
+    if program:
+        print(f"run it from C++: {program} {paths['model']} {paths['inputs']}")
+    else:
+        print("run it from C++ with linquant-run MODEL INPUTS; linquant-run was not found ($LINQUANT_RUN, PATH, "
+              "the checkout's build/): it comes from the C++ build of the linquant repository (`cmake --build "
+              "build` makes build/linquant-run, `cmake --install build --prefix P` installs P/bin/linquant-run)")
     return 0
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each option's default, but for options that are off unless given (a None or
+    False default) and those whose help already says it in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _one_line_warnings(command: str, python_showwarning):
+    """showwarning that prints linquant's own warnings (their messages start with "linquant"), such as
+    an --exclude that matches no layer, as one line like the command's errors, and others as Python does."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(message).startswith("linquant"):
+            print(f"linquant {command}: warning: {message}", file=sys.stderr)
+        else:
+            python_showwarning(message, category, filename, lineno, file, line)
+    return show
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linquant", description="Linear quantization of model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="seeds' worked examples, an error table, the real MiniLM and SmolLM2 "
-                                       "(no network)")
+
+    def add_command(name, **kwargs):
+        return sub.add_parser(name, formatter_class=_HelpWithDefaults, **kwargs)
+
+    demo = add_command("demo", help="seeds' worked examples, an error table, the real MiniLM and SmolLM2 "
+                                    "(no network)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--out", help="also write PNG plots (per-layer SNR, accuracy vs bytes) to this folder")
     demo.set_defaults(func=cmd_demo)
@@ -300,37 +347,39 @@ def main(argv=None) -> int:
                        required=required_bits, help="bits per weight")
         p.add_argument("--group-size", type=int, default=None,
                        help="weights per scale along in_features (default: one scale per output channel)")
-        p.add_argument("--asymmetric", action="store_true", help="zero-point (asymmetric) quantization")
-        p.add_argument("--exclude", nargs="*", default=["lm_head"],
-                       help="module names or glob patterns to keep in full precision (default: lm_head)")
+        p.add_argument("--asymmetric", action="store_true",
+                       help="zero-point (asymmetric) quantization (default: symmetric)")
+        p.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE),
+                       help="module names or glob patterns (a layer's full name or its last component) to keep in "
+                            f"full precision (default: {' '.join(DEFAULT_EXCLUDE)}; patterns given replace it)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     models = "a local Hugging Face model directory, a .gguf file, or a built-in name (minilm, smollm2)"
-    q = sub.add_parser("quantize", help="quantize a model and save it (safetensors + linquant.json)")
+    q = add_command("quantize", help="quantize a model and save it (safetensors + linquant.json)")
     q.add_argument("model", help=models)
     quant_options(q, required_bits=True)
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
-    e = sub.add_parser("eval", help="report footprint, weight error, output agreement and speed")
+    e = add_command("eval", help="report footprint, weight error, output agreement and speed")
     e.add_argument("target", help="a `linquant quantize` output directory, or " + models +
                                   " (then quantized in memory with the options below)")
     quant_options(e, required_bits=False)
     e.set_defaults(func=cmd_eval)
-    b = sub.add_parser("bench", help="the CPU linear-kernel benchmark tables (bench/bench_linear.py)")
+    b = add_command("bench", help="the CPU linear-kernel benchmark tables (bench/bench_linear.py)")
     from .benchmark import add_arguments
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
-    bc = sub.add_parser("bench-cuda", help="the CUDA linear-kernel benchmark table against cuBLAS fp16, tinygemm "
+    bc = add_command("bench-cuda", help="the CUDA linear-kernel benchmark table against cuBLAS fp16, tinygemm "
                                            "and int8 (bench/bench_linear_cuda.py); exit 2 without a GPU")
     from .benchmark_cuda import add_arguments as add_cuda_arguments
     add_cuda_arguments(bc)
     bc.set_defaults(func=cmd_bench_cuda)
-    export = sub.add_parser("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
+    export = add_command("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
     export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
                         help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
-    export.add_argument("--bits", type=int, default=8, choices=[8, 4, 2])
+    export.add_argument("--bits", type=int, default=8, choices=[8, 4, 2], help="bits per weight")
     export.add_argument("--group-size", type=int, default=None, help="values per group (default: per channel)")
-    export.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
+    export.add_argument("--asymmetric", action="store_true", help="zero-point quantization (default: symmetric)")
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
@@ -340,9 +389,11 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.exit(2, f"{e}\n")
     try:
-        if getattr(args, "out", None) is not None:  # every --out is a directory: say so before any model loads
-            check_directory_target(args.out, "--out")
-        return args.func(args)
+        with warnings.catch_warnings():  # restores Python's showwarning when main returns
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            if getattr(args, "out", None) is not None:  # every --out is a directory: say so before any model loads
+                check_directory_target(args.out, "--out")
+            return args.func(args)
     except (ModelError, OSError, ValueError, ImportError) as e:
         print(f"linquant {args.command}: error: {e}", file=sys.stderr)
         return 1

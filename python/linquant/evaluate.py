@@ -1,6 +1,7 @@
 """Model loading by name or path, and the evaluation report of `linquant eval`: footprint fp32 vs
 bf16 vs quantized, per-layer weight error, output agreement (embedding cosine for encoders;
-perplexity and greedy generation for causal LMs) and time per forward."""
+perplexity and greedy generation for causal LMs), time of a forward over the whole input and,
+for causal LMs, greedy decoding time per token."""
 
 import copy
 import os
@@ -12,7 +13,7 @@ from torch import nn
 
 from . import builtin
 from .metrics import metrics
-from .model import footprint, quantizable_layers
+from .model import footprint, quantizable_layers, scheme_name
 from .nn import QLinear
 from .serialization import CONFIG_NAME, load_quantized, read_config
 
@@ -79,6 +80,22 @@ def layer_errors(fp_model: nn.Module, q_model: nn.Module) -> List[Dict[str, floa
     return rows
 
 
+def schemes(model: nn.Module) -> str:
+    """The quantization schemes of a model's QLinears in words ("4-bit g128 asymmetric"), joined
+    when they differ."""
+    names = {scheme_name(m.bits, m.group_size, m.symmetric) for m in model.modules() if isinstance(m, QLinear)}
+    return ", ".join(sorted(names)) or "none"
+
+
+def timed_greedy(model: nn.Module, tokenizer, new_tokens: int = 16) -> Tuple[str, float]:
+    """Greedy continuation of builtin.GREEDY_PROMPT and its time per generated token in ms. At
+    batch 1 each decoded token reads every weight once, so this is where smaller weights pay off
+    (a forward over many tokens is compute-bound instead)."""
+    start = time.perf_counter()
+    text = builtin.greedy(model, tokenizer, builtin.GREEDY_PROMPT, new_tokens=new_tokens)
+    return text, (time.perf_counter() - start) / new_tokens * 1e3
+
+
 def _time_ms(fn, repeat: int = 3) -> float:
     fn()
     start = time.perf_counter()
@@ -90,19 +107,24 @@ def _time_ms(fn, repeat: int = 3) -> float:
 @torch.no_grad()
 def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] = None) -> dict:
     """Output quality and speed: embeddings' cosine to the reference (encoders) or perplexity and
-    greedy text (causal LMs), and time per forward of the built-in input."""
+    greedy text (causal LMs); the time of one forward over the built-in input ("forward_ms", over
+    "forward_tokens" tokens: for a causal LM, the prefill of its text) and, for causal LMs, greedy
+    decoding time per token ("decode_ms_per_token")."""
     if kind == "encoder":
         emb = builtin.sentence_embeddings(model, tokenizer)
         batch = tokenizer(builtin.SENTENCES, padding=True, return_tensors="pt")
-        out = {"embeddings": emb, "forward_ms": _time_ms(lambda: model(**batch))}
+        out = {"embeddings": emb, "forward_ms": _time_ms(lambda: model(**batch)),
+               "forward_tokens": batch["input_ids"].numel()}
         if reference is not None:
             cos = (emb * reference["embeddings"]).sum(-1)
             out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
         return out
     ids = tokenizer(builtin.PERPLEXITY_TEXT, return_tensors="pt").input_ids
-    return {"perplexity": builtin.perplexity(model, tokenizer),
-            "greedy": builtin.greedy(model, tokenizer, builtin.GREEDY_PROMPT),
-            "forward_ms": _time_ms(lambda: model(ids))}
+    perplexity = builtin.perplexity(model, tokenizer)
+    greedy, decode_ms = timed_greedy(model, tokenizer)  # after perplexity's forward, so not timing a cold start
+    return {"perplexity": perplexity, "greedy": greedy,
+            "forward_ms": _time_ms(lambda: model(ids)), "forward_tokens": ids.numel(),
+            "decode_ms_per_token": decode_ms}
 
 
 def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str) -> dict:
@@ -115,4 +137,4 @@ def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str) -> dic
             "quantized": {"bytes": footprint(q_model)["total"], **quant}}
     for r in rows.values():
         r.pop("embeddings", None)
-    return {"kind": kind, "models": rows, "layers": layer_errors(fp_model, q_model)}
+    return {"kind": kind, "scheme": schemes(q_model), "models": rows, "layers": layer_errors(fp_model, q_model)}

@@ -2,8 +2,12 @@
 traced module (linquant ops inside) with a linquant.json record, example inputs and the outputs
 Python computes for them."""
 
+import contextlib
 import json
 import os
+import shutil
+import warnings
+from typing import Optional
 
 import torch
 
@@ -11,6 +15,23 @@ from ._files import atomic_write, check_directory_target
 from .model import quantize_model
 
 FORMAT_VERSION = 1  # programs/linquant_run.cpp checks the same number
+
+# Imported from a checkout, the package is <checkout>/python/linquant and the checkout's CMake build
+# puts the program in <checkout>/build (where tests/python/test_cpp_program.py looks too).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Warnings that tracing these encoders gives and that say nothing wrong about the export, as
+# (category, message regex, module regex). TorchScript is deprecated in favour of torch.export, but
+# it is what linquant-run loads without Python. The tracer warnings are Python branches on sizes
+# (a mask's padding, causal attention for one query, QLinear's input check) that take the same
+# side for every input of the traced signature; tests/python/test_cli.py runs the export at other
+# batch sizes and lengths. Other warnings still show.
+_KNOWN_WARNINGS = [
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated", ""),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", ""),
+    (torch.jit.TracerWarning, r"Converting a tensor to a Python boolean",
+     r"transformers\.masking_utils|transformers\.integrations\.sdpa_attention|linquant\.nn"),
+]
 
 
 class _Encoder(torch.nn.Module):
@@ -50,6 +71,28 @@ def follow_input_device(traced) -> int:
     return replaced
 
 
+def find_linquant_run() -> Optional[str]:
+    """Absolute path of the C++ program linquant-run: $LINQUANT_RUN, else on PATH (`cmake
+    --install`), else the CMake build of the checkout this package is imported from; None when
+    none of them holds it (a pip-installed package does not know its checkout)."""
+    checkout_build = None
+    if os.path.isfile(os.path.join(_CHECKOUT, "programs", "linquant_run.cpp")):  # not site-packages' parent
+        checkout_build = os.path.join(_CHECKOUT, "build", "linquant-run")
+    for candidate in (os.environ.get("LINQUANT_RUN"), shutil.which("linquant-run"), checkout_build):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    return None
+
+
+@contextlib.contextmanager
+def _known_warnings_ignored():
+    """_KNOWN_WARNINGS not shown inside (the previous filters come back on exit)."""
+    with warnings.catch_warnings():
+        for category, message, module in _KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message, category, module)
+        yield
+
+
 def tiny_bert():
     """A small randomly initialised BERT encoder (fixed seed): a model for tests and demos that needs
     no download."""
@@ -81,7 +124,7 @@ def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symm
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     mask[-1, seq_len // 2:] = 0
     wrapped = _Encoder(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _known_warnings_ignored():
         traced = torch.jit.trace(wrapped, (ids, mask), check_trace=False)
         follow_input_device(traced)
         expected = wrapped(ids, mask)
@@ -89,7 +132,9 @@ def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symm
     paths = {k: os.path.join(out_dir, f"{k}.pt") for k in ("model", "inputs", "expected")}
     meta = {"format_version": FORMAT_VERSION, "model": name, "bits": bits, "group_size": group_size,
             "symmetric": symmetric}
-    atomic_write(paths["model"], lambda tmp: torch.jit.save(traced, tmp, _extra_files={"linquant.json": json.dumps(meta)}))
+    with _known_warnings_ignored():
+        atomic_write(paths["model"], lambda tmp: torch.jit.save(traced, tmp,
+                                                                _extra_files={"linquant.json": json.dumps(meta)}))
     atomic_write(paths["inputs"], lambda tmp: torch.save([ids, mask], tmp))
     atomic_write(paths["expected"], lambda tmp: torch.save(expected, tmp))
     return paths

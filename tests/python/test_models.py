@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,36 @@ def test_exclude_names_patterns_and_predicate():
     lq.quantize_model(model, bits=8, exclude=lambda name, m: m.out_features > 100)
     assert not isinstance(model.model.layers[0].mlp.up_proj, lq.QLinear)
     assert isinstance(model.model.layers[0].mlp.down_proj, lq.QLinear)
+
+
+def test_an_exclude_pattern_that_matches_no_layer_warns():
+    # exclude replaces the default, so a typo used to quantize the tied lm_head without a word.
+    with pytest.warns(UserWarning, match=r"exclude pattern 'lm_haed' matches no nn.Linear or Conv1D layer, so it "
+                                         r"keeps nothing in full precision .*replaces the default \['lm_head'\]"):
+        lq.quantize_model(hf_models.llama(), bits=8, exclude=["lm_haed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lq.quantize_model(hf_models.llama(), bits=8, exclude=["lm_head", "*.mlp.*", "q_proj"])
+        # The default's lm_head is absent by design from models without a head.
+        lq.quantize_model(nn.Sequential(nn.Linear(16, 8)), bits=8)
+
+
+def test_quantizing_a_tied_layer_warns_naming_it():
+    model = hf_models.gpt2()  # lm_head's weight is the token embedding's
+    with pytest.warns(UserWarning, match="layer 'lm_head' shares its weight with 'transformer.wte' .*breaks the tie"):
+        lq.quantize_model(model, bits=8, exclude=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lq.quantize_model(hf_models.gpt2(), bits=8)  # lm_head kept by the default
+        shared = nn.Linear(16, 16)  # one module at two places is not a tie: it stays one QLinear
+        lq.quantize_model(nn.Sequential(shared, nn.ReLU(), shared), bits=8, exclude=[])
+
+
+def test_the_summary_names_the_scheme(capsys):
+    lq.quantize_model(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8)), bits=4, group_size=8, symmetric=False,
+                      verbose=True)
+    assert capsys.readouterr().out == "linquant: replaced 2 layers with 4-bit g8 asymmetric QLinear\n"
+    assert lq.model.scheme_name(8, None, True) == "8-bit per-channel symmetric"
 
 
 def test_nothing_to_replace_says_so():
