@@ -154,7 +154,10 @@ def write_plots(out_dir: str, model_rows, lm_rows) -> list:
     if quantized:
         fig, ax = plt.subplots(figsize=(11, 4.5))
         for r in quantized:
-            ax.plot(list(r["layer_snr_db"].values()), marker=".", label=r["model"])
+            # A format's bf16 twin has nearly its SNRs: dashed, hollow markers, so neither hides the other.
+            twin = "(bf16)" in r["model"]
+            ax.plot(list(r["layer_snr_db"].values()), label=r["model"], marker="o" if twin else ".",
+                    linestyle="--" if twin else "-", markerfacecolor="none" if twin else None)
         ax.set_xlabel("linear layer (model order)")
         ax.set_ylabel("weight SNR (dB)")
         ax.set_title("all-MiniLM-L6-v2: per-layer weight SNR after quantization")
@@ -171,8 +174,10 @@ def write_plots(out_dir: str, model_rows, lm_rows) -> list:
         for ax, (title, rows, key, size_key) in zip(axes[0], panels):
             xs, ys = [r[size_key] / 1e6 for r in rows], [r[key] for r in rows]
             ax.plot(xs, ys, "o")
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+                # Neighbouring formats (a format and its bf16 twin) sit close: stagger their labels.
+                ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, (4, -11, 15)[i % 3]), fontsize=8)
+            ax.margins(x=0.08, y=0.15)  # room for the labels of the outermost points
             ax.set_xlabel(("linear-layer" if size_key == "linear_bytes" else "model") + " size (MB)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
