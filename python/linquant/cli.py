@@ -199,7 +199,7 @@ def cmd_demo(args) -> int:
                   sys.stdout, indent=1)
         print()
         return 0
-    print("Seed examples")
+    print("Seed examples (the worked examples of the notebooks linquant grew from; their numbers in parentheses)")
     print(f"  asymmetric int8 of 1..9: MSE {seeds['one_to_nine_mse']:.4e} (seed: 7.6893e-05)")
     print(f"  symmetric int8 per-row of the 3x3 matrix: q = {seeds['per_channel_q']}")
     print(f"    scales {[round(v, 4) for v in seeds['per_channel_scale']]}, "
