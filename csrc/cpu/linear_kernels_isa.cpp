@@ -11,6 +11,7 @@
 #endif
 
 #include "../core/pack_span.h"
+#include "../core/quant_math.h"
 #include "linear_kernels.h"
 
 namespace linquant::cpu {
@@ -89,7 +90,7 @@ void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
         for (int r = 0; r < PER; ++r) {
           const float* x = xstream<PER>(a, m, r);
           for (int64_t j = b0; j < b1; ++j) {
-            acc += x[j] * (p.s * static_cast<float>(weight_int<BITS, SIGNED>(wrow, j, r) - p.z));
+            acc += x[j] * (p.s * static_cast<float>(int64_t{weight_int<BITS, SIGNED>(wrow, j, r)} - p.z));
           }
         }
       }
@@ -106,7 +107,9 @@ inline __mmask16 chunk_mask(int64_t rem) {
   return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
 }
 
-// 8-bit: products of the exact integers q - z accumulate per group and are scaled once per group.
+// 8-bit: products of q - z accumulate per group and are scaled once per group. q - z is taken in
+// fp32, exact while |z| <= 2^24 (choose_qparams keeps zero points within 2^23): in int32 lanes a
+// zero point within 255 of the int32 limits would wrap. So are the tables below.
 template <bool SIGNED, int MT, int NT>
 void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   const uint8_t* wrow[NT];
@@ -117,8 +120,8 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int i = 0; i < MT * NT; ++i) total[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * a.group, b1 = std::min(b0 + a.group, a.row_bytes);
-    __m512i zv[NT];
-    for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_epi32(params(a, n0 + u, g).z);
+    __m512 zv[NT];
+    for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_ps(static_cast<float>(params(a, n0 + u, g).z));
     __m512 acc[MT * NT];
     for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 16) {
@@ -126,7 +129,8 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
         const __m128i wb = _mm_maskz_loadu_epi8(mask, wrow[u] + j);
-        wv[u] = _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(wb) : _mm512_sub_epi32(_mm512_cvtepu8_epi32(wb), zv[u]));
+        wv[u] = SIGNED ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(wb))
+                       : _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(wb)), zv[u]);
       }
       for (int t = 0; t < MT; ++t) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t] + j);
@@ -166,8 +170,8 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m512 table[NT];
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
-      table[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(entry_values, _mm512_set1_epi32(p.z))),
-                               _mm512_set1_ps(p.s));
+      table[u] = _mm512_mul_ps(
+          _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
     for (int64_t j = b0; j < b1; j += 16) {
       const __mmask16 mask = chunk_mask(b1 - j);
@@ -216,8 +220,8 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m512 table[NT];
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
-      table[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(entry_values, _mm512_set1_epi32(p.z))),
-                               _mm512_set1_ps(p.s));
+      table[u] = _mm512_mul_ps(
+          _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
     for (int64_t d = w0; d < w1; d += 16) {
       const __mmask16 lanes = chunk_mask(w1 - d);
@@ -543,11 +547,11 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
     __m256 sv[NT];
-    __m256i zv[NT];
+    __m256 zv[NT];  // q - z in fp32, as tile8 does (no int32 wrap)
     for (int u = 0; u < NT; ++u) {
       const RowParams p = params(a, n0 + u, g);
       sv[u] = _mm256_set1_ps(p.s);
-      zv[u] = _mm256_set1_epi32(p.z);
+      zv[u] = _mm256_set1_ps(static_cast<float>(p.z));
     }
     for (int64_t j = b0; j < b1; j += 8) {
       const int64_t rem = b1 - j;
@@ -565,7 +569,7 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
         __m256 wv[NT];
         for (int u = 0; u < NT; ++u) {
           const __m256i q = BITS == 8 ? wi[u] : _mm256_and_si256(_mm256_srli_epi32(wi[u], r * BITS), low_bits);
-          wv[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, zv[u])), sv[u]);
+          wv[u] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv[u]), sv[u]);
         }
         for (int t = 0; t < MT; ++t) {
           const __m256 xv = _mm256_maskload_ps(xs[t][r] + j, mask);
@@ -631,7 +635,7 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
 #pragma omp simd
       for (int64_t k = g * a.group; k < k1; ++k) {
         const int32_t v = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(q[k])) : static_cast<int32_t>(q[k]);
-        o[k] = p.s * static_cast<float>(v - p.z);
+        o[k] = core::dequantize_value(v, p.s, p.z);  // exactly as linquant::dequantize
       }
     }
   }

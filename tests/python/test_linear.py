@@ -311,3 +311,18 @@ def test_empty_weights_from_quantize_weight(group_size, symmetric, gen):
     qn = lq.quantize_weight(torch.randn(0, 8), 4, group_size, symmetric)
     assert qn.scales.shape == (0, 1 if group_size is None else 2)
     assert lq.linear(torch.randn(3, 8), qn.qweight, qn.scales, qn.zeros, None, 4, group_size).shape == (3, 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("m", [1, 5, 130])
+def test_zero_points_at_the_int32_limits(bits, m, gen):
+    # q - z for z near INT32_MIN / INT32_MAX does not fit in int32 lanes: the kernels take it in
+    # fp32 (the GEMM path's dequantization in int64), so the sign stays and only fp32 rounds it.
+    qw = lq.quantize_weight(torch.randn(24, 64, generator=gen), bits, 16, symmetric=False)
+    zeros = torch.full_like(qw.zeros, -(2**31))
+    zeros[::2] = 2**31 - 1
+    scales = torch.full_like(qw.scales, 2.0**-31)
+    x = torch.randn(m, 64, generator=gen)
+    want = x.double() @ ref_weight(qw.qweight, scales, zeros, bits, 16, 64).T
+    got = lq.linear(x, qw.qweight, scales, zeros, None, bits, 16).double()
+    assert bool(((got - want).abs() <= (x.double().abs() @ torch.ones(64, 24, dtype=torch.float64)) * 2.0**-20).all())
