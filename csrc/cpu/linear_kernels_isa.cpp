@@ -338,6 +338,11 @@ struct Bf16Rows {
   }
 };
 
+// The zero points of the lanes' groups from `first` on (zero_const for a format without them).
+inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 lanes) {
+  return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
+}
+
 // sum over the groups of s (offset + z) times the group's activation sum, for weight row n and
 // activation rows m0 .. m0 + MT - 1, 16 groups per vector: the offsets the dot kernel's raw weights
 // carry, taken out once per row rather than with scalar arithmetic beside every group's sums.
@@ -347,11 +352,11 @@ __attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs
   __m512 sum[MT];
   for (int t = 0; t < MT; ++t) sum[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; g += 16) {
-    const __mmask16 in = a.groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (a.groups - g)) - 1);
+    const __mmask16 in = chunk_mask(a.groups - g);
     const int64_t first = n * a.groups + g;
-    const __m512i z = a.zeros != nullptr ? _mm512_maskz_loadu_epi32(in, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
-    const __m512 offset = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, a.scales + first),
-                                        _mm512_add_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(kBf16Offset<BITS>)));
+    const __m512 offset = _mm512_mul_ps(
+        _mm512_maskz_loadu_ps(in, a.scales + first),
+        _mm512_add_ps(_mm512_cvtepi32_ps(group_zero_points(a, first, in)), _mm512_set1_ps(kBf16Offset<BITS>)));
     for (int t = 0; t < MT; ++t) {
       sum[t] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(in, a.xsum + (m0 + t) * a.groups + g), sum[t]);
     }
@@ -421,10 +426,9 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
     for (int u = 0; u < NT; ++u) {
       const int64_t first = (n0 + u) * a.groups + g0;
       const __m512 sv = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, a.scales + first));
-      const __m512i z = a.zeros != nullptr ? _mm512_maskz_loadu_epi32(groups, a.zeros + first)
-                                           : _mm512_set1_epi32(a.zero_const);
-      const __m512 offset = _mm512_add_ps(_mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(z)),
-                                          _mm512_set1_ps(kBf16Offset<BITS>));
+      const __m512 offset =
+          _mm512_add_ps(_mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, groups))),
+                        _mm512_set1_ps(kBf16Offset<BITS>));
       for (int t = 0; t < MT; ++t) {
         total[t][u] = _mm512_fmadd_ps(_mm512_fnmadd_ps(offset, xshare[t], acc[t][u]), sv, total[t][u]);
       }

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .weights import QuantizedWeight, check_format, dequantize_weight, quantize_weight
+from ._ops import _FLOAT_DTYPES
+from .weights import QuantizedWeight, check_format, dequantize_weight, is_int, quantize_weight
 
 
 def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool):
@@ -16,22 +17,18 @@ def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool
     return (out_features, (in_features * bits + 7) // 8), torch.uint8
 
 
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_arguments(in_features, out_features, group_size, dtype) -> None:
+def _check_arguments(in_features, out_features, dtype) -> None:
     """The constructor's sizes and dtype, named here rather than as a tensor-factory error (a
-    negative size) or at the first forward (scales that `linear` cannot take)."""
+    negative size) or at the first forward (scales that `linear` cannot take); bits and group_size
+    are check_format's."""
     for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise TypeError(f"linquant.QLinear: {name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"linquant.QLinear: {name} must be >= 0, got {value}")
-    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
-        raise TypeError(f"linquant.QLinear: group_size must be an int or None, got {type(group_size).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"linquant.QLinear: dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if dtype not in _COMPUTE_DTYPES:
+    if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"linquant.QLinear: dtype (of the scales and bias) must be float32, float16 or bfloat16, "
                          f"got {dtype}")
 
@@ -52,7 +49,7 @@ class QLinear(nn.Module):
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        _check_arguments(in_features, out_features, group_size, dtype)
+        _check_arguments(in_features, out_features, dtype)
         check_format(bits, group_size, "linquant.QLinear")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._files import atomic_write, make_directory, write_text
+from ._ops import _FLOAT_DTYPES
 from .nn import QLinear
 from .weights import check_format
 
@@ -140,7 +141,7 @@ def read_config(path: str) -> dict:
 
 _SPEC_TYPES = {"in_features": int, "out_features": int, "bits": int, "group_size": (int, type(None)),
                "symmetric": bool, "bias": bool, "dtype": str}
-_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SCALE_DTYPES = {str(d).replace("torch.", ""): d for d in _FLOAT_DTYPES}  # as save_quantized names them
 # Far above any real layer, and low enough that out_features x in_features fits torch's int64 sizes.
 _MAX_FEATURES = 2**31 - 1
 

@@ -16,13 +16,18 @@ class QuantizedWeight(NamedTuple):
     in_features: int
 
 
+def is_int(value) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_format(bits: int, group_size: Optional[int], who: str) -> None:
     """bits and group_size the format can hold: a sub-byte group starts on a byte boundary, so it
     is a multiple of the values per byte (what `linear` requires)."""
     # Types first: bits="4" would read "got 4" below, and 4.0 would pass the range check.
-    if not isinstance(bits, int) or isinstance(bits, bool):
+    if not is_int(bits):
         raise TypeError(f"{who}: bits must be an int (8, 4 or 2), got {type(bits).__name__} {bits!r}")
-    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
+    if group_size is not None and not is_int(group_size):
         raise TypeError(f"{who}: group_size must be an int or None, got {type(group_size).__name__} {group_size!r}")
     if bits not in (8, 4, 2):
         raise ValueError(f"{who}: bits must be 8, 4 or 2, got {bits}")

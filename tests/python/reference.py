@@ -86,15 +86,17 @@ def ref_unpack(packed, bits, size):
 
 def ref_weight(qweight, scales, zeros, bits, group_size, k):
     """float64 [N, K] weight of the quantized-weight format (docs/architecture.md)."""
-    if bits == 8:
-        q = qweight.to(torch.int64)
-    else:
-        q = ref_unpack(qweight, bits, k)
-        if zeros is None:
-            q = q - 2 ** (bits - 1)
+    return ref_stored_weight(ref_stored_values(qweight, bits, k), scales, zeros, bits, group_size, k)
+
+
+def ref_stored_weight(q, scales, zeros, bits, group_size, k):
+    """float64 [N, K] weight of the format's values q [N, K] as stored (int64; sub-byte symmetric
+    ones offset by 2^(bits-1)), as ref_stored_values or ref_weight_format give them."""
+    if bits < 8 and zeros is None:
+        q = q - 2 ** (bits - 1)
     g = k if group_size is None else group_size
-    s = scales.double().reshape(qweight.shape[0], -1).repeat_interleave(g, dim=1)[:, :k]
-    z = 0 if zeros is None else zeros.reshape(qweight.shape[0], -1).to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
+    s = scales.double().reshape(q.shape[0], -1).repeat_interleave(g, dim=1)[:, :k]
+    z = 0 if zeros is None else zeros.reshape(q.shape[0], -1).to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
     return s * (q - z).double()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import linquant as lq
 import hf_models
-from reference import broadcast_params, ref_qparams, ref_quantize
+from reference import ref_stored_weight, ref_weight_format
 
 pytest.importorskip("transformers")
 
@@ -28,14 +28,8 @@ def relative_error(a, b):
 
 
 def reference_weight(w, bits, group_size, symmetric):
-    """float64 weight that w's quantized format stands for, from reference.py's formulas: one scale
-    (and zero point) per output channel when group_size is None, else per group along K."""
-    axis = 0 if group_size is None else None
-    s, z = ref_qparams(w, bits, symmetric, axis, group_size)
-    q = ref_quantize(w, s, z, bits, axis, group_size).double()
-    if z is not None:
-        q = q - broadcast_params(z, w, axis, group_size).double()
-    return broadcast_params(s, w, axis, group_size).double() * q
+    """float64 weight that w's quantized format stands for, from reference.py's formulas."""
+    return ref_stored_weight(*ref_weight_format(w, bits, group_size, symmetric), bits, group_size, w.shape[1])
 
 
 def reference_model(original, quantized, bits, group_size, symmetric):

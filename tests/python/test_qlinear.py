@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import linquant as lq
-from reference import linear_bound, ref_stored_values, ref_weight_format
+from reference import linear_bound, ref_stored_values, ref_stored_weight, ref_weight_format
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -70,10 +70,7 @@ def test_from_linear_is_the_reference_format(bits, dtype, gen):
                 layer = lq.QLinear.from_linear(lin, bits, group_size, symmetric)
                 assert layer.scales.dtype == dtype and torch.equal(layer.bias, lin.bias.detach())
                 q, s, z = check_reference_format(layer, weight, bits, group_size, symmetric)
-                g = k if group_size is None else group_size
-                offset = 2 ** (bits - 1) if symmetric and bits < 8 else 0
-                zq = offset if symmetric else z.to(torch.int64).repeat_interleave(g, dim=1)[:, :k]
-                w = s.double().repeat_interleave(g, dim=1)[:, :k] * (q - zq).double()
+                w = ref_stored_weight(q, s, z, bits, group_size, k)
                 assert torch.equal(layer.dequantize(), w.float().to(dtype))  # fp32 product, then dtype
                 check_forward(layer, torch.randn(2, 3, k, generator=gen).to(dtype), w, bits, group_size)
 
