@@ -100,7 +100,12 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> str:
+def greedy_ids(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> torch.Tensor:
+    """The token ids of the greedy continuation of prompt: up to new_tokens, fewer when the model
+    ends its text first."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
+
+
+def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> str:
+    return tokenizer.decode(greedy_ids(model, tokenizer, prompt, new_tokens), skip_special_tokens=True)

@@ -109,6 +109,20 @@ def test_pipeline_text_generation():
     assert out[0]["generated_text"].startswith("w5 w6 w7")
 
 
+def test_decode_time_is_per_token_generated(monkeypatch):
+    # A model that ends its text before the 16 tokens asked for: its time is per token it made.
+    from types import SimpleNamespace
+
+    from linquant import builtin, evaluate
+    model, tok = hf_models.gpt2(), hf_models.word_tokenizer()
+    first = int(builtin.greedy_ids(model, tok, builtin.GREEDY_PROMPT, new_tokens=1)[0])
+    model.generation_config.eos_token_id = first  # its text ends at its first token
+    clock = iter([10.0, 12.0])  # generation takes 2 s
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    text, ms_per_token = evaluate.timed_greedy(model, tok, new_tokens=16)
+    assert ms_per_token == 2000.0
+
+
 def test_exclude_names_patterns_and_predicate():
     model = hf_models.llama()
     lq.quantize_model(model, bits=8, exclude=["lm_head", "*.mlp.*"])
