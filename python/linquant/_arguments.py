@@ -1,7 +1,18 @@
-"""argparse types shared by the benchmarks: a bad value is a usage error naming the option, not a
-traceback (or, for a 0 x K shape, a loop over millions of zero-byte weight copies)."""
+"""argparse pieces shared by the CLI and the benchmarks: a help formatter, and types for which a
+bad value is a usage error naming the option, not a traceback (or, for a 0 x K shape, a loop over
+millions of zero-byte weight copies)."""
 
 import argparse
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each option's default, but for options that are off unless given (a None or
+    False default) and those whose help already says it in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def shape(text: str) -> str:

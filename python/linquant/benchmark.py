@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import linquant as lq
-from ._arguments import positive_int, shape as shape_argument
+from ._arguments import HelpWithDefaults, positive_int, shape as shape_argument
 from ._files import write_json
 
 FORMATS = {  # name: (bits, group_size)
@@ -192,15 +192,19 @@ def run(args):
 def add_arguments(ap):
     ap.add_argument("--shapes", nargs="+", type=shape_argument, default=["4096x4096", "4096x14336", "14336x4096"],
                     help="N x K (out_features x in_features)")
-    ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4, 16, 64])
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    ap.add_argument("--acts", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--repeat", type=positive_int, default=15)
+    ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4, 16, 64],
+                    help="activation rows M (batch x tokens)")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
+                    help="weight formats: bits and group size (g), e.g. w4g128")
+    ap.add_argument("--acts", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="activation (and scale) dtypes")
+    ap.add_argument("--repeat", type=positive_int, default=15, help="timed calls per op (the median is kept)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=HelpWithDefaults)
     add_arguments(ap)
     run(ap.parse_args(argv))
 

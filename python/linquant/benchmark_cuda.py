@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._arguments import non_negative_int, positive_int, shape
+from ._arguments import HelpWithDefaults, non_negative_int, positive_int, shape
 from ._files import write_json
 
 # name: (bits, group_size, symmetric). W2 uses group 128 like the CPU benchmark
@@ -469,14 +469,16 @@ def add_arguments(ap):
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="activation (and scale) dtype")
     ap.add_argument("--quick", action="store_true", help="only the 8192x8192 layer")
     ap.add_argument("--shapes", nargs="+", type=shape, default=SHAPES, help="N x K (out_features x in_features)")
-    ap.add_argument("--batches", nargs="+", type=positive_int)
-    ap.add_argument("--formats", nargs="+", default=["w8", "w4g128", "w2g128"], choices=list(FORMATS))
+    ap.add_argument("--batches", nargs="+", type=positive_int,
+                    help=f"activation rows M (default {' '.join(map(str, BATCHES))}; with --paths "
+                    f"{' '.join(map(str, PATH_BATCHES))})")
+    ap.add_argument("--formats", nargs="+", default=["w8", "w4g128", "w2g128"], choices=list(FORMATS),
+                    help="weight formats: bits and group size (g), e.g. w4g128")
     ap.add_argument("--iters", type=positive_int, default=200, help="timed calls per op (fewer for slow ops)")
-    ap.add_argument("--warmup", type=non_negative_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=10, help="untimed calls first")
     ap.add_argument("--json", help="also write every row and the environment to this file")
-    ap.add_argument("--paths", action="store_true", help="time each CUDA path (GEMV, tensor-core kernel, "
-                    "dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds "
-                    f"(batches default to {' '.join(map(str, PATH_BATCHES))})")
+    ap.add_argument("--paths", action="store_true", help="time each CUDA path (GEMV, tensor-core kernels, "
+                    "dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds")
     ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier --json file "
                     "(needs no GPU)")
 
@@ -564,7 +566,8 @@ def run_paths_table(lq, timer, args, l2, env) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=HelpWithDefaults)
     add_arguments(ap)
     return run(ap.parse_args(argv))
 

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
+from ._arguments import HelpWithDefaults
 from ._files import atomic_write, check_directory_target, make_directory
 from .evaluate import (ModelError, agreement, layer_errors, load_model, load_quantized_dir, portable_spec, report,
                        timed_greedy)
@@ -313,16 +314,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help gives each option's default, but for options that are off unless given (a None or
-    False default) and those whose help already says it in words."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _one_line_warnings(command: str, python_showwarning):
     """showwarning that prints linquant's own warnings (their messages start with "linquant"), such as
     an --exclude that matches no layer, as one line like the command's errors, and others as Python does."""
@@ -339,7 +330,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name, **kwargs):
-        return sub.add_parser(name, formatter_class=_HelpWithDefaults, **kwargs)
+        return sub.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
 
     demo = add_command("demo", help="seeds' worked examples, an error table, the real MiniLM and SmolLM2 "
                                     "(no network)")
