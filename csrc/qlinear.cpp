@@ -3,6 +3,7 @@
 #include "linquant/qlinear.h"
 
 #include <ATen/ATen.h>
+#include <torch/serialize/archive.h>
 
 #include <cmath>
 #include <limits>
@@ -34,6 +35,8 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
                     "linquant::QLinear: group_size must be a positive multiple of ", 8 / bits, " at ", bits, " bits");
   TORCH_CHECK_VALUE(in_features >= 0 && out_features >= 0, "linquant::QLinear: in_features and out_features must be ",
                     ">= 0, got ", in_features, " and ", out_features);
+  TORCH_CHECK_VALUE(in_features <= (std::numeric_limits<int64_t>::max() - 7) / bits,
+                    "linquant::QLinear: in_features = ", in_features, " is too large for a ", bits, "-bit row");
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                     "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
   // As choose_qparams counts groups: ceil(K / group_size) without overflow, none when K = 0; one
@@ -88,6 +91,55 @@ void QLinearImpl::pretty_print(std::ostream& stream) const {
     stream << "per-channel";
   }
   stream << ", " << (options.symmetric ? "symmetric" : "asymmetric") << ", dtype=" << scales.scalar_type() << ")";
+}
+
+void QLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
+  for (auto& buffer : named_buffers(/*recurse=*/false)) {
+    if (buffer->is_floating_point()) buffer->set_data(buffer->to(dtype, non_blocking));
+  }
+}
+
+void QLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  to(device, non_blocking);
+  to(dtype, non_blocking);
+}
+
+namespace {
+
+constexpr const char* kFormatKey = "linquant_format";
+
+// [bits, group_size (0 per-channel), symmetric, in_features, out_features]
+at::Tensor format_record(const QLinearImpl& layer) {
+  return at::tensor({layer.options.bits, layer.options.group_size.value_or(0), int64_t{layer.options.symmetric},
+                     layer.in_features, layer.out_features},
+                    at::kLong);
+}
+
+}  // namespace
+
+void QLinearImpl::save(torch::serialize::OutputArchive& archive) const {
+  torch::nn::Module::save(archive);
+  archive.write(kFormatKey, format_record(*this), /*is_buffer=*/true);
+}
+
+void QLinearImpl::load(torch::serialize::InputArchive& archive) {
+  at::Tensor saved;
+  if (archive.try_read(kFormatKey, saved, /*is_buffer=*/true)) {
+    const at::Tensor mine = format_record(*this);
+    static const char* const kFields[] = {"bits", "group_size (0: per-channel)", "symmetric", "in_features",
+                                          "out_features"};
+    TORCH_CHECK_VALUE(saved.dim() == 1 && saved.numel() == mine.numel(),
+                      "linquant::QLinear: the archive's format record has shape ", saved.sizes(), ", expected [",
+                      mine.numel(), "]");
+    for (int64_t i = 0; i < mine.numel(); ++i) {
+      const int64_t want = mine[i].item<int64_t>(), got = saved[i].item<int64_t>();
+      TORCH_CHECK_VALUE(got == want, "linquant::QLinear: the archive holds a layer with ", kFields[i], " = ", got,
+                        ", this layer has ", want);
+    }
+  }
+  torch::nn::Module::load(archive);
 }
 
 at::Tensor QLinearImpl::dequantize() const {

@@ -29,13 +29,25 @@ std::vector<char> read_file(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
+// The record's "format_version": a whole number after the key, in any JSON spacing.
 void check_format(const std::string& path, const std::string& meta) {
-  const std::string key = "\"format_version\": ";
-  const auto at = meta.find(key);
+  const std::string key = "\"format_version\"";
+  auto at = meta.find(key);
   if (at == std::string::npos) {
-    throw std::runtime_error(path + " was not exported by `linquant export` (no linquant.json inside)");
+    throw std::runtime_error(path + " was not exported by `linquant export` (" +
+                             (meta.empty() ? "no linquant.json inside" : "no format_version in its linquant.json") + ")");
   }
-  const int version = std::stoi(meta.substr(at + key.size()));
+  at = meta.find_first_not_of(" \t\r\n", at + key.size());
+  if (at != std::string::npos && meta[at] == ':') at = meta.find_first_not_of(" \t\r\n", at + 1);
+  const auto end = at == std::string::npos ? at : meta.find_first_not_of("0123456789", at);
+  const std::string digits = at == std::string::npos ? "" : meta.substr(at, end - at);
+  const bool whole = !digits.empty() && digits.size() <= 9 &&
+                     (end == std::string::npos || std::string(" \t\r\n,}").find(meta[end]) != std::string::npos);
+  if (!whole) {
+    throw std::runtime_error(path + ": its linquant.json's format_version is not a whole number: " +
+                             meta.substr(at == std::string::npos ? meta.size() : at, 20));
+  }
+  const int version = std::stoi(digits);
   if (version != kFormatVersion) {
     throw std::runtime_error(path + " was exported with linquant format_version " + std::to_string(version) +
                              "; this linquant-run reads version " + std::to_string(kFormatVersion));

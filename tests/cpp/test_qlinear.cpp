@@ -109,6 +109,70 @@ TEST(QLinearCpp, BadOptionsRaise) {
   EXPECT_THROW(linquant::QLinear(16, 8, true, linquant::QLinearOptions{2, 6, true}), c10::ValueError);
 }
 
+TEST(QLinearCpp, TooManyInFeaturesRaise) {
+  EXPECT_THROW(linquant::QLinear(std::numeric_limits<int64_t>::max() / 4, 1, false, linquant::QLinearOptions{}),
+               c10::ValueError);
+}
+
+TEST(QLinearCpp, ToDtypeConvertsOnlyTheFloatBuffers) {
+  // As nn.Module.to in Python: the quantized values and zero points keep their integer dtypes, also
+  // when the layer sits in a model that is converted.
+  torch::manual_seed(3);
+  torch::nn::Linear fp(torch::nn::LinearOptions(64, 8));
+  torch::nn::Sequential model(linquant::QLinear(linquant::QLinearImpl::from_linear(fp, {4, 16, false})));
+  auto layer = model[0]->as<linquant::QLinearImpl>();
+  const at::Tensor q = layer->qweight.clone(), z = layer->zeros.clone();
+  model->to(torch::kBFloat16);
+  EXPECT_EQ(layer->qweight.scalar_type(), at::kByte);
+  EXPECT_EQ(layer->zeros.scalar_type(), at::kInt);
+  EXPECT_TRUE(at::equal(layer->qweight, q) && at::equal(layer->zeros, z));
+  EXPECT_EQ(layer->scales.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(layer->bias.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(layer->named_buffers()["scales"].scalar_type(), at::kBFloat16);  // the registered buffer itself
+  // It runs bf16 activations: against float64 with its (bf16-scaled) weight, to bf16 rounding of
+  // the products' magnitude.
+  const at::Tensor x = at::randn({3, 64}).to(at::kBFloat16);
+  const at::Tensor x64 = x.to(at::kDouble), w64 = layer->dequantize().to(at::kDouble);
+  const at::Tensor ref = at::matmul(x64, w64.t()) + layer->bias.to(at::kDouble);
+  const at::Tensor bound = (at::matmul(x64.abs(), w64.abs().t()) + layer->bias.to(at::kDouble).abs()) * std::ldexp(1.0, -7);
+  EXPECT_TRUE(((model->forward(x).to(at::kDouble) - ref).abs() <= bound).all().item<bool>());
+  model->to(torch::Device(torch::kCPU), torch::kHalf);
+  EXPECT_EQ(layer->qweight.scalar_type(), at::kByte);
+  EXPECT_EQ(layer->scales.scalar_type(), at::kHalf);
+  EXPECT_THROW(model->to(torch::kDouble), c10::ValueError);
+}
+
+TEST(QLinearCpp, LoadChecksTheFormatItWasSavedWith) {
+  torch::manual_seed(4);
+  torch::nn::Linear fp(torch::nn::LinearOptions(32, 6));
+  linquant::QLinear saved(linquant::QLinearImpl::from_linear(fp, {4, 16, false}));
+  std::stringstream archive;
+  torch::save(saved, archive);
+  const std::string bytes = archive.str();
+  auto load_into = [&](linquant::QLinear layer) {
+    std::stringstream in(bytes);
+    torch::load(layer, in);
+    return layer;
+  };
+  linquant::QLinear same = load_into(linquant::QLinear(32, 6, true, linquant::QLinearOptions{4, 16, false}));
+  const at::Tensor x = at::randn({5, 32});
+  EXPECT_TRUE(at::equal(same->forward(x), saved->forward(x)));
+  auto message = [&](linquant::QLinear layer) {
+    try {
+      load_into(layer);
+    } catch (const c10::ValueError& e) {
+      return std::string(e.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message(linquant::QLinear(32, 6, true, linquant::QLinearOptions{4, 16, true})).find("symmetric = 0, this layer has 1"),
+            std::string::npos);
+  EXPECT_NE(message(linquant::QLinear(32, 6, true, linquant::QLinearOptions{8, 16, false})).find("bits = 4, this layer has 8"),
+            std::string::npos);
+  EXPECT_NE(message(linquant::QLinear(32, 6, true, linquant::QLinearOptions{4, 32, false})).find("group_size"), std::string::npos);
+  EXPECT_NE(message(linquant::QLinear(32, 6, true, linquant::QLinearOptions{4, std::nullopt, false})).find("group_size"), std::string::npos);
+}
+
 TEST(QLinearCpp, InFeaturesChecked) {
   // 7 and 8 values pack into the same 4 bytes at 4 bits: only the layer can tell them apart.
   linquant::QLinear layer(8, 3, true, linquant::QLinearOptions{4, std::nullopt, false});
@@ -163,6 +227,24 @@ TEST(OpsCpp, DequantizeWeightIsTheFormatsFloatWeight) {
   const at::Tensor zeros = at::tensor({1}, at::kInt).reshape({1, 1});  // asymmetric: s (q - z)
   EXPECT_TRUE(at::equal(linquant::dequantize_weight(packed, scales, zeros, 2, 4, 4, at::kHalf),
                         at::tensor({-0.5f, 0.0f, 0.5f, 1.0f}).reshape({1, 4}).to(at::kHalf)));
+}
+
+TEST(OpsCpp, DequantizeWeightChecksItsArguments) {
+  const at::Tensor q8 = at::zeros({2, 16}, at::kChar), s = at::ones({2, 1});
+  EXPECT_THROW(linquant::dequantize_weight(q8, s, std::nullopt, 12, std::nullopt, 16, at::kFloat), c10::ValueError);
+  EXPECT_THROW(linquant::dequantize_weight(q8, s, std::nullopt, 8, std::nullopt, 999, at::kFloat), c10::ValueError);
+  EXPECT_THROW(linquant::dequantize_weight(at::Tensor(), s, std::nullopt, 8, std::nullopt, 16, at::kFloat),
+               c10::TypeError);
+  EXPECT_EQ(linquant::dequantize_weight(q8, s, std::nullopt, 8, std::nullopt, 16, at::kFloat).sizes(),
+            at::IntArrayRef({2, 16}));
+}
+
+TEST(OpsCpp, AnUndefinedTensorIsATypeError) {
+  // The dispatcher itself would say "no tensor arguments" for ops whose only tensor is missing.
+  EXPECT_THROW(linquant::choose_qparams(at::Tensor(), 4, true), c10::TypeError);
+  EXPECT_THROW(linquant::pack(at::Tensor(), 4), c10::TypeError);
+  EXPECT_THROW(linquant::unpack(at::Tensor(), 4, 8), c10::TypeError);
+  EXPECT_THROW(linquant::quantize(at::Tensor(), at::ones({1}), std::nullopt, 8), c10::TypeError);
 }
 
 TEST(OpsCpp, PackRoundTrip) {

@@ -65,6 +65,17 @@ def test_errors(tmp_path):
     torch.jit.save(module, str(future), _extra_files={"linquant.json": json.dumps({"format_version": 99})})
     out = run(future, paths["inputs"])
     assert out.returncode == 1 and "format_version 99" in out.stderr
+    # The record in other JSON spellings: compact, pretty-printed; versions that are no whole number.
+    for meta, ok in [('{"format_version":1}', True), ('{\n  "format_version" : 1\n}', True),
+                     ('{"format_version": "one"}', False), ('{"format_version": 1.5}', False),
+                     ('{"format_version": 99999999999}', False)]:
+        other = tmp_path / "other.pt"
+        torch.jit.save(module, str(other), _extra_files={"linquant.json": meta})
+        out = run(other, paths["inputs"], "--out", str(tmp_path / "y.pt")) if ok else run(other, paths["inputs"])
+        if ok:
+            assert out.returncode == 0, (meta, out.stderr)
+        else:
+            assert out.returncode == 1 and "format_version is not a whole number" in out.stderr, (meta, out.stderr)
     # Not exported by linquant at all.
     plain = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))

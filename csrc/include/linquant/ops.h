@@ -22,6 +22,12 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return handle->typed<Signature>();
 }
 
+// A None / undefined tensor is a TypeError naming the argument, before the dispatcher, which
+// would otherwise report "no tensor arguments" for an op whose only tensor is missing.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "linquant: ", name, " must be a tensor, got None (an undefined tensor)");
+}
+
 }  // namespace detail
 
 // Scale (float32) and zero point (int32; zeros when symmetric) of x. axis / group_size as in Python.
@@ -30,6 +36,7 @@ inline std::tuple<at::Tensor, at::Tensor> choose_qparams(const at::Tensor& x, in
                                                          std::optional<int64_t> group_size = std::nullopt) {
   static const auto h = detail::op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, int64_t, bool, std::optional<int64_t>, std::optional<int64_t>)>("linquant::choose_qparams");
+  detail::check_defined(x, "x");
   return h.call(x, bits, symmetric, axis, group_size);
 }
 
@@ -56,11 +63,13 @@ inline at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scale, const
 // Values in [0, 2^bits) packed along the last dim, lowest index in the lowest bits.
 inline at::Tensor pack(const at::Tensor& q, int64_t bits) {
   static const auto h = detail::op<at::Tensor(const at::Tensor&, int64_t)>("linquant::pack");
+  detail::check_defined(q, "q");
   return h.call(q, bits);
 }
 
 inline at::Tensor unpack(const at::Tensor& packed, int64_t bits, int64_t size) {
   static const auto h = detail::op<at::Tensor(const at::Tensor&, int64_t, int64_t)>("linquant::unpack");
+  detail::check_defined(packed, "packed");
   return h.call(packed, bits, size);
 }
 
@@ -80,6 +89,11 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const a
 inline at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
                                     const std::optional<at::Tensor>& zeros, int64_t bits,
                                     std::optional<int64_t> group_size, int64_t in_features, at::ScalarType dtype) {
+  detail::check_defined(qweight, "qweight");
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant: bits must be 8, 4 or 2, got ", bits);
+  TORCH_CHECK_VALUE(bits < 8 || (qweight.dim() == 2 && qweight.size(1) == in_features),
+                    "linquant: an 8-bit qweight must be [N, in_features=", in_features, "], got shape ",
+                    qweight.sizes());
   at::Tensor q = qweight;
   if (bits < 8) {
     q = unpack(q, bits, in_features);

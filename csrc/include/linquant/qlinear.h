@@ -31,6 +31,19 @@ class QLinearImpl : public torch::nn::Module {
   // As the Python QLinear's repr: sizes, bias, bits, granularity, mode and dtype.
   void pretty_print(std::ostream& stream) const override;
 
+  // As the Python QLinear's .to: a dtype converts the float buffers (scales, bias) only, to
+  // float32, float16 or bfloat16; qweight and zeros keep theirs (Module::to casts every buffer).
+  using torch::nn::Module::to;  // to(device)
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+
+  // torch::save / torch::load also write and check the format (bits, group size, symmetric,
+  // in / out features): loading into a layer of another format is a ValueError naming the field,
+  // not a layer that runs with the wrong bits or without its zero points. Archives without the
+  // record (written before it existed) load as before.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
   int64_t in_features, out_features;
   QLinearOptions options;
   at::Tensor qweight, scales, zeros, bias;  // zeros / bias undefined when absent
