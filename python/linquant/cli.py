@@ -299,9 +299,12 @@ def cmd_bench_cuda(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_encoder, find_linquant_run
-    paths = export_encoder(args.model, args.out, bits=args.bits, group_size=args.group_size,
-                           symmetric=not args.asymmetric)
+    from .export import export_encoder, export_saved, find_linquant_run
+    if args.saved:
+        paths = export_saved(args.saved, args.out)
+    else:
+        paths = export_encoder(args.model, args.out, bits=args.bits, group_size=args.group_size,
+                               symmetric=not args.asymmetric)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     program = find_linquant_run()
@@ -370,15 +373,24 @@ def main(argv=None) -> int:
     from .benchmark_cuda import add_arguments as add_cuda_arguments
     add_cuda_arguments(bc)
     bc.set_defaults(func=cmd_bench_cuda)
-    export = add_command("export", help="quantize an encoder and save it as TorchScript for linquant-run (C++)")
+    export = add_command("export", help="save a quantized model as TorchScript for linquant-run (C++): a built-in "
+                                         "encoder quantized here, or a model saved by `linquant quantize`")
     export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
                         help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
+    export.add_argument("--from", dest="saved", metavar="DIR",
+                        help="instead of --model: a directory written by `linquant quantize` (or lq.save_quantized) "
+                             "of a Hugging Face encoder or decoder-only language model, exported as it was quantized")
     export.add_argument("--bits", type=int, default=8, choices=[8, 4, 2], help="bits per weight")
     export.add_argument("--group-size", type=int, default=None, help="values per group (default: per channel)")
     export.add_argument("--asymmetric", action="store_true", help="zero-point quantization (default: symmetric)")
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
+    if getattr(args, "saved", None):  # the save holds its format
+        given = [flag for flag in ("--model", "--bits", "--group-size", "--asymmetric")
+                 if any(a == flag or a.startswith(flag + "=") for a in (argv if argv is not None else sys.argv[1:]))]
+        if given:
+            parser.exit(2, f"linquant export: --from takes the model and its format from the save; drop {', '.join(given)}\n")
     if hasattr(args, "group_size"):  # a bad format is a usage error before any model is loaded
         try:
             check_format(args.bits, args.group_size, f"linquant {args.command}")

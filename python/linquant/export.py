@@ -1,9 +1,11 @@
-"""TorchScript export of a quantized encoder for C++ programs (programs/linquant_run.cpp): the
+"""TorchScript export of a quantized model for C++ programs (programs/linquant_run.cpp): a built-in
+encoder quantized here, or a Hugging Face encoder or language model saved by save_quantized; the
 traced module (linquant ops inside) with a linquant.json record, example inputs and the outputs
 Python computes for them."""
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -34,15 +36,17 @@ _KNOWN_WARNINGS = [
 ]
 
 
-class _Encoder(torch.nn.Module):
-    """(input_ids, attention_mask) -> last_hidden_state, a signature TorchScript can hold."""
+class _TensorOutput(torch.nn.Module):
+    """(input_ids, attention_mask) -> one tensor, a signature TorchScript can hold: an encoder's
+    last_hidden_state, a language model's logits (without a key-value cache)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if "logits" in out else out.last_hidden_state
 
 
 def follow_input_device(traced) -> int:
@@ -84,13 +88,35 @@ def find_linquant_run() -> Optional[str]:
     return None
 
 
+# Log lines of the same kind, as (logger, message part): tracing reads every attribute of a
+# language model, among them transformers' loss_function, which logs that the config names no loss
+# type (the export computes no loss).
+_KNOWN_LOG_LINES = [("transformers.modeling_utils", "was set in the config but it is unrecognized")]
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record) -> bool:
+        return self.part not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _known_warnings_ignored():
-    """_KNOWN_WARNINGS not shown inside (the previous filters come back on exit)."""
-    with warnings.catch_warnings():
-        for category, message, module in _KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message, category, module)
-        yield
+    """_KNOWN_WARNINGS and _KNOWN_LOG_LINES not shown inside (the previous filters come back on exit)."""
+    filters = [(logging.getLogger(name), _DropLines(part)) for name, part in _KNOWN_LOG_LINES]
+    for logger, line_filter in filters:
+        logger.addFilter(line_filter)
+    try:
+        with warnings.catch_warnings():
+            for category, message, module in _KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message, category, module)
+            yield
+    finally:
+        for logger, line_filter in filters:
+            logger.removeFilter(line_filter)
 
 
 def tiny_bert():
@@ -113,28 +139,45 @@ def load_encoder(name: str):
 
 def export_encoder(name: str, out_dir: str, bits: int = 8, group_size=None, symmetric: bool = True,
                    batch: int = 2, seq_len: int = 16) -> dict:
-    """Writes out_dir/model.pt (TorchScript), inputs.pt ([input_ids, attention_mask]) and
-    expected.pt (Python's output for them); returns the paths."""
+    """Quantizes a built-in encoder ("tiny-bert", "minilm") and writes out_dir/model.pt
+    (TorchScript), inputs.pt ([input_ids, attention_mask]) and expected.pt (Python's output for
+    them); returns the paths."""
     check_directory_target(out_dir, "linquant.export_encoder: out_dir")  # before the model is built
     model = quantize_model(load_encoder(name), bits=bits, group_size=group_size, symmetric=symmetric,
                            progress=False)
+    meta = {"model": name, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    return _export(model, out_dir, meta, batch, seq_len)
+
+
+def export_saved(path: str, out_dir: str, batch: int = 2, seq_len: int = 16) -> dict:
+    """export_encoder for a Hugging Face model saved by `save_quantized` (or `linquant quantize`),
+    an encoder or a decoder-only language model, as it was quantized: out_dir/model.pt computes
+    (input_ids, attention_mask) -> last_hidden_state or logits."""
+    from .serialization import load_quantized
+    check_directory_target(out_dir, "linquant.export_saved: out_dir")
+    model = load_quantized(path)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"linquant export: {path} holds an encoder-decoder model ({type(model).__name__}); "
+                         "export takes encoders and decoder-only language models")
+    return _export(model, out_dir, {"model": os.path.abspath(path)}, batch, seq_len)
+
+
+def _export(model, out_dir: str, meta: dict, batch: int, seq_len: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     mask[-1, seq_len // 2:] = 0
-    wrapped = _Encoder(model).eval()
+    wrapped = _TensorOutput(model).eval()
     with torch.no_grad(), _known_warnings_ignored():
         traced = torch.jit.trace(wrapped, (ids, mask), check_trace=False)
         follow_input_device(traced)
         expected = wrapped(ids, mask)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"{k}.pt") for k in ("model", "inputs", "expected")}
-    meta = {"format_version": FORMAT_VERSION, "model": name, "bits": bits, "group_size": group_size,
-            "symmetric": symmetric}
+    record = json.dumps({"format_version": FORMAT_VERSION, **meta})
     with _known_warnings_ignored():
-        atomic_write(paths["model"], lambda tmp: torch.jit.save(traced, tmp,
-                                                                _extra_files={"linquant.json": json.dumps(meta)}))
+        atomic_write(paths["model"], lambda tmp: torch.jit.save(traced, tmp, _extra_files={"linquant.json": record}))
     atomic_write(paths["inputs"], lambda tmp: torch.save([ids, mask], tmp))
     atomic_write(paths["expected"], lambda tmp: torch.save(expected, tmp))
     return paths

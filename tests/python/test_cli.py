@@ -163,10 +163,10 @@ def test_export_prints_a_command_that_runs_and_no_tracing_warnings(tmp_path, mon
     # What the silenced tracer warnings would fear: branches frozen for the traced shapes. The trace
     # follows other batch sizes and lengths as the Python model does.
     import linquant as lq
-    from linquant.export import _Encoder, tiny_bert
+    from linquant.export import _TensorOutput, tiny_bert
 
     traced = torch.jit.load(tmp_path / "exp" / "model.pt")
-    eager = _Encoder(lq.quantize_model(tiny_bert(), bits=4, group_size=32, progress=False)).eval()
+    eager = _TensorOutput(lq.quantize_model(tiny_bert(), bits=4, group_size=32, progress=False)).eval()
     gen = torch.Generator().manual_seed(0)
     for batch, length in [(3, 9), (1, 40)]:
         ids, mask = torch.randint(0, 512, (batch, length), generator=gen), torch.ones(batch, length, dtype=torch.long)

@@ -33,6 +33,47 @@ def test_cpp_outputs_equal_python(tmp_path, bits, group_size, symmetric):
     assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", ["llama", "gpt2"])
+def test_a_saved_model_exported_from_its_directory_runs_in_cpp(tmp_path, make):
+    # The user's own model: quantized and saved in Python, `linquant export --from`, run by
+    # linquant-run; the save's format (here mixed: 4-bit g16 asymmetric, lm_head 8-bit) is kept.
+    import hf_models
+    import linquant as lq
+
+    model = getattr(hf_models, make)()
+    lq.quantize_model(model, bits=4, group_size=16, symmetric=False, exclude=["lm_head"], progress=False)
+    if make == "llama":
+        lq.quantize_model(model, bits=8, exclude=[], progress=False)  # what exclude left: lm_head
+    lq.save_quantized(model, str(tmp_path / "saved"))
+    out = subprocess.run([sys.executable, "-m", "linquant", "export", "--from", str(tmp_path / "saved"), "--out",
+                          str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "loss_type" not in out.stderr and "Warning" not in out.stderr, out.stderr  # the known noise is hidden
+    out = run(tmp_path / "exp" / "model.pt", tmp_path / "exp" / "inputs.pt", "--out", tmp_path / "cpp.pt")
+    assert out.returncode == 0, out.stderr
+    cpp, expected = torch.load(tmp_path / "cpp.pt"), torch.load(tmp_path / "exp" / "expected.pt")
+    assert cpp.shape == expected.shape == (2, 16, 512)  # logits
+    assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
+    # And what Python computes from the save itself, for those inputs.
+    ids, mask = torch.load(tmp_path / "exp" / "inputs.pt")
+    with torch.no_grad():
+        direct = lq.load_quantized(str(tmp_path / "saved"))(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert torch.allclose(cpp, direct.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_from_refuses_what_it_cannot_trace(tmp_path):
+    import hf_models
+    import linquant as lq
+
+    lq.save_quantized(lq.quantize_model(hf_models.t5(), bits=8, progress=False), str(tmp_path / "t5"))
+    out = subprocess.run([sys.executable, "-m", "linquant", "export", "--from", str(tmp_path / "t5"), "--out",
+                          str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "encoder-decoder" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "linquant", "export", "--from", str(tmp_path / "t5"), "--bits", "4",
+                          "--out", str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "drop --bits" in out.stderr, out.stderr
+
+
 def test_export_takes_the_device_from_the_inputs(tmp_path):
     # The trace records the device of the models' mask code (torch.arange(..., device=...)) as a
     # constant, the CPU it ran on; export replaces each with the inputs' device, so linquant-run
