@@ -373,8 +373,10 @@ def main(argv=None) -> int:
     from .benchmark_cuda import add_arguments as add_cuda_arguments
     add_cuda_arguments(bc)
     bc.set_defaults(func=cmd_bench_cuda)
-    export = add_command("export", help="save a quantized model as TorchScript for linquant-run (C++): a built-in "
-                                         "encoder quantized here, or a model saved by `linquant quantize`")
+    # No abbreviated options here: --from must see which format options were given.
+    export = add_command("export", allow_abbrev=False,
+                         help="save a quantized model as TorchScript for linquant-run (C++): a built-in encoder "
+                              "quantized here, or a model saved by `linquant quantize`")
     export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
                         help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
     export.add_argument("--from", dest="saved", metavar="DIR",
@@ -387,10 +389,12 @@ def main(argv=None) -> int:
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     if getattr(args, "saved", None):  # the save holds its format
+        words = argv if argv is not None else sys.argv[1:]
         given = [flag for flag in ("--model", "--bits", "--group-size", "--asymmetric")
-                 if any(a == flag or a.startswith(flag + "=") for a in (argv if argv is not None else sys.argv[1:]))]
+                 if any(a == flag or a.startswith(flag + "=") for a in words)]
         if given:
-            parser.exit(2, f"linquant export: --from takes the model and its format from the save; drop {', '.join(given)}\n")
+            parser.exit(2, f"linquant export: --from takes the model and its format from the save; "
+                           f"drop {', '.join(given)}\n")
     if hasattr(args, "group_size"):  # a bad format is a usage error before any model is loaded
         try:
             check_format(args.bits, args.group_size, f"linquant {args.command}")
