@@ -51,13 +51,14 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
   if (with_bias) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype)));
 }
 
-std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& linear, QLinearOptions options) {
-  const at::Tensor w = linear->weight.detach();
-  const bool with_bias = linear->bias.defined();
-  auto q = std::make_shared<QLinearImpl>(w.size(1), w.size(0), with_bias, options, w.scalar_type());
+QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options) {
+  TORCH_CHECK_TYPE(w.defined(), "linquant::quantize_weight: w must be a tensor, got None (an undefined tensor)");
+  TORCH_CHECK_VALUE(w.dim() == 2, "linquant::quantize_weight: w must be a 2-D weight [out, in], got shape ", w.sizes());
+  TORCH_CHECK_VALUE(options.bits == 8 || options.bits == 4 || options.bits == 2,
+                    "linquant::quantize_weight: bits must be 8, 4 or 2, got ", options.bits);
   const auto axis = axis_of(options);
   auto [scale, zp] = choose_qparams(w, options.bits, options.symmetric, axis, options.group_size);
-  // Quantize with the scales as stored (the layer's dtype), as the Python side does.
+  // Quantize with the scales as stored (w's dtype), as the Python side does.
   // A scale that rounds to 0 in that dtype becomes its smallest subnormal (as weights.py does).
   scale = scale.to(w.scalar_type());
   scale = scale.clamp_min(smallest_subnormal(scale.scalar_type()));
@@ -67,9 +68,18 @@ std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& l
     if (options.symmetric) values = (values.to(at::kShort) + (1 << (options.bits - 1))).to(at::kByte);
     values = pack(values, options.bits);
   }
-  q->qweight.copy_(values);
-  q->scales.copy_(scale.reshape(q->scales.sizes()));
-  if (!options.symmetric) q->zeros.copy_(zp.reshape(q->zeros.sizes()));
+  const int64_t out = w.size(0);
+  return {values, scale.reshape({out, -1}), options.symmetric ? at::Tensor() : zp.reshape({out, -1})};
+}
+
+std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& linear, QLinearOptions options) {
+  const at::Tensor w = linear->weight.detach();
+  const bool with_bias = linear->bias.defined();
+  auto q = std::make_shared<QLinearImpl>(w.size(1), w.size(0), with_bias, options, w.scalar_type());
+  const QuantizedWeight qw = quantize_weight(w, options);
+  q->qweight.copy_(qw.qweight);
+  q->scales.copy_(qw.scales.reshape(q->scales.sizes()));
+  if (!options.symmetric) q->zeros.copy_(qw.zeros.reshape(q->zeros.sizes()));
   if (with_bias) q->bias.copy_(linear->bias.detach());
   return q;
 }

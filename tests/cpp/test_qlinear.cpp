@@ -72,6 +72,29 @@ TEST(QLinearCpp, EveryFormatAndDtypeMatchesTheFormulas) {
   }
 }
 
+TEST(QLinearCpp, QuantizeWeightGivesTheFormat) {
+  // The format's tensors themselves: their float weight is the formulas', and the layer built from
+  // the same weight holds exactly them.
+  torch::manual_seed(5);
+  const at::Tensor w = torch::randn({12, 64}).to(at::kBFloat16);
+  for (int64_t bits : {8, 4, 2}) {
+    for (bool symmetric : {true, false}) {
+      const linquant::QuantizedWeight qw = linquant::quantize_weight(w, {bits, 16, symmetric});
+      EXPECT_EQ(qw.qweight.sizes(), at::IntArrayRef({12, 64 * bits / 8}));
+      EXPECT_EQ(qw.qweight.scalar_type(), bits == 8 && symmetric ? at::kChar : at::kByte);
+      EXPECT_EQ(qw.scales.sizes(), at::IntArrayRef({12, 4}));
+      EXPECT_EQ(qw.scales.scalar_type(), at::kBFloat16);
+      EXPECT_EQ(qw.zeros.defined(), !symmetric);
+      const std::optional<at::Tensor> z = symmetric ? std::nullopt : std::optional<at::Tensor>(qw.zeros);
+      EXPECT_TRUE(at::equal(linquant::dequantize_weight(qw.qweight, qw.scales, z, bits, 16, 64, at::kBFloat16),
+                            reference_weight(w, bits, 16, symmetric)));
+    }
+  }
+  EXPECT_THROW(linquant::quantize_weight(w.flatten(), {}), c10::ValueError);
+  EXPECT_THROW(linquant::quantize_weight(w, {3, std::nullopt, true}), c10::ValueError);
+  EXPECT_THROW(linquant::quantize_weight(at::Tensor(), {}), c10::TypeError);
+}
+
 TEST(QLinearCpp, TinyFp16ScalesAreSubnormalNotClampedToTheSmallestNormal) {
   // Rows of +-1e-6 and +-3e-4 in fp16, 8 bits: the first's scale (1e-6 / 127) rounds to 0 in fp16
   // and is stored as 2^-24, its smallest subnormal; the second's (2.4e-6) is a subnormal kept as it

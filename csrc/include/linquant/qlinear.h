@@ -17,6 +17,14 @@ struct QLinearOptions {
   bool symmetric = true;
 };
 
+// A float weight [out, in] in the quantized-weight format (Python: linquant.quantize_weight):
+// qweight int8 / uint8 [out, in] or packed uint8 [out, ceil(in * bits / 8)], scales [out, G] in
+// w's dtype, zeros [out, G] int32 (undefined when symmetric).
+struct QuantizedWeight {
+  at::Tensor qweight, scales, zeros;
+};
+QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options);
+
 class QLinearImpl : public torch::nn::Module {
  public:
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QLinearOptions options,
