@@ -373,28 +373,30 @@ def main(argv=None) -> int:
     from .benchmark_cuda import add_arguments as add_cuda_arguments
     add_cuda_arguments(bc)
     bc.set_defaults(func=cmd_bench_cuda)
-    # No abbreviated options here: --from must see which format options were given.
-    export = add_command("export", allow_abbrev=False,
-                         help="save a quantized model as TorchScript for linquant-run (C++): a built-in encoder "
-                              "quantized here, or a model saved by `linquant quantize`")
-    export.add_argument("--model", default="tiny-bert", choices=["tiny-bert", "minilm"],
-                        help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2")
+    export = add_command("export", help="save a quantized model as TorchScript for linquant-run (C++): a built-in "
+                                         "encoder quantized here, or a model saved by `linquant quantize`")
+    # --model and --bits default to None, so that --from can tell them given; their defaults are
+    # filled in after parsing.
+    export.add_argument("--model", choices=["tiny-bert", "minilm"],
+                        help="tiny-bert: small random-init BERT; minilm: the built-in all-MiniLM-L6-v2 "
+                             "(default: tiny-bert)")
     export.add_argument("--from", dest="saved", metavar="DIR",
                         help="instead of --model: a directory written by `linquant quantize` (or lq.save_quantized) "
                              "of a Hugging Face encoder or decoder-only language model, exported as it was quantized")
-    export.add_argument("--bits", type=int, default=8, choices=[8, 4, 2], help="bits per weight")
+    export.add_argument("--bits", type=int, choices=[8, 4, 2], help="bits per weight (default: 8)")
     export.add_argument("--group-size", type=int, default=None, help="values per group (default: per channel)")
     export.add_argument("--asymmetric", action="store_true", help="zero-point quantization (default: symmetric)")
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
-    if getattr(args, "saved", None):  # the save holds its format
-        words = argv if argv is not None else sys.argv[1:]
-        given = [flag for flag in ("--model", "--bits", "--group-size", "--asymmetric")
-                 if any(a == flag or a.startswith(flag + "=") for a in words)]
-        if given:
+    if args.command == "export":
+        given = [flag for flag, value in (("--model", args.model), ("--bits", args.bits),
+                                          ("--group-size", args.group_size), ("--asymmetric", args.asymmetric))
+                 if value not in (None, False)]
+        if args.saved and given:  # the save holds its model and format
             parser.exit(2, f"linquant export: --from takes the model and its format from the save; "
                            f"drop {', '.join(given)}\n")
+        args.model, args.bits = args.model or "tiny-bert", args.bits or 8
     if hasattr(args, "group_size"):  # a bad format is a usage error before any model is loaded
         try:
             check_format(args.bits, args.group_size, f"linquant {args.command}")

@@ -112,7 +112,7 @@ def test_errors(tmp_path):
                      ('{"format_version": 99999999999}', False)]:
         other = tmp_path / "other.pt"
         torch.jit.save(module, str(other), _extra_files={"linquant.json": meta})
-        out = run(other, paths["inputs"], "--out", str(tmp_path / "y.pt")) if ok else run(other, paths["inputs"])
+        out = run(other, paths["inputs"], "--out", tmp_path / "y.pt")
         if ok:
             assert out.returncode == 0, (meta, out.stderr)
         else:
