@@ -52,7 +52,7 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
 }
 
 QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options) {
-  TORCH_CHECK_TYPE(w.defined(), "linquant::quantize_weight: w must be a tensor, got None (an undefined tensor)");
+  detail::check_defined(w, "w");
   TORCH_CHECK_VALUE(w.dim() == 2, "linquant::quantize_weight: w must be a 2-D weight [out, in], got shape ", w.sizes());
   TORCH_CHECK_VALUE(options.bits == 8 || options.bits == 4 || options.bits == 2,
                     "linquant::quantize_weight: bits must be 8, 4 or 2, got ", options.bits);
