@@ -8,6 +8,7 @@
 
     lq.quantize_model(model, bits=4, group_size=128, exclude=["lm_head"])   # nn.Linear -> QLinear
     lq.save_quantized(model, "out/"); model = lq.load_quantized("out/", make_model)
+    model = lq.quantize_pretrained("llama-dir/", bits=4, group_size=128)  # read and quantized tensor by tensor
 """
 
 from ._library import library_path, load_library
@@ -21,9 +22,10 @@ from .weights import QuantizedWeight, dequantize_weight, quantize_weight  # noqa
 from .nn import QLinear  # noqa: E402
 from .model import footprint, quantizable_layers, quantize_model  # noqa: E402
 from .serialization import load_quantized, save_quantized  # noqa: E402
+from .pretrained import CheckpointMismatch, quantize_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["choose_qparams", "quantize", "dequantize", "pack", "unpack", "packed_size", "linear",
            "quantize_weight", "dequantize_weight", "QuantizedWeight", "QLinear", "quantize_model",
-           "quantizable_layers", "footprint", "save_quantized", "load_quantized", "metrics", "library_path",
-           "cuda_linear_dispatch"]
+           "quantizable_layers", "quantize_pretrained", "CheckpointMismatch", "footprint", "save_quantized",
+           "load_quantized", "metrics", "library_path", "cuda_linear_dispatch"]

@@ -16,10 +16,11 @@ import torch
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
 from ._arguments import HelpWithDefaults
 from ._files import atomic_write, check_directory_target, make_directory
-from .evaluate import (ModelError, agreement, layer_errors, load_model, load_quantized_dir, portable_spec, report,
-                       timed_greedy)
+from .evaluate import (BUILTIN, ModelError, agreement, hf_model_class, layer_errors, load_model, load_quantized_dir,
+                       portable_spec, report, timed_greedy)
 from .model import DEFAULT_EXCLUDE, scheme_name
 from .nn import QLinear
+from .pretrained import CheckpointMismatch, build_skeleton, quantize_pretrained
 from .weights import check_format
 
 GRANULARITIES = {
@@ -230,11 +231,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
-    model, _, kind = load_model(args.model)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantized_source(spec: str, dtype: torch.dtype, **options):
+    """(quantized model, kind, its bytes in float32) for `linquant quantize`. A Hugging Face
+    directory with safetensors weights is quantized while it is read (quantize_pretrained: peak
+    memory near the quantized size, not the float model's); built-in names, GGUF files and
+    checkpoints that transformers converts while loading are loaded whole, then quantized."""
+    if spec not in BUILTIN and os.path.isdir(spec):
+        model_class, kind = hf_model_class(spec)
+        try:
+            before = footprint(build_skeleton(spec, model_class, torch.float32))["total"]
+            return quantize_pretrained(spec, model_class=model_class, dtype=dtype, **options), kind, before
+        except CheckpointMismatch as e:
+            print(f"{e}\nlinquant: loading the whole model instead", file=sys.stderr)
+    model, _, kind = load_model(spec)
     before = footprint(model)["total"]
-    quantize_model(model, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                   exclude=args.exclude, progress=True)
+    return quantize_model(model.to(dtype), **options), kind, before
+
+
+def cmd_quantize(args) -> int:
+    model, kind, before = quantized_source(args.model, DTYPES[args.dtype], bits=args.bits,
+                                           group_size=args.group_size, symmetric=not args.asymmetric,
+                                           exclude=args.exclude, progress=True)
     n_layers = sum(isinstance(m, QLinear) for m in model.modules())
     # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
     # working directory; a path relative to --out would break when only --out moves.
@@ -358,6 +378,9 @@ def main(argv=None) -> int:
     q.add_argument("model", help=models)
     quant_options(q, required_bits=True)
     q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="the model's float dtype: scales, biases and the layers kept in float (bfloat16 takes "
+                        "the CPU's AVX512-BF16 kernels where it has them)")
     q.set_defaults(func=cmd_quantize)
     e = add_command("eval", help="report footprint, weight error, output agreement and speed")
     e.add_argument("target", help="a `linquant quantize` output directory, or " + models +

@@ -32,12 +32,22 @@ def load_model(spec: str) -> Tuple[nn.Module, object, str]:
     if spec == "smollm2":
         return (*builtin.load_smollm2(), "causal-lm")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     if os.path.isfile(spec) and spec.endswith(".gguf"):
         directory, name = os.path.split(os.path.abspath(spec))
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
         return model.eval(), tok, "causal-lm"
+    model_class, kind = hf_model_class(spec)
+    model = model_class.from_pretrained(spec, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(spec), kind
+
+
+def hf_model_class(spec: str):
+    """(Auto class, kind) for a local Hugging Face model directory: AutoModelForCausalLM for the
+    causal LMs config.json names, AutoModel (the base model: an encoder's embeddings) otherwise."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     if not os.path.exists(spec):
         raise ModelError(f"{spec}: no such file or directory (expected a model directory, a .gguf file, "
                          f"or one of {', '.join(BUILTIN)})")
@@ -45,8 +55,7 @@ def load_model(spec: str) -> Tuple[nn.Module, object, str]:
         raise ModelError(f"{spec}: not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(spec)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(spec, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(spec), "causal-lm" if causal else "encoder"
+    return (AutoModelForCausalLM, "causal-lm") if causal else (AutoModel, "encoder")
 
 
 def portable_spec(spec: str) -> str:

@@ -51,30 +51,32 @@ def _linear_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             if isinstance(module, nn.Linear) or _is_conv1d(module)]
 
 
+def _not_excluded(linears: List[Tuple[str, nn.Module]], exclude: Exclude) -> List[Tuple[str, nn.Module, bool]]:
+    return [(name, module, _is_conv1d(module)) for name, module in linears if not _excluded(name, module, exclude)]
+
+
 def quantizable_layers(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE) -> List[Tuple[str, nn.Module, bool]]:
     """(name, module, transposed) of every nn.Linear / Conv1D that `exclude` does not name, under
     every name it has (a module registered at two places is listed at both). `exclude` takes
     names or glob patterns, matched against the full module name or its last component, or a
     predicate (name, module) -> bool."""
-    return [(name, module, _is_conv1d(module)) for name, module in _linear_layers(model)
-            if not _excluded(name, module, exclude)]
+    return _not_excluded(_linear_layers(model), exclude)
 
 
-def _warn_unmatched_patterns(model: nn.Module, exclude: Exclude) -> None:
+def _warn_unmatched_patterns(linears: List[Tuple[str, nn.Module]], exclude: Exclude, who: str) -> None:
     """A pattern that names no layer is most likely a typo, and since `exclude` replaces the
     default, it also stops lm_head from being kept: say so rather than quantize it silently."""
     if callable(exclude):
         return
-    names = [name for name, _ in _linear_layers(model)]
     for pattern in _patterns(exclude):
-        if pattern not in DEFAULT_EXCLUDE and not any(_matches(name, pattern) for name in names):
-            warnings.warn(f"linquant.quantize_model: exclude pattern {pattern!r} matches no nn.Linear or Conv1D "
+        if pattern not in DEFAULT_EXCLUDE and not any(_matches(name, pattern) for name, _ in linears):
+            warnings.warn(f"{who}: exclude pattern {pattern!r} matches no nn.Linear or Conv1D "
                           f"layer, so it keeps nothing in full precision (a pattern matches a layer's full name "
                           f"or its last component; exclude replaces the default {list(DEFAULT_EXCLUDE)})",
-                          stacklevel=3)
+                          stacklevel=4)
 
 
-def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool]]) -> None:
+def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool]], who: str) -> None:
     """A layer whose weight another module also holds (lm_head tied to the token embedding):
     quantizing it unties them, the other module keeps the float weight, and the model grows by
     the quantized copy."""
@@ -85,14 +87,62 @@ def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool
     for name, module, _ in layers:
         others = [other for other, holder in holders.get(id(module.weight), []) if holder is not module]
         if others:
-            warnings.warn(f"linquant.quantize_model: layer {name!r} shares its weight with {others[0]!r} (tied "
+            warnings.warn(f"{who}: layer {name!r} shares its weight with {others[0]!r} (tied "
                           f"weights); quantizing it breaks the tie and adds the quantized copy to the model's "
-                          f"bytes (exclude {name!r} to keep the tie)", stacklevel=3)
+                          f"bytes (exclude {name!r} to keep the tie)", stacklevel=4)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def layers_to_quantize(model: nn.Module, bits: int, group_size: Optional[int], exclude: Exclude,
+                       who: str) -> List[Tuple[str, nn.Module, bool]]:
+    """quantizable_layers after checking the format, with the warnings `who` (quantize_model,
+    quantize_pretrained) gives: an exclude pattern that matches no layer, nothing to quantize, a
+    layer whose weight is tied to another module's."""
+    check_format(bits, group_size, who)
+    linears = _linear_layers(model)
+    _warn_unmatched_patterns(linears, exclude, who)
+    layers = _not_excluded(linears, exclude)
+    if not layers:
+        warnings.warn(f"{who}: nothing to quantize (no nn.Linear or Conv1D outside exclude)", stacklevel=3)
+    _warn_tied_weights(model, layers, who)
+    return layers
+
+
+def replace_layers(model: nn.Module, layers: List[Tuple[str, nn.Module, bool]],
+                   make_layer: Callable[[str, nn.Module, bool], QLinear], who: str, scheme: str,
+                   progress: Optional[bool] = None) -> Tuple[nn.Module, Dict[int, QLinear]]:
+    """Puts make_layer(name, module, transposed) in place of each of `layers` (in place; the
+    QLinear itself comes back when the model is the layer) and returns the model and the
+    QLinears by id of the module they replace. A module registered at two places becomes one
+    QLinear at both: listed once (named_modules' default), its second place would keep the float
+    layer, quietly half quantizing the model. `progress` shows a bar (default: more than 16 layers)."""
+    iterator = layers
+    if progress or (progress is None and len(layers) > 16):
+        try:
+            from tqdm.auto import tqdm
+            iterator = tqdm(layers, desc=f"quantizing to {scheme}", unit="layer")
+        except ImportError:
+            pass
+    quantized: Dict[int, QLinear] = {}
+    for name, module, transposed in iterator:
+        try:
+            layer = quantized.get(id(module)) or make_layer(name, module, transposed)
+        except ValueError as e:  # e.g. NaN weights: say which layer
+            raise ValueError(f"{who}: layer {name or '(the model)'!r}: {e}") from e
+        quantized[id(module)] = layer
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back
+            model = layer
+    return model, quantized
+
+
+def report_replaced(count: int, scheme: str, verbose: bool) -> None:
+    """The summary line, to the "linquant" logger and, when verbose, to stdout."""
+    summary = f"linquant: replaced {count} layers with {scheme} QLinear"
+    log.info(summary)
+    if verbose:
+        print(summary)
 
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
@@ -104,39 +154,16 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
     any layer changes. `progress` shows a bar (default: when there are more than 16 layers); the
     summary is logged to the "linquant" logger and printed when verbose. Warns of an exclude pattern
     that matches no layer and of a layer whose weight is tied to another module's."""
-    check_format(bits, group_size, "linquant.quantize_model")
-    _warn_unmatched_patterns(model, exclude)
-    layers = quantizable_layers(model, exclude)
+    who = "linquant.quantize_model"
+    layers = layers_to_quantize(model, bits, group_size, exclude, who)
     if not layers:
-        warnings.warn("linquant.quantize_model: nothing to quantize (no nn.Linear or Conv1D outside exclude)",
-                      stacklevel=2)
         return model
-    _warn_tied_weights(model, layers)
-    iterator = layers
-    if progress or (progress is None and len(layers) > 16):
-        try:
-            from tqdm.auto import tqdm
-            iterator = tqdm(layers, desc=f"quantizing to {scheme_name(bits, group_size, symmetric)}", unit="layer")
-        except ImportError:
-            pass
-    # A layer registered at two places becomes one QLinear at both: listed once (named_modules'
-    # default), its second place would keep the float layer, quietly half quantizing the model.
-    quantized: Dict[int, QLinear] = {}
-    for name, module, transposed in iterator:
-        try:
-            layer = quantized.get(id(module)) or QLinear.from_linear(module, bits, group_size, symmetric,
-                                                                     transposed=transposed)
-        except ValueError as e:  # e.g. NaN weights: say which layer
-            raise ValueError(f"linquant.quantize_model: layer {name or '(the model)'!r}: {e}") from e
-        quantized[id(module)] = layer
-        if name:
-            _set_submodule(model, name, layer)
-        else:  # the model is itself a Linear: nothing holds it, so the QLinear is what comes back
-            model = layer
-    summary = f"linquant: replaced {len(quantized)} layers with {scheme_name(bits, group_size, symmetric)} QLinear"
-    log.info(summary)
-    if verbose:
-        print(summary)
+    scheme = scheme_name(bits, group_size, symmetric)
+    model, quantized = replace_layers(
+        model, layers, lambda name, module, transposed: QLinear.from_linear(module, bits, group_size, symmetric,
+                                                                            transposed=transposed),
+        who, scheme, progress)
+    report_replaced(len(quantized), scheme, verbose)
     return model
 
 

@@ -71,16 +71,45 @@ class QLinear(nn.Module):
             weight = weight.t()
         out_features, in_features = weight.shape
         bias = getattr(linear, "bias", None)
-        q = cls(in_features, out_features, bias is not None, bits, group_size, symmetric,
-                device=weight.device, dtype=weight.dtype)
-        qw = quantize_weight(weight, bits, group_size, symmetric)
-        q.qweight.copy_(qw.qweight)
-        q.scales.copy_(qw.scales)
-        if qw.zeros is not None:
-            q.zeros.copy_(qw.zeros)
+        # Built on meta: set_weight and set_bias give it its real buffers, with nothing allocated twice.
+        q = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, device="meta",
+                dtype=weight.dtype)
+        q.set_weight(weight)
         if bias is not None:
-            q.bias.copy_(bias.detach())
+            q.set_bias(bias)
         return q
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantizes a float weight [out_features, in_features] into this layer's format, scales in
+        its dtype, and takes the result as its buffers (replacing them, so a layer built on the meta
+        device gets real ones, on the weight's device)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"linquant.QLinear.set_weight: weight must be [out_features, in_features] = "
+                             f"[{self.out_features}, {self.in_features}], got {list(weight.shape)}")
+        qw = quantize_weight(weight.detach(), self.bits, self.group_size, self.symmetric, dtype=self.scales.dtype)
+        self.qweight, self.scales = qw.qweight.contiguous(), qw.scales.contiguous()
+        if qw.zeros is not None:
+            self.zeros = qw.zeros.contiguous()
+
+    def set_bias(self, bias: torch.Tensor) -> None:
+        """Takes a copy of `bias` [out_features], in the layer's dtype, as its bias buffer."""
+        if self.bias is None:
+            raise ValueError("linquant.QLinear.set_bias: the layer was built without a bias (bias=False)")
+        if tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"linquant.QLinear.set_bias: bias must be [out_features] = [{self.out_features}], "
+                             f"got {list(bias.shape)}")
+        self.bias = bias.detach().to(dtype=self.scales.dtype, copy=True)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .double() convert every floating-point tensor, here the scales and bias. linear
+        # computes in float32 at most, so float64 would only fail at the next forward: refused here,
+        # on an empty probe, before this layer's buffers change.
+        probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))
+        if isinstance(probe, torch.Tensor) and probe.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"linquant.QLinear: the scales and bias must stay float32, float16 or bfloat16 "
+                             f"(linear computes in float32 at most), not {probe.dtype}: convert the model to "
+                             "one of those, or exclude this layer from quantize_model")
+        return super()._apply(fn, recurse)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)

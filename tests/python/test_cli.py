@@ -97,6 +97,31 @@ def test_quantize_and_eval_name_the_scheme_what_they_time_and_an_exclude_that_ma
     assert rep["models"]["quantized"]["forward_tokens"] == 69 and rep["models"]["quantized"]["decode_ms_per_token"] > 0
 
 
+def test_quantize_in_bf16_and_a_checkpoint_it_cannot_stream(tmp_path):
+    # --dtype bfloat16 gives bf16 scales, biases and float layers (read tensor by tensor); a
+    # checkpoint lacking some of the model's weights (BertForMaskedLM has no pooler for AutoModel)
+    # is loaded whole instead, as from_pretrained loads it, and says so.
+    hf_models.llama().save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    out = linquant("quantize", tmp_path / "llama", "--bits", "8", "--dtype", "bfloat16", "--out", tmp_path / "q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "q" / "linquant.json").read_text())
+    assert {m["dtype"] for m in config["modules"].values()} == {"bfloat16"}
+    out = linquant("eval", tmp_path / "q", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["models"]["quantized"]["perplexity"] > 0
+
+    from transformers import BertConfig, BertForMaskedLM
+    BertForMaskedLM(BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                               vocab_size=512)).save_pretrained(tmp_path / "bert")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "bert")
+    out = linquant("quantize", tmp_path / "bert", "--bits", "4", "--group-size", "32", "--out", tmp_path / "qb")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "has no tensor for 2 of the model's weights (pooler.dense, pooler.dense.bias)" in out.stderr
+    assert "linquant: loading the whole model instead" in out.stderr
+    assert "(encoder): 7 layers quantized to 4-bit g32 symmetric" in out.stdout
+
+
 @pytest.mark.parametrize("command,defaults", [
     ("eval", ["--bits {8,4,2} bits per weight (default: 8)", "(default: symmetric)", "(default: lm_head;"]),
     ("quantize", ["(default: symmetric)", "(default: one"]),

@@ -115,6 +115,37 @@ def test_repr_and_to_dtype():
     assert h(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
 
 
+def test_float64_is_refused_when_converting_not_at_forward():
+    # Module.double() / .to(float64) would convert the scales and bias, which linear cannot take:
+    # refused at the conversion, with this layer's buffers as they were.
+    model = nn.Sequential(lq.QLinear.from_linear(nn.Linear(16, 8), 8))
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float64), lambda m: m.to("cpu", torch.float64)):
+        with pytest.raises(ValueError, match="scales and bias must stay float32, float16 or bfloat16 .* not "
+                                             "torch.float64"):
+            convert(model)
+        assert model[0].scales.dtype == torch.float32 and model[0].bias.dtype == torch.float32
+    assert model.to("meta")[0].scales.device.type == "meta"
+
+
+def test_set_weight_and_set_bias_check_their_shapes(gen):
+    layer = lq.QLinear(16, 8, bias=False, bits=4, group_size=8, device="meta")
+    with pytest.raises(ValueError, match=r"set_weight: weight must be \[out_features, in_features\] = \[8, 16\], "
+                                         r"got \[16, 8\]"):
+        layer.set_weight(torch.randn(16, 8, generator=gen))
+    with pytest.raises(ValueError, match=r"set_bias: the layer was built without a bias"):
+        layer.set_bias(torch.zeros(8))
+    with pytest.raises(ValueError, match=r"set_bias: bias must be \[out_features\] = \[8\], got \[8, 1\]"):
+        lq.QLinear(16, 8, bits=8).set_bias(torch.zeros(8, 1))
+    w = torch.randn(8, 16, generator=gen)
+    layer.set_weight(w)  # a meta layer gets real buffers, equal to from_linear's
+    linear = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    reference = lq.QLinear.from_linear(linear, 4, 8)
+    assert layer.qweight.device.type == "cpu"
+    assert torch.equal(layer.qweight, reference.qweight) and torch.equal(layer.scales, reference.scales)
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
         lq.QLinear(16, 8, bits=3)

@@ -1,0 +1,117 @@
+"""Peak memory and time of quantizing a Hugging Face checkpoint two ways, each in a fresh process:
+`quantize_model(AutoModelForCausalLM.from_pretrained(dir, dtype=float32))`, which holds the
+full-precision model, against `lq.quantize_pretrained(dir)`, which reads and quantizes one tensor at
+a time. The checkpoint is a randomly initialised Llama written here (bf16, sharded as
+save_pretrained shards it), so no download is needed. Peak memory is the process's anonymous
+resident memory (RssAnon, sampled every millisecond) above what the process holds after the same
+way has run once on a tiny checkpoint (imports and first-use allocations, ~125 MiB, are not the
+model's); RssAnon because safetensors maps the file, and those pages, counted in VmHWM, are page
+cache the kernel can drop. `--help` lists the options."""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from linquant._arguments import HelpWithDefaults, positive_int
+
+WAYS = ("from_pretrained+quantize_model", "quantize_pretrained")
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc/self/status (this benchmark needs Linux)")
+
+
+def quantize(way: str, directory: str, bits: int, group_size: int):
+    import torch
+    import linquant as lq
+    from transformers import AutoModelForCausalLM
+    if way == WAYS[0]:
+        return lq.quantize_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), bits=bits,
+                                 group_size=group_size, symmetric=False, progress=False)
+    return lq.quantize_pretrained(directory, bits=bits, group_size=group_size, symmetric=False, progress=False)
+
+
+def measure(way: str, directory: str, warmup_directory: str, bits: int, group_size: int) -> dict:
+    """Runs one way in this process, once on the tiny checkpoint and then on the measured one, and
+    returns the second run's peak RssAnon above the memory held before it, and its time."""
+    import linquant as lq
+
+    quantize(way, warmup_directory, bits, group_size)
+    peak, done = [rss_anon_kib()], threading.Event()
+    base = peak[0]
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_anon_kib())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    model = quantize(way, directory, bits, group_size)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss_anon_kib())
+    return {"way": way, "peak_mib": (peak[0] - base) / 1024, "seconds": seconds,
+            "model_mib": lq.footprint(model)["total"] / 2**20}
+
+
+def write_checkpoint(directory: str, hidden: int, layers: int, vocab: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                         vocab_size=vocab, tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="500MB")
+    params = sum(p.numel() for p in model.parameters())
+    return {"params": params, "fp32_mib": params * 4 / 2**20}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser.add_argument("--hidden", type=positive_int, default=2048, help="hidden size of the Llama written")
+    parser.add_argument("--layers", type=positive_int, default=8, help="its number of decoder layers")
+    parser.add_argument("--vocab", type=positive_int, default=32000, help="its vocabulary size")
+    parser.add_argument("--bits", type=int, choices=(8, 4, 2), default=4, help="bits of the quantized weights")
+    parser.add_argument("--group-size", type=positive_int, default=128, help="group size (asymmetric)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    parser.add_argument("--measure", nargs=3, metavar=("WAY", "DIR", "WARMUP_DIR"), help=argparse.SUPPRESS)  # child
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(*args.measure, args.bits, args.group_size)))
+        return 0
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as warmup:
+        write_checkpoint(warmup, 64, 1, 256)
+        info = write_checkpoint(directory, args.hidden, args.layers, args.vocab)
+        print(f"Llama, {info['params'] / 1e6:.0f}M parameters (bf16 checkpoint; {info['fp32_mib']:.0f} MiB in "
+              f"float32), quantized to {args.bits}-bit g{args.group_size} asymmetric, float32 model")
+        rows = []
+        for way in WAYS:
+            child = [sys.executable, __file__, "--measure", way, directory, warmup, "--bits", str(args.bits),
+                     "--group-size", str(args.group_size)]
+            out = subprocess.run(child, check=True, capture_output=True, text=True)
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), **info})
+    print(f"{'way':34} {'peak MiB':>9} {'model MiB':>10} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['way']:34} {r['peak_mib']:9.0f} {r['model_mib']:10.0f} {r['seconds']:8.1f}")
+    print(f"quantize_pretrained's peak is {rows[1]['peak_mib'] / rows[0]['peak_mib']:.2f}x the other's")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
