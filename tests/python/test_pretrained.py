@@ -213,3 +213,13 @@ def test_less_memory_than_loading_the_float_model(tmp_path):
     # are most of it). Measured: 293 and 148 MiB.
     assert full["peak_mib"] > full["fp32_mib"] * 0.9, rows
     assert streamed["peak_mib"] < streamed["model_mib"] + 0.35 * full["fp32_mib"], rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_read_and_quantized_on_the_gpu_as_on_the_cpu(tmp_path, gen):
+    directory = save(perturbed(hf_models.gpt2(), gen), tmp_path)  # Conv1D: transposed on the GPU
+    on_cpu = lq.quantize_pretrained(directory, bits=4, group_size=32, symmetric=False)
+    on_gpu = lq.quantize_pretrained(directory, bits=4, group_size=32, symmetric=False, device="cuda")
+    assert {t.device.type for t in on_gpu.state_dict().values()} == {"cuda"}
+    assert all(b.device.type == "cuda" for b in on_gpu.buffers())
+    assert_same_state(on_cpu, on_gpu.cpu())
