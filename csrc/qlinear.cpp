@@ -28,7 +28,7 @@ double smallest_subnormal(at::ScalarType t) {
 
 QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_bias, QLinearOptions options_,
                          at::ScalarType dtype)
-    : in_features(in_features_), out_features(out_features_), options(options_) {
+    : in_features(in_features_), out_features(out_features_), options(options_), with_bias_(with_bias), dtype_(dtype) {
   const int64_t bits = options.bits;
   TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant::QLinear: bits must be 8, 4 or 2, got ", bits);
   TORCH_CHECK_VALUE(!options.group_size.has_value() || (*options.group_size > 0 && *options.group_size % (8 / bits) == 0),
@@ -39,6 +39,11 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
                     "linquant::QLinear: in_features = ", in_features, " is too large for a ", bits, "-bit row");
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                     "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
+  reset();
+}
+
+void QLinearImpl::reset() {
+  const int64_t bits = options.bits;
   // As choose_qparams counts groups: ceil(K / group_size) without overflow, none when K = 0; one
   // per row per-channel.
   const int64_t groups = !options.group_size.has_value() ? 1
@@ -46,9 +51,9 @@ QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_
                                                      : (in_features - 1) / *options.group_size + 1;
   const auto qdtype = bits == 8 && options.symmetric ? at::kChar : at::kByte;
   qweight = register_buffer("qweight", at::zeros({out_features, (in_features * bits + 7) / 8}, at::TensorOptions(qdtype)));
-  scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype)));
+  scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype_)));
   if (!options.symmetric) zeros = register_buffer("zeros", at::zeros({out_features, groups}, at::TensorOptions(at::kInt)));
-  if (with_bias) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype)));
+  if (with_bias_) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype_)));
 }
 
 QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options) {

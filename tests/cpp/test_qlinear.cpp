@@ -196,6 +196,41 @@ TEST(QLinearCpp, LoadChecksTheFormatItWasSavedWith) {
   EXPECT_NE(message(linquant::QLinear(32, 6, true, linquant::QLinearOptions{4, std::nullopt, false})).find("group_size"), std::string::npos);
 }
 
+TEST(QLinearCpp, CloneDeepCopiesModelsHoldingIt) {
+  // torch::nn::Cloneable: Module::clone() of a model with QLinear layers (refused before) copies
+  // each layer's format and buffers (their dtypes too) into storage of its own.
+  torch::manual_seed(6);
+  torch::nn::Linear first(torch::nn::LinearOptions(48, 12));
+  first->to(at::kBFloat16);
+  torch::nn::Linear second(torch::nn::LinearOptions(12, 8).bias(false));
+  torch::nn::Sequential model(linquant::QLinear(linquant::QLinearImpl::from_linear(first, {4, 16, false})),
+                              torch::nn::ReLU(),
+                              linquant::QLinear(linquant::QLinearImpl::from_linear(second, {8, std::nullopt, true})));
+  const auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  ASSERT_TRUE(copy);
+  const at::Tensor x = torch::randn({3, 48}).to(at::kBFloat16);
+  EXPECT_TRUE(at::equal(copy->forward(x), model->forward(x)));
+  for (size_t i : {0, 2}) {
+    auto* mine = model[i]->as<linquant::QLinear>();
+    auto* theirs = (*copy)[i]->as<linquant::QLinear>();
+    ASSERT_TRUE(mine && theirs && mine != theirs);
+    std::ostringstream a, b;
+    mine->pretty_print(a);
+    theirs->pretty_print(b);
+    EXPECT_EQ(a.str(), b.str());  // sizes, bias, bits, granularity, mode, dtype
+    const auto buffers = mine->named_buffers(), copied = theirs->named_buffers();
+    ASSERT_EQ(buffers.size(), copied.size());
+    for (const auto& buffer : buffers) {
+      const at::Tensor& c = copied[buffer.key()];
+      EXPECT_TRUE(at::equal(c, buffer.value())) << buffer.key();
+      EXPECT_NE(c.data_ptr(), buffer.value().data_ptr()) << buffer.key();
+    }
+    EXPECT_EQ(theirs->qweight.data_ptr(), copied["qweight"].data_ptr());  // the members are the buffers
+  }
+  (*copy)[0]->as<linquant::QLinear>()->scales.mul_(2);
+  EXPECT_FALSE(at::equal(copy->forward(x), model->forward(x)));
+}
+
 TEST(QLinearCpp, InFeaturesChecked) {
   // 7 and 8 values pack into the same 4 bytes at 4 bits: only the layer can tell them apart.
   linquant::QLinear layer(8, 3, true, linquant::QLinearOptions{4, std::nullopt, false});

@@ -2,6 +2,7 @@
 // (docs/architecture.md, "Quantized weight format"), running linquant::linear.
 #pragma once
 
+#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
@@ -25,10 +26,14 @@ struct QuantizedWeight {
 };
 QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options);
 
-class QLinearImpl : public torch::nn::Module {
+// Cloneable: module->clone() deep-copies a model holding QLinear layers (buffers copied, format kept).
+class QLinearImpl : public torch::nn::Cloneable<QLinearImpl> {
  public:
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QLinearOptions options,
               at::ScalarType dtype = at::kFloat);
+
+  // Registers the buffers (zeros, scales of 1) for the format; clone() calls it on the copy.
+  void reset() override;
 
   // Quantizes a torch::nn::Linear (its weight [out, in] and bias) into a new layer.
   static std::shared_ptr<QLinearImpl> from_linear(const torch::nn::Linear& linear, QLinearOptions options);
@@ -55,6 +60,10 @@ class QLinearImpl : public torch::nn::Module {
   int64_t in_features, out_features;
   QLinearOptions options;
   at::Tensor qweight, scales, zeros, bias;  // zeros / bias undefined when absent
+
+ private:
+  bool with_bias_;
+  at::ScalarType dtype_;  // of the buffers reset() makes; clone() then gives them the originals' data and dtype
 };
 
 TORCH_MODULE(QLinear);
