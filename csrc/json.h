@@ -15,7 +15,6 @@ namespace linquant::json {
 
 class Value {
  public:
-  enum class Type { kNull, kBool, kInt, kDouble, kString, kArray, kObject };
   using Array = std::vector<Value>;
   using Object = std::vector<std::pair<std::string, Value>>;  // in file order
 
@@ -27,7 +26,6 @@ class Value {
   explicit Value(Array a) : type_(Type::kArray), array_(std::move(a)) {}
   explicit Value(Object o) : type_(Type::kObject), object_(std::move(o)) {}
 
-  Type type() const { return type_; }
   bool is_null() const { return type_ == Type::kNull; }
   bool is_bool() const { return type_ == Type::kBool; }
   bool is_int() const { return type_ == Type::kInt; }  // written without fraction or exponent
@@ -50,6 +48,7 @@ class Value {
   std::string describe(size_t max_chars = 60) const;
 
  private:
+  enum class Type { kNull, kBool, kInt, kDouble, kString, kArray, kObject };
   void dump(std::string& out) const;
 
   Type type_ = Type::kNull;
