@@ -21,7 +21,8 @@ from .evaluate import (BUILTIN, ModelError, agreement, hf_model_class, layer_err
 from .model import DEFAULT_EXCLUDE, scheme_name
 from .nn import QLinear
 from .pretrained import CheckpointMismatch, build_skeleton, quantize_pretrained
-from .weights import check_format
+from .serialization import read_config
+from .weights import METHODS, check_format
 
 GRANULARITIES = {
     "per-tensor": {},
@@ -254,13 +255,14 @@ def quantized_source(spec: str, dtype: torch.dtype, **options):
 def cmd_quantize(args) -> int:
     model, kind, before = quantized_source(args.model, DTYPES[args.dtype], bits=args.bits,
                                            group_size=args.group_size, symmetric=not args.asymmetric,
-                                           exclude=args.exclude, progress=True)
+                                           exclude=args.exclude, progress=True, method=args.method)
     n_layers = sum(isinstance(m, QLinear) for m in model.modules())
     # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
     # working directory; a path relative to --out would break when only --out moves.
-    save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind})
+    save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind,
+                                              "method": args.method})
     # The scheme in full: symmetric is the default, and nothing else in the output would say which ran.
-    scheme = scheme_name(args.bits, args.group_size, not args.asymmetric)
+    scheme = scheme_name(args.bits, args.group_size, not args.asymmetric, args.method)
     result = {"out": args.out, "layers": n_layers, "scheme": scheme, "bytes_before": before,
               "bytes_after": footprint(model)["total"]}
     if args.json:
@@ -272,13 +274,15 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    method = args.method
     if os.path.isdir(args.target) and os.path.isfile(os.path.join(args.target, "linquant.json")):
         fp_model, tok, kind, q_model = load_quantized_dir(args.target)
+        method = read_config(args.target)["metadata"].get("method", "minmax")  # saves before methods: minmax
     else:
         fp_model, tok, kind = load_model(args.target)
         q_model = quantize_model(copy.deepcopy(fp_model), bits=args.bits, group_size=args.group_size,
-                                 symmetric=not args.asymmetric, exclude=args.exclude, progress=True)
-    rep = report(fp_model, q_model, tok, kind)
+                                 symmetric=not args.asymmetric, exclude=args.exclude, progress=True, method=method)
+    rep = report(fp_model, q_model, tok, kind, method)
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
@@ -371,6 +375,10 @@ def main(argv=None) -> int:
         p.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE),
                        help="module names or glob patterns (a layer's full name or its last component) to keep in "
                             f"full precision (default: {' '.join(DEFAULT_EXCLUDE)}; patterns given replace it)")
+        p.add_argument("--method", choices=list(METHODS), default="minmax",
+                       help="how scales and zero points are chosen: minmax spans each group's range; mse searches "
+                            "21 clipping ratios per group for the least squared error (21 times the work, "
+                            "10-40%% less weight error at 4 and 2 bits)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     models = "a local Hugging Face model directory, a .gguf file, or a built-in name (minilm, smollm2)"

@@ -89,10 +89,11 @@ def layer_errors(fp_model: nn.Module, q_model: nn.Module) -> List[Dict[str, floa
     return rows
 
 
-def schemes(model: nn.Module) -> str:
+def schemes(model: nn.Module, method: str = "minmax") -> str:
     """The quantization schemes of a model's QLinears in words ("4-bit g128 asymmetric"), joined
-    when they differ."""
-    names = {scheme_name(m.bits, m.group_size, m.symmetric) for m in model.modules() if isinstance(m, QLinear)}
+    when they differ; `method` is how their scales were chosen, which the layers do not record."""
+    names = {scheme_name(m.bits, m.group_size, m.symmetric, method) for m in model.modules()
+             if isinstance(m, QLinear)}
     return ", ".join(sorted(names)) or "none"
 
 
@@ -138,8 +139,9 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
             "decode_ms_per_token": decode_ms}
 
 
-def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str) -> dict:
-    """The `linquant eval` report for a quantized model and its fp32 original."""
+def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method: str = "minmax") -> dict:
+    """The `linquant eval` report for a quantized model (its scales chosen by `method`) and its fp32
+    original."""
     ref = agreement(kind, fp_model, tokenizer)
     bf16 = copy.deepcopy(fp_model).to(torch.bfloat16)
     quant = agreement(kind, q_model, tokenizer, ref)
@@ -148,4 +150,4 @@ def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str) -> dic
             "quantized": {"bytes": footprint(q_model)["total"], **quant}}
     for r in rows.values():
         r.pop("embeddings", None)
-    return {"kind": kind, "scheme": schemes(q_model), "models": rows, "layers": layer_errors(fp_model, q_model)}
+    return {"kind": kind, "scheme": schemes(q_model, method), "models": rows, "layers": layer_errors(fp_model, q_model)}

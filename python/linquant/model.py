@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 from torch import nn
 
 from .nn import QLinear
-from .weights import check_format
+from .weights import check_format, check_method
 
 log = logging.getLogger("linquant")
 
@@ -17,10 +17,12 @@ Exclude = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
 DEFAULT_EXCLUDE = ("lm_head",)
 
 
-def scheme_name(bits: int, group_size: Optional[int], symmetric: bool) -> str:
-    """The quantization scheme in words, e.g. "4-bit g128 asymmetric", "8-bit per-channel symmetric"."""
+def scheme_name(bits: int, group_size: Optional[int], symmetric: bool, method: str = "minmax") -> str:
+    """The quantization scheme in words, e.g. "4-bit g128 asymmetric", "8-bit per-channel symmetric",
+    "2-bit g64 asymmetric, mse scales" (minmax, the default, goes unsaid)."""
     granularity = "per-channel" if group_size is None else f"g{group_size}"
-    return f"{bits}-bit {granularity} {'symmetric' if symmetric else 'asymmetric'}"
+    scales = "" if method == "minmax" else f", {method} scales"
+    return f"{bits}-bit {granularity} {'symmetric' if symmetric else 'asymmetric'}{scales}"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -92,12 +94,13 @@ def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool
                           f"bytes (exclude {name!r} to keep the tie)", stacklevel=4)
 
 
-def layers_to_quantize(model: nn.Module, bits: int, group_size: Optional[int], exclude: Exclude,
+def layers_to_quantize(model: nn.Module, bits: int, group_size: Optional[int], method: str, exclude: Exclude,
                        who: str) -> List[Tuple[str, nn.Module, bool]]:
-    """quantizable_layers after checking the format, with the warnings `who` (quantize_model,
-    quantize_pretrained) gives: an exclude pattern that matches no layer, nothing to quantize, a
-    layer whose weight is tied to another module's."""
+    """quantizable_layers after checking the format and method, with the warnings `who`
+    (quantize_model, quantize_pretrained) gives: an exclude pattern that matches no layer, nothing
+    to quantize, a layer whose weight is tied to another module's."""
     check_format(bits, group_size, who)
+    check_method(method, who)
     linears = _linear_layers(model)
     _warn_unmatched_patterns(linears, exclude, who)
     layers = _not_excluded(linears, exclude)
@@ -147,21 +150,22 @@ def report_replaced(count: int, scheme: str, verbose: bool) -> None:
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
                    exclude: Exclude = DEFAULT_EXCLUDE, progress: Optional[bool] = None,
-                   verbose: bool = False) -> nn.Module:
+                   verbose: bool = False, method: str = "minmax") -> nn.Module:
     """Replaces, in place, every nn.Linear and transformers Conv1D (but those `exclude` names) with
-    a QLinear of `bits` bits (per output channel when group_size is None) and returns the model
+    a QLinear of `bits` bits (per output channel when group_size is None; scales chosen by
+    `method`, quantize_weight's "minmax" or "mse") and returns the model
     (the QLinear itself when the model is a bare Linear). bits and group_size are checked before
     any layer changes. `progress` shows a bar (default: when there are more than 16 layers); the
     summary is logged to the "linquant" logger and printed when verbose. Warns of an exclude pattern
     that matches no layer and of a layer whose weight is tied to another module's."""
     who = "linquant.quantize_model"
-    layers = layers_to_quantize(model, bits, group_size, exclude, who)
+    layers = layers_to_quantize(model, bits, group_size, method, exclude, who)
     if not layers:
         return model
-    scheme = scheme_name(bits, group_size, symmetric)
+    scheme = scheme_name(bits, group_size, symmetric, method)
     model, quantized = replace_layers(
         model, layers, lambda name, module, transposed: QLinear.from_linear(module, bits, group_size, symmetric,
-                                                                            transposed=transposed),
+                                                                            transposed=transposed, method=method),
         who, scheme, progress)
     report_replaced(len(quantized), scheme, verbose)
     return model

@@ -63,9 +63,10 @@ class QLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int = 8, group_size: Optional[int] = None,
-                    symmetric: bool = True, transposed: bool = False) -> "QLinear":
+                    symmetric: bool = True, transposed: bool = False, method: str = "minmax") -> "QLinear":
         """Quantizes an nn.Linear (or, with transposed=True, a weight stored [in, out] as in
-        transformers' Conv1D): per output channel when group_size is None, else per group."""
+        transformers' Conv1D): per output channel when group_size is None, else per group;
+        `method` chooses the scales (quantize_weight's "minmax" or "mse")."""
         weight = linear.weight.detach()
         if transposed:
             weight = weight.t()
@@ -74,19 +75,20 @@ class QLinear(nn.Module):
         # Built on meta: set_weight and set_bias give it its real buffers, with nothing allocated twice.
         q = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, device="meta",
                 dtype=weight.dtype)
-        q.set_weight(weight)
+        q.set_weight(weight, method)
         if bias is not None:
             q.set_bias(bias)
         return q
 
-    def set_weight(self, weight: torch.Tensor) -> None:
+    def set_weight(self, weight: torch.Tensor, method: str = "minmax") -> None:
         """Quantizes a float weight [out_features, in_features] into this layer's format, scales in
-        its dtype, and takes the result as its buffers (replacing them, so a layer built on the meta
-        device gets real ones, on the weight's device)."""
+        its dtype chosen by `method` (quantize_weight's), and takes the result as its buffers
+        (replacing them, so a layer built on the meta device gets real ones, on the weight's device)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"linquant.QLinear.set_weight: weight must be [out_features, in_features] = "
                              f"[{self.out_features}, {self.in_features}], got {list(weight.shape)}")
-        qw = quantize_weight(weight.detach(), self.bits, self.group_size, self.symmetric, dtype=self.scales.dtype)
+        qw = quantize_weight(weight.detach(), self.bits, self.group_size, self.symmetric, dtype=self.scales.dtype,
+                             method=method)
         self.qweight, self.scales = qw.qweight.contiguous(), qw.scales.contiguous()
         if qw.zeros is not None:
             self.zeros = qw.zeros.contiguous()

@@ -12,7 +12,7 @@ from torch import nn
 from .model import DEFAULT_EXCLUDE, Exclude, layers_to_quantize, replace_layers, report_replaced, scheme_name
 from .nn import QLinear
 from .serialization import _parameters_on_meta
-from .weights import check_format
+from .weights import check_format, check_method
 
 WHO = "linquant.quantize_pretrained"
 SINGLE_FILE = "model.safetensors"
@@ -140,11 +140,12 @@ def _tied_sources(model: nn.Module, layers) -> Dict[int, str]:
 
 def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
                         exclude: Exclude = DEFAULT_EXCLUDE, dtype: torch.dtype = torch.float32, model_class=None,
-                        device=None, progress: Optional[bool] = None, verbose: bool = False) -> nn.Module:
+                        device=None, progress: Optional[bool] = None, verbose: bool = False,
+                        method: str = "minmax") -> nn.Module:
     """Loads the Hugging Face model in directory `path` (config.json and safetensors weights,
     sharded or not) quantized, reading its tensors one at a time: equal, tensor for tensor, to
     quantize_model(model_class.from_pretrained(path, dtype=dtype), bits, group_size, symmetric,
-    exclude), with peak memory near the quantized model's size. `dtype` is the model's float
+    exclude, method=method), with peak memory near the quantized model's size. `dtype` is the model's float
     dtype (scales, biases and the layers left in float). `model_class` defaults to the class
     config.json names (e.g. AutoModel for an encoder's base model). The tensors are read and
     quantized on `device` (default CPU). Returned in eval mode, with the directory's
@@ -154,12 +155,13 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     from safetensors import safe_open
 
     check_format(bits, group_size, WHO)
+    check_method(method, WHO)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{WHO}: {path} is not a Hugging Face model directory (no config.json)")
     files = _checkpoint_files(path)
     model = build_skeleton(path, model_class, dtype)
-    layers = layers_to_quantize(model, bits, group_size, exclude, WHO)
-    scheme = scheme_name(bits, group_size, symmetric)
+    layers = layers_to_quantize(model, bits, group_size, method, exclude, WHO)
+    scheme = scheme_name(bits, group_size, symmetric, method)
     transposed = {id(module): t for _, module, t in layers}
     tied = _tied_sources(model, layers)
     # A tied parameter takes the tensor of its first name (the embedding, not the head) when the
@@ -186,7 +188,7 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                      (layer.out_features, layer.in_features))
         w = weight.to(device=device, dtype=layer.scales.dtype)
         try:
-            layer.set_weight(w.t() if is_transposed else w)
+            layer.set_weight(w.t() if is_transposed else w, method)
         except ValueError as e:  # NaN or infinite weights
             raise ValueError(f"{WHO}: layer {module_name!r}: {e}") from e
         filled.add(id(layer))

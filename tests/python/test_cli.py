@@ -98,18 +98,22 @@ def test_quantize_and_eval_name_the_scheme_what_they_time_and_an_exclude_that_ma
 
 
 def test_quantize_in_bf16_and_a_checkpoint_it_cannot_stream(tmp_path):
-    # --dtype bfloat16 gives bf16 scales, biases and float layers (read tensor by tensor); a
+    # --dtype bfloat16 gives bf16 scales, biases and float layers (read tensor by tensor), --method
+    # is named in the summary and recorded for eval; a
     # checkpoint lacking some of the model's weights (BertForMaskedLM has no pooler for AutoModel)
     # is loaded whole instead, as from_pretrained loads it, and says so.
     hf_models.llama().save_pretrained(tmp_path / "llama")
     hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
-    out = linquant("quantize", tmp_path / "llama", "--bits", "8", "--dtype", "bfloat16", "--out", tmp_path / "q")
+    out = linquant("quantize", tmp_path / "llama", "--bits", "8", "--dtype", "bfloat16", "--method", "mse", "--out",
+                   tmp_path / "q")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "14 layers quantized to 8-bit per-channel symmetric, mse scales;" in out.stdout
     config = json.loads((tmp_path / "q" / "linquant.json").read_text())
     assert {m["dtype"] for m in config["modules"].values()} == {"bfloat16"}
     out = linquant("eval", tmp_path / "q", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout)["models"]["quantized"]["perplexity"] > 0
+    rep = json.loads(out.stdout)
+    assert rep["scheme"] == "8-bit per-channel symmetric, mse scales" and rep["models"]["quantized"]["perplexity"] > 0
 
     from transformers import BertConfig, BertForMaskedLM
     BertForMaskedLM(BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,

@@ -89,6 +89,16 @@ def test_equals_from_pretrained_then_quantize_model(tmp_path, gen, make, bits, g
     assert got.generation_config.eos_token_id == reference.generation_config.eos_token_id
 
 
+def test_mse_scales_equal_quantize_models(tmp_path, gen):
+    directory = save(perturbed(hf_models.gpt2(), gen), tmp_path)
+    options = dict(bits=2, group_size=16, symmetric=False, method="mse")
+    reference = lq.quantize_model(AutoModelForCausalLM.from_pretrained(directory), **options)
+    got = lq.quantize_pretrained(directory, **options)
+    assert_same_state(reference, got)
+    minmax = lq.quantize_pretrained(directory, bits=2, group_size=16, symmetric=False)
+    assert not torch.equal(got.transformer.h[0].mlp.c_fc.scales, minmax.transformer.h[0].mlp.c_fc.scales)
+
+
 def test_a_tied_head_quantized_warns_as_quantize_model_does(tmp_path):
     directory = save(tied_llama(), tmp_path)
     with pytest.warns(UserWarning, match="quantize_pretrained: layer 'lm_head' shares its weight"):
@@ -202,9 +212,9 @@ def test_damaged_checkpoints_are_named(tmp_path):
 
 def test_less_memory_than_loading_the_float_model(tmp_path):
     # The benchmark, small: a Llama of 68M parameters, each way in its own process.
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pretrained_memory.py"), "--hidden", "1024",
-                          "--intermediate", "2816", "--layers", "4", "--vocab", "8000", "--json", tmp_path / "rows.json"],
-                         capture_output=True, text=True, timeout=600)
+    bench = ROOT / "bench" / "bench_pretrained_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--hidden", "1024", "--intermediate", "2816", "--layers", "4",
+                          "--vocab", "8000", "--json", tmp_path / "rows.json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     full, streamed = rows

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import linquant as lq
-from reference import linear_bound, ref_stored_values, ref_stored_weight, ref_weight_format
+from reference import linear_bound, ref_quantize, ref_stored_values, ref_stored_weight, ref_weight_format
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -83,6 +83,62 @@ def test_quantize_weight_scales_in_another_dtype(dtype, gen):
         for bits, group_size, symmetric in [(8, None, True), (4, 12, False), (2, 16, True), (8, 8, False)]:
             qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=dtype)
             check_reference_format(qw, w, bits, group_size, symmetric, dtype)
+
+
+def group_sse(w_hat, w, group_size):
+    """float64 squared error of each group (each row per channel) of w_hat against w: [N, G]."""
+    err = (w_hat - w.double()).square()
+    if group_size is None:
+        return err.sum(-1, keepdim=True)
+    return torch.stack([err[:, i:i + group_size].sum(-1) for i in range(0, w.shape[1], group_size)], dim=-1)
+
+
+def ref_candidate(w, ratio, bits, group_size, symmetric, dtype):
+    """(stored values, scales, zeros) of w quantized with the reference qparams of w * ratio."""
+    _, s, z = ref_weight_format(w * ratio, bits, group_size, symmetric, dtype)
+    q = ref_quantize(w, s, z, bits, 0 if group_size is None else None, group_size).to(torch.int64)
+    return (q + 2 ** (bits - 1) if symmetric and bits < 8 else q), s, z
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 12, False), (2, 8, True), (2, None, False),
+                                                       (4, 32, True)])
+def test_mse_method_takes_each_groups_best_clipping_ratio(bits, group_size, symmetric, dtype, gen):
+    # Against the reference formulas: the stored values are w quantized with the stored scales and
+    # zero points, and every group's squared error is the least of the ratio grid's candidates
+    # (each computed by the reference), so never above minmax's. Heavy tails: clipping pays.
+    n, k = 6, 72
+    w = (torch.randn(n, k, generator=gen) * torch.rand(n, k, generator=gen).pow(4) * 3).to(dtype)
+    qw = lq.quantize_weight(w, bits, group_size, symmetric, method="mse")
+    got_q = ref_stored_values(qw.qweight, bits, k)
+    axis = 0 if group_size is None else None
+    expected_q = ref_quantize(w, qw.scales, qw.zeros, bits, axis, group_size).to(torch.int64)
+    assert torch.equal(got_q, expected_q + 2 ** (bits - 1) if symmetric and bits < 8 else expected_q)
+    got = group_sse(ref_stored_weight(got_q, qw.scales, qw.zeros, bits, group_size, k), w, group_size)
+    candidates = torch.stack([
+        group_sse(ref_stored_weight(*ref_candidate(w, r, bits, group_size, symmetric, dtype), bits, group_size, k),
+                  w, group_size) for r in lq.weights.MSE_RATIOS])
+    best, minmax = candidates.amin(0), candidates[0]
+    assert torch.all(got <= best * (1 + 1e-9) + 1e-300), (got, best)
+    assert torch.all(got <= minmax * (1 + 1e-9))
+    if bits < 8:  # some group gains from clipping at 4 and 2 bits on these tails
+        assert got.sum() < minmax.sum()
+    # The same scales through every entry point: QLinear, quantize_model.
+    lin = nn.Linear(k, n, bias=False, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    layer = lq.QLinear.from_linear(lin, bits, group_size, symmetric, method="mse")
+    assert torch.equal(layer.scales, qw.scales) and torch.equal(layer.qweight, qw.qweight)
+    model = lq.quantize_model(nn.Sequential(lin), bits, group_size, symmetric, exclude=(), method="mse")
+    assert torch.equal(model[0].scales, qw.scales)
+
+
+def test_method_is_checked():
+    for call in (lambda: lq.quantize_weight(torch.randn(4, 8), method="absmax"),
+                 lambda: lq.quantize_model(nn.Sequential(nn.Linear(8, 4)), method="MSE"),
+                 lambda: lq.QLinear.from_linear(nn.Linear(8, 4), method=None)):
+        with pytest.raises(ValueError, match="method must be one of 'minmax', 'mse', got"):
+            call()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
