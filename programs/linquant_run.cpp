@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "json.h"  // csrc/: the op library's JSON parser
+
 namespace {
 
 constexpr int kFormatVersion = 1;  // python/linquant/export.py writes the same number
@@ -29,28 +31,21 @@ std::vector<char> read_file(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
-// The record's "format_version": a whole number after the key, in any JSON spacing.
+// The record's "format_version", read with the op library's JSON parser.
 void check_format(const std::string& path, const std::string& meta) {
-  const std::string key = "\"format_version\"";
-  auto at = meta.find(key);
-  if (at == std::string::npos) {
-    throw std::runtime_error(path + " was not exported by `linquant export` (" +
-                             (meta.empty() ? "no linquant.json inside" : "no format_version in its linquant.json") + ")");
-  }
-  at = meta.find_first_not_of(" \t\r\n", at + key.size());
-  if (at != std::string::npos && meta[at] == ':') at = meta.find_first_not_of(" \t\r\n", at + 1);
-  const auto end = at == std::string::npos ? at : meta.find_first_not_of("0123456789", at);
-  const std::string digits = at == std::string::npos ? "" : meta.substr(at, end - at);
-  const bool whole = !digits.empty() && digits.size() <= 9 &&
-                     (end == std::string::npos || std::string(" \t\r\n,}").find(meta[end]) != std::string::npos);
-  if (!whole) {
+  const std::string not_exported = path + " was not exported by `linquant export` (";
+  if (meta.empty()) throw std::runtime_error(not_exported + "no linquant.json inside)");
+  const linquant::json::Value record = linquant::json::parse(meta, path + "'s linquant.json");
+  const linquant::json::Value* version = record.is_object() ? record.find("format_version") : nullptr;
+  if (version == nullptr) throw std::runtime_error(not_exported + "no format_version in its linquant.json)");
+  if (!version->is_int()) {
     throw std::runtime_error(path + ": its linquant.json's format_version is not a whole number: " +
-                             meta.substr(at == std::string::npos ? meta.size() : at, 20));
+                             version->describe());
   }
-  const int version = std::stoi(digits);
-  if (version != kFormatVersion) {
-    throw std::runtime_error(path + " was exported with linquant format_version " + std::to_string(version) +
-                             "; this linquant-run reads version " + std::to_string(kFormatVersion));
+  if (version->as_int() != kFormatVersion) {
+    throw std::runtime_error(path + " was exported with linquant format_version " +
+                             std::to_string(version->as_int()) + "; this linquant-run reads version " +
+                             std::to_string(kFormatVersion));
   }
 }
 

@@ -105,11 +105,17 @@ def test_errors(tmp_path):
     future = tmp_path / "future.pt"
     torch.jit.save(module, str(future), _extra_files={"linquant.json": json.dumps({"format_version": 99})})
     out = run(future, paths["inputs"])
-    assert out.returncode == 1 and "format_version 99" in out.stderr
+    assert out.returncode == 1 and "format_version 99;" in out.stderr
+    torch.jit.save(module, str(future), _extra_files={"linquant.json": '{"format_version": 99999999999}'})
+    out = run(future, paths["inputs"])
+    assert out.returncode == 1 and "format_version 99999999999;" in out.stderr
+    torch.jit.save(module, str(future), _extra_files={"linquant.json": '{"format_version": 1,}'})
+    out = run(future, paths["inputs"])
+    assert out.returncode == 1 and "future.pt's linquant.json is not valid JSON" in out.stderr, out.stderr
     # The record in other JSON spellings: compact, pretty-printed; versions that are no whole number.
     for meta, ok in [('{"format_version":1}', True), ('{\n  "format_version" : 1\n}', True),
                      ('{"format_version": "one"}', False), ('{"format_version": 1.5}', False),
-                     ('{"format_version": 99999999999}', False)]:
+                     ('{"format_version": 1e0}', False)]:
         other = tmp_path / "other.pt"
         torch.jit.save(module, str(other), _extra_files={"linquant.json": meta})
         out = run(other, paths["inputs"], "--out", tmp_path / "y.pt")
