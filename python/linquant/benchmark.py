@@ -1,5 +1,6 @@
 """Weight-only quantized linear on the CPU: linquant against fp32 / bf16 F.linear, ATen's int8 and
-int4 weight-only kernels, and optimum-quanto / torchao when they import, all measured in this run.
+int4 weight-only kernels, and optimum-quanto / torchao / bitsandbytes when they import, all
+measured in this run.
 
 Weights are rotated among enough fresh copies to exceed twice the last-level cache, so every call
 streams its weight from DRAM, as batch-1 decoding does. For each shape (N = out_features,
@@ -10,7 +11,8 @@ speed-up over each baseline (baseline time / linquant time; > 1 means linquant i
     python bench/bench_linear.py                       # the README's table (or: linquant bench)
     python bench/bench_linear.py --shapes 4096x4096 --batches 1 --formats w4g128 --json out.json
 Peers install in the benchmark's own environment:
-    python3 -m venv --system-site-packages .venv-bench && .venv-bench/bin/pip install torchao optimum-quanto
+    python3 -m venv --system-site-packages .venv-bench && .venv-bench/bin/pip install torchao optimum-quanto \
+        bitsandbytes
     .venv-bench/bin/python bench/bench_linear.py
 """
 
@@ -84,6 +86,11 @@ def peer_modules():
         peers["torchao"] = "torchao"
     except Exception as e:  # noqa: BLE001
         peers["torchao"] = f"unavailable ({type(e).__name__}: {str(e)[:80]})"
+    try:
+        import bitsandbytes
+        peers["bnb"] = f"bitsandbytes {bitsandbytes.__version__}"
+    except Exception as e:  # noqa: BLE001
+        peers["bnb"] = f"unavailable ({type(e).__name__}: {str(e)[:80]})"
     return peers
 
 
@@ -103,6 +110,16 @@ def torchao_linear(w, bits, group):
     lin[0].weight.data.copy_(w)
     quantize_(lin, Int8WeightOnlyConfig() if bits == 8 else Int4WeightOnlyConfig(group_size=group))
     return lin
+
+
+def bnb_linear(w, bits, group):
+    """bitsandbytes' 4-bit layer (NF4, blocks of `group` weights: its own format), on the CPU."""
+    import bitsandbytes as bnb
+    if bits != 4:
+        raise ValueError("only its 4-bit layer is compared (LLM.int8() quantizes activations too)")
+    lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=w.dtype, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=group)
+    return lin.to("cpu")
 
 
 def aten_int4_pack(w, group):
@@ -132,7 +149,8 @@ def run(args):
         print(f"# {name}: {status}")
     rows = []
     header = (f"{'N x K':>12} {'M':>3} {'act':>5} {'format':>7} {'time us':>9} {'GB/s':>6} {'%bw':>5} "
-              f"{'vs fp32':>8} {'vs bf16':>8} {'vs int8mm':>9} {'vs int4mm':>9} {'vs quanto':>9} {'vs torchao':>10}")
+              f"{'vs fp32':>8} {'vs bf16':>8} {'vs int8mm':>9} {'vs int4mm':>9} {'vs quanto':>9} {'vs torchao':>10} "
+              f"{'vs bnb':>7}")
     print(header)
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
@@ -156,8 +174,9 @@ def run(args):
                 dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[act]
                 qws_dt = [q._replace(scales=q.scales.to(dt)) for q in qws]
                 peer_mods = {}
-                for peer, make in (("quanto", quanto_linear), ("torchao", torchao_linear)):
-                    if peers[peer] in ("optimum-quanto", "torchao") and bits in (8, 4):
+                for peer, make, peer_bits in (("quanto", quanto_linear, (8, 4)), ("torchao", torchao_linear, (8, 4)),
+                                              ("bnb", bnb_linear, (4,))):
+                    if not peers[peer].startswith("unavailable") and bits in peer_bits:
                         try:
                             peer_mods[peer] = [make(w.to(dt), bits, group) for w in sources]
                         except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
@@ -184,7 +203,8 @@ def run(args):
                         return f"{v:.2f}x" if v else "-"
                     print(f"{shape:>12} {m:>3} {act:>5} {fmt:>7} {row['time_us']:9.0f} {row['GBps']:6.1f} "
                           f"{row['pct_bw']:4.0f}% {ratio('fp32'):>8} {ratio('bf16'):>8} {ratio('int8mm'):>9} "
-                          f"{ratio('int4mm'):>9} {ratio('quanto'):>9} {ratio('torchao'):>10}", flush=True)
+                          f"{ratio('int4mm'):>9} {ratio('quanto'):>9} {ratio('torchao'):>10} {ratio('bnb'):>7}",
+                          flush=True)
     if args.json:
         write_json(args.json, {"env": env, "rows": rows})
 
