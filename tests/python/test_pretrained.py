@@ -99,6 +99,23 @@ def test_mse_scales_equal_quantize_models(tmp_path, gen):
     assert not torch.equal(got.transformer.h[0].mlp.c_fc.scales, minmax.transformer.h[0].mlp.c_fc.scales)
 
 
+@pytest.mark.parametrize("exclude", [["lm_head"], None], ids=["keep-head", "all"])
+def test_an_encoder_decoder_with_embeddings_shared_three_ways(tmp_path, gen, exclude):
+    # T5: `shared` is the encoder's and the decoder's embedding (and the head's, when tied).
+    from transformers import T5ForConditionalGeneration
+    directory = save(perturbed(hf_models.t5(), gen), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = lq.quantize_model(T5ForConditionalGeneration.from_pretrained(directory), bits=4, group_size=16,
+                                      exclude=exclude)
+        got = lq.quantize_pretrained(directory, bits=4, group_size=16, exclude=exclude)
+    assert_same_state(reference, got)
+    assert got.encoder.embed_tokens.weight is got.shared.weight is got.decoder.embed_tokens.weight
+    ids = torch.randint(0, 512, (2, 6), generator=gen)
+    assert torch.equal(reference(input_ids=ids, decoder_input_ids=ids).logits,
+                       got(input_ids=ids, decoder_input_ids=ids).logits)
+
+
 def test_a_tied_head_quantized_warns_as_quantize_model_does(tmp_path):
     directory = save(tied_llama(), tmp_path)
     with pytest.warns(UserWarning, match="quantize_pretrained: layer 'lm_head' shares its weight"):
