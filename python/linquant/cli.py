@@ -232,24 +232,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def quantized_source(spec: str, dtype: torch.dtype, **options):
-    """(quantized model, kind, its bytes in float32) for `linquant quantize`. A Hugging Face
-    directory with safetensors weights is quantized while it is read (quantize_pretrained: peak
-    memory near the quantized size, not the float model's); built-in names, GGUF files and
-    checkpoints that transformers converts while loading are loaded whole, then quantized."""
-    if spec not in BUILTIN and os.path.isdir(spec):
-        model_class, kind = hf_model_class(spec)
-        try:
-            before = footprint(build_skeleton(spec, model_class, torch.float32))["total"]
-            return quantize_pretrained(spec, model_class=model_class, dtype=dtype, **options), kind, before
-        except CheckpointMismatch as e:
-            print(f"{e}\nlinquant: loading the whole model instead", file=sys.stderr)
+def read_quantized(spec: str, dtype, **options):
+    """(model, kind) of a Hugging Face directory with safetensors weights, quantized while it is read
+    (quantize_pretrained: peak memory near the quantized size, not the float model's), or None
+    for anything else (built-in names, GGUF files) and, said on stderr, for checkpoints it cannot
+    map (those transformers converts while loading): the caller loads those whole."""
+    if spec in BUILTIN or not os.path.isdir(spec):
+        return None
+    model_class, kind = hf_model_class(spec)
+    try:
+        return quantize_pretrained(spec, model_class=model_class, dtype=dtype, **options), kind
+    except CheckpointMismatch as e:
+        print(f"{e}\nlinquant: loading the whole model instead", file=sys.stderr)
+        return None
+
+
+def quantized_source(spec: str, dtype, **options):
+    """(quantized model, kind, its bytes in float32) for `linquant quantize`: read_quantized's, or
+    the model loaded whole, then quantized."""
+    read = read_quantized(spec, dtype, **options)
+    if read is not None:
+        model, kind = read
+        return model, kind, footprint(build_skeleton(spec, type(model), torch.float32))["total"]
     model, _, kind = load_model(spec)
     before = footprint(model)["total"]
-    return quantize_model(model.to(dtype), **options), kind, before
+    return quantize_model(model if dtype == "auto" else model.to(dtype), **options), kind, before
 
 
 def cmd_quantize(args) -> int:
@@ -280,8 +290,12 @@ def cmd_eval(args) -> int:
         method = read_config(args.target)["metadata"].get("method", "minmax")  # saves before methods: minmax
     else:
         fp_model, tok, kind = load_model(args.target)
-        q_model = quantize_model(copy.deepcopy(fp_model), bits=args.bits, group_size=args.group_size,
-                                 symmetric=not args.asymmetric, exclude=args.exclude, progress=True, method=method)
+        options = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                       exclude=args.exclude, progress=True, method=method)
+        # Read again and quantized tensor by tensor where it can be: a quantized deep copy would
+        # hold the float model twice.
+        read = read_quantized(args.target, torch.float32, **options)
+        q_model = read[0] if read is not None else quantize_model(copy.deepcopy(fp_model), **options)
     rep = report(fp_model, q_model, tok, kind, method)
     if args.json:
         print(json.dumps(rep, indent=1))
@@ -388,7 +402,8 @@ def main(argv=None) -> int:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="the model's float dtype: scales, biases and the layers kept in float (bfloat16 takes "
-                        "the CPU's AVX512-BF16 kernels where it has them)")
+                        "the CPU's AVX512-BF16 kernels where it has them; auto: the dtype a Hugging Face "
+                        "directory's config.json records)")
     q.set_defaults(func=cmd_quantize)
     e = add_command("eval", help="report footprint, weight error, output agreement and speed")
     e.add_argument("target", help="a `linquant quantize` output directory, or " + models +

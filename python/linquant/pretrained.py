@@ -4,11 +4,12 @@ weight instead of the full-precision model (from_pretrained + quantize_model).""
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._ops import _FLOAT_DTYPES
 from .model import DEFAULT_EXCLUDE, Exclude, layers_to_quantize, replace_layers, report_replaced, scheme_name
 from .nn import QLinear
 from .serialization import _parameters_on_meta
@@ -47,13 +48,19 @@ def _checkpoint_files(path: str) -> List[str]:
                              "checkpoint in another format with from_pretrained and quantize it with quantize_model")
 
 
-def build_skeleton(path: str, model_class, dtype: torch.dtype) -> nn.Module:
-    """The model of `path`'s config.json with its parameters on the meta device (buffers real)."""
+def build_skeleton(path: str, model_class, dtype: Union[torch.dtype, str]) -> nn.Module:
+    """The model of `path`'s config.json with its parameters on the meta device (buffers real), in
+    `dtype`, or with "auto" in the dtype config.json records (float32 when it records none)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig, PreTrainedModel
 
     config = AutoConfig.from_pretrained(path)
+    if dtype == "auto":
+        recorded = getattr(config, "dtype", None)
+        dtype = getattr(torch, recorded) if isinstance(recorded, str) else recorded or torch.float32
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{WHO}: dtype must be float32, float16, bfloat16 or 'auto', got {dtype!r}")
     if model_class is None:
         names = config.architectures or []
         model_class = getattr(transformers, names[0], None) if names else None
@@ -139,14 +146,16 @@ def _tied_sources(model: nn.Module, layers) -> Dict[int, str]:
 
 
 def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
-                        exclude: Exclude = DEFAULT_EXCLUDE, dtype: torch.dtype = torch.float32, model_class=None,
+                        exclude: Exclude = DEFAULT_EXCLUDE, dtype: Union[torch.dtype, str] = torch.float32,
+                        model_class=None,
                         device=None, progress: Optional[bool] = None, verbose: bool = False,
                         method: str = "minmax") -> nn.Module:
     """Loads the Hugging Face model in directory `path` (config.json and safetensors weights,
     sharded or not) quantized, reading its tensors one at a time: equal, tensor for tensor, to
     quantize_model(model_class.from_pretrained(path, dtype=dtype), bits, group_size, symmetric,
-    exclude, method=method), with peak memory near the quantized model's size. `dtype` is the model's float
-    dtype (scales, biases and the layers left in float). `model_class` defaults to the class
+    exclude, method=method), with peak memory near the quantized model's size. `dtype` is the model's
+    float dtype (scales, biases and the layers left in float; "auto": the one config.json records,
+    as from_pretrained's dtype="auto"). `model_class` defaults to the class
     config.json names (e.g. AutoModel for an encoder's base model). The tensors are read and
     quantized on `device` (default CPU). Returned in eval mode, with the directory's
     generation_config.json when it has one. Raises CheckpointMismatch when the checkpoint's

@@ -114,6 +114,12 @@ def test_quantize_in_bf16_and_a_checkpoint_it_cannot_stream(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rep = json.loads(out.stdout)
     assert rep["scheme"] == "8-bit per-channel symmetric, mse scales" and rep["models"]["quantized"]["perplexity"] > 0
+    hf_models.llama().to(torch.bfloat16).save_pretrained(tmp_path / "llama-bf16")  # --dtype auto: the config's
+    out = linquant("quantize", tmp_path / "llama-bf16", "--bits", "4", "--group-size", "32", "--dtype", "auto",
+                   "--out", tmp_path / "q-auto")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "q-auto" / "linquant.json").read_text())
+    assert {m["dtype"] for m in config["modules"].values()} == {"bfloat16"}
 
     from transformers import BertConfig, BertForMaskedLM
     BertForMaskedLM(BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,

@@ -116,6 +116,17 @@ def test_an_encoder_decoder_with_embeddings_shared_three_ways(tmp_path, gen, exc
                        got(input_ids=ids, decoder_input_ids=ids).logits)
 
 
+def test_auto_dtype_is_the_checkpoints(tmp_path):
+    directory = save(hf_models.llama(), tmp_path, dtype=torch.bfloat16)  # config.json records bfloat16
+    reference = lq.quantize_model(AutoModelForCausalLM.from_pretrained(directory, dtype="auto"), bits=4,
+                                  group_size=32)
+    got = lq.quantize_pretrained(directory, bits=4, group_size=32, dtype="auto")
+    assert got.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16 == got.model.norm.weight.dtype
+    assert_same_state(reference, got)
+    with pytest.raises(ValueError, match="dtype must be float32, float16, bfloat16 or 'auto', got torch.int8"):
+        lq.quantize_pretrained(directory, bits=4, dtype=torch.int8)
+
+
 def test_a_tied_head_quantized_warns_as_quantize_model_does(tmp_path):
     directory = save(tied_llama(), tmp_path)
     with pytest.warns(UserWarning, match="quantize_pretrained: layer 'lm_head' shares its weight"):
@@ -231,7 +242,8 @@ def test_less_memory_than_loading_the_float_model(tmp_path):
     # The benchmark, small: a Llama of 68M parameters, each way in its own process.
     bench = ROOT / "bench" / "bench_pretrained_memory.py"
     out = subprocess.run([sys.executable, str(bench), "--hidden", "1024", "--intermediate", "2816", "--layers", "4",
-                          "--vocab", "8000", "--json", tmp_path / "rows.json"], capture_output=True, text=True, timeout=600)
+                          "--vocab", "8000", "--json", tmp_path / "rows.json"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     full, streamed = rows
