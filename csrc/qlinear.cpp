@@ -56,32 +56,65 @@ void QLinearImpl::reset() {
   if (with_bias_) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype_)));
 }
 
-QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options) {
+namespace {
+
+// choose_qparams' scale and zero point for w, the scale as stored (in w's dtype, as the Python side
+// does): one that rounds to 0 there becomes the dtype's smallest subnormal (as weights.py does).
+std::tuple<at::Tensor, std::optional<at::Tensor>> stored_qparams(const at::Tensor& w, const QLinearOptions& o) {
+  auto [scale, zp] = choose_qparams(w, o.bits, o.symmetric, axis_of(o), o.group_size);
+  scale = scale.to(w.scalar_type()).clamp_min(smallest_subnormal(w.scalar_type()));
+  return {scale, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
+}
+
+// Each group's (or row's) squared error after quantizing w, summed in float64, shaped like scale.
+at::Tensor group_errors(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zp,
+                        const QLinearOptions& o) {
+  at::Tensor err = (dequantize(quantize(w, scale, zp, o.bits, axis_of(o), o.group_size), scale, zp, axis_of(o),
+                               o.group_size, at::kFloat) - w).square();
+  if (o.group_size.has_value()) {
+    const int64_t g = *o.group_size, n = w.size(0), k = w.size(1), groups = k == 0 ? 0 : (k - 1) / g + 1;
+    err = at::constant_pad_nd(err, {0, groups * g - k}).reshape({n, groups, g});
+  }
+  return err.sum(-1, /*keepdim=*/false, at::kDouble).reshape(scale.sizes());
+}
+
+// ScaleMethod::kMse: per group, the candidate of the least error, minmax's kept on ties.
+void search_qparams(const at::Tensor& w, const QLinearOptions& o, at::Tensor& scale, std::optional<at::Tensor>& zp) {
+  at::Tensor best = group_errors(w, scale, zp, o);
+  for (int i = 1; i <= 20; ++i) {
+    auto [s, z] = stored_qparams(w * (1.0 - i / 40.0), o);
+    const at::Tensor err = group_errors(w, s, z, o);
+    const at::Tensor better = err < best;
+    best = at::where(better, err, best);
+    scale = at::where(better, s, scale);
+    if (zp.has_value()) zp = at::where(better, *z, *zp);
+  }
+}
+
+}  // namespace
+
+QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options, ScaleMethod method) {
   detail::check_defined(w, "w");
   TORCH_CHECK_VALUE(w.dim() == 2, "linquant::quantize_weight: w must be a 2-D weight [out, in], got shape ", w.sizes());
   TORCH_CHECK_VALUE(options.bits == 8 || options.bits == 4 || options.bits == 2,
                     "linquant::quantize_weight: bits must be 8, 4 or 2, got ", options.bits);
-  const auto axis = axis_of(options);
-  auto [scale, zp] = choose_qparams(w, options.bits, options.symmetric, axis, options.group_size);
-  // Quantize with the scales as stored (w's dtype), as the Python side does.
-  // A scale that rounds to 0 in that dtype becomes its smallest subnormal (as weights.py does).
-  scale = scale.to(w.scalar_type());
-  scale = scale.clamp_min(smallest_subnormal(scale.scalar_type()));
-  const std::optional<at::Tensor> z = options.symmetric ? std::nullopt : std::optional<at::Tensor>(zp);
-  at::Tensor values = quantize(w, scale, z, options.bits, axis, options.group_size);
+  auto [scale, zp] = stored_qparams(w, options);
+  if (method == ScaleMethod::kMse) search_qparams(w, options, scale, zp);
+  at::Tensor values = quantize(w, scale, zp, options.bits, axis_of(options), options.group_size);
   if (options.bits < 8) {
     if (options.symmetric) values = (values.to(at::kShort) + (1 << (options.bits - 1))).to(at::kByte);
     values = pack(values, options.bits);
   }
   const int64_t out = w.size(0);
-  return {values, scale.reshape({out, -1}), options.symmetric ? at::Tensor() : zp.reshape({out, -1})};
+  return {values, scale.reshape({out, -1}), zp.has_value() ? zp->reshape({out, -1}) : at::Tensor()};
 }
 
-std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& linear, QLinearOptions options) {
+std::shared_ptr<QLinearImpl> QLinearImpl::from_linear(const torch::nn::Linear& linear, QLinearOptions options,
+                                                      ScaleMethod method) {
   const at::Tensor w = linear->weight.detach();
   const bool with_bias = linear->bias.defined();
   auto q = std::make_shared<QLinearImpl>(w.size(1), w.size(0), with_bias, options, w.scalar_type());
-  const QuantizedWeight qw = quantize_weight(w, options);
+  const QuantizedWeight qw = quantize_weight(w, options, method);
   q->qweight.copy_(qw.qweight);
   q->scales.copy_(qw.scales.reshape(q->scales.sizes()));
   if (!options.symmetric) q->zeros.copy_(qw.zeros.reshape(q->zeros.sizes()));

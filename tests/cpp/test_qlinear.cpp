@@ -28,6 +28,60 @@ at::Tensor reference_weight(const at::Tensor& w, int64_t bits, int64_t group, bo
   return (s * (q - z)).view({n, k}).to(w.scalar_type());
 }
 
+// Each group's squared error (float64, [N, K / group]) of w_hat against w.
+at::Tensor group_sse(const at::Tensor& w_hat, const at::Tensor& w, int64_t group) {
+  const int64_t n = w.size(0), k = w.size(1);
+  return (w_hat.to(at::kDouble) - w.to(at::kDouble)).square().view({n, k / group, group}).sum(-1);
+}
+
+// The reference of a clipping candidate: w quantized (as in reference_weight) with the qparams of
+// w * ratio, the range shrunk toward 0.
+at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const at::Tensor shrunk = (w * ratio).to(at::kFloat).view({n, k / group, group});
+  const at::Tensor mn = shrunk.amin(-1, true), mx = shrunk.amax(-1, true);
+  const double qmin = symmetric ? -(1 << (bits - 1)) : 0;
+  const double qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+  const at::Tensor s32 = symmetric ? at::maximum(mn.abs(), mx.abs()) / qmax : (mx - mn) / (qmax - qmin);
+  const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s32);
+  const at::Tensor s = s32.to(w.scalar_type()).to(at::kFloat);
+  const at::Tensor q = at::clamp(at::round(w.to(at::kFloat).view({n, k / group, group}) / s) + z, qmin, qmax);
+  return (s * (q - z)).view({n, k});
+}
+
+TEST(QLinearCpp, MseScalesAreEachGroupsBestClippingRatio) {
+  // Heavy-tailed rows, where clipping pays: every group's error is the least of the 21 reference
+  // candidates (so never above minmax's), and from_linear holds the same scales.
+  torch::manual_seed(7);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor w = (torch::randn({6, 96}) * torch::rand({6, 96}).pow(4) * 3).to(dtype);
+    for (const auto& [bits, group, symmetric] : {std::tuple{4, 32, false}, {2, 16, true}, {8, 96, true},
+                                                 {2, 96, false}}) {
+      const std::optional<int64_t> g = group == 96 ? std::nullopt : std::optional<int64_t>(group);
+      const linquant::QLinearOptions options{bits, g, symmetric};
+      const linquant::QuantizedWeight qw = linquant::quantize_weight(w, options, linquant::ScaleMethod::kMse);
+      const std::optional<at::Tensor> z = symmetric ? std::nullopt : std::optional<at::Tensor>(qw.zeros);
+      const at::Tensor got = group_sse(linquant::dequantize_weight(qw.qweight, qw.scales, z, bits, g, 96, at::kFloat),
+                                       w, group);
+      std::vector<at::Tensor> candidates;
+      for (int i = 0; i <= 20; ++i) {
+        candidates.push_back(group_sse(reference_candidate(w, 1.0 - i / 40.0, bits, group, symmetric), w, group));
+      }
+      const at::Tensor best = std::get<0>(at::stack(candidates).min(0));
+      const std::string where = std::to_string(bits) + " bits, group " + std::to_string(group);
+      EXPECT_TRUE((got <= best * (1 + 1e-9)).all().item<bool>()) << where << ", " << dtype;
+      EXPECT_TRUE((got <= candidates[0] * (1 + 1e-9)).all().item<bool>()) << where << ", " << dtype;
+      if (bits < 8) EXPECT_LT(got.sum().item<double>(), candidates[0].sum().item<double>()) << where;
+      torch::nn::Linear lin(torch::nn::LinearOptions(96, 6).bias(false));
+      lin->to(dtype);
+      torch::NoGradGuard no_grad;
+      lin->weight.copy_(w);
+      auto layer = linquant::QLinearImpl::from_linear(lin, options, linquant::ScaleMethod::kMse);
+      EXPECT_TRUE(at::equal(layer->scales, qw.scales) && at::equal(layer->qweight, qw.qweight)) << where;
+    }
+  }
+}
+
 TEST(QLinearCpp, Int8PerChannelMatchesTheAbsmaxReference) {
   torch::manual_seed(0);
   torch::nn::Linear lin(torch::nn::LinearOptions(70, 24));

@@ -24,7 +24,15 @@ struct QLinearOptions {
 struct QuantizedWeight {
   at::Tensor qweight, scales, zeros;
 };
-QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options);
+
+// How quantize_weight chooses each group's scale and zero point (Python's `method`): kMinMax spans
+// the group's range (absmax when symmetric); kMse tries the range shrunk by 1, 0.975, ..., 0.5
+// (choose_qparams of w * ratio) and keeps, per group, the candidate with the least squared error
+// (ties keep the larger range), 21 times the work. The format is the same either way.
+enum class ScaleMethod { kMinMax, kMse };
+
+QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options,
+                                ScaleMethod method = ScaleMethod::kMinMax);
 
 // Cloneable: module->clone() deep-copies a model holding QLinear layers (buffers copied, format kept).
 class QLinearImpl : public torch::nn::Cloneable<QLinearImpl> {
@@ -36,7 +44,8 @@ class QLinearImpl : public torch::nn::Cloneable<QLinearImpl> {
   void reset() override;
 
   // Quantizes a torch::nn::Linear (its weight [out, in] and bias) into a new layer.
-  static std::shared_ptr<QLinearImpl> from_linear(const torch::nn::Linear& linear, QLinearOptions options);
+  static std::shared_ptr<QLinearImpl> from_linear(const torch::nn::Linear& linear, QLinearOptions options,
+                                                  ScaleMethod method = ScaleMethod::kMinMax);
 
   at::Tensor forward(const at::Tensor& x);
   // The float weight [out, in] the layer computes with, in the scales' dtype.
