@@ -21,8 +21,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint's tensor names do not map onto the model's parameters by name (a checkpoint
-    that transformers converts while loading it, or one for another model class)."""
+    """The checkpoint's tensors do not map onto the model's parameters one by one (tensors that
+    transformers merges or splits while loading them, such as the experts of a mixture of experts,
+    or a checkpoint for another model class)."""
 
 
 def _checkpoint_files(path: str) -> List[str]:
@@ -69,10 +70,33 @@ def build_skeleton(path: str, model_class, dtype: Union[torch.dtype, str]) -> nn
                              f"{transformers.__version__} has ({names}); pass model_class, e.g. AutoModel")
     with _parameters_on_meta():
         if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
-            return model_class._from_config(config, dtype=dtype)
-        if hasattr(model_class, "from_config"):  # AutoModel, AutoModelForCausalLM, ...
-            return model_class.from_config(config, dtype=dtype)
-    raise TypeError(f"{WHO}: model_class must be a transformers model class or Auto class, got {model_class!r}")
+            model = model_class._from_config(config, dtype=dtype)
+        elif hasattr(model_class, "from_config"):  # AutoModel, AutoModelForCausalLM, ...
+            model = model_class.from_config(config, dtype=dtype)
+        else:
+            raise TypeError(f"{WHO}: model_class must be a transformers model class or Auto class, got "
+                            f"{model_class!r}")
+    _keep_in_float32(model, dtype)
+    return model
+
+
+def _keep_in_float32(model: nn.Module, dtype: torch.dtype) -> None:
+    """The parameters and persistent buffers from_pretrained keeps in float32 at this dtype (its
+    dtype plan: the model's _keep_in_fp32_modules at float16, _keep_in_fp32_modules_strict at
+    float16 and bfloat16, e.g. T5's `wo`), converted to it, as from_pretrained loads them: a
+    layer quantized from one then has float32 scales and bias, as quantize_model gives it."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+    pattern, group_glob, _ = build_glob_alternation(list(plan))
+    persistent = {name for name, _ in model.named_buffers(remove_duplicate=False)} & set(model.state_dict())
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + \
+            [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if n in persistent]:
+        found = pattern.search(name)
+        if found is None or not tensor.is_floating_point() or tensor.dtype == plan[group_glob[found.lastgroup]]:
+            continue
+        _replace(model, name, tensor.to(plan[group_glob[found.lastgroup]]))
 
 
 def _tensor_names(model: nn.Module, quantized: Dict[str, QLinear]) -> Dict[str, Tuple[str, str]]:
@@ -105,6 +129,54 @@ def _resolve(key: str, names: Dict[str, Tuple[str, str]], prefix: str) -> Option
     return None
 
 
+class _KeyMap:
+    """Checkpoint keys to the model's names as from_pretrained maps them: transformers' weight
+    conversions for the model (transformers 5: a key renamed, e.g. GPT-NeoX's `embed_out` to
+    `lm_head`, ViT's `encoder.layer.N.attention.attention.query` to `layers.N.attention.q_proj`,
+    LayerNorm's `gamma` to `weight`), then the base model's prefix added or removed. A key one of
+    its converters takes (tensors merged or split, e.g. a mixture of experts' per-expert weights
+    fused into one 3-D parameter) is reported with its target, as it cannot be read alone."""
+
+    def __init__(self, model: nn.Module):
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.renamings, self.converters, self.rename = [], [], None
+        try:  # transformers >= 5; earlier versions load checkpoints by name as they are
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:
+            return
+        conversions = get_model_conversion_mapping(model)
+        self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self.rename = rename_source_key
+
+    def __call__(self, key: str, names: Dict[str, Tuple[str, str]]) -> Tuple[Optional[str], bool]:
+        """(the model's name for `key` among `names`, or None; whether a converter takes it)."""
+        if self.rename is None:
+            return _resolve(key, names, self.prefix), False
+        renamed, converter = self.rename(key, self.renamings, self.converters)
+        name = _resolve(renamed, names, self.prefix)
+        if name is None and key in names:  # as from_pretrained: a name the model has is kept
+            return key, False
+        return name, converter is not None
+
+
+def _check_no_conversions(keys: List[str], key_map: _KeyMap, names: Dict[str, Tuple[str, str]],
+                          path: str) -> None:
+    """Checkpoint tensors that transformers merges or splits into the model's parameters while
+    loading (one parameter from several tensors) cannot be read one at a time: refused before any
+    layer is quantized."""
+    converted = [(key, name) for key in keys for name, by_converter in [key_map(key, names)]
+                 if by_converter and name is not None]
+    if converted:
+        examples = ", ".join(f"{key} -> {name}" for key, name in converted[:3])
+        raise CheckpointMismatch(
+            f"{WHO}: transformers converts {len(converted)} of the checkpoint's tensors in {path} while loading "
+            f"it, merging or splitting them into the model's parameters ({examples}"
+            f"{', ...' if len(converted) > 3 else ''}), which reading one tensor at a time cannot do; load it with "
+            "from_pretrained and quantize it with quantize_model")
+
+
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Gives parameter or buffer `name` the checkpoint's tensor, in the skeleton's dtype. A
     parameter held by several modules (tied weights) gets one Parameter at every holder."""
@@ -112,10 +184,18 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module = model.get_submodule(module_name)
     current = module._parameters[attr] if attr in module._parameters else module._buffers[attr]
     _check_shape(name, tensor, tuple(current.shape))
-    value = tensor.to(current.dtype)
+    _replace(model, name, tensor.to(current.dtype))
+
+
+def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Puts `value` in place of parameter or buffer `name`: a parameter at every module that holds
+    it (tied weights), keeping its requires_grad."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
     if attr not in module._parameters:
         module._buffers[attr] = value
         return
+    current = module._parameters[attr]
     param = nn.Parameter(value, requires_grad=current.requires_grad)
     for holder in model.modules():  # every module that holds this parameter
         for holder_attr, p in holder._parameters.items():
@@ -129,17 +209,23 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple) -> None:
                                  f"{list(expected)} in the model")
 
 
-def _tied_sources(model: nn.Module, layers) -> Dict[int, str]:
-    """For each layer to quantize whose weight another module also holds (lm_head tied to the
-    token embedding, kept out of the checkpoint by save_pretrained), that module's parameter
-    name: the layer is quantized from it, as quantize_model quantizes the tied weight."""
-    names_by_param: Dict[int, List[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_by_param.setdefault(id(p), []).append(name)
+def _tied_sources(model: nn.Module, layers, attr: str = "weight") -> Dict[int, str]:
+    """For each layer to quantize whose `attr` (weight or bias) a module that stays also holds
+    (lm_head tied to the token embedding, BERT's MLM decoder bias to `cls.predictions.bias`; one
+    of the names is kept out of the checkpoint by save_pretrained), that module's parameter name:
+    the layer takes it from there."""
+    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # by parameter: (its name, the module holding it)
+    for module_name, holder in model.named_modules(remove_duplicate=False):
+        for param_name, p in holder._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((f"{module_name}.{param_name}" if module_name else param_name,
+                                                      holder))
+    replaced = {id(module) for _, module, _ in layers}  # another layer to quantize holds no parameter after
     sources = {}
-    for name, module, _ in layers:
-        own = f"{name}.weight" if name else "weight"
-        others = [n for n in names_by_param.get(id(module.weight), []) if n != own]
+    for _, module, _ in layers:
+        tensor = getattr(module, attr, None)
+        others = [n for n, holder in holders.get(id(tensor), []) if id(holder) not in replaced] \
+            if tensor is not None else []
         if others:
             sources[id(module)] = others[0]
     return sources
@@ -158,9 +244,12 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     as from_pretrained's dtype="auto"). `model_class` defaults to the class
     config.json names (e.g. AutoModel for an encoder's base model). The tensors are read and
     quantized on `device` (default CPU). Returned in eval mode, with the directory's
-    generation_config.json when it has one. Raises CheckpointMismatch when the checkpoint's
-    tensors do not map onto the model by name (checkpoints transformers converts while loading:
-    use from_pretrained and quantize_model for those)."""
+    generation_config.json when it has one. Checkpoint names are mapped as from_pretrained maps them
+    (transformers' renamings for the model, the base model's prefix added or removed). Raises
+    CheckpointMismatch when the checkpoint's tensors do not map onto the model one by one: a
+    weight the checkpoint lacks (but those the model declares it may lack and initialises the same
+    way every time), a shape that differs, tensors transformers merges or splits while loading
+    (use from_pretrained and quantize_model for those)."""
     from safetensors import safe_open
 
     check_format(bits, group_size, WHO)
@@ -169,25 +258,46 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
         raise ValueError(f"{WHO}: {path} is not a Hugging Face model directory (no config.json)")
     files = _checkpoint_files(path)
     model = build_skeleton(path, model_class, dtype)
+    keys = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys.append(list(f.keys()))
     layers = layers_to_quantize(model, bits, group_size, method, exclude, WHO)
     scheme = scheme_name(bits, group_size, symmetric, method)
     transposed = {id(module): t for _, module, t in layers}
-    tied = _tied_sources(model, layers)
-    # A tied parameter takes the tensor of its first name (the embedding, not the head) when the
-    # checkpoint holds both, as from_pretrained's tie_weights leaves it.
+    tied, tied_bias = _tied_sources(model, layers), _tied_sources(model, layers, "bias")
+    # Tied parameters, as from_pretrained's tie_weights leaves them: one Parameter from whichever of
+    # their names the checkpoint holds, from the first name (the embedding, not the head) when it
+    # holds several alike; a name it holds with other values is untied, keeping its own.
     canonical = {id(p): name for name, p in model.named_parameters()}
     canonical_name = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    loaded_from: Dict[str, str] = {}  # by first name: the name its tensor was read under
+    untied: Dict[str, torch.Tensor] = {}  # names whose tensor differs from their first name's
+
+    def load_tied(name: str, tensor: torch.Tensor) -> None:
+        first = canonical_name.get(name, name)  # buffers and untied parameters: their own
+        previous = loaded_from.get(first)
+        if previous is None or name == first:
+            before = model.get_parameter(previous) if previous not in (None, name) else None
+            _set_tensor(model, name, tensor)
+            loaded_from[first] = name
+            if before is not None and not torch.equal(before, model.get_parameter(name)):
+                untied[previous] = before  # read under another name first: that one keeps it
+        elif previous != first or not torch.equal(tensor.to(model.get_parameter(name).dtype),
+                                                  model.get_parameter(name)):
+            untied[name] = tensor  # differs from the first name's, or may (checked again in _untie)
 
     def skeleton(name: str, module: nn.Module, is_transposed: bool) -> QLinear:
         in_features, out_features = module.weight.shape if is_transposed else module.weight.shape[::-1]
         return QLinear(in_features, out_features, getattr(module, "bias", None) is not None, bits, group_size,
                        symmetric, device="meta", dtype=module.weight.dtype)
 
+    key_map = _KeyMap(model)  # transformers' conversions for the model, found before its layers are replaced
     model, by_id = replace_layers(model, layers, skeleton, WHO, scheme, progress=False)
     quantized = {name: by_id[id(module)] for name, module, _ in layers}  # under every name it has
     source_of = {id(layer): module_id for module_id, layer in by_id.items()}
     names = _tensor_names(model, quantized)
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    _check_no_conversions([key for file_keys in keys for key in file_keys], key_map, names, path)
     device = torch.device("cpu") if device is None else torch.device(device)
     filled, unexpected = set(), []
 
@@ -202,11 +312,11 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
             raise ValueError(f"{WHO}: layer {module_name!r}: {e}") from e
         filled.add(id(layer))
 
-    bar = _progress_bar(progress, files, scheme)
-    for file in files:
+    bar = _progress_bar(progress, keys, scheme)
+    for file, file_keys in zip(files, keys):
         with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = _resolve(key, names, prefix)
+            for key in file_keys:
+                name, _ = key_map(key, names)
                 if bar is not None:
                     bar.update(1)
                 if name is None:
@@ -215,20 +325,30 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                 module_name, attr = names[name]
                 if module_name in quantized:
                     layer = quantized[module_name]
+                    tensor = f.get_tensor(key)
+                    holder = (tied_bias if attr == "bias" else tied).get(source_of[id(layer)])
+                    if holder is not None and _on_meta(model, holder):  # the tied parameter's only name here,
+                        _set_tensor(model, holder, tensor.to(device))  # unless its own comes later
                     if attr == "bias":
-                        bias = f.get_tensor(key)
-                        _check_shape(name, bias, (layer.out_features,))
-                        layer.set_bias(bias.to(device))
+                        _check_shape(name, tensor, (layer.out_features,))
+                        layer.set_bias(tensor.to(device))
                     elif id(layer) not in filled:  # a layer at two places may be saved under both
-                        quantize_into(layer, module_name, name, f.get_tensor(key))
-                elif canonical_name.get(name, name) == name or _on_meta(model, name):
-                    _set_tensor(model, name, f.get_tensor(key).to(device))
+                        quantize_into(layer, module_name, name, tensor)
+                else:
+                    load_tied(name, f.get_tensor(key).to(device))
     if bar is not None:
         bar.close()
-    for name, layer in quantized.items():  # tied to a parameter the checkpoint holds under its other name
+    _untie(model, untied)
+    # A layer whose weight or bias the checkpoint holds only under the name of a module it is tied
+    # to takes that parameter's tensor, as quantize_model quantizes the tied weight and copies the
+    # tied bias.
+    for name, layer in quantized.items():
         module_id = source_of[id(layer)]
-        if id(layer) not in filled and module_id in tied and not _on_meta(model, tied[module_id]):
+        if module_id in tied and id(layer) not in filled and not _on_meta(model, tied[module_id]):
             quantize_into(layer, name, tied[module_id], model.get_parameter(tied[module_id]))
+        if module_id in tied_bias and layer.bias.device.type == "meta" and not _on_meta(model, tied_bias[module_id]):
+            layer.set_bias(model.get_parameter(tied_bias[module_id]))
+    _initialise_declared_missing(model, device)
     _check_complete(model, quantized, filled, path)
     _warn_unexpected(unexpected, getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     report_replaced(len(by_id), scheme, verbose)
@@ -236,24 +356,85 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     return model.to(device).eval()
 
 
+def _untie(model: nn.Module, untied: Dict[str, torch.Tensor]) -> None:
+    """Names of a tied parameter the checkpoint holds with values other than the tensor the tie
+    took get a Parameter of their own, as from_pretrained's tie_weights does not tie parameters
+    whose checkpoint tensors differ."""
+    for name, tensor in untied.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = module._parameters[attr]
+        _check_shape(name, tensor, tuple(current.shape))
+        value = tensor.to(current.dtype)
+        if not torch.equal(value, current):
+            module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+
+
+def _initialise_declared_missing(model: nn.Module, device: torch.device) -> None:
+    """Parameters the checkpoint lacks that the model declares it may lack
+    (_keys_to_ignore_on_load_missing; e.g. Marian's sinusoidal position tables, which
+    save_pretrained leaves out) are initialised as from_pretrained initialises them, by the
+    model's _init_weights, where that gives the same values under any random seed; those
+    initialised at random stay on meta, for _check_complete to name."""
+    import re
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if not patterns or not missing:
+        return
+    from transformers import PreTrainedModel
+    try:
+        from transformers import initialization  # transformers >= 5: the init functions from_pretrained guards
+    except ImportError:
+        return
+    declared = re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+    by_module: Dict[str, List[str]] = {}
+    for name in missing:
+        module_name, _, attr = name.rpartition(".")
+        by_module.setdefault(module_name, []).append(attr)
+    owners = [(name, module) for name, module in model.named_modules() if isinstance(module, PreTrainedModel)]
+    for module_name, attrs in by_module.items():
+        if any(declared.search(f"{module_name}.{attr}" if module_name else attr) is None for attr in attrs):
+            continue  # a weight the checkpoint should hold: missing
+        module = model.get_submodule(module_name)
+        # The innermost model holding it dispatches its init, as from_pretrained's initialize_weights.
+        owner = max((o for o in owners if not o[0] or module_name == o[0] or module_name.startswith(o[0] + ".")),
+                    key=lambda o: len(o[0]))[1]
+        for attr, p in module._parameters.items():  # loaded: _init_weights leaves them, as from_pretrained marks them
+            if p is not None and attr not in attrs:
+                p._is_hf_initialized = True
+        placeholders = {attr: module._parameters[attr] for attr in attrs}
+        runs = []
+        try:
+            for seed in (0, 1):
+                for attr, p in placeholders.items():
+                    module._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                            requires_grad=p.requires_grad)
+                with torch.random.fork_rng(devices=[]), torch.no_grad(), initialization.guard_torch_init_functions():
+                    torch.manual_seed(seed)
+                    owner._init_weights(module)
+                runs.append({attr: module._parameters[attr].detach() for attr in attrs})
+        except Exception:  # noqa: BLE001  an init that needs more than the module: left missing, and named
+            runs = []
+        module._parameters.update(placeholders)  # so that _replace finds every holder of each
+        if runs and all(torch.equal(runs[0][attr], runs[1][attr]) for attr in attrs):
+            for attr in attrs:
+                _replace(model, f"{module_name}.{attr}" if module_name else attr, runs[1][attr].to(device))
+
+
 def _on_meta(model: nn.Module, name: str) -> bool:
     return model.get_parameter(name).device.type == "meta"
 
 
-def _progress_bar(progress: Optional[bool], files: List[str], scheme: str):
-    """A tqdm bar over the checkpoint's tensors when asked (default: more than one shard)."""
-    if not (progress or (progress is None and len(files) > 1)):
+def _progress_bar(progress: Optional[bool], keys: List[List[str]], scheme: str):
+    """A tqdm bar over the checkpoint's tensors (`keys`: each file's) when asked (default: more
+    than one shard)."""
+    if not (progress or (progress is None and len(keys) > 1)):
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    from safetensors import safe_open
-    total = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            total += len(list(f.keys()))
-    return tqdm(total=total, desc=f"quantizing to {scheme}", unit="tensor")
+    return tqdm(total=sum(len(file_keys) for file_keys in keys), desc=f"quantizing to {scheme}", unit="tensor")
 
 
 def _check_complete(model: nn.Module, quantized: Dict[str, QLinear], filled: set, path: str) -> None:
@@ -265,9 +446,9 @@ def _check_complete(model: nn.Module, quantized: Dict[str, QLinear], filled: set
                 if layer.bias is not None and layer.bias.device.type == "meta"]
     if missing:
         raise CheckpointMismatch(f"{WHO}: the checkpoint in {path} has no tensor for {len(missing)} of the model's "
-                                 f"weights ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
-                                 "is model_class the checkpoint's model? Checkpoints that transformers converts "
-                                 "while loading need from_pretrained and quantize_model")
+                                 f"weights ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), which "
+                                 "from_pretrained would initialise rather than load; is model_class the checkpoint's "
+                                 "model?")
 
 
 def _warn_unexpected(unexpected: List[str], ignore: List[str]) -> None:

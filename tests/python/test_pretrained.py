@@ -1,7 +1,9 @@
 """quantize_pretrained: a Hugging Face checkpoint quantized tensor by tensor equals, tensor for tensor,
 from_pretrained followed by quantize_model (the independent reference: the whole float model in
 memory), for Conv1D and Linear models, tied and untied heads, sharded checkpoints, head and base
-classes, float32 and bf16; with less memory; and damaged checkpoints are named."""
+classes, float32 and bf16, and architectures whose checkpoints transformers renames, ties, leaves
+tensors out of or keeps partly in float32; with less memory; and damaged checkpoints, and those
+transformers merges tensors of while loading, are named."""
 
 import json
 import os
@@ -262,3 +264,135 @@ def test_read_and_quantized_on_the_gpu_as_on_the_cpu(tmp_path, gen):
     assert {t.device.type for t in on_gpu.state_dict().values()} == {"cuda"}
     assert all(b.device.type == "cuda" for b in on_gpu.buffers())
     assert_same_state(on_cpu, on_gpu.cpu())
+
+
+def _config(name):
+    """Tiny configs of architectures whose checkpoints take different paths through quantize_pretrained."""
+    t = transformers
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   vocab_size=512, max_position_embeddings=64, **tokens)
+    return {
+        # transformers renames its head while loading: embed_out -> lm_head
+        "gpt-neox": lambda: t.GPTNeoXConfig(**decoder),
+        # saved as encoder.layer.N.attention.attention.query..., renamed to layers.N.attention.q_proj...
+        "vit": lambda: t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112,
+                                   image_size=16, patch_size=4),
+        # the quantized decoder's bias is cls.predictions.bias (tied), its weight the word embedding
+        "bert-mlm": lambda: t.BertConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=512, max_position_embeddings=64),
+        # sinusoidal position tables save_pretrained leaves out (from_pretrained computes them)
+        "marian": lambda: t.MarianConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                         decoder_attention_heads=4, encoder_ffn_dim=112, decoder_ffn_dim=112,
+                                         vocab_size=512, max_position_embeddings=64, decoder_start_token_id=2,
+                                         **tokens),
+        # float16 keeps the feed-forward output `wo` in float32 (_keep_in_fp32_modules): its scales too
+        "t5": lambda: t.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=512,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+        # float16 keeps its norms in float32; experts stored fused, as the model holds them
+        "gpt-oss": lambda: t.GptOssConfig(**{**decoder, "max_position_embeddings": 128}, num_key_value_heads=2,
+                                          head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        # experts stored one Linear each, fused into 3-D parameters while loading
+        "mixtral": lambda: t.MixtralConfig(**decoder, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2),
+    }[name]()
+
+
+ARCHITECTURES = [  # name, auto class, dtype, shard size
+    ("gpt-neox", "AutoModelForCausalLM", torch.float32, "40KB"),
+    ("vit", "AutoModel", torch.bfloat16, None),
+    ("bert-mlm", "AutoModelForMaskedLM", torch.float32, None),
+    ("marian", "AutoModelForSeq2SeqLM", torch.float32, "40KB"),
+    ("t5", "AutoModelForSeq2SeqLM", torch.float16, None),
+    ("gpt-oss", "AutoModelForCausalLM", torch.float16, None),
+]
+
+
+def _inputs(name, gen, dtype):
+    ids = torch.randint(3, 512, (2, 7), generator=gen)
+    if name == "vit":
+        return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=gen).to(dtype))
+    if name in ("marian", "t5"):
+        return dict(input_ids=ids, decoder_input_ids=ids[:, :5])
+    return dict(input_ids=ids)
+
+
+@pytest.mark.parametrize("name,auto,dtype,shard", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+def test_architectures_equal_from_pretrained_then_quantize_model(tmp_path, gen, name, auto, dtype, shard):
+    auto = getattr(transformers, auto)
+    torch.manual_seed(0)
+    directory = save(perturbed(auto.from_config(_config(name)).eval(), gen), tmp_path, shard)
+    options = dict(bits=4, group_size=16, symmetric=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BERT's tied decoder: quantize_model's warning
+        reference = lq.quantize_model(auto.from_pretrained(directory, dtype=dtype), **options)
+        got = lq.quantize_pretrained(directory, dtype=dtype, model_class=auto, **options)
+    assert_same_state(reference, got)
+    inputs = _inputs(name, gen, dtype)
+    with torch.no_grad():
+        out, expected = got(**inputs), reference(**inputs)
+    key = "last_hidden_state" if name == "vit" else "logits"
+    assert torch.equal(out[key], expected[key])
+    if dtype == torch.float16 and name == "t5":
+        assert got.encoder.block[0].layer[1].DenseReluDense.wo.scales.dtype == torch.float32
+        assert got.encoder.block[0].layer[0].SelfAttention.q.scales.dtype == torch.float16
+
+
+def test_tensors_transformers_merges_while_loading_are_refused_before_quantizing(tmp_path, monkeypatch):
+    # Mixtral's experts are stored one Linear each and fused into 3-D parameters by from_pretrained.
+    directory = save(AutoModelForCausalLM.from_config(_config("mixtral")), tmp_path)
+    calls = []
+    monkeypatch.setattr(lq.QLinear, "set_weight", lambda *args, **kwargs: calls.append(args))
+    message = (r"transformers converts 24 of the checkpoint's tensors in .* merging or splitting them into the "
+               r"model's parameters \(model\.layers\.\d\.block_sparse_moe\.experts\.\d\.w\d\.weight -> "
+               r"model\.layers\.\d\.mlp\.experts\.(gate_up|down)_proj, .*load it with from_pretrained and "
+               r"quantize it with quantize_model")
+    with pytest.raises(lq.CheckpointMismatch, match=message):
+        lq.quantize_pretrained(directory, bits=4, group_size=16)
+    assert not calls
+
+
+def _edited(directory, edit):
+    _rewrite(str(Path(directory, "model.safetensors")), edit)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["head-differs", "head-only", "decoder-bias-differs", "decoder-bias-only"])
+def test_tied_parameters_are_tied_as_from_pretrained_ties_them(tmp_path, gen, case):
+    # from_pretrained ties the names of a tied parameter to whichever the checkpoint holds, and
+    # unties those it holds with other values.
+    if case.startswith("head"):  # lm_head's weight is the token embedding
+        model, auto, layer = tied_llama(), AutoModelForCausalLM, "lm_head"
+        tied, first = "lm_head.weight", "model.embed_tokens.weight"
+    else:  # the MLM decoder's bias is cls.predictions.bias
+        model, auto, layer = bert("BertForMaskedLM"), transformers.AutoModelForMaskedLM, "cls.predictions.decoder"
+        tied, first = "cls.predictions.decoder.bias", "cls.predictions.bias"
+    directory = save(perturbed(model, gen), tmp_path)
+
+    def edit(tensors):
+        if case.endswith("differs"):
+            tensors[tied] = tensors[first] + torch.randn(tensors[first].shape, generator=gen)
+        else:
+            tensors[tied] = tensors.pop(first)
+
+    _edited(directory, edit)
+    ids = torch.randint(0, 512, (2, 7), generator=gen)
+    for exclude in ([layer], None):  # the layer kept in float, and quantized
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = lq.quantize_model(auto.from_pretrained(directory), bits=4, group_size=16, exclude=exclude)
+            got = lq.quantize_pretrained(directory, bits=4, group_size=16, exclude=exclude, model_class=auto)
+        assert_same_state(reference, got)
+        assert torch.equal(reference(ids).logits, got(ids).logits)
+
+
+def test_declared_missing_weights_initialised_at_random_are_named(tmp_path, monkeypatch):
+    # Marian's position tables, declared missing, are computed (test above); a declared weight that
+    # from_pretrained would initialise at random is still missing.
+    from transformers import BertModel
+    directory = save(bert("BertForMaskedLM"), tmp_path)  # no pooler
+    monkeypatch.setattr(BertModel, "_keys_to_ignore_on_load_missing", [r"pooler\.dense"])
+    with pytest.raises(lq.CheckpointMismatch, match=r"no tensor for 2 of the model's weights \(pooler\.dense\.weight, "
+                                                    r"pooler\.dense\.bias\), which from_pretrained would initialise"):
+        lq.quantize_pretrained(directory, bits=8, model_class=AutoModel, exclude=["pooler.dense"])
