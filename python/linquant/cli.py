@@ -251,15 +251,15 @@ def read_quantized(spec: str, dtype, **options):
 
 
 def quantized_source(spec: str, dtype, **options):
-    """(quantized model, kind, its bytes in float32) for `linquant quantize`: read_quantized's, or
-    the model loaded whole, then quantized."""
+    """(quantized model, kind, the float model's bytes in `dtype`) for `linquant quantize`:
+    read_quantized's, or the model loaded whole (no tokenizer needed), then quantized."""
     read = read_quantized(spec, dtype, **options)
     if read is not None:
         model, kind = read
-        return model, kind, footprint(build_skeleton(spec, type(model), torch.float32))["total"]
-    model, _, kind = load_model(spec)
+        return model, kind, footprint(build_skeleton(spec, type(model), dtype))["total"]
+    model, _, kind = load_model(spec, dtype, tokenizer=False)
     before = footprint(model)["total"]
-    return quantize_model(model if dtype == "auto" else model.to(dtype), **options), kind, before
+    return quantize_model(model, **options), kind, before
 
 
 def cmd_quantize(args) -> int:

@@ -24,23 +24,24 @@ class ModelError(ValueError):
     """A model spec that cannot be loaded (missing path, not a model, unknown name)."""
 
 
-def load_model(spec: str) -> Tuple[nn.Module, object, str]:
-    """(fp32 model in eval mode, tokenizer, kind) for a built-in name (minilm, smollm2), a local
-    Hugging Face model directory, or a GGUF file. kind is "encoder" or "causal-lm"."""
-    if spec == "minilm":
-        return (*builtin.load_minilm(), "encoder")
-    if spec == "smollm2":
-        return (*builtin.load_smollm2(), "causal-lm")
+def load_model(spec: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[nn.Module, object, str]:
+    """(model in eval mode, its tokenizer or None without `tokenizer`, kind) for a built-in name
+    (minilm, smollm2), a local Hugging Face model directory, or a GGUF file; kind is "encoder" or
+    "causal-lm". `dtype` (float32 by default; "auto" is the dtype a directory's config.json
+    records) is given to from_pretrained, which keeps a model's float32 modules as they are."""
+    if spec in BUILTIN:
+        model, tok = builtin.load_minilm() if spec == "minilm" else builtin.load_smollm2()
+        return (model if dtype in (torch.float32, "auto") else model.to(dtype)), tok, BUILTIN[spec]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if os.path.isfile(spec) and spec.endswith(".gguf"):
         directory, name = os.path.split(os.path.abspath(spec))
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-        return model.eval(), tok, "causal-lm"
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(directory, gguf_file=name) if tokenizer else None, \
+            "causal-lm"
     model_class, kind = hf_model_class(spec)
-    model = model_class.from_pretrained(spec, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(spec), kind
+    model = model_class.from_pretrained(spec, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(spec) if tokenizer else None, kind
 
 
 def hf_model_class(spec: str):
