@@ -78,16 +78,24 @@ def _warn_unmatched_patterns(linears: List[Tuple[str, nn.Module]], exclude: Excl
                           stacklevel=4)
 
 
+def parameter_holders(model: nn.Module) -> Dict[int, List[Tuple[str, str, nn.Module]]]:
+    """By parameter (its id): (module name, attribute, module) of every module holding it, under
+    every name the module has, in named_modules' order (tied weights have several)."""
+    holders: Dict[int, List[Tuple[str, str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module_name, attr, module))
+    return holders
+
+
 def _warn_tied_weights(model: nn.Module, layers: List[Tuple[str, nn.Module, bool]], who: str) -> None:
     """A layer whose weight another module also holds (lm_head tied to the token embedding):
     quantizing it unties them, the other module keeps the float weight, and the model grows by
     the quantized copy."""
-    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            holders.setdefault(id(param), []).append((name, module))
+    holders = parameter_holders(model)
     for name, module, _ in layers:
-        others = [other for other, holder in holders.get(id(module.weight), []) if holder is not module]
+        others = [other for other, _, holder in holders.get(id(module.weight), []) if holder is not module]
         if others:
             warnings.warn(f"{who}: layer {name!r} shares its weight with {others[0]!r} (tied "
                           f"weights); quantizing it breaks the tie and adds the quantized copy to the model's "

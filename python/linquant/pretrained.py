@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ._ops import _FLOAT_DTYPES
-from .model import DEFAULT_EXCLUDE, Exclude, layers_to_quantize, replace_layers, report_replaced, scheme_name
+from .model import (DEFAULT_EXCLUDE, Exclude, layers_to_quantize, parameter_holders, replace_layers,
+                    report_replaced, scheme_name)
 from .nn import QLinear
 from .serialization import _parameters_on_meta
 from .weights import check_format, check_method
@@ -214,17 +215,13 @@ def _tied_sources(model: nn.Module, layers, attr: str = "weight") -> Dict[int, s
     (lm_head tied to the token embedding, BERT's MLM decoder bias to `cls.predictions.bias`; one
     of the names is kept out of the checkpoint by save_pretrained), that module's parameter name:
     the layer takes it from there."""
-    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # by parameter: (its name, the module holding it)
-    for module_name, holder in model.named_modules(remove_duplicate=False):
-        for param_name, p in holder._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((f"{module_name}.{param_name}" if module_name else param_name,
-                                                      holder))
+    holders = parameter_holders(model)
     replaced = {id(module) for _, module, _ in layers}  # another layer to quantize holds no parameter after
     sources = {}
     for _, module, _ in layers:
         tensor = getattr(module, attr, None)
-        others = [n for n, holder in holders.get(id(tensor), []) if id(holder) not in replaced] \
+        others = [f"{module_name}.{name}" if module_name else name
+                  for module_name, name, holder in holders.get(id(tensor), []) if id(holder) not in replaced] \
             if tensor is not None else []
         if others:
             sources[id(module)] = others[0]
