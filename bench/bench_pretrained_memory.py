@@ -3,7 +3,9 @@
 full-precision model, against `lq.quantize_pretrained(dir)`, which reads and quantizes one tensor at
 a time. The checkpoint is a random Llama written here tensor by tensor (bf16 shards of 1 GiB,
 as save_pretrained lays them out; by default 4 layers of Llama-2-7B's shapes, `--layers 32` for the
-whole 6.7B model), so no download is needed. The first way is skipped when the float32 model would
+whole 6.7B model), or with `--experts N` a Mixtral of N experts per layer, stored one tensor per
+expert as Mixtral's checkpoints are (`--experts 64 --top-k 8 --hidden 2048 --intermediate 1024
+--layers 16` has OLMoE-1B-7B's shapes), so no download is needed. The first way is skipped when the float32 model would
 not fit in the memory available. Peak memory is the process's anonymous
 resident memory (RssAnon, sampled every millisecond) above what the process holds after the same
 way has run once on a tiny checkpoint (imports and first-use allocations, ~125 MiB, are not the
@@ -68,19 +70,45 @@ def measure(way: str, directory: str, warmup_directory: str, bits: int, group_si
             "model_mib": lq.footprint(model)["total"] / 2**20}
 
 
-def write_checkpoint(directory: str, hidden: int, layers: int, vocab: int, intermediate: int) -> dict:
-    """A Llama checkpoint as save_pretrained lays it out (config.json, bf16 safetensors shards of
-    about 1 GiB and their index), written tensor by tensor from a meta skeleton, so that models
-    larger than memory can be written too. Weights are N(0, 0.02), norms 1."""
+def checkpoint_shapes(model_class, config, experts: int) -> dict:
+    """The checkpoint's tensor names and shapes: the model's parameters, and for a Mixtral each
+    layer's 3-D experts parameters as the per-expert tensors its checkpoints hold (w1 the gate's
+    rows, w3 the up projection's, w2 the down projection), under block_sparse_moe."""
+    import torch
+    with torch.device("meta"):
+        params = {name: p.shape for name, p in model_class(config).named_parameters()}
+    if not experts:
+        return params
+    shapes = {}
+    for name, shape in params.items():
+        layer, _, rest = name.partition(".mlp.")
+        if rest == "experts.gate_up_proj":
+            for e in range(experts):
+                for w in ("w1", "w3"):
+                    shapes[f"{layer}.block_sparse_moe.experts.{e}.{w}.weight"] = (shape[1] // 2, shape[2])
+        elif rest == "experts.down_proj":
+            for e in range(experts):
+                shapes[f"{layer}.block_sparse_moe.experts.{e}.w2.weight"] = tuple(shape[1:])
+        else:
+            shapes[f"{layer}.block_sparse_moe.{rest}" if rest else name] = shape
+    return shapes
+
+
+def write_checkpoint(directory: str, hidden: int, layers: int, vocab: int, intermediate: int, experts: int = 0,
+                     top_k: int = 2) -> dict:
+    """A Llama (or with `experts`, Mixtral) checkpoint as save_pretrained lays it out (config.json,
+    bf16 safetensors shards of about 1 GiB and their index), written tensor by tensor from a meta
+    skeleton, so that models larger than memory can be written too. Weights are N(0, 0.02), norms 1."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                         vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
-    config.architectures = ["LlamaForCausalLM"]
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    config_class, model_class = (MixtralConfig, MixtralForCausalLM) if experts else (LlamaConfig, LlamaForCausalLM)
+    moe = dict(num_local_experts=experts, num_experts_per_tok=top_k) if experts else {}
+    config = config_class(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                          num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+                          vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16", **moe)
+    shapes = checkpoint_shapes(model_class, config, experts)
+    config.architectures = [model_class.__name__]
     config.save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
     shards, shard, shard_bytes, weight_map = [], {}, 0, {}
@@ -100,7 +128,7 @@ def write_checkpoint(directory: str, hidden: int, layers: int, vocab: int, inter
             shard, shard_bytes = {}, 0
     if shard:
         flush()
-    params = sum(shape.numel() for shape in shapes.values())
+    params = sum(torch.Size(shape).numel() for shape in shapes.values())
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": params * 2}, "weight_map": weight_map}, f)
     return {"params": params, "fp32_mib": params * 4 / 2**20}
@@ -121,6 +149,8 @@ def main(argv=None) -> int:
                         help="its MLP size (default: 11008 / 4096 of the hidden size, as in Llama-2-7B)")
     parser.add_argument("--layers", type=positive_int, default=4, help="its number of decoder layers (Llama-2-7B: 32)")
     parser.add_argument("--vocab", type=positive_int, default=32000, help="its vocabulary size")
+    parser.add_argument("--experts", type=int, default=0, help="experts per layer: a Mixtral (0: a Llama)")
+    parser.add_argument("--top-k", type=positive_int, default=2, help="experts each token goes to (with --experts)")
     parser.add_argument("--bits", type=int, choices=(8, 4, 2), default=4, help="bits of the quantized weights")
     parser.add_argument("--group-size", type=positive_int, default=128, help="group size (asymmetric)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
@@ -130,10 +160,12 @@ def main(argv=None) -> int:
         print(json.dumps(measure(*args.measure, args.bits, args.group_size)))
         return 0
     with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as warmup:
-        write_checkpoint(warmup, 64, 1, 256, 128)
+        write_checkpoint(warmup, 64, 1, 256, 128, min(args.experts, 4), min(args.top_k, 2))
         intermediate = args.intermediate or args.hidden * 11008 // 4096
-        info = write_checkpoint(directory, args.hidden, args.layers, args.vocab, intermediate)
-        print(f"Llama, {info['params'] / 1e6:.0f}M parameters (bf16 checkpoint; {info['fp32_mib']:.0f} MiB in "
+        info = write_checkpoint(directory, args.hidden, args.layers, args.vocab, intermediate, args.experts,
+                                args.top_k)
+        name = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else "Llama"
+        print(f"{name}, {info['params'] / 1e6:.0f}M parameters (bf16 checkpoint; {info['fp32_mib']:.0f} MiB in "
               f"float32), quantized to {args.bits}-bit g{args.group_size} asymmetric, float32 model")
         rows = []
         for way in WAYS:

@@ -132,6 +132,18 @@ json::Value read_config(const std::filesystem::path& cfg_path, std::vector<std::
                       ": 'transformers' must be an object with a 'class' name and a 'config' object holding a "
                       "'model_type'");
   }
+  // Quantized mixture-of-experts projections and embeddings (Python's QExpertsWeight, QEmbedding) have
+  // no C++ module: refused by name rather than left among the plain tensors, where their buffers would
+  // pass for the model's own.
+  for (const auto& [key, what] : {std::pair<const char*, const char*>{"experts", "experts projections"},
+                                  std::pair<const char*, const char*>{"embeddings", "embeddings"}}) {
+    const json::Value* entries = config.find(key);
+    if (!entries) continue;
+    TORCH_CHECK_VALUE(entries->is_object(), kWho, ": ", cfg, ": '", key, "' must be a JSON object");
+    TORCH_CHECK_VALUE(entries->as_object().empty(), kWho, ": ", cfg, ": holds ", entries->as_object().size(),
+                      " quantized ", what, " (the first '", entries->as_object().begin()->first,
+                      "'), which the C++ API does not run; load this model with Python's linquant.load_quantized");
+  }
   for (const auto& [name, entry] : modules->as_object()) {
     specs.emplace_back(name, parse_spec(kWho + ": " + cfg + ": module '" + name + "'", entry));
   }

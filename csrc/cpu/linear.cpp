@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "../linear_checks.h"
@@ -47,6 +48,17 @@ void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a,
       y.narrow(1, n0, len).copy_(at::mm(x2, wt.t()));
     }
   }
+}
+
+// Whether any value of the contiguous float tensor y is inf or NaN (exponent bits all ones): an
+// integer OR reduction the compiler vectorizes, where at::isfinite(y).all() cost 3-10% of a call.
+bool any_non_finite(const at::Tensor& y) {
+  const auto* words = reinterpret_cast<const uint32_t*>(y.const_data_ptr<float>());
+  uint32_t found = 0;
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) {
+    found |= static_cast<uint32_t>((words[i] & 0x7f800000u) == 0x7f800000u);
+  }
+  return found != 0;
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -150,6 +162,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
   const int64_t blocks = (sh.N + 3) / 4;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { gemv(a, b0 * 4, std::min(b1 * 4, sh.N)); });
+  // The register kernels sum (q - z) x, |q - z| up to 255, and sums of x before applying the scale,
+  // so activations near float's limit (|x| ~ 1e36) overflow there where x @ W_hat.T (tiny scales)
+  // does not. Such a call, rare, is computed again through the dequantized weights.
+  if (any_non_finite(y)) {
+    linear_by_gemm(x2, a, kernels.dequant_rows, y);
+    if (b.defined()) y.add_(b);
+  }
   return y.to(x.scalar_type()).view(out_shape);
 }
 

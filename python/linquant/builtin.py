@@ -93,9 +93,19 @@ def load_smollm2() -> Tuple[torch.nn.Module, object]:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> float:
-    """exp(mean next-token negative log-likelihood) of `text` (the seeds' calculate_perplexity)."""
+def text_ids(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> torch.Tensor:
+    """`text`'s token ids [1, T], at most the model's context (config.max_position_embeddings, when
+    it has one): a model with a shorter context than the text gets its first tokens rather than
+    an index error from its position table."""
     ids = tokenizer(text, return_tensors="pt").input_ids
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return ids[:, :limit] if isinstance(limit, int) and limit > 0 else ids
+
+
+def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> float:
+    """exp(mean next-token negative log-likelihood) of `text` (the seeds' calculate_perplexity),
+    its first tokens up to the model's context (text_ids)."""
+    ids = text_ids(model, tokenizer, text)
     return float(torch.exp(model(ids, labels=ids).loss))
 
 

@@ -19,6 +19,8 @@ from ._files import atomic_write, check_directory_target, make_directory
 from .evaluate import (BUILTIN, ModelError, agreement, hf_model_class, layer_errors, load_model, load_quantized_dir,
                        portable_spec, report, timed_greedy)
 from .model import DEFAULT_EXCLUDE, scheme_name
+from .embedding import QEmbedding
+from .experts import QExpertsWeight
 from .nn import QLinear
 from .pretrained import CheckpointMismatch, build_skeleton, quantize_pretrained
 from .serialization import read_config
@@ -82,9 +84,10 @@ def _progress(items, desc):
 
 
 def minilm_rows():
-    """all-MiniLM-L6-v2 through bf16, every MODEL_CONFIGS entry, and the first two on the bf16 model:
-    footprint, linear-layer bytes, cosine of the sentence embeddings to fp32, time per forward of
-    the built-in sentences."""
+    """all-MiniLM-L6-v2 through bf16, every MODEL_CONFIGS entry, the first two on the bf16 model,
+    and the first two with the embeddings quantized to 8 bits (their 11.7M of the model's 22.7M
+    parameters): footprint, linear-layer bytes, cosine of the sentence embeddings to fp32, time per
+    forward of the built-in sentences."""
     model, tok = builtin.load_minilm()
     ref = agreement("encoder", model, tok)
 
@@ -101,25 +104,35 @@ def minilm_rows():
     variants += [(f"{label} (bf16)", lambda m, b=b, g=g, s=s: quantize_model(m.to(torch.bfloat16), bits=b, group_size=g,
                                                                              symmetric=s, progress=False))
                  for label, b, g, s in MODEL_CONFIGS[:2]]
+    # The linear layers as above, then (a second call: what the first left in float) the embeddings.
+    variants += [(f"{label}, int8 embeddings",
+                  lambda m, b=b, g=g, s=s: quantize_model(quantize_model(m, bits=b, group_size=g, symmetric=s,
+                                                                         progress=False),
+                                                          bits=8, exclude=[], embeddings=True, progress=False))
+                 for label, b, g, s in MODEL_CONFIGS[:2]]
     for label, convert in _progress(variants, "MiniLM"):
         m, _ = builtin.load_minilm()
         convert(m)
         out = agreement("encoder", m, tok, ref)
         rows.append({"model": label, "bytes": footprint(m)["total"], "linear_bytes": linear_bytes(m),
                      "cosine_mean": out["cosine_mean"], "cosine_min": out["cosine_min"],
-                     "forward_ms": out["forward_ms"],
-                     "layer_snr_db": {r["layer"]: r["snr_db"] for r in layer_errors(model, m)}})
+                     "forward_ms": out["forward_ms"]})
+        if "embeddings" not in label:  # the SNR plot's rows: one point per linear layer
+            rows[-1]["layer_snr_db"] = {r["layer"]: r["snr_db"] for r in layer_errors(model, m)}
     return rows
 
 
-# (label, dtype, bits, group_size, symmetric) of the causal-LM table: the fp32 model, and the same in
-# bf16 (CPU decoding with bf16 activations takes the AVX512-BF16 kernels where the CPU has them).
-LM_CONFIGS = [("fp32", torch.float32, None, None, None),
-              ("int8 per-channel", torch.float32, 8, None, True),
-              ("int4 g128 asym", torch.float32, 4, 128, False),
-              ("bf16", torch.bfloat16, None, None, None),
-              ("int8 per-channel (bf16)", torch.bfloat16, 8, None, True),
-              ("int4 g128 asym (bf16)", torch.bfloat16, 4, 128, False)]
+# (label, dtype, bits, group_size, symmetric, bits of the token embedding and its tied head, or None:
+# left in float) of the causal-LM table: the fp32 model, and the same in bf16 (CPU decoding with bf16
+# activations takes the AVX512-BF16 kernels where the CPU has them).
+LM_CONFIGS = [("fp32", torch.float32, None, None, None, None),
+              ("int8 per-channel", torch.float32, 8, None, True, None),
+              ("int4 g128 asym", torch.float32, 4, 128, False, None),
+              ("int4 g128 asym, int8 embedding", torch.float32, 4, 128, False, 8),
+              ("bf16", torch.bfloat16, None, None, None, None),
+              ("int8 per-channel (bf16)", torch.bfloat16, 8, None, True, None),
+              ("int4 g128 asym (bf16)", torch.bfloat16, 4, 128, False, None),
+              ("int4 g128 asym, int8 embedding (bf16)", torch.bfloat16, 4, 128, False, 8)]
 
 
 def smollm2_rows():
@@ -127,10 +140,12 @@ def smollm2_rows():
     greedy continuation of builtin.GREEDY_PROMPT, time per generated token."""
     model, tok = builtin.load_smollm2()
     rows = []
-    for label, dtype, bits, group, sym in _progress(LM_CONFIGS, "SmolLM2"):
+    for label, dtype, bits, group, sym, table_bits in _progress(LM_CONFIGS, "SmolLM2"):
         m = model if dtype == torch.float32 and bits is None else copy.deepcopy(model).to(dtype)
         if bits is not None:
             m = quantize_model(m, bits=bits, group_size=group, symmetric=sym, progress=False)
+        if table_bits is not None:  # what the first call left in float: the embedding and its tied head, shared
+            m = quantize_model(m, bits=table_bits, exclude=[], embeddings=True, progress=False)
         text, ms_per_token = timed_greedy(m, tok)
         rows.append({"model": label, "bytes": footprint(m)["total"], "perplexity": builtin.perplexity(m, tok),
                      "greedy": text, "ms_per_token": ms_per_token})
@@ -265,20 +280,26 @@ def quantized_source(spec: str, dtype, **options):
 def cmd_quantize(args) -> int:
     model, kind, before = quantized_source(args.model, DTYPES[args.dtype], bits=args.bits,
                                            group_size=args.group_size, symmetric=not args.asymmetric,
-                                           exclude=args.exclude, progress=True, method=args.method)
+                                           exclude=args.exclude, progress=True, method=args.method,
+                                           embeddings=args.embeddings)
     n_layers = sum(isinstance(m, QLinear) for m in model.modules())
+    n_projections = sum(isinstance(m, QExpertsWeight) for m in model.modules())
+    n_embeddings = sum(isinstance(m, QEmbedding) for m in model.modules())
     # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
     # working directory; a path relative to --out would break when only --out moves.
     save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind,
                                               "method": args.method})
     # The scheme in full: symmetric is the default, and nothing else in the output would say which ran.
     scheme = scheme_name(args.bits, args.group_size, not args.asymmetric, args.method)
-    result = {"out": args.out, "layers": n_layers, "scheme": scheme, "bytes_before": before,
-              "bytes_after": footprint(model)["total"]}
+    result = {"out": args.out, "layers": n_layers, "experts_projections": n_projections,
+              "embeddings": n_embeddings, "scheme": scheme,
+              "bytes_before": before, "bytes_after": footprint(model)["total"]}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model} ({kind}): {n_layers} layers quantized to {scheme}; "
+        others = "".join(f", {n} {what}" for n, what in ((n_projections, "experts projections"),
+                                                         (n_embeddings, "embeddings")) if n)
+        print(f"{args.model} ({kind}): {n_layers} layers{others} quantized to {scheme}; "
               f"{before / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB; saved to {args.out}")
     return 0
 
@@ -291,7 +312,7 @@ def cmd_eval(args) -> int:
     else:
         fp_model, tok, kind = load_model(args.target)
         options = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                       exclude=args.exclude, progress=True, method=method)
+                       exclude=args.exclude, progress=True, method=method, embeddings=args.embeddings)
         # Read again and quantized tensor by tensor where it can be: a quantized deep copy would
         # hold the float model twice.
         read = read_quantized(args.target, torch.float32, **options)
@@ -393,6 +414,9 @@ def main(argv=None) -> int:
                        help="how scales and zero points are chosen: minmax spans each group's range; mse searches "
                             "21 clipping ratios per group for the least squared error (21 times the work, "
                             "10-40%% less weight error at 4 and 2 bits)")
+        p.add_argument("--embeddings", action="store_true",
+                       help="quantize the embeddings (nn.Embedding) too, in the same format; a head tied to one "
+                            "shares its quantized table when the head is quantized too (--exclude with no pattern)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     models = "a local Hugging Face model directory, a .gguf file, or a built-in name (minilm, smollm2)"

@@ -13,7 +13,9 @@ from torch import nn
 
 from . import builtin
 from .metrics import metrics
-from .model import footprint, quantizable_layers, scheme_name
+from .embedding import QEmbedding
+from .experts import QExpertsWeight
+from .model import footprint, quantizable_layers, quantizable_projections, scheme_name
 from .nn import QLinear
 from .serialization import CONFIG_NAME, load_quantized, read_config
 
@@ -46,7 +48,8 @@ def load_model(spec: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[
 
 def hf_model_class(spec: str):
     """(Auto class, kind) for a local Hugging Face model directory: AutoModelForCausalLM for the
-    causal LMs config.json names, AutoModel (the base model: an encoder's embeddings) otherwise."""
+    causal LMs config.json names (any class AutoModelForCausalLM maps to), AutoModel (the base
+    model: an encoder's embeddings) otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     if not os.path.exists(spec):
@@ -54,8 +57,13 @@ def hf_model_class(spec: str):
                          f"or one of {', '.join(BUILTIN)})")
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise ModelError(f"{spec}: not a Hugging Face model directory (no config.json)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     config = AutoConfig.from_pretrained(spec)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    # The causal-LM classes AutoModelForCausalLM maps to: GPT-2's is GPT2LMHeadModel, which a test on
+    # the "ForCausalLM" suffix alone took for an encoder.
+    causal_classes = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                      for name in ([value] if isinstance(value, str) else value)}
+    causal = any(a in causal_classes or a.endswith("ForCausalLM") for a in (config.architectures or []))
     return (AutoModelForCausalLM, "causal-lm") if causal else (AutoModel, "encoder")
 
 
@@ -79,14 +87,18 @@ def load_quantized_dir(path: str):
 
 
 def layer_errors(fp_model: nn.Module, q_model: nn.Module) -> List[Dict[str, float]]:
-    """MSE, max error and SNR of every QLinear's dequantized weight against the fp32 original."""
-    originals = {name: (m, transposed) for name, m, transposed in quantizable_layers(fp_model, exclude=None)}
+    """MSE, max error and SNR of every QLinear's dequantized weight, every QExpertsWeight's (all
+    its experts together) and every QEmbedding's table, against the fp32 original."""
+    originals = {name: (m.weight, transposed) for name, m, transposed in quantizable_layers(fp_model, exclude=None)}
+    originals.update({name: (m.weight, False) for name, m in fp_model.named_modules() if isinstance(m, nn.Embedding)})
+    originals.update({name: (getattr(m, attr), m.is_transposed)
+                      for name, m, attr in quantizable_projections(fp_model, exclude=None)})
     rows = []
     for name, q in q_model.named_modules():
-        if isinstance(q, QLinear) and name in originals:
-            m, transposed = originals[name]
-            w = m.weight.detach().float()
-            rows.append({"layer": name, **metrics(w.t() if transposed else w, q.dequantize().float())})
+        if isinstance(q, (QLinear, QExpertsWeight, QEmbedding)) and name in originals:
+            weight, transposed = originals[name]
+            w = weight.detach().float()
+            rows.append({"layer": name, **metrics(w.transpose(-1, -2) if transposed else w, q.dequantize().float())})
     return rows
 
 
@@ -94,7 +106,7 @@ def schemes(model: nn.Module, method: str = "minmax") -> str:
     """The quantization schemes of a model's QLinears in words ("4-bit g128 asymmetric"), joined
     when they differ; `method` is how their scales were chosen, which the layers do not record."""
     names = {scheme_name(m.bits, m.group_size, m.symmetric, method) for m in model.modules()
-             if isinstance(m, QLinear)}
+             if isinstance(m, (QLinear, QExpertsWeight, QEmbedding))}
     return ", ".join(sorted(names)) or "none"
 
 
@@ -132,7 +144,7 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
             cos = (emb * reference["embeddings"]).sum(-1)
             out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
         return out
-    ids = tokenizer(builtin.PERPLEXITY_TEXT, return_tensors="pt").input_ids
+    ids = builtin.text_ids(model, tokenizer)
     perplexity = builtin.perplexity(model, tokenizer)
     greedy, decode_ms = timed_greedy(model, tokenizer)  # after perplexity's forward, so not timing a cold start
     return {"perplexity": perplexity, "greedy": greedy,

@@ -153,12 +153,18 @@ def export_saved(path: str, out_dir: str, batch: int = 2, seq_len: int = 16) -> 
     """export_encoder for a Hugging Face model saved by `save_quantized` (or `linquant quantize`),
     an encoder or a decoder-only language model, as it was quantized: out_dir/model.pt computes
     (input_ids, attention_mask) -> last_hidden_state or logits."""
+    from .experts import experts_modules
     from .serialization import load_quantized
     check_directory_target(out_dir, "linquant.export_saved: out_dir")
     model = load_quantized(path)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"linquant export: {path} holds an encoder-decoder model ({type(model).__name__}); "
                          "export takes encoders and decoder-only language models")
+    experts = experts_modules(model)
+    if experts:  # the trace would keep the experts its example tokens chose, for every input
+        raise ValueError(f"linquant export: {path} holds a mixture of experts ({len(experts)} experts modules, "
+                         f"the first {experts[0][0]!r}), whose routing a trace records for its example inputs only; "
+                         "export takes models without experts")
     return _export(model, out_dir, {"model": os.path.abspath(path)}, batch, seq_len)
 
 

@@ -17,20 +17,43 @@ def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool
     return (out_features, (in_features * bits + 7) // 8), torch.uint8
 
 
-def _check_arguments(in_features, out_features, dtype) -> None:
-    """The constructor's sizes and dtype, named here rather than as a tensor-factory error (a
-    negative size) or at the first forward (scales that `linear` cannot take); bits and group_size
-    are check_format's."""
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
+def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int, group_size: Optional[int],
+                symmetric: bool, device, dtype, stacked: tuple = ()) -> None:
+    """A quantized layer's constructor (QLinear, QEmbedding, QExpertsWeight): checks its `sizes`
+    (name: value), bits, group size and scales dtype, naming the class, rather than as a
+    tensor-factory error (a negative size) or at the first forward (scales the kernels cannot
+    take); sets bits, group_size and symmetric; registers the format's buffers for `stacked`
+    weights of [rows, cols] (values 0, scales 1)."""
+    who = f"linquant.{type(module).__name__}"
+    for name, value in sizes.items():
         if not is_int(value):
-            raise TypeError(f"linquant.QLinear: {name} must be an int, got {type(value).__name__}")
+            raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__}")
         if value < 0:
-            raise ValueError(f"linquant.QLinear: {name} must be >= 0, got {value}")
+            raise ValueError(f"{who}: {name} must be >= 0, got {value}")
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"linquant.QLinear: dtype must be a torch.dtype, got {type(dtype).__name__}")
+        raise TypeError(f"{who}: dtype must be a torch.dtype, got {type(dtype).__name__}")
     if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"linquant.QLinear: dtype (of the scales and bias) must be float32, float16 or bfloat16, "
-                         f"got {dtype}")
+        raise ValueError(f"{who}: dtype (of the scales and bias) must be float32, float16 or bfloat16, got {dtype}")
+    check_format(bits, group_size, who)
+    module.bits, module.group_size, module.symmetric = bits, group_size, symmetric
+    groups = 1 if group_size is None else -(-cols // group_size)  # none when cols = 0
+    shape, qdtype = qweight_spec(rows, cols, bits, symmetric)
+    module.register_buffer("qweight", torch.zeros((*stacked, *shape), dtype=qdtype, device=device))
+    module.register_buffer("scales", torch.ones((*stacked, rows, groups), dtype=dtype, device=device))
+    module.register_buffer("zeros", None if symmetric else
+                           torch.zeros((*stacked, rows, groups), dtype=torch.int32, device=device))
+
+
+def check_conversion(module: nn.Module, fn) -> None:
+    """Module.to / .double() convert every floating-point tensor, here a quantized layer's scales
+    (and bias). The kernels compute in float32 at most, so float64 would only fail at the next
+    forward: refused before the layer's buffers change, on an empty probe of what `fn` makes of
+    its scales."""
+    probe = fn(torch.empty(0, dtype=module.scales.dtype, device=module.scales.device))
+    if isinstance(probe, torch.Tensor) and probe.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"linquant.{type(module).__name__}: the scales and bias must stay float32, float16 or "
+                         f"bfloat16 (the kernels compute in float32 at most), not {probe.dtype}: convert the model "
+                         "to one of those, or exclude this layer from quantize_model")
 
 
 class QLinear(nn.Module):
@@ -49,16 +72,9 @@ class QLinear(nn.Module):
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        _check_arguments(in_features, out_features, dtype)
-        check_format(bits, group_size, "linquant.QLinear")
+        init_format(self, {"in_features": in_features, "out_features": out_features}, out_features, in_features,
+                    bits, group_size, symmetric, device, dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        groups = 1 if group_size is None else -(-in_features // group_size)  # none when in_features = 0
-        shape, qdtype = qweight_spec(out_features, in_features, bits, symmetric)
-        self.register_buffer("qweight", torch.zeros(shape, dtype=qdtype, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
-        self.register_buffer("zeros", None if symmetric else
-                             torch.zeros(out_features, groups, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -103,14 +119,7 @@ class QLinear(nn.Module):
         self.bias = bias.detach().to(dtype=self.scales.dtype, copy=True)
 
     def _apply(self, fn, recurse=True):
-        # Module.to / .double() convert every floating-point tensor, here the scales and bias. linear
-        # computes in float32 at most, so float64 would only fail at the next forward: refused here,
-        # on an empty probe, before this layer's buffers change.
-        probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))
-        if isinstance(probe, torch.Tensor) and probe.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"linquant.QLinear: the scales and bias must stay float32, float16 or bfloat16 "
-                             f"(linear computes in float32 at most), not {probe.dtype}: convert the model to "
-                             "one of those, or exclude this layer from quantize_model")
+        check_conversion(self, fn)
         return super()._apply(fn, recurse)
 
     def quantized_weight(self) -> QuantizedWeight:

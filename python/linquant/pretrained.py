@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from ._ops import _FLOAT_DTYPES
+from .embedding import QEmbedding
+from .experts import QExpertsWeight, install_projection, quantize_projection
 from .model import (DEFAULT_EXCLUDE, Exclude, layers_to_quantize, parameter_holders, replace_layers,
                     report_replaced, scheme_name)
 from .nn import QLinear
@@ -136,46 +138,97 @@ class _KeyMap:
     `lm_head`, ViT's `encoder.layer.N.attention.attention.query` to `layers.N.attention.q_proj`,
     LayerNorm's `gamma` to `weight`), then the base model's prefix added or removed. A key one of
     its converters takes (tensors merged or split, e.g. a mixture of experts' per-expert weights
-    fused into one 3-D parameter) is reported with its target, as it cannot be read alone."""
+    fused into one 3-D parameter) is reported with the converter and the source pattern it matched."""
 
     def __init__(self, model: nn.Module):
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.renamings, self.converters, self.rename = [], [], None
+        self.renamings, self.converters, self.apply_renamings = [], [], None
         try:  # transformers >= 5; earlier versions load checkpoints by name as they are
             from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
         except ImportError:
             return
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
-        self.rename = rename_source_key
+        self.apply_renamings = apply_renamings
 
-    def __call__(self, key: str, names: Dict[str, Tuple[str, str]]) -> Tuple[Optional[str], bool]:
-        """(the model's name for `key` among `names`, or None; whether a converter takes it)."""
-        if self.rename is None:
-            return _resolve(key, names, self.prefix), False
-        renamed, converter = self.rename(key, self.renamings, self.converters)
+    def __call__(self, key: str, names: Dict[str, Tuple[str, str]]) -> Tuple[Optional[str], object, Optional[str]]:
+        """(the model's name for `key` among `names`, or None; the converter that takes it, or None;
+        the converter's source pattern it matched), as transformers' rename_source_key: every
+        renaming, then the first converter that matches."""
+        if self.apply_renamings is None:
+            return _resolve(key, names, self.prefix), None, None
+        renamed = self.apply_renamings(key, self.renamings)
+        for converter in self.converters:
+            converted, pattern = converter.rename_source_key(renamed)
+            if pattern is not None:
+                name = _resolve(converted, names, self.prefix)
+                return (key, None, None) if name is None and key in names else (name, converter, pattern)
         name = _resolve(renamed, names, self.prefix)
-        if name is None and key in names:  # as from_pretrained: a name the model has is kept
-            return key, False
-        return name, converter is not None
+        return (key, None, None) if name is None and key in names else (name, None, None)
 
 
-def _check_no_conversions(keys: List[str], key_map: _KeyMap, names: Dict[str, Tuple[str, str]],
-                          path: str) -> None:
-    """Checkpoint tensors that transformers merges or splits into the model's parameters while
-    loading (one parameter from several tensors) cannot be read one at a time: refused before any
-    layer is quantized."""
-    converted = [(key, name) for key in keys for name, by_converter in [key_map(key, names)]
-                 if by_converter and name is not None]
-    if converted:
-        examples = ", ".join(f"{key} -> {name}" for key, name in converted[:3])
+# How transformers builds an experts projection from per-expert tensors (Mixtral, Qwen2/3-MoE,
+# OLMoE, Phi-MoE, DeepSeek-V3, ...): stacked by expert, and for gate_up_proj the gate's and up's
+# concatenated along the rows. Each row is quantized alone, so each tensor can be quantized
+# into its rows of the projection as it is read, with the bits quantizing the merged one gives.
+_STACKED_OPS = (("MergeModulelist", 0),), (("MergeModulelist", 0), ("Concatenate", 1))
+
+
+def _stacks_experts(converter) -> bool:
+    return tuple((type(op).__name__, getattr(op, "dim", None)) for op in converter.operations) in _STACKED_OPS
+
+
+def _plan_converted(files: List[str], keys: List[List[str]], key_map: _KeyMap, names: Dict[str, Tuple[str, str]],
+                    projection_of: Dict[Tuple[str, str], nn.Module], path: str) -> Dict[str, tuple]:
+    """For each checkpoint key a converter takes: (experts module, projection attribute, expert,
+    first row) of the rows it fills in a projection to quantize. Checkpoint tensors that transformers
+    merges or splits otherwise cannot be read one at a time: refused before any layer is quantized."""
+    from safetensors import safe_open
+    from transformers.core_model_loading import dot_natural_key
+
+    refused, groups = [], {}
+    for file, file_keys in zip(files, keys):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in file_keys:
+                name, converter, pattern = key_map(key, names)
+                if converter is None or name is None:
+                    continue
+                target = projection_of.get(names[name])
+                if target is None or target.is_transposed or not _stacks_experts(converter):
+                    refused.append((key, name))
+                    continue
+                groups.setdefault(name, (converter, {}))[1].setdefault(pattern, []).append(
+                    (key, tuple(f.get_slice(key).get_shape())))
+    if refused:
+        examples = ", ".join(f"{key} -> {name}" for key, name in refused[:3])
         raise CheckpointMismatch(
-            f"{WHO}: transformers converts {len(converted)} of the checkpoint's tensors in {path} while loading "
+            f"{WHO}: transformers converts {len(refused)} of the checkpoint's tensors in {path} while loading "
             f"it, merging or splitting them into the model's parameters ({examples}"
-            f"{', ...' if len(converted) > 3 else ''}), which reading one tensor at a time cannot do; load it with "
+            f"{', ...' if len(refused) > 3 else ''}), which reading one tensor at a time cannot do; load it with "
             "from_pretrained and quantize it with quantize_model")
+    plan = {}
+    for name, (converter, by_pattern) in groups.items():
+        module = projection_of[names[name]]
+        attr = names[name][1]
+        num_experts, out_features, in_features = module._parameters[attr].shape
+        start = 0
+        for pattern in [p for p in converter.source_patterns if p in by_pattern]:  # Concatenate's order
+            tensors = sorted(by_pattern[pattern], key=lambda item: dot_natural_key(item[0]))  # the loader's order
+            shapes = {shape for _, shape in tensors}
+            if len(tensors) != num_experts or len(shapes) != 1 or len(next(iter(shapes))) != 2 or \
+                    next(iter(shapes))[1] != in_features:
+                raise CheckpointMismatch(
+                    f"{WHO}: the checkpoint's {len(tensors)} tensors for {name!r} ({tensors[0][0]}, ...) are "
+                    f"{sorted(shapes)}; the model's {num_experts} experts take one [rows, {in_features}] each")
+            for expert, (key, _) in enumerate(tensors):
+                plan[key] = (module, attr, expert, start)
+            start += next(iter(shapes))[0]
+        if start != out_features:
+            raise CheckpointMismatch(f"{WHO}: the checkpoint's tensors for {name!r} give each expert {start} rows; "
+                                     f"the model's have {out_features}")
+    return plan
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -232,11 +285,11 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                         exclude: Exclude = DEFAULT_EXCLUDE, dtype: Union[torch.dtype, str] = torch.float32,
                         model_class=None,
                         device=None, progress: Optional[bool] = None, verbose: bool = False,
-                        method: str = "minmax") -> nn.Module:
+                        method: str = "minmax", embeddings: bool = False) -> nn.Module:
     """Loads the Hugging Face model in directory `path` (config.json and safetensors weights,
     sharded or not) quantized, reading its tensors one at a time: equal, tensor for tensor, to
     quantize_model(model_class.from_pretrained(path, dtype=dtype), bits, group_size, symmetric,
-    exclude, method=method), with peak memory near the quantized model's size. `dtype` is the model's
+    exclude, method=method, embeddings=embeddings), with peak memory near the quantized model's size. `dtype` is the model's
     float dtype (scales, biases and the layers left in float; "auto": the one config.json records,
     as from_pretrained's dtype="auto"). `model_class` defaults to the class
     config.json names (e.g. AutoModel for an encoder's base model). The tensors are read and
@@ -259,7 +312,14 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             keys.append(list(f.keys()))
-    layers = layers_to_quantize(model, bits, group_size, method, exclude, WHO)
+    layers, projections, tables = layers_to_quantize(model, bits, group_size, method, exclude, WHO, embeddings)
+    # Embeddings to quantize take the layers' route; a head tied to one shares its table at the end.
+    table_of = {id(module.weight): module for _, module in tables}
+    shares = {id(module): table_of[id(module.weight)] for _, module, t in layers if not t and id(module.weight) in table_of}
+    layers = layers + [(name, module, False) for name, module in tables]
+    # Experts projections are quantized as they are read: stored whole (3-D, as the model holds
+    # them), or per expert, each tensor into its rows (_plan_converted).
+    projection_of = {(name.rpartition(".")[0], attr): module for name, module, attr in projections}
     scheme = scheme_name(bits, group_size, symmetric, method)
     transposed = {id(module): t for _, module, t in layers}
     tied, tied_bias = _tied_sources(model, layers), _tied_sources(model, layers, "bias")
@@ -284,7 +344,13 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                                                   model.get_parameter(name)):
             untied[name] = tensor  # differs from the first name's, or may (checked again in _untie)
 
-    def skeleton(name: str, module: nn.Module, is_transposed: bool) -> QLinear:
+    skeleton_tables: Dict[int, QEmbedding] = {}  # by weight: embeddings holding one weight share one table
+
+    def skeleton(name: str, module: nn.Module, is_transposed: bool) -> nn.Module:
+        if isinstance(module, nn.Embedding):
+            return skeleton_tables.setdefault(id(module.weight), QEmbedding(
+                module.num_embeddings, module.embedding_dim, bits, group_size, symmetric, module.padding_idx,
+                device="meta", dtype=module.weight.dtype))
         in_features, out_features = module.weight.shape if is_transposed else module.weight.shape[::-1]
         return QLinear(in_features, out_features, getattr(module, "bias", None) is not None, bits, group_size,
                        symmetric, device="meta", dtype=module.weight.dtype)
@@ -294,14 +360,17 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     quantized = {name: by_id[id(module)] for name, module, _ in layers}  # under every name it has
     source_of = {id(layer): module_id for module_id, layer in by_id.items()}
     names = _tensor_names(model, quantized)
-    _check_no_conversions([key for file_keys in keys for key in file_keys], key_map, names, path)
+    expert_rows = _plan_converted(files, keys, key_map, names, projection_of, path)
     device = torch.device("cpu") if device is None else torch.device(device)
     filled, unexpected = set(), []
 
-    def quantize_into(layer: QLinear, module_name: str, name: str, weight: torch.Tensor) -> None:
+    def quantize_into(layer: nn.Module, module_name: str, name: str, weight: torch.Tensor) -> None:
         is_transposed = transposed[source_of[id(layer)]]
-        _check_shape(name, weight, (layer.in_features, layer.out_features) if is_transposed else
-                     (layer.out_features, layer.in_features))
+        if isinstance(layer, QEmbedding):
+            _check_shape(name, weight, (layer.num_embeddings, layer.embedding_dim))
+        else:
+            _check_shape(name, weight, (layer.in_features, layer.out_features) if is_transposed else
+                         (layer.out_features, layer.in_features))
         w = weight.to(device=device, dtype=layer.scales.dtype)
         try:
             layer.set_weight(w.t() if is_transposed else w, method)
@@ -313,7 +382,7 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     for file, file_keys in zip(files, keys):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in file_keys:
-                name, _ = key_map(key, names)
+                name, _, _ = key_map(key, names)
                 if bar is not None:
                     bar.update(1)
                 if name is None:
@@ -331,6 +400,19 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                         layer.set_bias(tensor.to(device))
                     elif id(layer) not in filled:  # a layer at two places may be saved under both
                         quantize_into(layer, module_name, name, tensor)
+                elif key in expert_rows:
+                    _quantize_expert_rows(*expert_rows[key], f.get_tensor(key), bits, group_size, symmetric, method,
+                                          device, name)
+                elif (module_name, attr) in projection_of:
+                    module = projection_of[module_name, attr]
+                    if attr in module._parameters:  # not yet read under another name of the module
+                        weight = f.get_tensor(key)
+                        _check_shape(name, weight, tuple(module._parameters[attr].shape))
+                        weight = weight.to(device=device, dtype=module._parameters[attr].dtype)
+                        try:
+                            quantize_projection(module, attr, bits, group_size, symmetric, method, weight)
+                        except ValueError as e:  # NaN or infinite weights
+                            raise ValueError(f"{WHO}: experts projection {name!r}: {e}") from e
                 else:
                     load_tied(name, f.get_tensor(key).to(device))
     if bar is not None:
@@ -345,12 +427,50 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
             quantize_into(layer, name, tied[module_id], model.get_parameter(tied[module_id]))
         if module_id in tied_bias and layer.bias.device.type == "meta" and not _on_meta(model, tied_bias[module_id]):
             layer.set_bias(model.get_parameter(tied_bias[module_id]))
+    _share_tables(shares, by_id, filled)
     _initialise_declared_missing(model, device)
     _check_complete(model, quantized, filled, path)
     _warn_unexpected(unexpected, getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    report_replaced(len(by_id), scheme, verbose)
+    report_replaced(len(by_id) - len({id(m) for _, m in tables}), scheme, verbose, len(projections),
+                    len(skeleton_tables))
     _attach_generation_config(model, path)
     return model.to(device).eval()
+
+
+def _share_tables(shares: Dict[int, nn.Module], by_id: Dict[int, nn.Module], filled: set) -> None:
+    """A head tied to a quantized embedding holds the embedding's very table, as quantize_model's
+    tied_head gives it after from_pretrained ties them: read under either name (the checkpoint
+    keeps one), or under both with the same values. Held under both with different values,
+    from_pretrained unties them, and each keeps its own."""
+    for head_id, embedding in shares.items():
+        head, table = by_id[head_id], by_id[id(embedding)]
+        if id(head) in filled and id(table) in filled and not all(
+                torch.equal(getattr(head, a), getattr(table, a)) for a in ("qweight", "scales", "zeros")
+                if getattr(head, a) is not None):
+            continue
+        source, target = (table, head) if id(table) in filled else (head, table)
+        if id(source) in filled:
+            target.qweight, target.scales, target.zeros = source.qweight, source.scales, source.zeros
+            filled.add(id(target))
+
+
+def _quantize_expert_rows(module: nn.Module, attr: str, expert: int, start: int, tensor: torch.Tensor, bits: int,
+                          group_size: Optional[int], symmetric: bool, method: str, device: torch.device,
+                          name: str) -> None:
+    """Quantizes one per-expert checkpoint tensor into its rows of experts projection `attr`,
+    which becomes a QExpertsWeight (its buffers on `device`) at the first."""
+    layer = getattr(module, attr)
+    if not isinstance(layer, QExpertsWeight):
+        num_experts, out_features, in_features = layer.shape
+        dtype = layer.dtype
+        layer = QExpertsWeight(num_experts, in_features, out_features, bits, group_size, symmetric, device="meta",
+                               dtype=dtype)
+        layer.allocate(device)
+        install_projection(module, attr, layer)
+    try:
+        layer.set_rows(expert, start, tensor.to(device=device, dtype=layer.scales.dtype), method)
+    except ValueError as e:  # NaN or infinite weights
+        raise ValueError(f"{WHO}: experts projection {name!r}: {e}") from e
 
 
 def _untie(model: nn.Module, untied: Dict[str, torch.Tensor]) -> None:
@@ -440,7 +560,7 @@ def _check_complete(model: nn.Module, quantized: Dict[str, QLinear], filled: set
     missing = [name for name, layer in quantized.items() if id(layer) not in filled]
     missing += [name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     missing += [f"{name}.bias" if name else "bias" for name, layer in quantized.items()
-                if layer.bias is not None and layer.bias.device.type == "meta"]
+                if getattr(layer, "bias", None) is not None and layer.bias.device.type == "meta"]
     if missing:
         raise CheckpointMismatch(f"{WHO}: the checkpoint in {path} has no tensor for {len(missing)} of the model's "
                                  f"weights ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), which "

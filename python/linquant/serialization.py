@@ -12,6 +12,8 @@ from torch import nn
 
 from ._files import atomic_write, make_directory, write_text
 from ._ops import _FLOAT_DTYPES
+from .embedding import QEmbedding
+from .experts import QExpertsWeight, expert_projections, install_projection
 from .nn import QLinear
 from .weights import check_format
 
@@ -24,7 +26,8 @@ SAVE_ID_KEY = "linquant_save_id"
 
 def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None) -> None:
     """Writes `path`/model.safetensors (every parameter and persistent buffer) and
-    `path`/linquant.json (which modules are QLinear and their formats; tied tensors; for a Hugging
+    `path`/linquant.json (which modules are QLinear and which experts projections QExpertsWeight,
+    and their formats; tied tensors; for a Hugging
     Face model its class and config, so that `load_quantized(path)` rebuilds it alone; `metadata`,
     a JSON-serializable dict, e.g. the source model that `linquant eval` reloads). Everything is
     checked before either file is touched; both files carry the same random save id, so a pair
@@ -35,7 +38,15 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
                       "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
                       "dtype": str(m.scales.dtype).replace("torch.", "")}
                for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLinear)}
-    if not modules:
+    experts = {name: {"num_experts": m.num_experts, "in_features": m.in_features, "out_features": m.out_features,
+                      "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
+                      "dtype": str(m.scales.dtype).replace("torch.", "")}
+               for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QExpertsWeight)}
+    embeddings = {name: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                         "padding_idx": m.padding_idx, "bits": m.bits, "group_size": m.group_size,
+                         "symmetric": m.symmetric, "dtype": str(m.scales.dtype).replace("torch.", "")}
+                  for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QEmbedding)}
+    if not modules and not experts and not embeddings:
         raise ValueError("linquant.save_quantized: the model has no QLinear layers; run quantize_model first")
     tensors: Dict[str, torch.Tensor] = {}
     tied: Dict[str, str] = {}
@@ -50,6 +61,11 @@ def save_quantized(model: nn.Module, path: str, metadata: Optional[dict] = None)
     save_id = uuid.uuid4().hex
     config = {"format": "linquant", "format_version": FORMAT_VERSION, "save_id": save_id, "modules": modules,
               "tied": tied, "metadata": {} if metadata is None else metadata}
+    # Only when there are any, so that files without them stay readable by readers from before them.
+    if experts:
+        config["experts"] = experts
+    if embeddings:
+        config["embeddings"] = embeddings
     description = _transformers_description(model)
     if description is not None:
         config["transformers"] = description
@@ -117,8 +133,12 @@ def read_config(path: str) -> dict:
         raise ValueError(f"linquant.load_quantized: {cfg_path} is not a linquant format {FORMAT_VERSION} config "
                          f"({found})")
     modules, tied = config.get("modules"), config.get("tied", {})
+    experts, embeddings = config.get("experts", {}), config.get("embeddings", {})
     if not isinstance(modules, dict) or not isinstance(tied, dict):
         raise ValueError(f"linquant.load_quantized: {cfg_path}: 'modules' and 'tied' must be JSON objects")
+    for key, value in (("experts", experts), ("embeddings", embeddings)):
+        if not isinstance(value, dict):
+            raise ValueError(f"linquant.load_quantized: {cfg_path}: '{key}' must be a JSON object")
     for name, source in tied.items():
         if not isinstance(source, str):
             raise ValueError(f"linquant.load_quantized: {cfg_path}: 'tied' maps {name!r} to {source!r}; expected "
@@ -135,28 +155,36 @@ def read_config(path: str) -> dict:
         raise ValueError(f"linquant.load_quantized: {cfg_path}: 'transformers' must be an object with a 'class' "
                          "name and a 'config' object holding a 'model_type'")
     for name, spec in modules.items():
-        _check_module_spec(cfg_path, name, spec)
+        _check_module_spec(f"linquant.load_quantized: {cfg_path}: module {name!r}", spec, _SPEC_TYPES)
+    for name, spec in experts.items():
+        _check_module_spec(f"linquant.load_quantized: {cfg_path}: experts projection {name!r}", spec,
+                           _EXPERTS_SPEC_TYPES)
+    for name, spec in embeddings.items():
+        _check_module_spec(f"linquant.load_quantized: {cfg_path}: embedding {name!r}", spec, _EMBEDDING_SPEC_TYPES)
     return config
 
 
 _SPEC_TYPES = {"in_features": int, "out_features": int, "bits": int, "group_size": (int, type(None)),
                "symmetric": bool, "bias": bool, "dtype": str}
+_EXPERTS_SPEC_TYPES = {"num_experts": int, **{k: v for k, v in _SPEC_TYPES.items() if k != "bias"}}
+_EMBEDDING_SPEC_TYPES = {"num_embeddings": int, "embedding_dim": int, "padding_idx": (int, type(None)),
+                         **{k: v for k, v in _SPEC_TYPES.items() if k not in ("bias", "in_features", "out_features")}}
 _SCALE_DTYPES = {str(d).replace("torch.", ""): d for d in _FLOAT_DTYPES}  # as save_quantized names them
 # Far above any real layer, and low enough that out_features x in_features fits torch's int64 sizes.
 _MAX_FEATURES = 2**31 - 1
 
 
-def _check_module_spec(cfg_path: str, name: str, spec) -> None:
-    """A module entry as save_quantized writes it."""
-    where = f"linquant.load_quantized: {cfg_path}: module {name!r}"
+def _check_module_spec(where: str, spec, types: dict) -> None:
+    """A module or experts entry as save_quantized writes it, with the fields `types` lists."""
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be a JSON object")
-    for key, kind in _SPEC_TYPES.items():
+    for key, kind in types.items():
         value = spec.get(key)
         if key not in spec or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
             raise ValueError(f"{where} has a missing or invalid {key!r} (expected {expected}, got {value!r})")
-    for key in ("in_features", "out_features"):
+    for key in [k for k in ("num_experts", "in_features", "out_features", "num_embeddings", "embedding_dim")
+                if k in types]:
         if not 0 <= spec[key] <= _MAX_FEATURES:
             raise ValueError(f"{where} has an invalid {key!r} (expected an integer from 0 to {_MAX_FEATURES}, "
                              f"got {spec[key]})")
@@ -245,13 +273,37 @@ def _build_model(model_or_factory) -> nn.Module:
     return model
 
 
+def _put(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """`layer` in place of module `name`; the layer itself when the name is the model's ("")."""
+    if not name:
+        return layer
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
+
+
+def _retie(model: nn.Module, tied: Dict[str, str]) -> None:
+    """Each tied name holds its source's very Parameter or buffer, as in the model that was saved
+    (load_state_dict(assign=True) wraps each name's tensor in a Parameter of its own): a language
+    model's lm_head its token embedding's weight, or a QLinear head its QEmbedding's table."""
+    for name, source in tied.items():
+        holder_name, _, attr = name.rpartition(".")
+        source_name, _, source_attr = source.rpartition(".")
+        holder, owner = model.get_submodule(holder_name), model.get_submodule(source_name)
+        if attr in holder._parameters and source_attr in owner._parameters:
+            holder._parameters[attr] = owner._parameters[source_attr]
+        elif attr in holder._buffers and source_attr in owner._buffers:
+            holder._buffers[attr] = owner._buffers[source_attr]
+
+
 def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn.Module], None] = None,
                    device: Union[str, torch.device, None] = None) -> nn.Module:
     """Loads a save_quantized directory. `model_or_factory` is a callable that builds the model
     (called with its parameters on the meta device, so no full-precision copy is made) or a
     model, whose parameters are replaced; None (for a Hugging Face model's save) builds the model
     from the class and config that linquant.json records. QLinear layers are swapped in per the
-    config and every tensor is assigned from the file; peak memory stays near the quantized size.
+    config (and QExpertsWeight in place of the experts projections it lists) and every tensor is
+    assigned from the file; peak memory stays near the quantized size.
     With `device` (e.g. "cuda") the file's tensors are read straight onto that device and the
     model's other buffers follow. The model is returned in eval mode."""
     load_device = _load_device(device)
@@ -266,11 +318,28 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
                              "quantized; is this the right model?") from None
         layer = QLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"],
                         spec["symmetric"], device="meta", dtype=_SCALE_DTYPES[spec["dtype"]])
-        if not name:  # the model is itself the quantized layer
-            model = layer
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model = _put(model, name, layer)
+    for name, spec in config.get("embeddings", {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"linquant.load_quantized: the model has no module {name!r} that the file "
+                             "quantized; is this the right model?") from None
+        table = QEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec["group_size"],
+                           spec["symmetric"], spec["padding_idx"], device="meta", dtype=_SCALE_DTYPES[spec["dtype"]])
+        model = _put(model, name, table)
+    for name, spec in config.get("experts", {}).items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            parent = None
+        if parent is None or attr not in expert_projections(parent):
+            raise ValueError(f"linquant.load_quantized: the model has no experts projection {name!r} that the file "
+                             "quantized; is this the right model?")
+        install_projection(parent, attr, QExpertsWeight(spec["num_experts"], spec["in_features"], spec["out_features"],
+                                                        spec["bits"], spec["group_size"], spec["symmetric"],
+                                                        device="meta", dtype=_SCALE_DTYPES[spec["dtype"]]))
     for name, source in config.get("tied", {}).items():
         if source not in state:
             raise ValueError(f"linquant.load_quantized: {name!r} is tied to {source!r}, which the file does not hold")
@@ -292,14 +361,14 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
         if not same_kind or (not want.is_floating_point() and t.dtype != want.dtype):
             raise ValueError(f"linquant.load_quantized: {key!r} is {t.dtype} in the file but the model "
                              f"expects {want.dtype}")
-    for name in config["modules"]:  # damaged scales would make every output NaN or inf, silently
+    for name in [*config["modules"], *config.get("experts", {}), *config.get("embeddings", {})]:
+        # damaged scales: NaN or inf outputs, silently
         scales = state[f"{name}.scales" if name else "scales"]
         if scales.numel() and not bool(torch.isfinite(scales).logical_and_(scales > 0).all()):
             raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are "
                              "not finite and positive (a damaged file?)")
     model.load_state_dict(state, assign=True, strict=True)
-    if hasattr(model, "tie_weights") and config.get("tied"):
-        model.tie_weights()
+    _retie(model, config.get("tied", {}))
     if device is not None:
         model.to(load_device)  # buffers the file does not hold (rotary tables and the like)
     return model.eval()  # like from_pretrained: loaded for inference

@@ -37,6 +37,11 @@ def test_demo_json_and_plots(tmp_path):
     assert rows["int8 per-channel (bf16)"]["cosine_mean"] >= 0.9995
     assert rows["int4 g128 asym (bf16)"]["cosine_mean"] > rows["int4 g128 asym"]["cosine_mean"] - 0.005
     assert rows["int4 g128 asym (bf16)"]["bytes"] < rows["int4 g128 asym"]["bytes"] * 0.6
+    # The embeddings (11.7M of 22.7M parameters) at 8 bits too: 0.4x the bytes, the cosine kept.
+    for label in ("int8 per-channel", "int4 g128 asym"):
+        mixed = rows[label + ", int8 embeddings"]
+        assert mixed["bytes"] < rows[label]["bytes"] * 0.4 and mixed["linear_bytes"] == rows[label]["linear_bytes"]
+        assert mixed["cosine_mean"] > rows[label]["cosine_mean"] - 0.001
     if report["smollm2"]:
         lm = {r["model"]: r for r in report["smollm2"]}
         assert lm["int8 per-channel"]["greedy"] == lm["fp32"]["greedy"]
@@ -48,6 +53,12 @@ def test_demo_json_and_plots(tmp_path):
         assert lm["int8 per-channel (bf16)"]["perplexity"] < lm["bf16"]["perplexity"] * 1.01
         assert lm["int4 g128 asym (bf16)"]["bytes"] < lm["bf16"]["bytes"] / 2
         assert lm["int4 g128 asym (bf16)"]["perplexity"] < lm["int4 g128 asym"]["perplexity"] * 1.05
+        # The token embedding and its tied head at 8 bits, one shared table: about half the bytes of
+        # the 4-bit model that keeps them in float (fp32), at its perplexity.
+        for suffix in ("", " (bf16)"):
+            mixed, base = lm["int4 g128 asym, int8 embedding" + suffix], lm["int4 g128 asym" + suffix]
+            assert mixed["bytes"] < base["bytes"] * (0.8 if suffix else 0.55)  # bf16: a 57 MB table, not 113
+            assert mixed["perplexity"] < base["perplexity"] * 1.02
 
 
 def test_quantize_then_eval_a_local_model_directory(tmp_path):
@@ -67,6 +78,52 @@ def test_quantize_then_eval_a_local_model_directory(tmp_path):
     fp32, q = rep["models"]["fp32"], rep["models"]["quantized"]
     assert q["bytes"] < fp32["bytes"] and abs(q["perplexity"] - fp32["perplexity"]) / fp32["perplexity"] < 0.1
     assert all(r["snr_db"] > 15 for r in rep["layers"])
+
+
+def test_quantize_and_eval_with_embeddings(tmp_path):
+    # --embeddings with every layer quantized (--exclude alone): the GPT-2 head shares the token
+    # embedding's table, stored once; eval reports both embeddings' errors.
+    hf_models.gpt2().save_pretrained(tmp_path / "gpt2")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "gpt2")
+    out = linquant("quantize", tmp_path / "gpt2", "--bits", "8", "--exclude", "--embeddings", "--out", tmp_path / "q",
+                   "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 9 and result["embeddings"] == 2  # wte, wpe; lm_head among the layers
+    config = json.loads((tmp_path / "q" / "linquant.json").read_text())
+    assert config["tied"] == {"lm_head.qweight": "transformer.wte.qweight", "lm_head.scales": "transformer.wte.scales"}
+    out = linquant("eval", tmp_path / "q", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    layers = {r["layer"]: r for r in rep["layers"]}
+    assert {"transformer.wte", "transformer.wpe", "lm_head"} <= layers.keys() and len(layers) == 11
+    assert all(r["snr_db"] > 30 for r in rep["layers"])
+
+
+def test_quantize_then_eval_a_mixture_of_experts(tmp_path):
+    """Its per-expert checkpoint cannot be read tensor by tensor (transformers merges the experts
+    while loading), so quantize loads it whole; the experts are quantized, and eval reports them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                        num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "mixtral")
+    out = linquant("quantize", tmp_path / "mixtral", "--bits", "4", "--group-size", "32", "--out", tmp_path / "q",
+                   "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 8 and result["experts_projections"] == 4
+    assert result["bytes_after"] < result["bytes_before"] / 2  # the float embedding and head are 262144 bytes
+    out = linquant("eval", tmp_path / "q", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    experts = [r for r in rep["layers"] if ".experts." in r["layer"]]
+    assert len(rep["layers"]) == 12 and len(experts) == 4 and all(r["snr_db"] > 15 for r in rep["layers"])
+    fp32, q = rep["models"]["fp32"], rep["models"]["quantized"]
+    assert abs(q["perplexity"] - fp32["perplexity"]) / fp32["perplexity"] < 0.1
 
 
 def test_quantize_and_eval_name_the_scheme_what_they_time_and_an_exclude_that_matches_nothing(tmp_path):

@@ -114,3 +114,27 @@ def test_cpp_refuses_damaged_directories_as_python_does(tmp_path, damage, messag
     assert not (tmp_path / "out.pt").exists()
     with pytest.raises(ValueError):
         lq.load_quantized(str(saved), float_model)
+
+
+@pytest.mark.parametrize("kind", ["experts", "embeddings"])
+def test_cpp_refuses_quantized_experts_and_embeddings_by_name(tmp_path, kind):
+    """Mixture-of-experts projections (QExpertsWeight) and embeddings (QEmbedding) have no C++
+    module: refused, not loaded as plain tensors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                        num_local_experts=2, num_experts_per_tok=1)
+    model = transformers.MixtralForCausalLM(config)
+    if kind == "experts":
+        lq.quantize_model(model, bits=4, group_size=16)
+        first = "2 quantized experts projections (the first 'model.layers.0.mlp.experts.gate_up_proj')"
+    else:
+        lq.quantize_model(model, bits=4, group_size=16, exclude=["lm_head", "experts"], embeddings=True)
+        first = "1 quantized embeddings (the first 'model.embed_tokens')"
+    lq.save_quantized(model, str(tmp_path / "saved"))
+    torch.save(torch.zeros(1, 2, dtype=torch.long), tmp_path / "ids.pt")
+    out = run(tmp_path / "saved", tmp_path / "ids.pt", tmp_path / "out.pt")
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert out.stderr.startswith(f"linquant_load_check: linquant::load_quantized: {tmp_path / 'saved'}/linquant.json: "
+                                 f"holds {first}, which the C++ API does not run"), out.stderr

@@ -33,15 +33,19 @@ def test_cpp_outputs_equal_python(tmp_path, bits, group_size, symmetric):
     assert torch.allclose(cpp, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", ["llama", "gpt2"])
+@pytest.mark.parametrize("make", ["llama", "gpt2", "gpt2-embeddings"])
 def test_a_saved_model_exported_from_its_directory_runs_in_cpp(tmp_path, make):
     # The user's own model: quantized and saved in Python, `linquant export --from`, run by
     # linquant-run; the save's format (here mixed: 4-bit g16 asymmetric, lm_head 8-bit) is kept.
+    # gpt2-embeddings: its token and position embeddings quantized too, the tied head sharing the table.
     import hf_models
     import linquant as lq
 
-    model = getattr(hf_models, make)()
-    lq.quantize_model(model, bits=4, group_size=16, symmetric=False, exclude=["lm_head"], progress=False)
+    model = getattr(hf_models, make.split("-")[0])()
+    lq.quantize_model(model, bits=4, group_size=16, symmetric=False, progress=False,
+                      **(dict(exclude=[], embeddings=True) if make == "gpt2-embeddings" else dict(exclude=["lm_head"])))
+    if make == "gpt2-embeddings":
+        assert model.lm_head.qweight is model.transformer.wte.qweight
     if make == "llama":
         lq.quantize_model(model, bits=8, exclude=[], progress=False)  # what exclude left: lm_head
     lq.save_quantized(model, str(tmp_path / "saved"))
@@ -72,6 +76,17 @@ def test_export_from_refuses_what_it_cannot_trace(tmp_path):
     out = subprocess.run([sys.executable, "-m", "linquant", "export", "--from", str(tmp_path / "t5"), "--bits", "4",
                           "--out", str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "drop --bits" in out.stderr, out.stderr
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                        num_local_experts=2, num_experts_per_tok=1)
+    lq.save_quantized(lq.quantize_model(transformers.MixtralForCausalLM(config), bits=8, progress=False),
+                      str(tmp_path / "mixtral"))
+    out = subprocess.run([sys.executable, "-m", "linquant", "export", "--from", str(tmp_path / "mixtral"), "--out",
+                          str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "holds a mixture of experts (1 experts modules, the first " \
+        "'model.layers.0.mlp.experts'), whose routing a trace records" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "exp" / "model.pt").exists()
 
 
 def test_export_takes_the_device_from_the_inputs(tmp_path):

@@ -51,6 +51,21 @@ def test_matches_float64_reference(n, k, bits, symmetric, gen):
             check(torch.randn(m, k, generator=gen), qw, bias if m % 2 else None, bits, group_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 64), (4, 128), (4, None), (2, 32)], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_activations_near_floats_limit_stay_finite(dtype, bits, group_size, symmetric, gen):
+    """|x| ~ 3e36 with weights ~0.01: x @ W_hat.T is ~1e37, finite, but the kernels' sums of q x
+    before the scale (|q| up to 255) overflow; such calls are computed again through the
+    dequantized weights rather than returning inf or NaN."""
+    w = torch.randn(40, 256, generator=gen) * 0.01
+    qw = lq.quantize_weight(w.to(dtype), bits, group_size, symmetric)
+    for m in (1, 4, 13):
+        x = (torch.randn(m, 256, generator=gen).sign() * 3e36).to(dtype)
+        check(x, qw, None, bits, group_size)
+        assert torch.isfinite(lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_dtypes_and_leading_dims(dtype, bits, gen):

@@ -136,8 +136,9 @@ def test_exclude_names_patterns_and_predicate():
 
 def test_an_exclude_pattern_that_matches_no_layer_warns():
     # exclude replaces the default, so a typo used to quantize the tied lm_head without a word.
-    with pytest.warns(UserWarning, match=r"exclude pattern 'lm_haed' matches no nn.Linear or Conv1D layer, so it "
-                                         r"keeps nothing in full precision .*replaces the default \['lm_head'\]"):
+    with pytest.warns(UserWarning, match=r"exclude pattern 'lm_haed' matches no nn.Linear or Conv1D layer and no "
+                                         r"experts projection, so it keeps nothing in full precision "
+                                         r".*replaces the default \['lm_head'\]"):
         lq.quantize_model(hf_models.llama(), bits=8, exclude=["lm_haed"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -91,6 +91,24 @@ def test_equals_from_pretrained_then_quantize_model(tmp_path, gen, make, bits, g
     assert got.generation_config.eos_token_id == reference.generation_config.eos_token_id
 
 
+@pytest.mark.parametrize("make", [hf_models.gpt2, tied_llama], ids=["gpt2", "tied-llama"])
+@pytest.mark.parametrize("exclude", [["lm_head"], None], ids=["keep-head", "all"])
+def test_embeddings_quantized_as_read_equal_quantize_models(tmp_path, gen, make, exclude):
+    # The head, quantized too, shares the embedding's table, as quantize_model's tied_head.
+    directory = save(perturbed(make(), gen), tmp_path, "40KB", torch.bfloat16)
+    options = dict(bits=4, group_size=16, symmetric=False, exclude=exclude, embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float head's broken tie: quantize_model's warning
+        reference = lq.quantize_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), **options)
+        got = lq.quantize_pretrained(directory, **options)
+    assert_same_state(reference, got)
+    assert isinstance(got.get_input_embeddings(), lq.QEmbedding)
+    assert (getattr(got.lm_head, "qweight", None) is got.get_input_embeddings().qweight) == (exclude is None)
+    assert lq.footprint(got)["total"] == lq.footprint(reference)["total"]
+    ids = torch.randint(0, 512, (2, 7), generator=gen)
+    assert torch.equal(reference(ids).logits, got(ids).logits)
+
+
 def test_mse_scales_equal_quantize_models(tmp_path, gen):
     directory = save(perturbed(hf_models.gpt2(), gen), tmp_path)
     options = dict(bits=2, group_size=16, symmetric=False, method="mse")
@@ -102,17 +120,24 @@ def test_mse_scales_equal_quantize_models(tmp_path, gen):
 
 
 @pytest.mark.parametrize("exclude", [["lm_head"], None], ids=["keep-head", "all"])
-def test_an_encoder_decoder_with_embeddings_shared_three_ways(tmp_path, gen, exclude):
-    # T5: `shared` is the encoder's and the decoder's embedding (and the head's, when tied).
+@pytest.mark.parametrize("embeddings", [False, True], ids=["float-embeddings", "quantized-embeddings"])
+def test_an_encoder_decoder_with_embeddings_shared_three_ways(tmp_path, gen, exclude, embeddings):
+    # T5: `shared` is the encoder's and the decoder's embedding (and the head's, when tied); its
+    # embeddings quantized, one QEmbedding at the three places, the head sharing its table.
     from transformers import T5ForConditionalGeneration
     directory = save(perturbed(hf_models.t5(), gen), tmp_path)
+    options = dict(bits=4, group_size=16, exclude=exclude, embeddings=embeddings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = lq.quantize_model(T5ForConditionalGeneration.from_pretrained(directory), bits=4, group_size=16,
-                                      exclude=exclude)
-        got = lq.quantize_pretrained(directory, bits=4, group_size=16, exclude=exclude)
+        reference = lq.quantize_model(T5ForConditionalGeneration.from_pretrained(directory), **options)
+        got = lq.quantize_pretrained(directory, **options)
     assert_same_state(reference, got)
-    assert got.encoder.embed_tokens.weight is got.shared.weight is got.decoder.embed_tokens.weight
+    if embeddings:
+        assert got.encoder.embed_tokens is got.shared is got.decoder.embed_tokens
+        assert isinstance(got.shared, lq.QEmbedding)
+        assert (getattr(got.lm_head, "qweight", None) is got.shared.qweight) == (not exclude)
+    else:
+        assert got.encoder.embed_tokens.weight is got.shared.weight is got.decoder.embed_tokens.weight
     ids = torch.randint(0, 512, (2, 6), generator=gen)
     assert torch.equal(reference(input_ids=ids, decoder_input_ids=ids).logits,
                        got(input_ids=ids, decoder_input_ids=ids).logits)
@@ -289,11 +314,12 @@ def _config(name):
         # float16 keeps the feed-forward output `wo` in float32 (_keep_in_fp32_modules): its scales too
         "t5": lambda: t.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=512,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-        # float16 keeps its norms in float32; experts stored fused, as the model holds them
+        # float16 keeps its norms in float32; experts stored whole (3-D), as the model holds them
         "gpt-oss": lambda: t.GptOssConfig(**{**decoder, "max_position_embeddings": 128}, num_key_value_heads=2,
                                           head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                           sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-        # experts stored one Linear each, fused into 3-D parameters while loading
+        # experts stored one Linear each, stacked (gate and up concatenated) into 3-D parameters
+        # while loading: each quantized into its rows
         "mixtral": lambda: t.MixtralConfig(**decoder, num_key_value_heads=2, num_local_experts=4,
                                            num_experts_per_tok=2),
     }[name]()
@@ -306,6 +332,7 @@ ARCHITECTURES = [  # name, auto class, dtype, shard size
     ("marian", "AutoModelForSeq2SeqLM", torch.float32, "40KB"),
     ("t5", "AutoModelForSeq2SeqLM", torch.float16, None),
     ("gpt-oss", "AutoModelForCausalLM", torch.float16, None),
+    ("mixtral", "AutoModelForCausalLM", torch.bfloat16, "40KB"),
 ]
 
 
@@ -339,8 +366,9 @@ def test_architectures_equal_from_pretrained_then_quantize_model(tmp_path, gen, 
         assert got.encoder.block[0].layer[0].SelfAttention.q.scales.dtype == torch.float16
 
 
-def test_tensors_transformers_merges_while_loading_are_refused_before_quantizing(tmp_path, monkeypatch):
-    # Mixtral's experts are stored one Linear each and fused into 3-D parameters by from_pretrained.
+def test_tensors_transformers_merges_into_float_parameters_are_refused_before_quantizing(tmp_path, monkeypatch):
+    # Mixtral's experts are stored one Linear each and fused into 3-D parameters by from_pretrained:
+    # kept in float (excluded), they would have to be merged here.
     directory = save(AutoModelForCausalLM.from_config(_config("mixtral")), tmp_path)
     calls = []
     monkeypatch.setattr(lq.QLinear, "set_weight", lambda *args, **kwargs: calls.append(args))
@@ -349,8 +377,31 @@ def test_tensors_transformers_merges_while_loading_are_refused_before_quantizing
                r"model\.layers\.\d\.mlp\.experts\.(gate_up|down)_proj, .*load it with from_pretrained and "
                r"quantize it with quantize_model")
     with pytest.raises(lq.CheckpointMismatch, match=message):
-        lq.quantize_pretrained(directory, bits=4, group_size=16)
+        lq.quantize_pretrained(directory, bits=4, group_size=16, exclude=["lm_head", "experts"])
     assert not calls
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", r"the checkpoint's 3 tensors for 'model\.layers\.0\.mlp\.experts\.gate_up_proj' "
+                r"\(model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight, \.\.\.\) are \[\(128, 64\)\]; "
+                r"the model's 4 experts take one \[rows, 64\] each"),
+    ("rows", r"the checkpoint's tensors for 'model\.layers\.0\.mlp\.experts\.gate_up_proj' give each expert 136 "
+             r"rows; the model's have 256"),
+])
+def test_per_expert_tensors_that_do_not_fill_the_experts_are_named(tmp_path, damage, message):
+    directory = save(AutoModelForCausalLM.from_config(_config("mixtral")), tmp_path)
+
+    def edit(tensors):
+        if damage == "missing":
+            del tensors["model.layers.0.block_sparse_moe.experts.3.w1.weight"]
+        else:  # every expert's up projection 120 rows short
+            for e in range(4):
+                key = f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"
+                tensors[key] = tensors[key][:8].contiguous()
+
+    _edited(directory, edit)
+    with pytest.raises(lq.CheckpointMismatch, match=message):
+        lq.quantize_pretrained(directory, bits=4, group_size=16)
 
 
 def _edited(directory, edit):
@@ -378,13 +429,19 @@ def test_tied_parameters_are_tied_as_from_pretrained_ties_them(tmp_path, gen, ca
 
     _edited(directory, edit)
     ids = torch.randint(0, 512, (2, 7), generator=gen)
-    for exclude in ([layer], None):  # the layer kept in float, and quantized
+    # The layer kept in float, and quantized; for the head, the embedding quantized too (the head
+    # then shares its table, unless the checkpoint holds them with different values).
+    for exclude, embeddings in [([layer], False), (None, False)] + [(None, True)] * case.startswith("head"):
+        options = dict(bits=4, group_size=16, exclude=exclude, embeddings=embeddings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reference = lq.quantize_model(auto.from_pretrained(directory), bits=4, group_size=16, exclude=exclude)
-            got = lq.quantize_pretrained(directory, bits=4, group_size=16, exclude=exclude, model_class=auto)
+            reference = lq.quantize_model(auto.from_pretrained(directory), **options)
+            got = lq.quantize_pretrained(directory, model_class=auto, **options)
         assert_same_state(reference, got)
         assert torch.equal(reference(ids).logits, got(ids).logits)
+        if embeddings:
+            shared = got.lm_head.qweight is got.model.embed_tokens.qweight
+            assert shared == (case == "head-only") == (reference.lm_head.qweight is reference.model.embed_tokens.qweight)
 
 
 def test_declared_missing_weights_initialised_at_random_are_named(tmp_path, monkeypatch):
