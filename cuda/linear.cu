@@ -147,8 +147,14 @@ void launch_tc_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& l
   const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()), tc_gemv_blocks_per_sm(NF));
   SplitWorkspace work(like, k, p, blocks);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(k.splits));
-  tc_gemv_kernel<BITS, NF, T><<<grid, kTcWarps * 32, 0, current_stream()>>>(
-      p, x, y, work.partial(), work.tickets(), k.per_split);
+  const int per_split = static_cast<int>(k.per_split);
+  if (tc_gemv_integer_steps<BITS, T>(p)) {
+    tc_gemv_kernel<BITS, NF, T, true><<<grid, kTcWarps * 32, 0, current_stream()>>>(
+        p, x, y, work.partial(), work.tickets(), per_split);
+  } else {
+    tc_gemv_kernel<BITS, NF, T, false><<<grid, kTcWarps * 32, 0, current_stream()>>>(
+        p, x, y, work.partial(), work.tickets(), per_split);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -158,11 +158,11 @@ LQ_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 LQ_HD float magic_byte(uint32_t q4, int i) { return core::f32_from_bits(byte_perm(q4, 0x4B000000u, 0x7440 + i)); }
 
 // Bit plane b of a weight word: byte i of the result is the value stored in byte i at shift
-// b * BITS (int8 weights first XORed with `flip`).
+// b * BITS (int8 weights first XORed with `flip`, which is 0 at other widths: set_zero_points).
 template <int BITS>
 LQ_HD uint32_t bit_plane(uint32_t word, uint32_t flip, int b) {
   constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : 0x01010101u * ((1u << BITS) - 1);
-  return ((word ^ flip) >> (b * BITS)) & MASK;
+  return ((BITS == 8 ? word ^ flip : word) >> (b * BITS)) & MASK;
 }
 
 LQ_HD float fma_rn(float a, float b, float c) {

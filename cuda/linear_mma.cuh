@@ -78,28 +78,52 @@ LQ_HD uint32_t sub_mul2(uint32_t a, uint32_t b, uint32_t s) {
 #endif
 }
 
+// a - b on both 16-bit floats of the words, rounded to nearest even, as the paired instruction does.
+template <typename T>
+LQ_HD uint32_t sub2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  using D2 = std::conditional_t<std::is_same_v<T, core::half_t>, __half2, __nv_bfloat162>;
+  D2 va, vb;
+  memcpy(&va, &a, 4);
+  memcpy(&vb, &b, 4);
+  const D2 r = __hsub2(va, vb);
+  uint32_t out;
+  memcpy(&out, &r, 4);
+  return out;
+#else
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const auto half = [&](uint32_t w) { return core::to_float(T{static_cast<uint16_t>(w >> (16 * h))}); };
+    out |= static_cast<uint32_t>(core::from_float<T>(half(a) - half(b)).bits) << (16 * h);
+  }
+  return out;
+#endif
+}
+
 // dequant_chunk's 32 values rounded to T, as 16 words of consecutive pairs, computed with paired
 // 16-bit arithmetic: each pair of values is gathered into the low mantissa bytes of two `magic`
-// floats (a byte permute and a mask), minus magic + z, times s, exactly. Exact, hence equal to
+// floats (a byte permute and a mask), minus magic + z, times s, exactly. Without SCALED, the
+// integers q - z (exact under the same conditions), which a kernel scales after multiplying. Exact, hence equal to
 // rounding dequant_chunk's fp32 values, when s is stored in T (its product with q - z then needs
 // at most 22 bits, so rounding it once to T is the same as rounding it to fp32 first), magic + q
 // and magic + z are exact in T (q < max_q, |z| <= magic) and q - z is too (it is an integer
 // within 2 * magic). Callers check s and z; the other conditions hold for every format with q <
 // max_q, i.e. all but 8-bit weights with bf16 activations.
-template <int BITS, typename T>
+template <int BITS, typename T, bool SCALED = true>
 LQ_HD void dequant_chunk_pairs(const uint32_t (&chunk)[BITS], uint32_t flip, uint32_t s_bits, int32_t z,
                                uint32_t (&pairs)[kMmaChunk / 2]) {
   constexpr int P = 8 / BITS;
   constexpr uint32_t magic2 = MmaType<T>::magic * 0x10001u;
   const uint32_t fz2 = core::from_float<T>(MmaType<T>::magic_value + static_cast<float>(z)).bits * 0x10001u;
   const uint32_t s2 = s_bits * 0x10001u;
+  const auto finish = [&](uint32_t v) { return SCALED ? sub_mul2<T>(v, fz2, s2) : sub2<T>(v, fz2); };
 #pragma unroll
   for (int d = 0; d < BITS; ++d) {
     if constexpr (P == 1) {  // bytes 0..3 of the word are values 4d..4d+3: each next to a magic byte
       constexpr uint32_t magic_bytes = (MmaType<T>::magic >> 8) * 0x01010101u;
       const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, 0);
-      pairs[2 * d] = sub_mul2<T>(byte_perm(q4, magic_bytes, 0x4140), fz2, s2);
-      pairs[2 * d + 1] = sub_mul2<T>(byte_perm(q4, magic_bytes, 0x4342), fz2, s2);
+      pairs[2 * d] = finish(byte_perm(q4, magic_bytes, 0x4140));
+      pairs[2 * d + 1] = finish(byte_perm(q4, magic_bytes, 0x4342));
     } else {
       // Planes b and b + 1 hold the two values of pair (P i + b, P i + b + 1) of the word, in
       // their byte i: gathered into bytes 0 and 2, masked, given the magic's exponent.
@@ -109,7 +133,7 @@ LQ_HD void dequant_chunk_pairs(const uint32_t (&chunk)[BITS], uint32_t flip, uin
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const uint32_t gathered = byte_perm(even, odd, static_cast<uint32_t>(i) | ((4u + i) << 8));
-          pairs[(d * 4 * P + i * P + b) / 2] = sub_mul2<T>((gathered & 0x00FF00FFu) | magic2, fz2, s2);
+          pairs[(d * 4 * P + i * P + b) / 2] = finish((gathered & 0x00FF00FFu) | magic2);
         }
       }
     }
@@ -230,17 +254,18 @@ LQ_HD bool pairs_exact_for(const LinearParams& p) {
 
 // The chunk's s * (q - z) rounded once to T (fp16 / bf16), as 16 words of consecutive pairs: with
 // paired 16-bit arithmetic where that is exact (`pairs_exact` and the zero point in range), else in
-// fp32. Either way the values linquant::dequantize gives.
-template <int BITS, typename T>
+// fp32. Either way the values linquant::dequantize gives. Without SCALED, q - z rounded once to T
+// the same way (exact unless a zero point lies far outside the q range).
+template <int BITS, typename T, bool SCALED = true>
 __device__ __forceinline__ void dequant_chunk_to(const LinearParams& p, const WeightChunk<BITS>& c, bool pairs_exact,
                                                  uint32_t (&packed)[kMmaChunk / 2]) {
   const float limit = MmaType<T>::magic_value;
   if (pairs_exact && static_cast<float>(c.z) >= -limit && static_cast<float>(c.z) <= limit) {
-    dequant_chunk_pairs<BITS, T>(c.w, p.flip, c.scale, c.z, packed);
+    dequant_chunk_pairs<BITS, T, SCALED>(c.w, p.flip, c.scale, c.z, packed);
     return;
   }
   float wv[kMmaChunk];
-  dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), kMagic + static_cast<float>(c.z), wv);
+  dequant_chunk<BITS>(c.w, p.flip, SCALED ? p.scales.value_of(c.scale) : 1.0f, kMagic + static_cast<float>(c.z), wv);
 #pragma unroll
   for (int i = 0; i < kMmaChunk / 2; ++i) {
     packed[i] = bits16(MmaType<T>::from(wv[2 * i])) | (bits16(MmaType<T>::from(wv[2 * i + 1])) << 16);

@@ -4,12 +4,15 @@
 // Each warp owns 16 weight rows and walks K in steps of 128 values: lane (g, t) = (lane / 4,
 // lane % 4) loads the 32-value chunks [32 t, 32 t + 32) of the step in rows g and g + 8 (four lanes
 // read 64 contiguous bytes of a row at 4 bits), dequantizes them to 16 pairs of the activation
-// dtype (dequant_chunk_to, exactly dequantize's values) and feeds them to mma.sync m16n8k16 as the
-// A operand, the weight rows being A's rows. A dot product does not depend on the order of its
-// terms, so each lane's A slots (2t, 2t + 1, 2t + 8, 2t + 9) of k tile j hold values 4j .. 4j + 3
-// of its own chunk, and the B operand (activations, column m = g) holds the activations of the
-// same four positions: one 8-byte load of x[m, 32 t + 4 j ..]. The weights need no repacking.
-// fp32 accumulators; K split over blocks with the GEMV's deterministic last-block reduction.
+// dtype and feeds them to mma.sync m16n8k16 as the A operand, the weight rows being A's rows. A dot
+// product does not depend on the order of its terms, so each lane's A slots (2t, 2t + 1, 2t + 8,
+// 2t + 9) of k tile j hold pairs 2j and 2j + 1 of its own chunk, in the order that dequantizes
+// cheapest (tc_pair_order), and the B operand (activations, column m = g) holds the activations of
+// the same positions, loaded from x[m, 32 t ..] and permuted to that order. The weights need no
+// repacking. Where a step lies in one group the tensor cores multiply the integers q - z and the
+// step's sums are scaled in fp32 (the INT variant); else they multiply s * (q - z) rounded to the
+// activation dtype, dequantize's values. fp32 accumulators; K split over blocks with the GEMV's
+// deterministic last-block reduction.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -71,7 +74,89 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// Launch geometry: blocks of kTcWarps * 16 weight rows, K in warp steps.
+// v, which the compiler must keep as computed (in a register) rather than recompute where it is used.
+template <typename V>
+__device__ __forceinline__ V pin_register(V v) {
+#if defined(__CUDA_ARCH__)
+  static_assert(sizeof(V) == 8, "64-bit values");
+  asm volatile("" : "+l"(v));
+#endif
+  return v;
+}
+
+// (a & MASK) | OR in one instruction (ptxas splits the C++ form into two when both are constants).
+template <uint32_t MASK, uint32_t OR>
+LQ_HD uint32_t and_or(uint32_t a) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(MASK), "n"(OR));
+  return r;
+#else
+  return (a & MASK) | OR;
+#endif
+}
+
+// The tensor-core kernel's pair order. A dot product does not depend on the order of its terms, so
+// the kernel takes each 32-value chunk's pairs in whatever order dequantizes cheapest at 4 and 2
+// bits, and puts the activations in the same order. At 4 bits pair 4 d + s of the chunk holds
+// values (8 d + s, 8 d + s + 4): one shift and one lop3 of word d (below); at 2 bits pair 8 d + s
+// holds (16 d + s, 16 d + s + 8); at 8 bits pairs stay consecutive. This reorders 16 words of
+// consecutive pairs into that order (one byte permute a pair).
+template <int BITS>
+LQ_HD void tc_pair_order(uint32_t (&v)[kMmaChunk / 2]) {
+  constexpr int SPAN = 16 / BITS;  // words of consecutive pairs one reordered block spans: 4 or 8
+  if constexpr (BITS < 8) {
+#pragma unroll
+    for (int d = 0; d < kMmaChunk / 2; d += SPAN) {
+      uint32_t c[SPAN];
+#pragma unroll
+      for (int i = 0; i < SPAN; ++i) c[i] = v[d + i];
+#pragma unroll
+      for (int i = 0; i < SPAN / 2; ++i) {
+        v[d + 2 * i] = byte_perm(c[i], c[i + SPAN / 2], 0x5410);      // low values of words i, i + SPAN / 2
+        v[d + 2 * i + 1] = byte_perm(c[i], c[i + SPAN / 2], 0x7632);  // their high values
+      }
+    }
+  }
+}
+
+// A chunk's pairs in tc_pair_order, from the magic floats as dequant_chunk_pairs makes them, minus
+// magic + z (times s if SCALED), with the same exactness; 4 and 2 bits only.
+template <int BITS, typename T, bool SCALED>
+LQ_HD void dequant_chunk_tc_pairs(const uint32_t (&chunk)[BITS], uint32_t s_bits, int32_t z,
+                                  uint32_t (&pairs)[kMmaChunk / 2]) {
+  static_assert(BITS == 4 || BITS == 2, "8-bit pairs are consecutive (dequant_chunk_pairs)");
+  constexpr uint32_t magic2 = MmaType<T>::magic * 0x10001u, mask2 = ((1u << BITS) - 1) * 0x10001u;
+  constexpr int PER_WORD = 16 / BITS;  // pairs a word holds
+  const uint32_t fz2 = core::from_float<T>(MmaType<T>::magic_value + static_cast<float>(z)).bits * 0x10001u;
+  const uint32_t s2 = s_bits * 0x10001u;
+#pragma unroll
+  for (int d = 0; d < BITS; ++d) {
+#pragma unroll
+    for (int s = 0; s < PER_WORD; ++s) {
+      const uint32_t v = and_or<mask2, magic2>(chunk[d] >> (s * BITS));
+      pairs[d * PER_WORD + s] = SCALED ? sub_mul2<T>(v, fz2, s2) : sub2<T>(v, fz2);
+    }
+  }
+}
+
+// A chunk dequantized for the tensor-core kernel: dequant_chunk_to's values, in tc_pair_order.
+template <int BITS, typename T, bool SCALED>
+__device__ __forceinline__ void dequant_chunk_tc(const LinearParams& p, const WeightChunk<BITS>& c, bool pairs_exact,
+                                                 uint32_t (&pairs)[kMmaChunk / 2]) {
+  if constexpr (BITS < 8) {
+    const float limit = MmaType<T>::magic_value;
+    if (pairs_exact && static_cast<float>(c.z) >= -limit && static_cast<float>(c.z) <= limit) {
+      dequant_chunk_tc_pairs<BITS, T, SCALED>(c.w, c.scale, c.z, pairs);
+      return;
+    }
+  }
+  dequant_chunk_to<BITS, T, SCALED>(p, c, pairs_exact, pairs);
+  tc_pair_order<BITS>(pairs);
+}
+
+// Launch geometry: blocks of kTcWarps * 16 weight rows, K in warp steps (counted in 32 bits in
+// the kernel: K < 2^38).
 LQ_HD int64_t tc_gemv_blocks(int64_t n) { return (n + kTcWarps * 16 - 1) / (kTcWarps * 16); }
 LQ_HD int64_t tc_gemv_steps(int64_t k) { return (k + kTcStep - 1) / kTcStep; }
 // Blocks a multiprocessor holds at once, which split K aims to fill: registers bound them (128 a
@@ -80,53 +165,121 @@ LQ_HD int64_t tc_gemv_steps(int64_t k) { return (k + kTcStep - 1) / kTcStep; }
 // gives 30%, 39 us.
 constexpr int tc_gemv_blocks_per_sm(int nf) { return nf == 1 ? 4 : 3; }
 
-template <int BITS, int NF, typename T>
-__global__ void __launch_bounds__(kTcWarps * 32)
+// Whether tc_gemv_kernel can multiply integers (its INT variant): every 128-value step of a row
+// lies in one group (per-channel, or groups of 2^j steps, so a step's group is a shift of its
+// index) and magic + q is exact in T (all but 8-bit weights with bf16 activations). The tensor cores then take q - z, exact, and each row's
+// scale multiplies the step's fp32 sums: no multiply per weight, whatever dtype the scales have,
+// and no rounding of the weights to T.
+template <int BITS, typename T>
+bool tc_gemv_integer_steps(const LinearParams& p) {
+  static_assert(kTcStep == 1 << 7, "a step's group is its index >> (group_shift - 7)");
+  return (1u << BITS) <= MmaType<T>::max_q && p.group_shift >= 7;  // per-channel: 62
+}
+
+template <int BITS, int NF, typename T, bool INT>
+__global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
     tc_gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
-                   int* __restrict__ tickets, int64_t steps_per_split) {
+                   int* __restrict__ tickets, int steps_per_split) {
   constexpr int DEPTH = mma_depth<BITS>();
+  constexpr int kChunkBytes = kMmaChunk * BITS / 8, kStepBytes = kTcStep * BITS / 8;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kTcWarps + warp) * 16;
-  const int64_t steps = tc_gemv_steps(p.K);
-  const int64_t step0 = blockIdx.y * steps_per_split;
-  const int64_t step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
-  const bool pairs_exact = pairs_exact_for<BITS, T>(p);
+  const int steps = static_cast<int>(tc_gemv_steps(p.K));
+  const int step0 = static_cast<int>(blockIdx.y) * steps_per_split;
+  const int step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
+  // The steps whose chunk at this lane starts within K: all, or all but the last (K is a multiple
+  // of the chunk, not of the step). Past them the lane's activations are zeros, and so are its
+  // weights unless INT (whose finite stale integers times those zeros add nothing).
+  const int lane_steps = static_cast<int>((p.K - t * kMmaChunk + kTcStep - 1) / kTcStep);
+  const int lane_end = lane_steps < step1 ? lane_steps : step1;
+  const bool pairs_exact = INT || pairs_exact_for<BITS, T>(p);
+  const int step_group_shift = p.group_shift - 7 < 31 ? p.group_shift - 7 : 31;  // INT: a step's group
 
-  float acc[NF][4] = {};
-  // The activations of a step at this lane's chunk: row m = 8 f + g; zeros past M and past K (a
-  // step's last chunks may start beyond K, which is a multiple of the chunk).
-  uint2 xv[NF][kMmaChunk / 4];
-  auto load_x = [&](int64_t step) {
-    const int64_t k0 = step * kTcStep + t * kMmaChunk;
+  // Per-lane bases, computed once so that a step costs no 64-bit index arithmetic: weight rows
+  // n0 + g and n0 + g + 8 and activation rows 8 f + g, rows past N or M reading the last one
+  // (their results are never stored). Each is pinned (pin_register): otherwise nvcc, short of
+  // registers, rebuilds them from threadIdx and 64-bit products in every step.
+  const uint8_t* wrow[2];
+  int64_t urow[2];
 #pragma unroll
-    for (int f = 0; f < NF; ++f) {
-      const int64_t m = f * 8 + g;
-      const bool in = m < p.M && k0 < p.K;
-      const uint2* xs = reinterpret_cast<const uint2*>(x + (in ? m * p.K + k0 : 0));
+  for (int r = 0; r < 2; ++r) {
+    const int64_t n = n0 + g + 8 * r < p.N ? n0 + g + 8 * r : p.N - 1;
+    wrow[r] = pin_register(p.w + n * p.row_bytes + t * kChunkBytes);
+    urow[r] = pin_register(n * p.groups);
+  }
+  const T* xrow[NF];
 #pragma unroll
-      for (int j = 0; j < kMmaChunk / 4; ++j) xv[f][j] = in ? xs[j] : make_uint2(0u, 0u);
+  for (int f = 0; f < NF; ++f) {
+    xrow[f] = pin_register(x + (8 * f + g < p.M ? 8 * f + g : p.M - 1) * p.K + t * kMmaChunk);
+  }
+
+  // Step `step`'s chunk of row r: its words (zeros past K), and the scale and zero point of the
+  // chunk (INT: of the step, the same for the four lanes of a row; else 0 and 0 past K).
+  auto fetch = [&](int step, int r, WeightChunk<BITS>& c) {
+    const bool in = step < lane_end;
+    if (in) {
+      load_mma_chunk<BITS, true>(wrow[r] + static_cast<int64_t>(step) * kStepBytes, c.w);
+    } else {
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) c.w[i] = 0;
+    }
+    if (INT || in) {
+      const int64_t u = urow[r] + (INT ? step >> step_group_shift : p.group_of(static_cast<int64_t>(step) * kTcStep +
+                                                                                t * kMmaChunk));
+      c.scale = p.scales.raw(u);
+      c.z = p.zeros != nullptr ? p.zeros[u] : p.zero_const;
+    } else {
+      c.scale = 0;  // +0.0 in every scale dtype
+      c.z = 0;
     }
   };
-  // One step: this lane's chunks of rows g and g + 8 dequantized, then 8 k tiles x NF fragments,
-  // then the next step's activations loaded, so that their latency (L1 or L2) passes during that
-  // step's dequantization. (On an H100 this gained nothing measurable over loading them at the
-  // start of their own step: the kernel is bound by its instructions, see linear.cu.)
-  auto run_step = [&](int64_t step, WeightChunk<BITS> (&c)[2]) {
-    const int64_t k0 = step * kTcStep + t * kMmaChunk;
-    uint32_t lo[kMmaChunk / 2], hi[kMmaChunk / 2];
-    dequant_chunk_to<BITS, T>(p, c[0], pairs_exact, lo);
-    dequant_chunk_to<BITS, T>(p, c[1], pairs_exact, hi);
-    if (step + DEPTH < step1) {  // the registers just consumed take the chunks DEPTH steps on
-      fetch_chunk<BITS, true>(p, n0 + g, k0 + DEPTH * kTcStep, c[0]);
-      fetch_chunk<BITS, true>(p, n0 + g + 8, k0 + DEPTH * kTcStep, c[1]);
+
+  float acc[NF][4] = {};
+  // The activations of a step at this lane's chunk, row m = 8 f + g, zeros past K: 16 words of
+  // pairs in tc_pair_order.
+  uint32_t xv[NF][kMmaChunk / 2];
+  auto load_x = [&](int step) {
+    const bool in = step < lane_steps;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const uint2* xs = reinterpret_cast<const uint2*>(xrow[f] + (in ? static_cast<int64_t>(step) * kTcStep : 0));
+#pragma unroll
+      for (int j = 0; j < kMmaChunk / 4; ++j) {
+        const uint2 v = in ? __ldg(xs + j) : make_uint2(0u, 0u);
+        xv[f][2 * j] = v.x, xv[f][2 * j + 1] = v.y;
+      }
+      tc_pair_order<BITS>(xv[f]);
     }
+  };
+  // One step: this lane's chunks of rows g and g + 8 dequantized (INT: to q - z), the loads DEPTH
+  // steps on issued into their registers, 8 k tiles x NF fragments (INT: into the step's sums,
+  // then scaled per row into acc), then the next step's activations loaded, so that their latency
+  // (L1 or L2) passes during that step's dequantization.
+  auto run_step = [&](int step, WeightChunk<BITS> (&c)[2]) {
+    uint32_t lo[kMmaChunk / 2], hi[kMmaChunk / 2];
+    dequant_chunk_tc<BITS, T, !INT>(p, c[0], pairs_exact, lo);
+    dequant_chunk_tc<BITS, T, !INT>(p, c[1], pairs_exact, hi);
+    const float s_lo = INT ? p.scales.value_of(c[0].scale) : 1.0f, s_hi = INT ? p.scales.value_of(c[1].scale) : 1.0f;
+    if (step + DEPTH < step1) {  // the registers just consumed take the chunks DEPTH steps on
+      fetch(step + DEPTH, 0, c[0]);
+      fetch(step + DEPTH, 1, c[1]);
+    }
+    float sums[NF][4] = {};
+    float (&d)[NF][4] = INT ? sums : acc;
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
 #pragma unroll
       for (int j = 0; j < kMmaChunk / 4; ++j) {
         const uint32_t a[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-        const uint32_t b[2] = {xv[f][j].x, xv[f][j].y};
-        mma_16816<T>(acc[f], a, b);
+        const uint32_t b[2] = {xv[f][2 * j], xv[f][2 * j + 1]};
+        mma_16816<T>(d[f], a, b);
+      }
+    }
+    if constexpr (INT) {
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[f][i] = fma_rn(i < 2 ? s_lo : s_hi, sums[f][i], acc[f][i]);
       }
     }
     if (step + 1 < step1) load_x(step + 1);
@@ -136,12 +289,12 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j) {
     if (step0 + j < step1) {
-      fetch_chunk<BITS, true>(p, n0 + g, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][0]);
-      fetch_chunk<BITS, true>(p, n0 + g + 8, (step0 + j) * kTcStep + t * kMmaChunk, chunks[j][1]);
+      fetch(step0 + j, 0, chunks[j][0]);
+      fetch(step0 + j, 1, chunks[j][1]);
     }
   }
   if (step0 < step1) load_x(step0);
-  for (int64_t base = step0; base < step1; base += DEPTH) {
+  for (int base = step0; base < step1; base += DEPTH) {
 #pragma unroll
     for (int j = 0; j < DEPTH; ++j) {
       if (base + j < step1) run_step(base + j, chunks[j]);

@@ -190,19 +190,22 @@ void run_mma(const Problem& pr, int sms) {
   }
 }
 
-// tc_gemv_kernel<BITS, NF>: mma.sync's documented fragment layout through warp shuffles.
+// tc_gemv_kernel<BITS, NF>: mma.sync's documented fragment layout through warp shuffles; INT as
+// linear.cu chooses it (`integer`: the variant the layout must get).
 template <int BITS, int NF, typename T>
-void run_tc(const Problem& pr, int sms) {
+void run_tc(const Problem& pr, int sms, bool integer) {
   const std::vector<T> x = pr.activations<T>();
   ASSERT_TRUE(tc_gemv_supports(pr.p, BITS, x.data()));
+  ASSERT_EQ((tc_gemv_integer_steps<BITS, T>(pr.p)), integer);
+  const auto kernel = integer ? tc_gemv_kernel<BITS, NF, T, true> : tc_gemv_kernel<BITS, NF, T, false>;
   const int64_t blocks = tc_gemv_blocks(pr.N), steps = tc_gemv_steps(pr.K);
   const SplitK k = split_k(blocks, steps, sms, tc_gemv_blocks_per_sm(NF));
   std::vector<int> tickets(blocks, 0);
   for (int run = 0; run < (k.splits > 1 ? 2 : 1); ++run) {  // split K: again with the same tickets
     std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
     std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
-    emu::launch(dim3(blocks, k.splits), dim3(kTcWarps * 32), tc_gemv_kernel<BITS, NF, T>, pr.p, x.data(), y.data(),
-                partial.data(), tickets.data(), k.per_split);
+    emu::launch(dim3(blocks, k.splits), dim3(kTcWarps * 32), kernel, pr.p, x.data(), y.data(), partial.data(),
+                tickets.data(), static_cast<int>(k.per_split));
     pr.expect_close(y, eps<T>() + 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
                     k.splits > 1 ? "tc gemv (split K)" : "tc gemv");
     expect_tickets_reset(tickets);
@@ -316,14 +319,33 @@ TEST(LinearEmulated, TensorCoreKernel) {
 
 TEST(LinearEmulated, RegisterTensorCoreKernel) {
   // N not a multiple of the 16-row warp tile (nor of a block's 64), K ending inside a 128-value step.
-  run_tc<4, 1, core::half_t>(Problem(4, false, 1, 70, 224, 32, 48).params_in<core::half_t>(), 1);
-  run_tc<4, 2, core::bf16_t>(Problem(4, true, 13, 20, 256, 128, 49), 1);
-  run_tc<8, 1, core::half_t>(Problem(8, true, 8, 24, 160, 0, 50), 1);
-  run_tc<8, 2, core::bf16_t>(Problem(8, false, 16, 17, 128, 64, 51).params_in<core::bf16_t>(), 1);
-  run_tc<2, 1, core::bf16_t>(Problem(2, false, 3, 30, 384, 64, 52).wide_zeros(300).params_in<core::bf16_t>(), 1);
+  run_tc<4, 1, core::half_t>(Problem(4, false, 1, 70, 224, 32, 48).params_in<core::half_t>(), 1, false);
+  run_tc<8, 2, core::bf16_t>(Problem(8, false, 16, 17, 128, 64, 51).params_in<core::bf16_t>(), 1, false);
+  run_tc<2, 1, core::bf16_t>(Problem(2, false, 3, 30, 384, 64, 52).wide_zeros(300).params_in<core::bf16_t>(), 1,
+                             false);
+  run_tc<8, 1, core::bf16_t>(Problem(8, true, 5, 33, 256, 0, 55), 1, false);  // 8-bit bf16: scaled pairs
+  run_tc<4, 1, core::half_t>(Problem(4, false, 2, 20, 768, 384, 67), 1, false);  // groups of 3 steps
   // Split K (and more steps than chunks in flight) with the last-block reduction.
-  run_tc<4, 1, core::half_t>(Problem(4, false, 2, 40, 1280, 128, 53), 8);
-  run_tc<2, 2, core::half_t>(Problem(2, true, 10, 16, 1024, 32, 54).params_in<core::half_t>(), 4);
+  run_tc<2, 2, core::half_t>(Problem(2, true, 10, 16, 1024, 32, 54).params_in<core::half_t>(), 4, false);
+}
+
+TEST(LinearEmulated, RegisterTensorCoreKernelMultipliesIntegers) {
+  // Steps within one group: per-channel, g128, g256 (a partial last group), scales in any dtype.
+  run_tc<4, 2, core::bf16_t>(Problem(4, true, 13, 20, 256, 128, 49), 1, true);
+  run_tc<8, 1, core::half_t>(Problem(8, true, 8, 24, 160, 0, 50), 1, true);
+  run_tc<8, 1, core::half_t>(Problem(8, false, 1, 70, 640, 128, 56).params_in<core::bf16_t>(), 1, true);
+  run_tc<4, 1, core::bf16_t>(Problem(4, false, 2, 40, 384, 256, 57).params_in<core::half_t>(), 1, true);
+  run_tc<2, 2, core::half_t>(Problem(2, false, 11, 9, 512, 0, 58), 1, true);
+  // K = 32: three lanes of four have no chunk at all; K = 224: a partial last step; N = 1.
+  run_tc<4, 1, core::half_t>(Problem(4, false, 1, 1, 32, 0, 59), 1, true);
+  run_tc<2, 1, core::bf16_t>(Problem(2, true, 4, 50, 224, 0, 60), 1, true);
+  // Zero points past the magic's range: q - z from fp32, rounded once to T.
+  run_tc<8, 1, core::half_t>(Problem(8, false, 3, 40, 512, 128, 63).wide_zeros(3000), 1, true);
+  run_tc<4, 2, core::bf16_t>(Problem(4, false, 9, 24, 256, 128, 64).wide_zeros(300), 1, true);
+  // Split K, the last split ending in a partial step, and more steps than chunks in flight.
+  run_tc<4, 1, core::half_t>(Problem(4, false, 2, 40, 1280, 128, 53), 8, true);
+  run_tc<2, 1, core::bf16_t>(Problem(2, false, 1, 64, 1056, 0, 65), 8, true);
+  run_tc<8, 2, core::half_t>(Problem(8, true, 16, 30, 800, 0, 66).params_in<core::half_t>(), 4, true);
 }
 
 // The cuBLAS path's dense weight: s * (q - z) rounded once to T, element for element.
