@@ -225,13 +225,28 @@ inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors, int per
   return k;
 }
 
+// Output (m, n) as a kernel stores it: its sum v, or, where v came out inf or NaN, the sum again
+// value by value over the dequantized weights. The register kernels sum (q - z) x over a chunk or
+// step before scaling it, so activations near float's limit (|x| ~ 1e36, bf16 or fp32) overflow
+// there where x @ W_hat.T does not (the CPU kernels fall back the same way); such outputs are
+// rare, and the thread that stores one recomputes it, with no check on the host.
+template <typename T>
+LQ_HD float finite_or_recomputed(const LinearParams& p, int bits, const T* x, int64_t m, int64_t n, float v) {
+  if (!core::is_nonfinite(v)) return v;
+  float sum = 0.0f;
+  for (int64_t k = 0; k < p.K; ++k) sum = fma_rn(core::to_float(x[m * p.K + k]), weight_at(p, bits, n, k), sum);
+  return sum;
+}
+
 // Split K, once every block has written its fp32 partial sums [split, M, N]: the block that takes
 // its tile's last ticket adds the splits up in split order (so results are deterministic), adds
-// the bias, writes y for weight rows [n0, n0 + n_rows) x activation rows [m0, m0 + m_rows), and
-// sets the ticket back to 0 for the next launch (every other split has taken its ticket by then).
+// the bias, writes y for weight rows [n0, n0 + n_rows) x activation rows [m0, m0 + m_rows)
+// (finite_or_recomputed), and sets the ticket back to 0 for the next launch (every other split
+// has taken its ticket by then).
 template <typename T>
-__device__ void finish_split_k(const LinearParams& p, T* __restrict__ y, const float* __restrict__ partial,
-                               int* ticket, unsigned splits, int64_t n0, int n_rows, int64_t m0, int m_rows) {
+__device__ void finish_split_k(const LinearParams& p, int bits, const T* __restrict__ x, T* __restrict__ y,
+                               const float* __restrict__ partial, int* ticket, unsigned splits, int64_t n0, int n_rows,
+                               int64_t m0, int m_rows) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -245,7 +260,7 @@ __device__ void finish_split_k(const LinearParams& p, T* __restrict__ y, const f
     if (n >= p.N || m >= p.M) continue;
     float sum = 0.0f;
     for (unsigned sp = 0; sp < splits; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
-    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
+    y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, bits, x, m, n, sum) + p.bias.get_or_zero(n));
   }
 }
 
@@ -427,7 +442,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
         const int64_t n = first_row + r;
         if (n < row0 || r > last_r) continue;
         const float b = p.bias.get_or_zero(n);
-        for (int m = 0; m < MT && m < p.M; ++m) y[m * p.N + n] = core::from_float<T>(acc[r][m] + b);
+        for (int m = 0; m < MT && m < p.M; ++m) {
+          y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, BITS, x, m, n, acc[r][m]) + b);
+        }
       }
     }
     return;
@@ -442,8 +459,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     }
   }
   constexpr int BLOCK_ROWS = kGemvWarps * R;
-  finish_split_k(p, y, partial, &tickets[blockIdx.x], gridDim.y, static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS,
-                 BLOCK_ROWS, 0, MT);
+  finish_split_k(p, BITS, x, y, partial, &tickets[blockIdx.x], gridDim.y,
+                 static_cast<int64_t>(blockIdx.x) * BLOCK_ROWS, BLOCK_ROWS, 0, MT);
 }
 
 // Any layout: one warp per weight row, values extracted one at a time.

@@ -393,7 +393,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   }
   if (split) {
-    finish_split_k(p, y, partial, &tickets[blockIdx.y * gridDim.x + blockIdx.x], gridDim.z, n0, kMmaBN, m0, BM);
+    finish_split_k(p, BITS, x, y, partial, &tickets[blockIdx.y * gridDim.x + blockIdx.x], gridDim.z, n0, kMmaBN,
+                   m0, BM);
   }
 }
 

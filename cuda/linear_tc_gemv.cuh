@@ -312,13 +312,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
       if (split) {
         partial[(blockIdx.y * p.M + m) * p.N + n] = acc[f][i];
       } else {
-        y[m * p.N + n] = core::from_float<T>(acc[f][i] + p.bias.get_or_zero(n));
+        y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, BITS, x, m, n, acc[f][i]) + p.bias.get_or_zero(n));
       }
     }
   }
   if (split) {
-    finish_split_k(p, y, partial, &tickets[blockIdx.x], gridDim.y, static_cast<int64_t>(blockIdx.x) * kTcWarps * 16,
-                   kTcWarps * 16, 0, kTcMaxRows);
+    finish_split_k(p, BITS, x, y, partial, &tickets[blockIdx.x], gridDim.y,
+                   static_cast<int64_t>(blockIdx.x) * kTcWarps * 16, kTcWarps * 16, 0, kTcMaxRows);
   }
 }
 

@@ -67,6 +67,14 @@ struct Problem {
 
   void misalign(int64_t bytes) { p.w = w.data() + 16 - bytes; }
 
+  // Activations near float's limit (|x| up to 2e37) and scales 1000 times smaller: the kernels'
+  // (q - z) x sums overflow, while x @ W_hat.T stays far from it.
+  Problem& huge_activations() {
+    for (float& v : x) v *= 2e37f;
+    for (float& s : scales) s *= 1e-3f;
+    return *this;
+  }
+
   // Zero points anywhere in [-limit, limit] (asymmetric only).
   Problem& wide_zeros(int limit) {
     std::mt19937 rng(static_cast<unsigned>(limit));
@@ -269,6 +277,14 @@ TEST(LinearEmulated, GemvEightAndTwoBit) {
   run_gemv<2, 8, 1, core::half_t>(Problem(2, false, 1, 64, 4096, 32, 12), 64);
   run_gemv<2, 8, 2, core::bf16_t>(Problem(2, true, 2, 40, 1023, 0, 13), 1);
   run_gemv<2, 4, 8, float>(Problem(2, false, 6, 12, 400, 16, 14), 1);
+}
+
+TEST(LinearEmulated, OutputsThatOverflowAreComputedAgain) {
+  // |x| ~ 1e36: (q - z) x summed over a chunk or a step overflows fp32, x @ W_hat.T does not.
+  run_gemv<8, 16, 1, float>(Problem(8, false, 1, 24, 512, 128, 68).huge_activations(), 1);
+  run_gemv<8, 16, 2, core::bf16_t>(Problem(8, true, 2, 24, 4096, 0, 69).huge_activations(), 16);  // split K
+  run_tc<4, 1, core::bf16_t>(Problem(4, false, 3, 20, 128, 128, 70).huge_activations(), 1, true);  // one step
+  run_tc<4, 1, core::bf16_t>(Problem(4, false, 2, 20, 1024, 0, 71).huge_activations(), 8, true);  // split K
 }
 
 TEST(LinearEmulated, GemvUnalignedTakesNarrowerChunks) {

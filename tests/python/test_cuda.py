@@ -633,6 +633,24 @@ def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
                                  bits, g, rw(scales), what=f"forced {path} path")
 
 
+@pytest.mark.parametrize("path", list(FORCED_PATHS))
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128), (2, 32)], ids=str)
+def test_linear_forced_activations_near_floats_limit_stay_finite(path, bits, group_size, gen):
+    # |x| ~ 3e36 (bf16 and fp32): x @ W_hat.T is ~1e37, but the kernels' (q - z) x sums before the
+    # scale overflow; the outputs that come out inf or NaN are computed again in the kernel.
+    w = torch.randn(40, 1024, generator=gen) * 0.01
+    for symmetric in (True, False):
+        qw = lq.quantize_weight(w, bits, group_size, symmetric)
+        for dtype in (torch.float32, torch.bfloat16):
+            scales = qw.scales.to(dtype)
+            for m in (1, 4, 13):
+                x = (torch.randn(m, 1024, generator=gen).sign() * 3e36).to(dtype)
+                with lq.cuda_linear_dispatch(*FORCED_PATHS[path]):
+                    y = check_linear(x, qw.qweight, scales, qw.zeros, None, bits, group_size, ref_for(qw)(scales),
+                                     what=f"forced {path} path, |x| ~ 3e36")
+                assert bool(torch.isfinite(y).all())
+
+
 LARGE_SHAPES = {(96, 4096): (None, 128), (4096, 96): (None, 32), (256, 4104): (None, 128)}
 LARGE_MS = (1, 3, 8, 9, 64, 300)
 
