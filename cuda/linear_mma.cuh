@@ -53,40 +53,17 @@ struct MmaType<core::bf16_t> {
   __device__ __forceinline__ static type from(float v) { return __float2bfloat16_rn(v); }
 };
 
-// (a - b) * s on both 16-bit floats of the words, each operation rounded to nearest even, as the
-// paired fp16 / bf16 instructions do.
-template <typename T>
-LQ_HD uint32_t sub_mul2(uint32_t a, uint32_t b, uint32_t s) {
-#if defined(__CUDA_ARCH__)
-  using D2 = std::conditional_t<std::is_same_v<T, core::half_t>, __half2, __nv_bfloat162>;
-  D2 va, vb, vs;
-  memcpy(&va, &a, 4);
-  memcpy(&vb, &b, 4);
-  memcpy(&vs, &s, 4);
-  const D2 r = __hmul2(__hsub2(va, vb), vs);
-  uint32_t out;
-  memcpy(&out, &r, 4);
-  return out;
-#else
-  uint32_t out = 0;
-  for (int h = 0; h < 2; ++h) {
-    const auto half = [&](uint32_t w) { return core::to_float(T{static_cast<uint16_t>(w >> (16 * h))}); };
-    const float d = core::to_float(core::from_float<T>(half(a) - half(b)));
-    out |= static_cast<uint32_t>(core::from_float<T>(d * half(s)).bits) << (16 * h);
-  }
-  return out;
-#endif
-}
-
-// a - b on both 16-bit floats of the words, rounded to nearest even, as the paired instruction does.
-template <typename T>
-LQ_HD uint32_t sub2(uint32_t a, uint32_t b) {
+// a - b (MUL false) or a * b (MUL true) on both 16-bit floats of the words, rounded to nearest
+// even, as the paired fp16 / bf16 instruction does (on the host: in fp32, exact for a product of
+// two 16-bit floats and for their difference, then rounded once).
+template <typename T, bool MUL>
+LQ_HD uint32_t paired(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   using D2 = std::conditional_t<std::is_same_v<T, core::half_t>, __half2, __nv_bfloat162>;
   D2 va, vb;
   memcpy(&va, &a, 4);
   memcpy(&vb, &b, 4);
-  const D2 r = __hsub2(va, vb);
+  const D2 r = MUL ? __hmul2(va, vb) : __hsub2(va, vb);
   uint32_t out;
   memcpy(&out, &r, 4);
   return out;
@@ -94,10 +71,21 @@ LQ_HD uint32_t sub2(uint32_t a, uint32_t b) {
   uint32_t out = 0;
   for (int h = 0; h < 2; ++h) {
     const auto half = [&](uint32_t w) { return core::to_float(T{static_cast<uint16_t>(w >> (16 * h))}); };
-    out |= static_cast<uint32_t>(core::from_float<T>(half(a) - half(b)).bits) << (16 * h);
+    out |= static_cast<uint32_t>(core::from_float<T>(MUL ? half(a) * half(b) : half(a) - half(b)).bits) << (16 * h);
   }
   return out;
 #endif
+}
+
+template <typename T>
+LQ_HD uint32_t sub2(uint32_t a, uint32_t b) {
+  return paired<T, false>(a, b);
+}
+
+// (a - b) * s, each operation rounded.
+template <typename T>
+LQ_HD uint32_t sub_mul2(uint32_t a, uint32_t b, uint32_t s) {
+  return paired<T, true>(paired<T, false>(a, b), s);
 }
 
 // dequant_chunk's 32 values rounded to T, as 16 words of consecutive pairs, computed with paired

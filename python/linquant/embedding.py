@@ -8,19 +8,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nn import QLinear, check_conversion, init_format
+from .nn import QLinear, QuantizedMatrix, format_repr, init_format
 from .weights import QuantizedWeight, dequantize_weight, quantize_weight
 
 
-class QEmbedding(nn.Module):
+class QEmbedding(QuantizedMatrix):
     """out = W_hat[ids] with W_hat = scales * (q - zeros), row by row. Buffers as QLinear's with
     out_features = num_embeddings and in_features = embedding_dim: `qweight`, `scales` [V, G],
     `zeros` [V, G] int32 or None. Only the rows looked up are dequantized."""
 
-    zeros: Optional[torch.Tensor]
-    group_size: Optional[int]
     padding_idx: Optional[int]
-    __jit_unused_properties__ = ["weight"]
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: Optional[int] = None,
                  symmetric: bool = True, padding_idx: Optional[int] = None, device=None,
@@ -66,22 +63,8 @@ class QEmbedding(nn.Module):
             head.set_bias(bias)
         return head
 
-    def _apply(self, fn, recurse=True):
-        check_conversion(self, fn)
-        return super()._apply(fn, recurse)
-
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.embedding_dim)
-
-    def dequantize(self) -> torch.Tensor:
-        """The float table [num_embeddings, embedding_dim], in the scales' dtype."""
-        return dequantize_weight(self.quantized_weight())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized table, computed on each access (code that reads `embedding.weight.dtype`
-        or `.device`); the layer itself never materializes it."""
-        return self.dequantize()
+    def _cols(self) -> int:
+        return self.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
@@ -99,8 +82,5 @@ class QEmbedding(nn.Module):
         return dequantize_weight(rows).reshape(list(ids.shape) + [self.embedding_dim])
 
     def extra_repr(self) -> str:
-        gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
-        mode = "symmetric" if self.symmetric else "asymmetric"
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return (f"{self.num_embeddings}, {self.embedding_dim}{pad}, bits={self.bits}, {gran}, {mode}, "
-                f"dtype={self.scales.dtype}")
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, " + format_repr(self)

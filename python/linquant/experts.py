@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import check_conversion, init_format
+from .nn import check_conversion, format_repr, init_format
 from .weights import QuantizedWeight, dequantize_weight, quantize_weight
 
 IMPLEMENTATION = "linquant"
@@ -114,10 +114,8 @@ class QExpertsWeight(nn.Module):
                         "set_experts_implementation chose another since")
 
     def extra_repr(self) -> str:
-        gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
-        mode = "symmetric" if self.symmetric else "asymmetric"
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, {gran}, {mode}, dtype={self.scales.dtype}")
+                + format_repr(self))
 
 
 def expert_projections(module: nn.Module) -> List[str]:

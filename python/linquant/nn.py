@@ -56,17 +56,52 @@ def check_conversion(module: nn.Module, fn) -> None:
                          "to one of those, or exclude this layer from quantize_model")
 
 
-class QLinear(nn.Module):
+def format_repr(module: nn.Module) -> str:
+    """The format part of a quantized layer's repr: bits, granularity, mode, scales dtype."""
+    gran = "per-channel" if module.group_size is None else f"group_size={module.group_size}"
+    mode = "symmetric" if module.symmetric else "asymmetric"
+    return f"bits={module.bits}, {gran}, {mode}, dtype={module.scales.dtype}"
+
+
+class QuantizedMatrix(nn.Module):
+    """What QLinear and QEmbedding share: one [rows, cols] weight in the format's buffers
+    (`qweight`, `scales` [rows, G] in the compute dtype, `zeros` [rows, G] int32 or None when
+    symmetric), conversions that keep the scales float32/16/bf16, and the dequantized weight.
+    Subclasses give `cols` (in_features, embedding_dim) through _cols."""
+
+    zeros: Optional[torch.Tensor]
+    group_size: Optional[int]
+    __jit_unused_properties__ = ["weight"]
+
+    def _cols(self) -> int:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        check_conversion(self, fn)
+        return super()._apply(fn, recurse)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self._cols())
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [rows, cols] the layer computes with, in the scales' dtype."""
+        return dequantize_weight(self.quantized_weight())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float weight, computed on each access (code such as T5's reads
+        `layer.weight.dtype` or `.device`); the layer itself never materializes it."""
+        return self.dequantize()
+
+
+class QLinear(QuantizedMatrix):
     """y = x @ W_hat.T + bias with W_hat = scales * (q - zeros), W8A16 / W4A16 / W2A16.
 
     Buffers: `qweight`, `scales` [out, G] (the compute dtype), `zeros` [out, G] int32 or None
     (symmetric), `bias` [out] or None. `.to(dtype)` converts scales and bias only; the integer
     buffers stay integer. The weights are frozen buffers, but gradients flow to the input."""
 
-    zeros: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
-    group_size: Optional[int]
-    __jit_unused_properties__ = ["weight"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
                  group_size: Optional[int] = None, symmetric: bool = True, device=None,
@@ -118,22 +153,8 @@ class QLinear(nn.Module):
                              f"got {list(bias.shape)}")
         self.bias = bias.detach().to(dtype=self.scales.dtype, copy=True)
 
-    def _apply(self, fn, recurse=True):
-        check_conversion(self, fn)
-        return super()._apply(fn, recurse)
-
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
-
-    def dequantize(self) -> torch.Tensor:
-        """The float weight [out_features, in_features] this layer computes with, in the scales' dtype."""
-        return dequantize_weight(self.quantized_weight())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized float weight, computed on each access (models such as T5 read
-        `layer.weight.dtype`); the layer itself never materializes it."""
-        return self.dequantize()
+    def _cols(self) -> int:
+        return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op sees only packed bytes, so at 4 or 2 bits it cannot tell K = 7 from K = 8: check here.
@@ -144,7 +165,5 @@ class QLinear(nn.Module):
                                          self.group_size)
 
     def extra_repr(self) -> str:
-        gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
-        mode = "symmetric" if self.symmetric else "asymmetric"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, {gran}, {mode}, dtype={self.scales.dtype}")
+                + format_repr(self))
