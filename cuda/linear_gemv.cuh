@@ -225,23 +225,26 @@ inline SplitK split_k(int64_t tiles, int64_t steps, int multiprocessors, int per
   return k;
 }
 
-// Output (m, n) as a kernel stores it: its sum v, or, where v came out inf or NaN, the sum again
-// value by value over the dequantized weights. The register kernels sum (q - z) x over a chunk or
+// Output y[m, n] made finite where the kernel's sum came out inf or NaN: summed again value by value
+// over the dequantized weights, plus the bias. The register kernels sum (q - z) x over a chunk or
 // step before scaling it, so activations near float's limit (|x| ~ 1e36, bf16 or fp32) overflow
-// there where x @ W_hat.T does not (the CPU kernels fall back the same way); such outputs are
-// rare, and the thread that stores one recomputes it, with no check on the host.
+// there where x @ W_hat.T does not (the CPU kernels fall back the same way). Such outputs are rare:
+// a thread that stored one calls this for its outputs after storing them (reading y back, in a
+// loop that is not unrolled, so the kernel holds one copy of this code; inlined, since a call
+// would reserve registers for its ABI in the whole kernel), with no check on the host.
 template <typename T>
-LQ_HD float finite_or_recomputed(const LinearParams& p, int bits, const T* x, int64_t m, int64_t n, float v) {
-  if (!core::is_nonfinite(v)) return v;
+__device__ __forceinline__ void recompute_if_non_finite(const LinearParams& p, int bits, const T* x, T* y, int64_t m,
+                                                        int64_t n) {
+  if (!core::is_nonfinite(core::to_float(y[m * p.N + n]))) return;
   float sum = 0.0f;
   for (int64_t k = 0; k < p.K; ++k) sum = fma_rn(core::to_float(x[m * p.K + k]), weight_at(p, bits, n, k), sum);
-  return sum;
+  y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
 }
 
 // Split K, once every block has written its fp32 partial sums [split, M, N]: the block that takes
 // its tile's last ticket adds the splits up in split order (so results are deterministic), adds
 // the bias, writes y for weight rows [n0, n0 + n_rows) x activation rows [m0, m0 + m_rows)
-// (finite_or_recomputed), and sets the ticket back to 0 for the next launch (every other split
+// (recompute_if_non_finite), and sets the ticket back to 0 for the next launch (every other split
 // has taken its ticket by then).
 template <typename T>
 __device__ void finish_split_k(const LinearParams& p, int bits, const T* __restrict__ x, T* __restrict__ y,
@@ -260,7 +263,8 @@ __device__ void finish_split_k(const LinearParams& p, int bits, const T* __restr
     if (n >= p.N || m >= p.M) continue;
     float sum = 0.0f;
     for (unsigned sp = 0; sp < splits; ++sp) sum += __ldcg(partial + (sp * p.M + m) * p.N + n);
-    y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, bits, x, m, n, sum) + p.bias.get_or_zero(n));
+    y[m * p.N + n] = core::from_float<T>(sum + p.bias.get_or_zero(n));
+    recompute_if_non_finite(p, bits, x, y, m, n);
   }
 }
 
@@ -438,12 +442,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   }
   if (gridDim.y == 1) {
     if (lane == 0) {
+      bool non_finite = false;
       for (int r = 0; r < R; ++r) {
         const int64_t n = first_row + r;
         if (n < row0 || r > last_r) continue;
         const float b = p.bias.get_or_zero(n);
         for (int m = 0; m < MT && m < p.M; ++m) {
-          y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, BITS, x, m, n, acc[r][m]) + b);
+          y[m * p.N + n] = core::from_float<T>(acc[r][m] + b);
+          non_finite |= core::is_nonfinite(acc[r][m]);
+        }
+      }
+      if (non_finite) {
+#pragma unroll 1
+        for (int i = 0; i < R * MT; ++i) {
+          const int r = i / MT, m = i % MT;
+          if (first_row + r >= row0 && r <= last_r && m < p.M) recompute_if_non_finite(p, BITS, x, y, m, first_row + r);
         }
       }
     }

@@ -176,46 +176,37 @@ bool tc_gemv_integer_steps(const LinearParams& p) {
   return (1u << BITS) <= MmaType<T>::max_q && p.group_shift >= 7;  // per-channel: 62
 }
 
-template <int BITS, int NF, typename T, bool INT>
-__global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
-    tc_gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
-                   int* __restrict__ tickets, int steps_per_split) {
-  constexpr int DEPTH = mma_depth<BITS>();
-  constexpr int kChunkBytes = kMmaChunk * BITS / 8, kStepBytes = kTcStep * BITS / 8;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kTcWarps + warp) * 16;
-  const int steps = static_cast<int>(tc_gemv_steps(p.K));
-  const int step0 = static_cast<int>(blockIdx.y) * steps_per_split;
-  const int step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
-  // The steps whose chunk at this lane starts within K: all, or all but the last (K is a multiple
-  // of the chunk, not of the step). Past them the lane's activations are zeros, and so are its
-  // weights unless INT (whose finite stale integers times those zeros add nothing).
-  const int lane_steps = static_cast<int>((p.K - t * kMmaChunk + kTcStep - 1) / kTcStep);
-  const int lane_end = lane_steps < step1 ? lane_steps : step1;
-  const bool pairs_exact = INT || pairs_exact_for<BITS, T>(p);
-  const int step_group_shift = p.group_shift - 7 < 31 ? p.group_shift - 7 : 31;  // INT: a step's group
-
-  // Per-lane bases, computed once so that a step costs no 64-bit index arithmetic: weight rows
-  // n0 + g and n0 + g + 8 and activation rows 8 f + g, rows past N or M reading the last one
-  // (their results are never stored). Each is pinned (pin_register): otherwise nvcc, short of
-  // registers, rebuilds them from threadIdx and 64-bit products in every step.
+// What a lane (g, t) of a warp owning weight rows [n0, n0 + 16) streams: chunk t of rows n0 + g
+// and n0 + g + 8 in each step of [step0, step1). Its bases are computed once, so that a step costs
+// no 64-bit index arithmetic, rows past N reading the last row (their results are never stored),
+// and pinned (pin_register): otherwise nvcc, short of registers, rebuilds them from threadIdx and
+// 64-bit products in every step.
+template <int BITS, bool INT>
+struct TcWeightLane {
+  static constexpr int kChunkBytes = kMmaChunk * BITS / 8, kStepBytes = kTcStep * BITS / 8;
   const uint8_t* wrow[2];
   int64_t urow[2];
+  // The steps whose chunk at this lane starts within K: all, or all but the last (K is a multiple
+  // of the chunk, not of the step); lane_end: those within the block's split too.
+  int lane_steps, lane_end;
+  int t, step_group_shift;  // INT: a step's group is step >> step_group_shift
+
+  __device__ TcWeightLane(const LinearParams& p, int64_t n0, int g, int t_, int step1) : t(t_) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t n = n0 + g + 8 * r < p.N ? n0 + g + 8 * r : p.N - 1;
-    wrow[r] = pin_register(p.w + n * p.row_bytes + t * kChunkBytes);
-    urow[r] = pin_register(n * p.groups);
-  }
-  const T* xrow[NF];
-#pragma unroll
-  for (int f = 0; f < NF; ++f) {
-    xrow[f] = pin_register(x + (8 * f + g < p.M ? 8 * f + g : p.M - 1) * p.K + t * kMmaChunk);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t n = n0 + g + 8 * r < p.N ? n0 + g + 8 * r : p.N - 1;
+      wrow[r] = pin_register(p.w + n * p.row_bytes + t * kChunkBytes);
+      urow[r] = pin_register(n * p.groups);
+    }
+    lane_steps = static_cast<int>((p.K - t * kMmaChunk + kTcStep - 1) / kTcStep);
+    lane_end = lane_steps < step1 ? lane_steps : step1;
+    step_group_shift = p.group_shift - 7 < 31 ? p.group_shift - 7 : 31;
   }
 
   // Step `step`'s chunk of row r: its words (zeros past K), and the scale and zero point of the
-  // chunk (INT: of the step, the same for the four lanes of a row; else 0 and 0 past K).
-  auto fetch = [&](int step, int r, WeightChunk<BITS>& c) {
+  // chunk (INT: of the step, the same for the four lanes of a row, whose finite stale integers
+  // times zero activations add nothing past K; else 0 and 0 past K).
+  __device__ __forceinline__ void fetch(const LinearParams& p, int step, int r, WeightChunk<BITS>& c) const {
     const bool in = step < lane_end;
     if (in) {
       load_mma_chunk<BITS, true>(wrow[r] + static_cast<int64_t>(step) * kStepBytes, c.w);
@@ -232,14 +223,80 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
       c.scale = 0;  // +0.0 in every scale dtype
       c.z = 0;
     }
-  };
+  }
+};
+
+// The K range [step0, step1) of this block's split.
+struct TcSteps {
+  int step0, step1;
+  __device__ TcSteps(const LinearParams& p, int steps_per_split) {
+    const int steps = static_cast<int>(tc_gemv_steps(p.K));
+    step0 = static_cast<int>(blockIdx.y) * steps_per_split;
+    step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
+  }
+};
+
+// The tc kernels' epilogue: acc[f][i] is weight row n0 + g + 8 (i / 2) and activation row
+// 8 f + 2 t + i % 2; stored with the bias (then recompute_if_non_finite where a sum was inf or
+// NaN), or with split K published and added up by the block that finishes its row block last (of
+// kTcWarps * 16 rows and `max_rows` activation rows).
+template <int BITS, int NF, typename T>
+__device__ __forceinline__ void tc_store(const LinearParams& p, const T* x, T* y, float* partial, int* tickets,
+                                         int64_t n0, int g, int t, const float (&acc)[NF][4], int max_rows) {
+  const bool split = gridDim.y > 1;
+  const auto n_of = [&](int i) { return n0 + g + 8 * (i % 4 / 2); };
+  const auto m_of = [&](int i) { return static_cast<int64_t>(i / 4 * 8 + 2 * t + i % 2); };  // i = 4 f + i
+  bool non_finite = false;
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t n = n_of(4 * f + i), m = m_of(4 * f + i);
+      if (n >= p.N || m >= p.M) continue;
+      if (split) {
+        partial[(blockIdx.y * p.M + m) * p.N + n] = acc[f][i];
+      } else {
+        y[m * p.N + n] = core::from_float<T>(acc[f][i] + p.bias.get_or_zero(n));
+        non_finite |= core::is_nonfinite(acc[f][i]);
+      }
+    }
+  }
+  if (non_finite) {
+#pragma unroll 1
+    for (int i = 0; i < NF * 4; ++i) {
+      if (n_of(i) < p.N && m_of(i) < p.M) recompute_if_non_finite(p, BITS, x, y, m_of(i), n_of(i));
+    }
+  }
+  if (split) {
+    finish_split_k(p, BITS, x, y, partial, &tickets[blockIdx.x], gridDim.y,
+                   static_cast<int64_t>(blockIdx.x) * kTcWarps * 16, kTcWarps * 16, 0, max_rows);
+  }
+}
+
+template <int BITS, int NF, typename T, bool INT>
+__global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
+    tc_gemv_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
+                   int* __restrict__ tickets, int steps_per_split) {
+  constexpr int DEPTH = mma_depth<BITS>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kTcWarps + warp) * 16;
+  const TcSteps range(p, steps_per_split);
+  const int step0 = range.step0, step1 = range.step1;
+  const TcWeightLane<BITS, INT> wl(p, n0, g, t, step1);
+  const bool pairs_exact = INT || pairs_exact_for<BITS, T>(p);
+  // Activation rows 8 f + g at this lane's chunk, pinned as the weight bases are.
+  const T* xrow[NF];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    xrow[f] = pin_register(x + (8 * f + g < p.M ? 8 * f + g : p.M - 1) * p.K + t * kMmaChunk);
+  }
 
   float acc[NF][4] = {};
   // The activations of a step at this lane's chunk, row m = 8 f + g, zeros past K: 16 words of
   // pairs in tc_pair_order.
   uint32_t xv[NF][kMmaChunk / 2];
   auto load_x = [&](int step) {
-    const bool in = step < lane_steps;
+    const bool in = step < wl.lane_steps;
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const uint2* xs = reinterpret_cast<const uint2*>(xrow[f] + (in ? static_cast<int64_t>(step) * kTcStep : 0));
@@ -261,8 +318,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
     dequant_chunk_tc<BITS, T, !INT>(p, c[1], pairs_exact, hi);
     const float s_lo = INT ? p.scales.value_of(c[0].scale) : 1.0f, s_hi = INT ? p.scales.value_of(c[1].scale) : 1.0f;
     if (step + DEPTH < step1) {  // the registers just consumed take the chunks DEPTH steps on
-      fetch(step + DEPTH, 0, c[0]);
-      fetch(step + DEPTH, 1, c[1]);
+      wl.fetch(p, step + DEPTH, 0, c[0]);
+      wl.fetch(p, step + DEPTH, 1, c[1]);
     }
     float sums[NF][4] = {};
     float (&d)[NF][4] = INT ? sums : acc;
@@ -289,8 +346,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j) {
     if (step0 + j < step1) {
-      fetch(step0 + j, 0, chunks[j][0]);
-      fetch(step0 + j, 1, chunks[j][1]);
+      wl.fetch(p, step0 + j, 0, chunks[j][0]);
+      wl.fetch(p, step0 + j, 1, chunks[j][1]);
     }
   }
   if (step0 < step1) load_x(step0);
@@ -300,26 +357,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
       if (base + j < step1) run_step(base + j, chunks[j]);
     }
   }
-
-  // acc[f][i]: weight row n0 + g + 8 (i / 2), activation row 8 f + 2 t + i % 2.
-  const bool split = gridDim.y > 1;
-#pragma unroll
-  for (int f = 0; f < NF; ++f) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t n = n0 + g + 8 * (i / 2), m = f * 8 + 2 * t + i % 2;
-      if (n >= p.N || m >= p.M) continue;
-      if (split) {
-        partial[(blockIdx.y * p.M + m) * p.N + n] = acc[f][i];
-      } else {
-        y[m * p.N + n] = core::from_float<T>(finite_or_recomputed(p, BITS, x, m, n, acc[f][i]) + p.bias.get_or_zero(n));
-      }
-    }
-  }
-  if (split) {
-    finish_split_k(p, BITS, x, y, partial, &tickets[blockIdx.x], gridDim.y,
-                   static_cast<int64_t>(blockIdx.x) * kTcWarps * 16, kTcWarps * 16, 0, kTcMaxRows);
-  }
+  tc_store<BITS, NF, T>(p, x, y, partial, tickets, n0, g, t, acc, kTcMaxRows);
 }
 
 }  // namespace linquant::cuda
