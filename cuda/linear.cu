@@ -4,7 +4,9 @@
 //   M = 1:           the fused GEMV kernels (linear_gemv.cuh), which read each weight byte once;
 //                    up to M = 8 where no tensor-core kernel takes the call (fp32 activations,
 //                    layouts they reject);
-//   1 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh);
+//   1 < M <= 8:      the register-dequantizing tensor-core kernel (linear_tc_gemv.cuh; up to M = 16,
+//                    and with staged activations, linear_tc_staged.cuh, up to 64, when
+//                    tc_max_m is raised);
 //   8 < M <= 64:     the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
 //                    is also the path, past 8 rows, of fp32 activations and of layouts the fused
@@ -26,6 +28,7 @@
 #include "linear_gemv.cuh"
 #include "linear_mma.cuh"
 #include "linear_tc_gemv.cuh"
+#include "linear_tc_staged.cuh"
 
 namespace linquant::cuda {
 namespace {
@@ -119,7 +122,7 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 }
 
 // Batch sizes where linear changes path: the GEMV up to gemv_max_m rows (it takes at most
-// kGemvMaxRows), the register-dequantizing tensor-core kernel up to tc_max_m (at most kTcMaxRows),
+// kGemvMaxRows), the register-dequantizing tensor-core kernels up to tc_max_m (at most kTcStagedMaxRows),
 // the fused tensor-core kernel up to mma_max_m, where the one-off dequantization becomes small
 // next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
 // GEMV, whose time grows with M, is fastest at M = 1, the register kernel (whose time hardly
@@ -132,7 +135,7 @@ std::atomic<int64_t> mma_max_m{64};
 std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma) {
   TORCH_CHECK_VALUE(gemv <= kGemvMaxRows, "linquant: gemv_max_m must be at most ", kGemvMaxRows,
                     " (the GEMV kernels take up to that many rows), or negative to keep it; got ", gemv);
-  TORCH_CHECK_VALUE(tc <= kTcMaxRows, "linquant: tc_max_m must be at most ", kTcMaxRows,
+  TORCH_CHECK_VALUE(tc <= kTcStagedMaxRows, "linquant: tc_max_m must be at most ", kTcStagedMaxRows,
                     " (the kernel takes up to that many rows), or negative to keep it; got ", tc);
   std::vector<int64_t> previous = {gemv_max_m.load(), tc_max_m.load(), mma_max_m.load()};
   if (gemv >= 0) gemv_max_m.store(gemv);
@@ -158,12 +161,29 @@ void launch_tc_gemv(const LinearParams& p, const T* x, T* y, const at::Tensor& l
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <int BITS, int NF, typename T>
+void launch_tc_staged(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
+  const int64_t blocks = tc_gemv_blocks(p.N), steps = tc_gemv_steps(p.K);
+  const SplitK k = split_k(blocks, steps, multiprocessors(like.device().index()), kTcStagedBlocksPerSm);
+  SplitWorkspace work(like, k, p, blocks);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(k.splits));
+  tc_staged_kernel<BITS, NF, T><<<grid, kTcWarps * 32, 0, current_stream()>>>(p, x, y, work.partial(), work.tickets(),
+                                                                             static_cast<int>(k.per_split));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The register tensor-core kernels by activation rows: 8 per fragment, in registers up to 16 rows,
+// staged in shared memory up to 64.
 template <int BITS, typename T>
 void tc_gemv_rows(const LinearParams& p, const T* x, T* y, const at::Tensor& like) {
   if (p.M <= 8) {
     launch_tc_gemv<BITS, 1>(p, x, y, like);
-  } else {
+  } else if (p.M <= kTcMaxRows) {
     launch_tc_gemv<BITS, 2>(p, x, y, like);
+  } else if (p.M <= 32) {
+    launch_tc_staged<BITS, 4>(p, x, y, like);
+  } else {
+    launch_tc_staged<BITS, 8>(p, x, y, like);
   }
 }
 

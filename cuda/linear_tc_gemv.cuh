@@ -28,11 +28,13 @@ namespace linquant::cuda {
 constexpr int kTcWarps = 4;                      // warps per block, 16 weight rows each
 constexpr int kTcStep = 4 * kMmaChunk;           // K values per warp step (four lanes per row)
 constexpr int kTcMaxRows = 16;                   // activation rows: two n8 fragments
+constexpr int kTcStagedMaxRows = 64;             // with staged activations (linear_tc_staged.cuh): eight
 
-// Whether tc_gemv_kernel takes this problem: mma_kernel's weight layouts, K a multiple of the
-// chunk (no padding: x is read a whole chunk at a time) and x aligned for 8-byte loads.
+// Whether the register tensor-core kernels (this one, and the staged one past kTcMaxRows) take
+// this problem: mma_kernel's weight layouts, K a multiple of the chunk (no padding: x is read a
+// whole chunk at a time) and x aligned for 8-byte loads.
 inline bool tc_gemv_supports(const LinearParams& p, int bits, const void* x) {
-  return p.M <= kTcMaxRows && mma_supports(p, bits) && p.K % kMmaChunk == 0 &&
+  return p.M <= kTcStagedMaxRows && mma_supports(p, bits) && p.K % kMmaChunk == 0 &&
          reinterpret_cast<uintptr_t>(x) % 8 == 0;
 }
 
@@ -56,16 +58,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
-#else
-  // The same layout computed lane by lane through warp shuffles (the host emulation's tests).
+#elif defined(LINQUANT_CUDA_EMULATION)
+  // The same layout computed lane by lane from the warp's fragments (the host emulation's tests).
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const auto all = cuda_emulation::gather(mine);
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, t = lane % 4;
   const auto half = [](uint32_t word, int k) { return core::to_float(T{static_cast<uint16_t>(word >> (16 * (k % 2)))}); };
   for (int k = 0; k < 16; ++k) {
     const int hi = k >= 8, owner = (k % 8) / 2;  // the lane column t that holds k, and which half of K
-    const float a_g = half(__shfl_sync(0xFFFFFFFFu, a[2 * hi], 4 * g + owner), k);
-    const float a_g8 = half(__shfl_sync(0xFFFFFFFFu, a[1 + 2 * hi], 4 * g + owner), k);
-    const float b_0 = half(__shfl_sync(0xFFFFFFFFu, b[hi], 4 * (2 * t) + owner), k);
-    const float b_1 = half(__shfl_sync(0xFFFFFFFFu, b[hi], 4 * (2 * t + 1) + owner), k);
+    const float a_g = half(all[4 * g + owner][2 * hi], k);
+    const float a_g8 = half(all[4 * g + owner][1 + 2 * hi], k);
+    const float b_0 = half(all[4 * (2 * t) + owner][4 + hi], k);
+    const float b_1 = half(all[4 * (2 * t + 1) + owner][4 + hi], k);
     d[0] += a_g * b_0;
     d[1] += a_g * b_1;
     d[2] += a_g8 * b_0;

@@ -210,7 +210,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[int] = None,
                          mma_max_m: Optional[int] = None):
     """Within the block, CUDA `linear` takes the GEMV for M <= gemv_max_m (at most 8), the
-    register-dequantizing tensor-core kernel for M <= tc_max_m (at most 16), the shared-memory
+    register-dequantizing tensor-core kernels for M <= tc_max_m (at most 64: activations in
+    registers up to 16 rows, staged in shared memory beyond), the shared-memory
     tensor-core kernel for M <= mma_max_m, and dequantize + cuBLAS beyond (None keeps a threshold;
     the defaults, measured on an H100, are 1, 8 and 64). Unless gemv_max_m is 0, the GEMV also
     takes up to 8 rows that no tensor-core kernel takes (fp32 activations, layouts they reject).

@@ -14,6 +14,7 @@
 #include "../../cuda/linear_gemv.cuh"
 #include "../../cuda/linear_mma.cuh"
 #include "../../cuda/linear_tc_gemv.cuh"
+#include "../../cuda/linear_tc_staged.cuh"
 
 namespace {
 
@@ -220,6 +221,25 @@ void run_tc(const Problem& pr, int sms, bool integer) {
   }
 }
 
+// tc_staged_kernel<BITS, NF>: the activations staged in shared memory between barriers.
+template <int BITS, int NF, typename T>
+void run_tc_staged(const Problem& pr, int sms) {
+  const std::vector<T> x = pr.activations<T>();
+  ASSERT_TRUE(tc_gemv_supports(pr.p, BITS, x.data()));
+  const int64_t blocks = tc_gemv_blocks(pr.N), steps = tc_gemv_steps(pr.K);
+  const SplitK k = split_k(blocks, steps, sms, kTcStagedBlocksPerSm);
+  std::vector<int> tickets(blocks, 0);
+  for (int run = 0; run < (k.splits > 1 ? 2 : 1); ++run) {  // split K: again with the same tickets
+    std::vector<T> y(pr.M * pr.N, core::from_float<T>(NAN));
+    std::vector<float> partial(k.splits * pr.M * pr.N, NAN);
+    emu::launch(dim3(blocks, k.splits), dim3(kTcWarps * 32), tc_staged_kernel<BITS, NF, T>, pr.p, x.data(), y.data(),
+                partial.data(), tickets.data(), static_cast<int>(k.per_split));
+    pr.expect_close(y, eps<T>() + 0x1p-23 * (std::sqrt(static_cast<double>(pr.K)) + 8), eps<T>(),
+                    k.splits > 1 ? "tc staged (split K)" : "tc staged");
+    expect_tickets_reset(tickets);
+  }
+}
+
 TEST(LinearEmulated, SplitCountIsTheNearestToTheBlocksAMultiprocessorHolds) {
   // 8192 rows of W4 at M = 1 (256 row blocks) on an H100's 132 SMs: one round, no reduction.
   EXPECT_EQ(split_k(256, 8, 132).splits, 1);
@@ -362,6 +382,20 @@ TEST(LinearEmulated, RegisterTensorCoreKernelMultipliesIntegers) {
   run_tc<4, 1, core::half_t>(Problem(4, false, 2, 40, 1280, 128, 53), 8, true);
   run_tc<2, 1, core::bf16_t>(Problem(2, false, 1, 64, 1056, 0, 65), 8, true);
   run_tc<8, 2, core::half_t>(Problem(8, true, 16, 30, 800, 0, 66).params_in<core::half_t>(), 4, true);
+}
+
+TEST(LinearEmulated, TensorCoreKernelWithStagedActivations) {
+  // 17..64 rows (four and eight fragments, the last partly past M), N not a multiple of a block's
+  // 64 rows, K ending inside a step, steps more than the weights in flight.
+  run_tc_staged<4, 4, core::half_t>(Problem(4, false, 17, 70, 224, 32, 72).params_in<core::half_t>(), 1);
+  run_tc_staged<4, 8, core::bf16_t>(Problem(4, true, 64, 20, 640, 128, 73).params_in<core::bf16_t>(), 1);
+  run_tc_staged<8, 8, core::half_t>(Problem(8, true, 40, 24, 384, 0, 74), 1);  // fp32 scales: scaled in fp32
+  run_tc_staged<8, 4, core::bf16_t>(Problem(8, false, 32, 17, 256, 64, 75).params_in<core::bf16_t>(), 1);
+  run_tc_staged<2, 8, core::bf16_t>(Problem(2, false, 33, 30, 512, 64, 76).wide_zeros(300).params_in<core::bf16_t>(),
+                                    1);
+  // One step only (K = 96: a lane of four has none), and split K with the last-block reduction.
+  run_tc_staged<2, 4, core::half_t>(Problem(2, true, 20, 16, 96, 32, 77).params_in<core::half_t>(), 1);
+  run_tc_staged<4, 8, core::half_t>(Problem(4, false, 50, 40, 1280, 128, 78).params_in<core::half_t>(), 8);
 }
 
 // The cuBLAS path's dense weight: s * (q - z) rounded once to T, element for element.

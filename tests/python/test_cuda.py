@@ -607,7 +607,7 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
 
 
 # (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path.
-FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 16, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
+FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 64, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
 
 
 @pytest.mark.parametrize("path", list(FORCED_PATHS))
@@ -619,7 +619,7 @@ def test_linear_each_path_forced_matches_reference_and_cpu(path, bits, gen):
     n, k = 72, 1024
     w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
     bias = torch.randn(n, generator=gen)
-    ms = {"gemv": (1, 3, 8), "tc": (1, 3, 8, 9, 16)}.get(path, (1, 5, 8, 9, 40, 300))
+    ms = {"gemv": (1, 3, 8), "tc": (1, 3, 8, 9, 16, 17, 33, 64)}.get(path, (1, 5, 8, 9, 40, 300))
     for gi, g in enumerate((None, 32, 128)):
         for symmetric in (True, False):
             qw = lq.quantize_weight(w, bits, g, symmetric)

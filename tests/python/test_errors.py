@@ -227,7 +227,7 @@ def test_cuda_linear_dispatch_checks_and_restores():
     assert op() == before
     with raises(re.escape("gemv_max_m must be at most 8")), lq.cuda_linear_dispatch(gemv_max_m=9):
         pass
-    with raises(re.escape("tc_max_m must be at most 16")), lq.cuda_linear_dispatch(tc_max_m=17):
+    with raises(re.escape("tc_max_m must be at most 64")), lq.cuda_linear_dispatch(tc_max_m=65):
         pass
     with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0, 0):  # restored when the block raises too
         raise KeyError("inside")

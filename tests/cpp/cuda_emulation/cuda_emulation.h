@@ -9,6 +9,10 @@
 // conflicts, occupancy, or the real fragment layouts of the tensor cores.
 #pragma once
 
+// Code under test may emulate device instructions with the helpers below (gather).
+#define LINQUANT_CUDA_EMULATION 1
+
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -49,6 +53,7 @@ namespace cuda_emulation {
 struct Warp {
   std::barrier<> sync{32};
   uint64_t slots[32];
+  uint32_t table[32][8];  // gather's
 };
 
 struct Block {
@@ -83,6 +88,21 @@ V exchange(V v, int src) {
   V out;
   std::memcpy(&out, &got, sizeof(V));
   return out;
+}
+
+// Every lane of the calling warp puts its N words in the warp's table; returns the table, by lane:
+// what an emulated warp-wide instruction (mma.sync) needs from all the lanes, in one exchange
+// rather than a shuffle per value (the tests' run time is mostly barriers).
+template <int N>
+std::array<std::array<uint32_t, N>, 32> gather(const uint32_t (&v)[N]) {
+  static_assert(N <= 8, "a table row holds 8 words");
+  Warp& w = *current_block->warps[threadIdx.x / 32];
+  std::memcpy(w.table[threadIdx.x % 32], v, sizeof(v));
+  w.sync.arrive_and_wait();
+  std::array<std::array<uint32_t, N>, 32> all;
+  for (int lane = 0; lane < 32; ++lane) std::memcpy(all[lane].data(), w.table[lane], sizeof(v));
+  w.sync.arrive_and_wait();
+  return all;
 }
 
 }  // namespace cuda_emulation
