@@ -228,6 +228,19 @@ struct TcWeightLane {
       c.z = 0;
     }
   }
+
+  // The ring of chunks in flight filled with the first DEPTH steps of [step0, step1).
+  template <int DEPTH>
+  __device__ __forceinline__ void fill(const LinearParams& p, int step0, int step1,
+                                       WeightChunk<BITS> (&ring)[DEPTH][2]) const {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j) {
+      if (step0 + j < step1) {
+        fetch(p, step0 + j, 0, ring[j][0]);
+        fetch(p, step0 + j, 1, ring[j][1]);
+      }
+    }
+  }
 };
 
 // The K range [step0, step1) of this block's split.
@@ -347,13 +360,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_gemv_blocks_per_sm(NF))
   };
 
   WeightChunk<BITS> chunks[DEPTH][2];
-#pragma unroll
-  for (int j = 0; j < DEPTH; ++j) {
-    if (step0 + j < step1) {
-      wl.fetch(p, step0 + j, 0, chunks[j][0]);
-      wl.fetch(p, step0 + j, 1, chunks[j][1]);
-    }
-  }
+  wl.fill(p, step0, step1, chunks);
   if (step0 < step1) load_x(step0);
   for (int base = step0; base < step1; base += DEPTH) {
 #pragma unroll

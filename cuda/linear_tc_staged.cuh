@@ -100,13 +100,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, kTcStagedBlocksPerSm)
   };
 
   WeightChunk<BITS> chunks[DEPTH][2];
-#pragma unroll
-  for (int j = 0; j < DEPTH; ++j) {
-    if (step0 + j < step1) {
-      wl.fetch(p, step0 + j, 0, chunks[j][0]);
-      wl.fetch(p, step0 + j, 1, chunks[j][1]);
-    }
-  }
+  wl.fill(p, step0, step1, chunks);
   if (step0 < step1) {
     stage_load(step0);
     stage_store(0);
