@@ -3,7 +3,7 @@
 setup.py keeps no list of sources: it configures and builds the `linquant_ops` target with CMake
 (in ./build, or $LINQUANT_BUILD_DIR) and ships the resulting shared library inside the package.
 Build with `pip install --no-build-isolation .` so the library is compiled against the torch
-that will load it. LINQUANT_CUDA and LINQUANT_CUDA_ARCHS pass through to CMake.
+that will load it. LINQUANT_CUDA, LINQUANT_CUDA_ARCHS and LINQUANT_CUTLASS_DIR pass through to CMake.
 """
 
 import os
@@ -35,7 +35,7 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
             configure += ["-G", "Ninja"]
-        for var in ("LINQUANT_CUDA", "LINQUANT_CUDA_ARCHS"):
+        for var in ("LINQUANT_CUDA", "LINQUANT_CUDA_ARCHS", "LINQUANT_CUTLASS_DIR"):
             if var in os.environ:
                 configure.append(f"-D{var}={os.environ[var]}")
         subprocess.run(configure, check=True)

@@ -30,11 +30,17 @@ TORCH_LIBRARY(linquant, m) {
       "linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None, int bits=8,"
       " int? group_size=None) -> Tensor");
   // CUDA builds only: the batch sizes where CUDA `linear` changes path (the GEMV for
-  // M <= gemv_max_m, at most 8; the register-dequantizing tensor-core kernel for M <= tc_max_m,
-  // at most 16; the shared-memory tensor-core kernel for M <= mma_max_m; dequantize + cuBLAS
-  // beyond). A negative value keeps the current one. Returns the previous [gemv_max_m, tc_max_m,
-  // mma_max_m]. For tuning on a new GPU (bench/bench_linear_cuda.py --paths) and for tests.
-  m.def("_cuda_linear_dispatch(int gemv_max_m=-1, int tc_max_m=-1, int mma_max_m=-1) -> int[]");
+  // M <= gemv_max_m, at most 8; the register-dequantizing tensor-core kernels for M <= tc_max_m,
+  // at most 64; the shared-memory tensor-core kernel for M <= mma_max_m; the Hopper GEMM for
+  // M <= hopper_max_m where _cuda_has_hopper_gemm; dequantize + cuBLAS beyond). A negative value
+  // keeps the current one. Returns the previous [gemv_max_m, tc_max_m, mma_max_m, hopper_max_m].
+  // For tuning on a new GPU (bench/bench_linear_cuda.py --paths) and for tests.
+  m.def(
+      "_cuda_linear_dispatch(int gemv_max_m=-1, int tc_max_m=-1, int mma_max_m=-1, int hopper_max_m=-1)"
+      " -> int[]");
+  // CUDA builds only: whether linear on CUDA device `device` can take the Hopper (wgmma) GEMM: the
+  // build has it (CUTLASS headers, sm_90 among the archs) and the device is compute capability 9.0.
+  m.def("_cuda_has_hopper_gemm(int device) -> bool");
   // The CPU kernels' instruction-set variant in use: "baseline", "avx2" or "avx512" (the CPU's
   // best, narrowed by LINQUANT_CPU_ISA). For tests and benchmark reports.
   m.def("_cpu_isa() -> str");

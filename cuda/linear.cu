@@ -8,6 +8,8 @@
 //                    and with staged activations, linear_tc_staged.cuh, up to 64, when
 //                    tc_max_m is raised);
 //   8 < M <= 64:     the fused tensor-core kernel (linear_mma.cuh) for fp16 / bf16 activations;
+//   up to hopper_max_m (0, off, until measured): on compute capability 9.0, CUTLASS's mixed-input
+//                    wgmma GEMM (linear_hopper_launch.cuh), in builds that have it;
 //   otherwise:       the weight dequantized to the activation dtype, then cuBLAS (at::addmm), which
 //                    is also the path, past 8 rows, of fp32 activations and of layouts the fused
 //                    kernels reject.
@@ -29,6 +31,9 @@
 #include "linear_mma.cuh"
 #include "linear_tc_gemv.cuh"
 #include "linear_tc_staged.cuh"
+#if LINQUANT_WITH_HOPPER
+#include "linear_hopper_launch.cuh"
+#endif
 
 namespace linquant::cuda {
 namespace {
@@ -127,21 +132,35 @@ void gemv(const LinearParams& p, int bits, const T* x, T* y, const at::Tensor& l
 // next to the GEMM and cuBLAS's tiling wins. On an H100 (8192 x 8192, 8, 4 and 2 bits alike) the
 // GEMV, whose time grows with M, is fastest at M = 1, the register kernel (whose time hardly
 // changes from M = 1 to 4) up to M = 8, the fused kernel up to 64 and dequantize + cuBLAS from
-// M = 128. Settable through _cuda_linear_dispatch.
+// M = 128. The Hopper GEMM, past mma_max_m up to hopper_max_m, is off until it has been measured.
+// Settable through _cuda_linear_dispatch.
 std::atomic<int64_t> gemv_max_m{1};
 std::atomic<int64_t> tc_max_m{8};
 std::atomic<int64_t> mma_max_m{64};
+std::atomic<int64_t> hopper_max_m{0};
 
-std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma) {
+std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma, int64_t hopper) {
   TORCH_CHECK_VALUE(gemv <= kGemvMaxRows, "linquant: gemv_max_m must be at most ", kGemvMaxRows,
                     " (the GEMV kernels take up to that many rows), or negative to keep it; got ", gemv);
   TORCH_CHECK_VALUE(tc <= kTcStagedMaxRows, "linquant: tc_max_m must be at most ", kTcStagedMaxRows,
                     " (the kernel takes up to that many rows), or negative to keep it; got ", tc);
-  std::vector<int64_t> previous = {gemv_max_m.load(), tc_max_m.load(), mma_max_m.load()};
+  std::vector<int64_t> previous = {gemv_max_m.load(), tc_max_m.load(), mma_max_m.load(), hopper_max_m.load()};
   if (gemv >= 0) gemv_max_m.store(gemv);
   if (tc >= 0) tc_max_m.store(tc);
   if (mma >= 0) mma_max_m.store(mma);
+  if (hopper >= 0) hopper_max_m.store(hopper);
   return previous;
+}
+
+// Whether linear on this device can take the Hopper GEMM (the build has it, the GPU is sm_90).
+bool has_hopper_gemm(int64_t device) {
+  TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), "linquant: device must be a CUDA device index in [0, ",
+                    static_cast<int>(c10::cuda::device_count()), "); got ", device);
+#if LINQUANT_WITH_HOPPER
+  return hopper_device(static_cast<c10::DeviceIndex>(device));
+#else
+  return false;
+#endif
 }
 
 template <int BITS, int NF, typename T>
@@ -246,11 +265,17 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
                   tc_gemv_supports(p, static_cast<int>(bits), x2.const_data_ptr());
   const bool mma = !tc && half_precision && sh.M <= mma_max_m.load(std::memory_order_relaxed) &&
                    sh.N <= kMmaMaxCols && mma_supports(p, static_cast<int>(bits));
+#if LINQUANT_WITH_HOPPER
+  const bool hopper = !tc && !mma && sh.M <= hopper_max_m.load(std::memory_order_relaxed) &&
+                      hopper_gemm_supports(p, static_cast<int>(bits), x2);
+#else
+  const bool hopper = false;
+#endif
   // The GEMV also takes the few rows no tensor-core kernel takes (fp32 activations, layouts they
   // reject) unless it is off (gemv_max_m = 0): it reads the weight once, where dequantize + cuBLAS
   // would first write and read all of it at 16 or 32 bits.
   const int64_t gemv_rows = gemv_max_m.load(std::memory_order_relaxed);
-  if (sh.M <= gemv_rows || (gemv_rows > 0 && sh.M <= kGemvMaxRows && !tc && !mma)) {
+  if (sh.M <= gemv_rows || (gemv_rows > 0 && sh.M <= kGemvMaxRows && !tc && !mma && !hopper)) {
     at::Tensor y = at::empty({sh.M, sh.N}, x.options());
     dispatch_float(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -283,6 +308,13 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     return y.view(out_shape);
   }
 
+#if LINQUANT_WITH_HOPPER
+  if (hopper) {
+    at::Tensor y = at::empty({sh.M, sh.N}, x.options());
+    if (hopper_gemm(p, static_cast<int>(bits), x2, b, y)) return y.view(out_shape);
+  }  // else CUTLASS refused the problem: the dense path takes it
+#endif
+
   at::Tensor wd = at::empty({sh.N, sh.K}, x.options());
   dispatch_float(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -306,6 +338,9 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 TORCH_LIBRARY_IMPL(linquant, CUDA, m) { m.impl("linear", &linear_cuda); }
 // No tensor arguments: the kernel that runs for an empty dispatch key set.
-TORCH_LIBRARY_IMPL(linquant, CompositeExplicitAutograd, m) { m.impl("_cuda_linear_dispatch", &set_dispatch); }
+TORCH_LIBRARY_IMPL(linquant, CompositeExplicitAutograd, m) {
+  m.impl("_cuda_linear_dispatch", &set_dispatch);
+  m.impl("_cuda_has_hopper_gemm", &has_hopper_gemm);
+}
 
 }  // namespace linquant::cuda

@@ -14,10 +14,15 @@
 #
 # Steps, in order, each under `timeout` (budget in s = the most it may take):
 #   1. versions: nvidia-smi, torch, nvcc, cmake, compute-sanitizer                      30
-#   2. build: pip install against this machine's torch (LINQUANT_CUDA=1, archs 90)      300
+#   2. build: pip install against this machine's torch (LINQUANT_CUDA=1, archs 90; the    300
+#      Hopper GEMM with CUTLASS's headers from LINQUANT_CUTLASS_DIR, default a carried
+#      build/cutlass: `bash scripts/gpu_check.sh --stage-cutlass` fills it here first)
 #      C++ tests and linquant-run with CMake (skipped with a message without GTest)    120
 #      ctest (the out-of-tree find_package test is left to CPU CI)                      60
-#   3. pytest tests/python/test_cuda.py -x --durations=10                              120
+#   3. pytest -k hopper on test_cuda.py: the Hopper GEMM first, alone (a faulting kernel  60
+#      would end the CUDA context of every later test); if it fails, it is left out of
+#      the later steps
+#      pytest tests/python/test_cuda.py -x --durations=10 (-k "not hopper")           120
 #      pytest tests/python, test_cuda.py excepted, only with GPU_CHECK_ALL=1 (CI runs it) 180
 #   4. ncu (speed of light, issue slots, stalls, occupancy) of the GEMV and both       90
 #      tensor-core kernels, into gpu_check.log
@@ -46,8 +51,8 @@ DEADLINE=${GPU_CHECK_DEADLINE_S:-540}
 BENCH_RESERVE=${BENCH_RESERVE_S:-150}
 BUILD_DIR=${LINQUANT_BUILD_DIR:-$ROOT/build/gpu}
 case $BUILD_DIR in /*) ;; *) BUILD_DIR=$ROOT/$BUILD_DIR ;; esac
-MEMCHECK_K=${MEMCHECK_K:-forced or misaligned or empty or leading or large_zero}
-SANITIZER_K=${SANITIZER_K:-forced}
+MEMCHECK_K=${MEMCHECK_K:-forced or hopper or misaligned or empty or leading or large_zero}
+SANITIZER_K=${SANITIZER_K:-forced or hopper}
 export OUT BUILD_DIR ROOT # for the step functions run as child processes
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -129,7 +134,10 @@ build_cpp_tests() {
 
 # shellcheck disable=SC2329
 bench_paths() {  # the path sweep for both activation dtypes (the thresholds were measured on fp16)
-  python3 bench/bench_linear_cuda.py --paths --quick && python3 bench/bench_linear_cuda.py --paths --quick --dtype bf16
+  local skip=()
+  [ -n "${BENCH_PATHS_SKIP:-}" ] && skip=(--skip-path "$BENCH_PATHS_SKIP")
+  python3 bench/bench_linear_cuda.py --paths --quick ${skip[@]+"${skip[@]}"} &&
+    python3 bench/bench_linear_cuda.py --paths --quick --dtype bf16 ${skip[@]+"${skip[@]}"}
 }
 
 # shellcheck disable=SC2329
@@ -157,6 +165,12 @@ if [ "${1:-}" = --step ]; then # a step function run under `timeout` (see run_st
   "$@"
   exit
 fi
+if [ "${1:-}" = --stage-cutlass ]; then # on the CPU machine: CUTLASS's headers into build/cutlass to carry
+  src=$(python3 -c "import importlib.util as u, os; print(os.path.join(u.find_spec('cutlass_library').submodule_search_locations[0], 'source'))") || exit
+  mkdir -p "$ROOT/build/cutlass/tools/util" && cp -r "$src/include" "$ROOT/build/cutlass/" &&
+    cp -r "$src/tools/util/include" "$ROOT/build/cutlass/tools/util/" && du -sh "$ROOT/build/cutlass"
+  exit
+fi
 
 main() {
   echo "== gpu_check $(date -u +%FT%TZ): logs in $OUT, build dir $BUILD_DIR, deadline ${DEADLINE}s"
@@ -180,6 +194,10 @@ main() {
 
   # 2. build against this machine's torch; a separate build dir, so a carried CPU build is not reused.
   export LINQUANT_CUDA=1 LINQUANT_CUDA_ARCHS=90 LINQUANT_BUILD_DIR=$BUILD_DIR
+  if [ -z "${LINQUANT_CUTLASS_DIR:-}" ] && [ -f "$ROOT/build/cutlass/include/cutlass/cutlass.h" ]; then
+    export LINQUANT_CUTLASS_DIR=$ROOT/build/cutlass
+  fi
+  echo "== CUTLASS for the Hopper GEMM: ${LINQUANT_CUTLASS_DIR:-the cutlass_library package, if installed}"
   run_step build 300 "$BENCH_RESERVE" "$OUT/build.log" \
     python3 -m pip install --no-build-isolation --no-deps -v "$ROOT"
   if ((LAST_RC)) && [ -f "$BUILD_DIR/liblinquant_ops.so" ]; then
@@ -201,8 +219,16 @@ main() {
   # 3. pytest: the CUDA suite, then the rest (test files needing absent packages skip themselves).
   local per_test=()
   python3 -c "import pytest_timeout" >/dev/null 2>&1 && per_test=(--timeout=120)
+  local hopper_ok=1
+  run_step pytest-hopper 60 "$BENCH_RESERVE" "$OUT/pytest_cuda.log" \
+    python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k hopper -rs ${per_test[@]+"${per_test[@]}"}
+  if ((LAST_RC)); then
+    hopper_ok=0
+    echo "== the Hopper GEMM failed its tests: left out of the sanitizers and the path sweep"
+  fi
   run_step pytest-cuda 120 "$BENCH_RESERVE" "$OUT/pytest_cuda.log" \
-    python3 -m pytest tests/python/test_cuda.py -q -x --durations=10 -p no:cacheprovider ${per_test[@]+"${per_test[@]}"}
+    python3 -m pytest tests/python/test_cuda.py -q -x --durations=10 -p no:cacheprovider -k "not hopper" \
+    ${per_test[@]+"${per_test[@]}"}
   # The CPU suites are CI's job; here they only spend device time, unless asked for.
   if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then
     run_step pytest-all 180 "$BENCH_RESERVE" "$OUT/pytest_all.log" \
@@ -216,14 +242,17 @@ main() {
 
   # 5. compute-sanitizer. Without the caching allocator every tensor is its own cudaMalloc, so an
   # out-of-bounds access inside a cached block is caught too.
+  export LINQUANT_TESTS_NO_PROFILER=1 # the hopper tests' kernel check (CUPTI) is off under the sanitizer
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 180 "$BENCH_RESERVE" "$OUT/sanitizer.log" \
     "$SANITIZER" --tool memcheck --error-exitcode 1 \
-    python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$MEMCHECK_K"
+    python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "($MEMCHECK_K)$( ((hopper_ok)) || echo ' and not hopper')"
   for tool in racecheck synccheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" 90 "$BENCH_RESERVE" "$OUT/sanitizer.log" \
       "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-      python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "$SANITIZER_K"
+      python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k "($SANITIZER_K)$( ((hopper_ok)) || echo ' and not hopper')"
   done
+
+  unset LINQUANT_TESTS_NO_PROFILER
 
   # 6. the benchmark (its table is printed whole below).
   run_step bench 240 0 "$OUT/bench_linear_cuda.txt" \
@@ -231,6 +260,7 @@ main() {
   echo "== bench_linear_cuda.txt:"
   cat "$OUT/bench_linear_cuda.txt"
   # 7. the path sweep (8192x8192), with what time is left.
+  ((hopper_ok)) || export BENCH_PATHS_SKIP=hopper
   run_step bench-paths 120 0 "$OUT/bench_paths.txt" bench_paths
 
   echo

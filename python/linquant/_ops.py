@@ -208,19 +208,21 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 @contextlib.contextmanager
 def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[int] = None,
-                         mma_max_m: Optional[int] = None):
+                         mma_max_m: Optional[int] = None, hopper_max_m: Optional[int] = None):
     """Within the block, CUDA `linear` takes the GEMV for M <= gemv_max_m (at most 8), the
     register-dequantizing tensor-core kernels for M <= tc_max_m (at most 64: activations in
     registers up to 16 rows, staged in shared memory beyond), the shared-memory
-    tensor-core kernel for M <= mma_max_m, and dequantize + cuBLAS beyond (None keeps a threshold;
-    the defaults, measured on an H100, are 1, 8 and 64). Unless gemv_max_m is 0, the GEMV also
-    takes up to 8 rows that no tensor-core kernel takes (fp32 activations, layouts they reject).
+    tensor-core kernel for M <= mma_max_m, the Hopper (wgmma) GEMM for M <= hopper_max_m where the
+    build and GPU have it (`torch.ops.linquant._cuda_has_hopper_gemm(device)`), and dequantize +
+    cuBLAS beyond (None keeps a threshold; the defaults are 1, 8, 64, measured on an H100, and 0:
+    the Hopper GEMM is off until measured). Unless gemv_max_m is 0, the GEMV also takes up to 8
+    rows that no tensor-core kernel takes (fp32 activations, layouts they reject).
     The setting is process-wide, not per thread. For measuring the paths on a GPU
     (bench/bench_linear_cuda.py --paths) and for testing each of them."""
     if not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"):
         raise RuntimeError("linquant: this build has no CUDA kernels (built without LINQUANT_CUDA)")
-    previous = torch.ops.linquant._cuda_linear_dispatch(*(-1 if v is None else v for v in (gemv_max_m, tc_max_m,
-                                                                                             mma_max_m)))
+    previous = torch.ops.linquant._cuda_linear_dispatch(
+        *(-1 if v is None else v for v in (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m)))
     try:
         yield
     finally:

@@ -49,10 +49,11 @@ SHAPES = ["4096x4096", "8192x8192", "8192x28672", "28672x8192"]
 BATCHES = [1, 4, 16, 32, 64, 256]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TARGET_SHAPE = (8192, 8192)   # the issue states its targets on this layer
-# --paths: each CUDA path with the (gemv_max_m, tc_max_m, mma_max_m) for lq.cuda_linear_dispatch
-# that forces it and the most activation rows it takes (None: any), and the batches swept.
-PATHS = {"gemv": ((8, 0, 0), 8), "tc": ((0, 64, 0), 64), "mma": ((0, 0, 1 << 30), None),
-         "dense": ((0, 0, 0), None)}
+# --paths: each CUDA path with the (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m) for
+# lq.cuda_linear_dispatch that forces it and the most activation rows it takes (None: any), and the
+# batches swept. "hopper" runs where the build and GPU have it (_cuda_has_hopper_gemm).
+PATHS = {"gemv": ((8, 0, 0, 0), 8), "tc": ((0, 64, 0, 0), 64), "mma": ((0, 0, 1 << 30, 0), None),
+         "hopper": ((0, 0, 0, 1 << 30), None), "dense": ((0, 0, 0, 0), None)}
 PATH_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 BATCH_PER_SLEEP = 50          # calls queued behind one spin kernel (stays well below the launch queue depth)
 TIME_BUDGET_S = 0.3           # at most ~this much GPU time per timed op (slow ops get fewer samples)
@@ -145,19 +146,21 @@ def summary(rows):
     return "\n".join(lines)
 
 
-PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | tc µs | mma µs | dense µs | fastest "
-                "| default path |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+PATHS_HEADER = ("| N x K | format | act | M | cuBLAS µs | gemv µs | tc µs | mma µs | hopper µs | dense µs "
+                "| fastest | default path |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def default_path(m, dispatch):
-    """The path thresholds (gemv_max_m, tc_max_m, mma_max_m) give M (fp16 / bf16 activations, a
-    layout the kernels take)."""
-    return next((name for name, limit in zip(("gemv", "tc", "mma"), dispatch) if m <= limit), "dense")
+    """The path thresholds (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m) give M (fp16 / bf16
+    activations, a layout the kernels take, a GPU with the Hopper GEMM)."""
+    return next((name for name, limit in zip(("gemv", "tc", "mma", "hopper"), dispatch) if m <= limit), "dense")
 
 
-def paths_taking(m):
+def paths_taking(m, skip=()):
     """(path, dispatch that forces it) for every path that can run M activation rows."""
-    return [(path, forced) for path, (forced, most) in PATHS.items() if most is None or m <= most]
+    return [(path, forced) for path, (forced, most) in PATHS.items()
+            if (most is None or m <= most) and path not in skip]
 
 
 def fastest_path(r):
@@ -173,9 +176,10 @@ def paths_row(r):
 
 def suggested_thresholds(rows):
     """Per (shape, format) of a --paths sweep: the fastest path at each M, and the dispatch
-    thresholds (gemv_max_m, tc_max_m, mma_max_m) that give each M its fastest path, taken in
-    dispatch order (GEMV, then tc, then mma, then dense) for as long as the fastest paths follow
-    that order; a path that never wins gets 0 (tc) or the previous threshold."""
+    thresholds (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m) that give each M its fastest path,
+    taken in dispatch order (GEMV, then tc, then mma, then hopper, then dense) for as long as the
+    fastest paths follow that order; a path that never wins gets 0 (tc, hopper) or the previous
+    threshold."""
     by_layer = {}
     for r in rows:
         if fastest_path(r):
@@ -184,22 +188,23 @@ def suggested_thresholds(rows):
     for (layer, fmt), wins in by_layer.items():
         wins.sort()
         limits, i = {}, 0
-        for path in ("gemv", "tc", "mma"):
+        for path in ("gemv", "tc", "mma", "hopper"):
             while i < len(wins) and wins[i][1] == path:
                 limits[path] = wins[i][0]
                 i += 1
         gemv = limits.get("gemv", 0)
         tc = limits.get("tc", 0)
         mma = limits.get("mma", max(gemv, tc))
-        out.append((layer, fmt, wins, (gemv, tc, mma), all(p == "dense" for _, p in wins[i:])))
+        hopper = limits.get("hopper", 0)
+        out.append((layer, fmt, wins, (gemv, tc, mma, hopper), all(p == "dense" for _, p in wins[i:])))
     return out
 
 
 def thresholds_summary(rows):
     lines = []
-    for layer, fmt, wins, (gemv, tc, mma), ordered in suggested_thresholds(rows):
+    for layer, fmt, wins, (gemv, tc, mma, hopper), ordered in suggested_thresholds(rows):
         lines.append(f"# {layer} {fmt}: fastest by M: " + ", ".join(f"{m} {p}" for m, p in wins))
-        lines.append(f"#   -> gemv_max_m={gemv}, tc_max_m={tc}, mma_max_m={mma}"
+        lines.append(f"#   -> gemv_max_m={gemv}, tc_max_m={tc}, mma_max_m={mma}, hopper_max_m={hopper}"
                      + ("" if ordered else " (the fastest paths do not follow the dispatch order past here)"))
     return "\n".join(lines)
 
@@ -426,6 +431,9 @@ def run_paths(lq, timer, args, n, k, l2):
     WRONG instead of a time."""
     rows, dtype = [], DTYPES[args.dtype]
     dispatch = torch.ops.linquant._cuda_linear_dispatch()  # the thresholds in force
+    skip = set(args.skip_path)
+    if not torch.ops.linquant._cuda_has_hopper_gemm(torch.cuda.current_device()):
+        skip.add("hopper")  # its cells show "-"
     master_cpu, xs, cublas = shape_operands(timer, args, n, k, l2)
     for fmt in args.formats:
         bits, group, _ = FORMATS[fmt]
@@ -434,7 +442,7 @@ def run_paths(lq, timer, args, n, k, l2):
             x = xs[m]
             row = {"N": n, "K": k, "M": m, "format": fmt, "act": args.dtype, "cublas_us": cublas[m] * 1e6,
                    "us": {}, "errors": {}, "default_path": default_path(m, dispatch)}
-            for path, forced in paths_taking(m):
+            for path, forced in paths_taking(m, skip):
                 with lq.cuda_linear_dispatch(*forced):
                     try:
                         err = max_rel_error(lq.linear(x, qw0.qweight, qw0.scales, qw0.zeros, None, bits, group),
@@ -478,7 +486,10 @@ def add_arguments(ap):
     ap.add_argument("--warmup", type=non_negative_int, default=10, help="untimed calls first")
     ap.add_argument("--json", help="also write every row and the environment to this file")
     ap.add_argument("--paths", action="store_true", help="time each CUDA path (GEMV, tensor-core kernels, "
-                    "dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds")
+                    "Hopper GEMM, dequantize + cuBLAS) forced at each batch, to place the dispatch thresholds")
+    ap.add_argument("--skip-path", action="append", default=[], choices=list(PATHS),
+                    help="with --paths, leave this path out (repeatable); scripts/gpu_check.sh leaves out "
+                    "the Hopper GEMM when its tests failed")
     ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier --json file "
                     "(needs no GPU)")
 
@@ -548,9 +559,10 @@ def run(args) -> int:
 
 
 def run_paths_table(lq, timer, args, l2, env) -> int:
-    gemv_max_m, tc_max_m, mma_max_m = torch.ops.linquant._cuda_linear_dispatch()
+    gemv_max_m, tc_max_m, mma_max_m, hopper_max_m = torch.ops.linquant._cuda_linear_dispatch()
     print(f"# activations {args.dtype}; each path forced with lq.cuda_linear_dispatch; times are medians; "
-          f"thresholds in force: gemv for M <= {gemv_max_m}, tc for M <= {tc_max_m}, mma for M <= {mma_max_m}\n")
+          f"thresholds in force: gemv for M <= {gemv_max_m}, tc for M <= {tc_max_m}, mma for M <= {mma_max_m}, "
+          f"hopper for M <= {hopper_max_m}\n")
     print(PATHS_HEADER, flush=True)
     rows, done = [], False
     try:

@@ -12,6 +12,7 @@
 
 #include "../../cuda/linear_dequant.cuh"
 #include "../../cuda/linear_gemv.cuh"
+#include "../../cuda/linear_hopper_qparams.cuh"
 #include "../../cuda/linear_mma.cuh"
 #include "../../cuda/linear_tc_gemv.cuh"
 #include "../../cuda/linear_tc_staged.cuh"
@@ -433,6 +434,42 @@ TEST(LinearEmulated, DequantizedWeightByChunks) {
   run_dequant_chunks<4, core::bf16_t>(Problem(4, true, 1, 6, 31, 0, 45));  // K = 31: the row's chunk reaches past K
   run_dequant_chunks<2, core::half_t>(Problem(2, true, 1, 3, 190, 64, 46));  // K = 190: value-by-value stores
   run_dequant_chunks<2, float>(Problem(2, false, 1, 5, 128, 32, 47).half_params());
+}
+
+// The Hopper GEMM's view of the format: each weight byte read as the CUTLASS matrix type
+// hopper_weight_type names (signed int8, or unsigned values, lowest index in the lowest bits), and
+// converted as CUTLASS converts it, fma(q, s, z') in fp32 from the [G, N] arrays
+// hopper_qparams_kernel writes, must be s * (q - z) up to fp32 rounding.
+void run_hopper_qparams(const Problem& pr) {
+  const LinearParams& p = pr.p;
+  std::vector<float> scales(p.groups * p.N, NAN), zeros(p.groups * p.N, NAN);
+  emu::launch(dim3(2), dim3(32), hopper_qparams_kernel, p, pr.bits, scales.data(), zeros.data());
+  const hopper::WeightType type = hopper_weight_type(p, pr.bits);
+  const int per_byte = 8 / pr.bits;
+  for (int64_t n = 0; n < p.N; ++n) {
+    for (int64_t k = 0; k < p.K; ++k) {
+      const uint8_t byte = p.w[n * p.row_bytes + k / per_byte];
+      const int q = type == hopper::WeightType::kS8 ? static_cast<int8_t>(byte)
+                                                     : (byte >> (k % per_byte * pr.bits)) & ((1 << pr.bits) - 1);
+      const int64_t at = k / p.group * p.N + n;
+      const double got = std::fma(static_cast<float>(q), scales[at], zeros[at]), want = pr.weight(n, k);
+      // q * s exact in fp32's fma, z' = -s z rounded once, the sum rounded once.
+      const double bound = (std::fabs(want) + 2 * std::fabs(zeros[at])) * 0x1p-24;
+      ASSERT_LE(std::fabs(got - want), bound) << "w[" << n << ", " << k << "], bits " << pr.bits << ", "
+                                               << (pr.symmetric ? "symmetric" : "asymmetric");
+    }
+  }
+}
+
+TEST(LinearEmulated, HopperGemmScalesAndZeroPoints) {
+  run_hopper_qparams(Problem(8, true, 1, 7, 96, 0, 51));
+  run_hopper_qparams(Problem(8, false, 1, 9, 320, 128, 52));
+  run_hopper_qparams(Problem(4, true, 1, 16, 320, 64, 53).half_params());
+  run_hopper_qparams(Problem(4, false, 1, 8, 256, 64, 54).wide_zeros(3000));
+  run_hopper_qparams(Problem(2, true, 1, 5, 128, 0, 55).params_in<core::bf16_t>());
+  run_hopper_qparams(Problem(2, false, 1, 40, 384, 256, 56));  // a last group cut short
+  EXPECT_EQ(hopper_weight_type(Problem(8, true, 1, 1, 16, 0, 57).p, 8), hopper::WeightType::kS8);
+  EXPECT_EQ(hopper_weight_type(Problem(8, false, 1, 1, 16, 0, 58).p, 8), hopper::WeightType::kU8);
 }
 
 TEST(LinearEmulated, DequantizedWeight) {

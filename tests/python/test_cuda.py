@@ -11,8 +11,8 @@ by the CPU suites) as the oracle:
 - the errors on CUDA are the CPU's ValueErrors, word for word (NaN / Inf, out-of-range pack values
   naming the first bad index, bad arguments), and mixed devices are ValueErrors naming both devices;
 - linear on CUDA against the float64 reference (reference.ref_weight) and against the CPU kernel,
-  on every CUDA path (the CUDA-core GEMV, the two tensor-core kernels, dequantize + cuBLAS; as the
-  thresholds choose and each forced), over bits,
+  on every CUDA path (the CUDA-core GEMV, the tensor-core kernels, the Hopper GEMM where the build
+  and GPU have it, dequantize + cuBLAS; as the thresholds choose and each forced), over bits,
   modes, group sizes, shapes, dtypes, leading dims, bias, empty inputs, non-contiguous x and
   misaligned qweight / scales / zeros / bias (the kernels' aligned fast path and their fallback);
 - torch.library.opcheck of every op on CUDA; QLinear and quantize_weight on CUDA; quantize_model on
@@ -31,6 +31,7 @@ on the CPU and then copied to the GPU, so both backends see the same values.
 
 import copy
 import math
+import os
 import re
 
 import pytest
@@ -606,8 +607,10 @@ def test_linear_matches_reference_and_cpu(n, k, bits, symmetric, gen):
             check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g, rw(scales))
 
 
-# (gemv_max_m, tc_max_m, mma_max_m) that send every batch size a path can take to that path.
-FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0), "tc": (0, 64, 0), "mma": (0, 0, 1 << 30), "dense": (0, 0, 0)}
+# (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m) that send every batch size a path can take to
+# that path (the Hopper GEMM has tests of its own, below).
+FORCED_PATHS = {"gemv": (GEMV_ROWS, 0, 0, 0), "tc": (0, 64, 0, 0), "mma": (0, 0, 1 << 30, 0),
+                "dense": (0, 0, 0, 0)}
 
 
 @pytest.mark.parametrize("path", list(FORCED_PATHS))
@@ -649,6 +652,76 @@ def test_linear_forced_activations_near_floats_limit_stay_finite(path, bits, gro
                     y = check_linear(x, qw.qweight, scales, qw.zeros, None, bits, group_size, ref_for(qw)(scales),
                                      what=f"forced {path} path, |x| ~ 3e36")
                 assert bool(torch.isfinite(y).all())
+
+
+def has_hopper_gemm():
+    return (torch.cuda.is_available() and torch._C._dispatch_has_kernel("linquant::_cuda_has_hopper_gemm")
+            and torch.ops.linquant._cuda_has_hopper_gemm(0))
+
+
+hopper_only = pytest.mark.skipif(not has_hopper_gemm(), reason="needs the Hopper GEMM: a build with CUTLASS "
+                                 "(sm_90 among the archs) and a compute capability 9.0 GPU")
+HOPPER = (0, 0, 0, 1 << 30)  # every M to the Hopper GEMM, where it takes the layout
+
+
+def ran_hopper_gemm(fn):
+    """fn()'s result, and whether the Hopper GEMM ran on the GPU during it: a kernel of CUTLASS's
+    mixed-input mainloop (cuBLAS's own kernels on Hopper are CUTLASS kernels too, named otherwise).
+    None under compute-sanitizer (scripts/gpu_check.sh sets LINQUANT_TESTS_NO_PROFILER), whose
+    instrumentation and the profiler's do not mix."""
+    if os.environ.get("LINQUANT_TESTS_NO_PROFILER"):
+        return fn(), None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, any("MixedInput" in e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@hopper_only
+@pytest.mark.parametrize("n,k", [(8, 64), (200, 320), (1032, 1088)], ids=str)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_linear_hopper_gemm_matches_reference_and_cpu(n, k, bits, symmetric, gen):
+    # CUTLASS's mixed-input GEMM on every layout it takes: K a multiple of 128 / bits, N of 8, per
+    # channel or groups of whole 64-value K tiles, a last group cut short (K = 320 in groups of
+    # 128, 1088 in groups of 256); M from 1 to past two 128-row tiles; fp16 / bf16 activations,
+    # scales in fp32 or the activation dtype, with and without bias. A profile checks that the
+    # GEMM ran, so a layout silently left to dequantize + cuBLAS fails.
+    w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
+    bias = torch.randn(n, generator=gen)
+    for gi, g in enumerate((None, 64, 128, 256)):
+        if g is not None and g > k:
+            continue
+        qw = lq.quantize_weight(w, bits, g, symmetric)
+        rw = ref_for(qw)
+        xs = torch.randn(300, k, generator=gen)
+        for mi, m in enumerate((1, 7, 65, 129, 300)):
+            dtype = (torch.float16, torch.bfloat16)[(gi + mi) % 2]
+            scales = qw.scales.to(dtype if mi % 3 else torch.float32)
+            b = bias.to(dtype) if mi % 2 else None
+            with lq.cuda_linear_dispatch(*HOPPER):
+                _, ran = ran_hopper_gemm(lambda: check_linear(xs[:m].to(dtype), qw.qweight, scales, qw.zeros, b, bits, g,
+                                                          rw(scales), what="forced Hopper GEMM"))
+            assert ran is not False, f"the Hopper GEMM did not run: M={m} N={n} K={k} bits={bits} group={g} {dtype}"
+
+
+@hopper_only
+def test_linear_hopper_gemm_leaves_other_layouts_to_cublas(gen):
+    # Layouts TMA or CUTLASS's groups cannot take go to dequantize + cuBLAS, still correct.
+    cases = {"x offset by one element": (64, 256, 4, 128, True), "K = 200 at 4 bits": (64, 200, 4, None, False),
+             "groups of 32": (64, 256, 4, 32, False), "N = 60": (60, 256, 8, 128, False)}
+    for what, (n, k, bits, g, offset_x) in cases.items():
+        w = torch.randn(n, k, generator=gen) * 0.05
+        qw = lq.quantize_weight(w, bits, g, symmetric=False)
+        x = torch.randn(70, k, generator=gen).half()
+        gpu_args = None
+        if offset_x:
+            flat = on_dev(torch.cat([torch.zeros(1, dtype=x.dtype), x.flatten()]))
+            gpu_args = (flat[1:].view(70, k), on_dev(qw.qweight), on_dev(qw.scales), on_dev(qw.zeros), None)
+        with lq.cuda_linear_dispatch(*HOPPER):
+            _, ran = ran_hopper_gemm(lambda: check_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, g, ref_for(qw)(qw.scales),
+                                                      gpu_args=gpu_args, what=what))
+        assert ran is not True, f"the Hopper GEMM ran for {what}"
 
 
 LARGE_SHAPES = {(96, 4096): (None, 128), (4096, 96): (None, 32), (256, 4104): (None, 128)}

@@ -218,12 +218,12 @@ def test_cuda_linear_dispatch_checks_and_restores():
     # Needs no GPU: the thresholds are host state of a CUDA build.
     op = torch.ops.linquant._cuda_linear_dispatch
     before = op()
-    assert before == [1, 8, 64]  # the defaults, measured on an H100 (cuda/linear.cu)
+    assert before == [1, 8, 64, 0]  # the defaults (cuda/linear.cu): the Hopper GEMM off until measured
     with lq.cuda_linear_dispatch(gemv_max_m=2):
-        assert op() == [2, 8, 64]
-        with lq.cuda_linear_dispatch(tc_max_m=16, mma_max_m=0):
-            assert op() == [2, 16, 0]
-        assert op() == [2, 8, 64]
+        assert op() == [2, 8, 64, 0]
+        with lq.cuda_linear_dispatch(tc_max_m=16, mma_max_m=0, hopper_max_m=512):
+            assert op() == [2, 16, 0, 512]
+        assert op() == [2, 8, 64, 0]
     assert op() == before
     with raises(re.escape("gemv_max_m must be at most 8")), lq.cuda_linear_dispatch(gemv_max_m=9):
         pass
@@ -232,6 +232,19 @@ def test_cuda_linear_dispatch_checks_and_restores():
     with pytest.raises(KeyError), lq.cuda_linear_dispatch(0, 0, 0):  # restored when the block raises too
         raise KeyError("inside")
     assert op() == before
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel("linquant::_cuda_has_hopper_gemm"),
+                    reason="built without the CUDA kernels")
+def test_cuda_has_hopper_gemm_checks_the_device_index():
+    op = torch.ops.linquant._cuda_has_hopper_gemm
+    count = torch.cuda.device_count()
+    for bad in (-1, count):
+        with raises(re.escape(f"device must be a CUDA device index in [0, {count}); got {bad}")):
+            op(bad)
+    for device in range(count):  # where the GPU is not compute capability 9.0, never
+        major_minor = torch.cuda.get_device_capability(device)
+        assert not op(device) or major_minor == (9, 0)
 
 
 @pytest.mark.parametrize("size,bits,take", [(2**61, 8, 2**61), (2**63 - 1, 1, 2**60), (2**63 - 1, 8, 2**63 - 1)])

@@ -42,6 +42,9 @@ struct float4 {
 };
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+// Streams are only named (cuda/linear_hopper.h's launch declaration); nothing emulated runs on one.
+using cudaStream_t = struct CUstream_st*;
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3() = default;
