@@ -323,10 +323,12 @@ def test_bench_cuda_without_a_gpu_says_so():
 def test_bench_cuda_paths_sweep_every_path_that_takes_the_batch():
     from linquant.benchmark_cuda import paths_taking
 
-    assert [p for p, _ in paths_taking(1)] == ["gemv", "tc", "mma", "dense"]
-    assert [p for p, _ in paths_taking(9)] == ["tc", "mma", "dense"]
-    assert [p for p, _ in paths_taking(1024)] == ["mma", "dense"]
-    assert dict(paths_taking(1024))["dense"] == (0, 0, 0)
+    assert [p for p, _ in paths_taking(1)] == ["gemv", "tc", "mma", "hopper", "dense"]
+    assert [p for p, _ in paths_taking(9)] == ["tc", "mma", "hopper", "dense"]
+    assert [p for p, _ in paths_taking(1024)] == ["mma", "hopper", "dense"]
+    assert [p for p, _ in paths_taking(1024, skip={"hopper"})] == ["mma", "dense"]
+    assert dict(paths_taking(1024))["dense"] == (0, 0, 0, 0)
+    assert dict(paths_taking(1024))["hopper"] == (0, 0, 0, 1 << 30)
 
 
 def test_bench_cuda_paths_suggest_the_thresholds_of_the_fastest_paths():
@@ -336,12 +338,13 @@ def test_bench_cuda_paths_suggest_the_thresholds_of_the_fastest_paths():
         return {"N": 8192, "K": 8192, "M": m, "format": "w4g128", "us": us}
 
     rows = [row(1, gemv=10, tc=12, mma=30, dense=90), row(2, gemv=11, tc=12), row(4, gemv=14, tc=13),
-            row(16, tc=18, mma=20), row(32, mma=22, dense=80), row(256, mma=60, dense=55), row(512, dense=1)]
+            row(16, tc=18, mma=20), row(32, mma=22, dense=80), row(256, mma=60, hopper=50, dense=55),
+            row(512, hopper=2, dense=1)]
     [(shape, fmt, wins, thresholds, ordered)] = suggested_thresholds(rows)
     assert (shape, fmt, ordered) == ("8192x8192", "w4g128", True)
-    assert wins[:3] == [(1, "gemv"), (2, "gemv"), (4, "tc")] and thresholds == (2, 16, 32)
-    # tc never fastest: tc_max_m = 0; a GEMV win after a tc win breaks the dispatch order.
-    assert suggested_thresholds([row(1, gemv=1, tc=2), row(64, mma=1, dense=2)])[0][3:] == ((1, 0, 64), True)
+    assert wins[:3] == [(1, "gemv"), (2, "gemv"), (4, "tc")] and thresholds == (2, 16, 32, 256)
+    # tc and hopper never fastest: 0; a GEMV win after a tc win breaks the dispatch order.
+    assert suggested_thresholds([row(1, gemv=1, tc=2), row(64, mma=1, dense=2)])[0][3:] == ((1, 0, 64, 0), True)
     assert suggested_thresholds([row(1, gemv=1, tc=2), row(2, gemv=2, tc=1), row(4, gemv=1, tc=2)])[0][4] is False
 
 
@@ -367,7 +370,7 @@ def test_bench_cuda_renders_its_json_without_a_gpu(tmp_path):
     paths.write_text(json.dumps({"env": env, "paths": sweep}))
     out = linquant("bench-cuda", "--table", str(paths))
     assert out.returncode == 0, out.stderr
-    assert "| 8192x8192 | w4g128 | fp16 | 4 | 45.0 | 14.0 | - | 20.5 | 90.0 | gemv | gemv |" in out.stdout
-    assert "| 8192x8192 | w4g128 | fp16 | 512 | 120.0 | - | - | WRONG (3.0e-01) | 180.0 | dense | dense |" in out.stdout
+    assert "| 8192x8192 | w4g128 | fp16 | 4 | 45.0 | 14.0 | - | 20.5 | - | 90.0 | gemv | gemv |" in out.stdout
+    assert "| 8192x8192 | w4g128 | fp16 | 512 | 120.0 | - | - | WRONG (3.0e-01) | - | 180.0 | dense | dense |" in out.stdout
     assert "# 8192x8192 w4g128: fastest by M: 4 gemv, 512 dense" in out.stdout
-    assert "#   -> gemv_max_m=4, tc_max_m=0, mma_max_m=4" in out.stdout
+    assert "#   -> gemv_max_m=4, tc_max_m=0, mma_max_m=4, hopper_max_m=0" in out.stdout
