@@ -154,8 +154,9 @@ std::vector<int64_t> set_dispatch(int64_t gemv, int64_t tc, int64_t mma, int64_t
 
 // Whether linear on this device can take the Hopper GEMM (the build has it, the GPU is sm_90).
 bool has_hopper_gemm(int64_t device) {
-  TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), "linquant: device must be a CUDA device index in [0, ",
-                    static_cast<int>(c10::cuda::device_count()), "); got ", device);
+  const int count = c10::cuda::device_count();
+  TORCH_CHECK_VALUE(device >= 0 && device < count, "linquant: device must be a CUDA device index in [0, ", count,
+                    "); got ", device);
 #if LINQUANT_WITH_HOPPER
   return hopper_device(static_cast<c10::DeviceIndex>(device));
 #else

@@ -29,17 +29,22 @@ struct GemmArgs {
   WeightType type = WeightType::kU8;
 };
 
-// Every pointer 16-byte aligned, K a multiple of 128 / bits, N a multiple of 8, groups as above:
-// hopper_gemm_supports (linear.cu) checks the layout. Returns false when CUTLASS's can_implement
-// refuses the problem (nothing launched), else launches on `stream` into `workspace` (at least
-// workspace_bytes) and throws on a launch error.
-template <typename T>
-size_t workspace_bytes(const GemmArgs& a);
-template <typename T>
-bool gemm(const GemmArgs& a, void* workspace, cudaStream_t stream);
-
-// The activation types, spelled without CUTLASS (instantiated for these).
+// The activation types, spelled without CUTLASS.
 struct F16 {};
 struct BF16 {};
+
+// Every pointer 16-byte aligned, K a multiple of 128 / bits, N a multiple of 8, groups as above:
+// hopper_gemm_supports (linear_hopper_launch.cuh) checks the layout. Returns false when CUTLASS's
+// can_implement refuses the problem (nothing launched), else launches on `stream` into
+// `workspace` (at least workspace_bytes) and throws on a launch error. Defined in
+// linear_hopper_gemm.cuh, instantiated for F16 and BF16 in linear_hopper_{f16,bf16}.cu.
+template <typename Tag>
+size_t workspace_bytes(const GemmArgs& a);
+template <typename Tag>
+bool gemm(const GemmArgs& a, void* workspace, cudaStream_t stream);
+extern template size_t workspace_bytes<F16>(const GemmArgs& a);
+extern template size_t workspace_bytes<BF16>(const GemmArgs& a);
+extern template bool gemm<F16>(const GemmArgs& a, void* workspace, cudaStream_t stream);
+extern template bool gemm<BF16>(const GemmArgs& a, void* workspace, cudaStream_t stream);
 
 }  // namespace linquant::cuda::hopper

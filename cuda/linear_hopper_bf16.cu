@@ -2,5 +2,6 @@
 #include "linear_hopper_gemm.cuh"
 
 namespace linquant::cuda::hopper {
-LINQUANT_HOPPER_INSTANTIATE(BF16)
+template size_t workspace_bytes<BF16>(const GemmArgs& a);
+template bool gemm<BF16>(const GemmArgs& a, void* workspace, cudaStream_t stream);
 }  // namespace linquant::cuda::hopper

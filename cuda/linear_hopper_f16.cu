@@ -2,5 +2,6 @@
 #include "linear_hopper_gemm.cuh"
 
 namespace linquant::cuda::hopper {
-LINQUANT_HOPPER_INSTANTIATE(F16)
+template size_t workspace_bytes<F16>(const GemmArgs& a);
+template bool gemm<F16>(const GemmArgs& a, void* workspace, cudaStream_t stream);
 }  // namespace linquant::cuda::hopper

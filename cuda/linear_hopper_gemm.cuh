@@ -79,7 +79,8 @@ struct MixedGemm {
          static_cast<const T*>(a.x), cutlass::make_cute_packed_stride(StrideX{}, cute::make_shape(m, k, 1)), a.scales,
          cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(n, groups, 1)), static_cast<int>(a.group),
          a.zeros},
-        {{}, nullptr, {}, static_cast<T*>(a.y), cutlass::make_cute_packed_stride(StrideY{}, cute::make_shape(n, m, 1))}};
+        {{}, nullptr, {}, static_cast<T*>(a.y),
+         cutlass::make_cute_packed_stride(StrideY{}, cute::make_shape(n, m, 1))}};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = a.bias;
@@ -94,27 +95,9 @@ inline void check(cutlass::Status status, const char* what) {
   }
 }
 
-template <typename Q, typename T>
-size_t workspace_bytes_for(const GemmArgs& a) {
-  using G = MixedGemm<Q, T>;
-  return G::Gemm::get_workspace_size(G::arguments(a));
-}
-
-template <typename Q, typename T>
-bool gemm_for(const GemmArgs& a, void* workspace, cudaStream_t stream) {
-  using G = MixedGemm<Q, T>;
-  typename G::Gemm gemm;
-  const auto args = G::arguments(a);
-  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
-  check(gemm.initialize(args, workspace, stream), "initialization");
-  check(gemm.run(stream), "launch");
-  return true;
-}
-
-// The four weight types for one activation type.
-template <typename Tag, typename R, typename F>
-R by_weight_type(WeightType type, F&& f) {
-  using T = typename Activation<Tag>::type;
+// Calls f with null pointers of the CUTLASS weight type and activation type T.
+template <typename T, typename F>
+auto by_weight_type(WeightType type, F&& f) {
   switch (type) {
     case WeightType::kU8:
       return f(static_cast<uint8_t*>(nullptr), static_cast<T*>(nullptr));
@@ -123,23 +106,31 @@ R by_weight_type(WeightType type, F&& f) {
     case WeightType::kU4:
       return f(static_cast<cutlass::uint4b_t*>(nullptr), static_cast<T*>(nullptr));
     case WeightType::kU2:
-      return f(static_cast<cutlass::uint2b_t*>(nullptr), static_cast<T*>(nullptr));
+      break;
   }
-  throw std::invalid_argument("linquant: unknown Hopper GEMM weight type");
+  return f(static_cast<cutlass::uint2b_t*>(nullptr), static_cast<T*>(nullptr));
 }
 
-#define LINQUANT_HOPPER_INSTANTIATE(TAG)                                                               \
-  template <>                                                                                          \
-  size_t workspace_bytes<TAG>(const GemmArgs& a) {                                                     \
-    return by_weight_type<TAG, size_t>(a.type, [&](auto* q, auto* t) {                                 \
-      return workspace_bytes_for<std::remove_pointer_t<decltype(q)>, std::remove_pointer_t<decltype(t)>>(a); \
-    });                                                                                                \
-  }                                                                                                    \
-  template <>                                                                                          \
-  bool gemm<TAG>(const GemmArgs& a, void* workspace, cudaStream_t stream) {                            \
-    return by_weight_type<TAG, bool>(a.type, [&](auto* q, auto* t) {                                   \
-      return gemm_for<std::remove_pointer_t<decltype(q)>, std::remove_pointer_t<decltype(t)>>(a, workspace, stream); \
-    });                                                                                                \
-  }
+// linear_hopper.h's entry points, instantiated once per activation type by the .cu files.
+template <typename Tag>
+size_t workspace_bytes(const GemmArgs& a) {
+  return by_weight_type<typename Activation<Tag>::type>(a.type, [&](auto* q, auto* t) {
+    using G = MixedGemm<std::remove_pointer_t<decltype(q)>, std::remove_pointer_t<decltype(t)>>;
+    return G::Gemm::get_workspace_size(G::arguments(a));
+  });
+}
+
+template <typename Tag>
+bool gemm(const GemmArgs& a, void* workspace, cudaStream_t stream) {
+  return by_weight_type<typename Activation<Tag>::type>(a.type, [&](auto* q, auto* t) {
+    using G = MixedGemm<std::remove_pointer_t<decltype(q)>, std::remove_pointer_t<decltype(t)>>;
+    typename G::Gemm gemm;
+    const auto args = G::arguments(a);
+    if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
+    check(gemm.initialize(args, workspace, stream), "initialization");
+    check(gemm.run(stream), "launch");
+    return true;
+  });
+}
 
 }  // namespace linquant::cuda::hopper

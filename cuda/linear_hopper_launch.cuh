@@ -35,11 +35,14 @@ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr)
 // Layouts the GEMM takes (anything else goes to dequantize + cuBLAS): fp16 / bf16 activations; TMA
 // needs 16-byte aligned rows and bases (K a multiple of 128 / bits, so rows of W and x are whole
 // 16-byte units; N a multiple of 8 for y's columns); CUTLASS's groups are whole 64-value K tiles
-// or one per row.
+// or one per row. With fp16, K must be whole tiles too: TMA fills the last tile past K with q = 0,
+// which dequantizes to z' = -s * z, and where that exceeds fp16's range (weights near its limit)
+// the inf times the zero-filled x would be NaN.
 inline bool hopper_gemm_supports(const LinearParams& p, int bits, const at::Tensor& x2) {
-  if (x2.scalar_type() != at::kHalf && x2.scalar_type() != at::kBFloat16) return false;
+  const bool half = x2.scalar_type() == at::kHalf;
+  if (!half && x2.scalar_type() != at::kBFloat16) return false;
   if (!hopper_device(x2.device().index())) return false;
-  if (p.K % (128 / bits) != 0 || p.N % 8 != 0) return false;
+  if (p.K % (half ? 64 : 128 / bits) != 0 || p.N % 8 != 0) return false;
   if (p.groups != 1 && p.group % 64 != 0) return false;
   if (p.M > INT32_MAX || p.N > INT32_MAX || p.K > INT32_MAX) return false;  // CUTLASS's int problem shape
   return aligned16(p.w) && aligned16(x2.const_data_ptr());
@@ -73,7 +76,8 @@ inline bool hopper_gemm(const LinearParams& p, int bits, const at::Tensor& x2, c
   const size_t bytes = half ? hopper::workspace_bytes<hopper::F16>(a) : hopper::workspace_bytes<hopper::BF16>(a);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x2.options().dtype(at::kByte));
   void* const ws = bytes > 0 ? workspace.data_ptr() : nullptr;
-  return half ? hopper::gemm<hopper::F16>(a, ws, current_stream()) : hopper::gemm<hopper::BF16>(a, ws, current_stream());
+  const cudaStream_t stream = current_stream();
+  return half ? hopper::gemm<hopper::F16>(a, ws, stream) : hopper::gemm<hopper::BF16>(a, ws, stream);
 }
 
 }  // namespace linquant::cuda

@@ -708,8 +708,10 @@ def test_linear_hopper_gemm_matches_reference_and_cpu(n, k, bits, symmetric, gen
 @hopper_only
 def test_linear_hopper_gemm_leaves_other_layouts_to_cublas(gen):
     # Layouts TMA or CUTLASS's groups cannot take go to dequantize + cuBLAS, still correct.
+    # With fp16, K = 80 (not whole 64-value tiles) too; with bf16 the GEMM takes it.
     cases = {"x offset by one element": (64, 256, 4, 128, True), "K = 200 at 4 bits": (64, 200, 4, None, False),
-             "groups of 32": (64, 256, 4, 32, False), "N = 60": (60, 256, 8, 128, False)}
+             "groups of 32": (64, 256, 4, 32, False), "N = 60": (60, 256, 8, 128, False),
+             "K = 80 with fp16": (64, 80, 8, None, False)}
     for what, (n, k, bits, g, offset_x) in cases.items():
         w = torch.randn(n, k, generator=gen) * 0.05
         qw = lq.quantize_weight(w, bits, g, symmetric=False)
@@ -722,6 +724,10 @@ def test_linear_hopper_gemm_leaves_other_layouts_to_cublas(gen):
             _, ran = ran_hopper_gemm(lambda: check_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, g, ref_for(qw)(qw.scales),
                                                       gpu_args=gpu_args, what=what))
         assert ran is not True, f"the Hopper GEMM ran for {what}"
+    with lq.cuda_linear_dispatch(*HOPPER):
+        _, ran = ran_hopper_gemm(lambda: check_linear(x.bfloat16(), qw.qweight, qw.scales, qw.zeros, None, bits, g,
+                                                      ref_for(qw)(qw.scales), what="K = 80 with bf16"))
+    assert ran is not False, "the Hopper GEMM did not run for K = 80 with bf16"
 
 
 LARGE_SHAPES = {(96, 4096): (None, 128), (4096, 96): (None, 32), (256, 4104): (None, 128)}
