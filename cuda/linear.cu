@@ -14,6 +14,7 @@
 //                    is also the path, past 8 rows, of fp32 activations and of layouts the fused
 //                    kernels reject.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
