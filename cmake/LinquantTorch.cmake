@@ -84,7 +84,7 @@ if(LINQUANT_WITH_CUDA)
   # instead of failing with "no kernel image is available".
   set(_lq_arch_list "")
   foreach(_arch IN LISTS LINQUANT_CUDA_ARCHS)
-    string(REGEX REPLACE "^([0-9]+)([0-9a])$" "\\1.\\2" _dotted "${_arch}")
+    string(REGEX REPLACE "^([0-9]+)([0-9]a?)$" "\\1.\\2" _dotted "${_arch}")
     list(APPEND _lq_arch_list "${_dotted}")
   endforeach()
   list(SORT _lq_arch_list COMPARE NATURAL)
