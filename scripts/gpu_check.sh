@@ -19,7 +19,7 @@
 #      build/cutlass: `bash scripts/gpu_check.sh --stage-cutlass` fills it here first)
 #      C++ tests and linquant-run with CMake (skipped with a message without GTest)    120
 #      ctest (the out-of-tree find_package test is left to CPU CI)                      60
-#   3. pytest -k hopper on test_cuda.py: the Hopper GEMM first, alone (a faulting kernel  60
+#   3. pytest -k hopper on test_cuda.py: the Hopper GEMM first, alone (a faulting kernel 120
 #      would end the CUDA context of every later test); if it fails, it is left out of
 #      the later steps
 #      pytest tests/python/test_cuda.py -x --durations=10 (-k "not hopper")           120
@@ -223,7 +223,7 @@ main() {
   local per_test=()
   python3 -c "import pytest_timeout" >/dev/null 2>&1 && per_test=(--timeout=120)
   local hopper_ok=1
-  run_step pytest-hopper 60 "$BENCH_RESERVE" "$OUT/pytest_cuda.log" \
+  run_step pytest-hopper 120 "$BENCH_RESERVE" "$OUT/pytest_cuda.log" \
     python3 -m pytest tests/python/test_cuda.py -q -p no:cacheprovider -k hopper -rs ${per_test[@]+"${per_test[@]}"}
   if ((LAST_RC)); then
     hopper_ok=0
