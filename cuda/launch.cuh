@@ -27,16 +27,22 @@ inline unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(std::clamp<int64_t>(want, 1, int64_t{1} << 20));
 }
 
-// Streaming multiprocessors of a device, asked once per device (ATen/cuda/CUDAContext.h would do,
-// but it needs the cuSPARSE and cuBLAS headers, which a bare nvcc install lacks).
+// A device attribute, asked once per device (ATen/cuda/CUDAContext.h's device properties would do,
+// but they need the cuSPARSE and cuBLAS headers, which a bare nvcc install lacks).
+template <cudaDeviceAttr ATTR>
+int device_attribute(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> known{};  // value + 1; 0: not asked yet
+  const int cached = known[device].load(std::memory_order_relaxed);
+  if (cached != 0) return cached - 1;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, device));
+  known[device].store(value + 1, std::memory_order_relaxed);
+  return value;
+}
+
+// Streaming multiprocessors of a device.
 inline int multiprocessors(c10::DeviceIndex device) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> known{};
-  int count = known[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    known[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
+  return device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
