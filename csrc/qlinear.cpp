@@ -9,9 +9,12 @@
 #include <limits>
 
 #include "linquant/ops.h"
+#include "quantized_module.h"
 
 namespace linquant {
 namespace {
+
+constexpr const char* kWho = "linquant::QLinear";
 
 std::optional<int64_t> axis_of(const QLinearOptions& o) {
   return o.group_size.has_value() ? std::nullopt : std::optional<int64_t>(0);
@@ -29,30 +32,14 @@ double smallest_subnormal(at::ScalarType t) {
 QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_bias, QLinearOptions options_,
                          at::ScalarType dtype)
     : in_features(in_features_), out_features(out_features_), options(options_), with_bias_(with_bias), dtype_(dtype) {
-  const int64_t bits = options.bits;
-  TORCH_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "linquant::QLinear: bits must be 8, 4 or 2, got ", bits);
-  TORCH_CHECK_VALUE(!options.group_size.has_value() || (*options.group_size > 0 && *options.group_size % (8 / bits) == 0),
-                    "linquant::QLinear: group_size must be a positive multiple of ", 8 / bits, " at ", bits, " bits");
-  TORCH_CHECK_VALUE(in_features >= 0 && out_features >= 0, "linquant::QLinear: in_features and out_features must be ",
-                    ">= 0, got ", in_features, " and ", out_features);
-  TORCH_CHECK_VALUE(in_features <= (std::numeric_limits<int64_t>::max() - 7) / bits,
-                    "linquant::QLinear: in_features = ", in_features, " is too large for a ", bits, "-bit row");
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                    "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
+  detail::check_format(kWho, {{"in_features", in_features}, {"out_features", out_features}}, in_features, options,
+                       dtype);
   reset();
 }
 
 void QLinearImpl::reset() {
-  const int64_t bits = options.bits;
-  // As choose_qparams counts groups: ceil(K / group_size) without overflow, none when K = 0; one
-  // per row per-channel.
-  const int64_t groups = !options.group_size.has_value() ? 1
-                         : in_features == 0          ? 0
-                                                     : (in_features - 1) / *options.group_size + 1;
-  const auto qdtype = bits == 8 && options.symmetric ? at::kChar : at::kByte;
-  qweight = register_buffer("qweight", at::zeros({out_features, (in_features * bits + 7) / 8}, at::TensorOptions(qdtype)));
-  scales = register_buffer("scales", at::ones({out_features, groups}, at::TensorOptions(dtype_)));
-  if (!options.symmetric) zeros = register_buffer("zeros", at::zeros({out_features, groups}, at::TensorOptions(at::kInt)));
+  auto b = detail::register_format(*this, {}, out_features, in_features, options, dtype_);
+  qweight = b.qweight, scales = b.scales, zeros = b.zeros;
   if (with_bias_) bias = register_buffer("bias", at::zeros({out_features}, at::TensorOptions(dtype_)));
 }
 
@@ -132,21 +119,13 @@ at::Tensor QLinearImpl::forward(const at::Tensor& x) {
 
 void QLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "linquant::QLinear(in_features=" << in_features << ", out_features=" << out_features
-         << ", bias=" << (bias.defined() ? "true" : "false") << ", bits=" << options.bits << ", ";
-  if (options.group_size.has_value()) {
-    stream << "group_size=" << *options.group_size;
-  } else {
-    stream << "per-channel";
-  }
-  stream << ", " << (options.symmetric ? "symmetric" : "asymmetric") << ", dtype=" << scales.scalar_type() << ")";
+         << ", bias=" << (bias.defined() ? "true" : "false") << ", ";
+  detail::print_format(stream, options, scales.scalar_type());
+  stream << ")";
 }
 
 void QLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                    "linquant::QLinear: dtype must be float32, float16 or bfloat16, got ", dtype);
-  for (auto& buffer : named_buffers(/*recurse=*/false)) {
-    if (buffer->is_floating_point()) buffer->set_data(buffer->to(dtype, non_blocking));
-  }
+  detail::float_buffers_to(*this, dtype, non_blocking, kWho);
 }
 
 void QLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
@@ -156,37 +135,20 @@ void QLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking
 
 namespace {
 
-constexpr const char* kFormatKey = "linquant_format";
-
-// [bits, group_size (0 per-channel), symmetric, in_features, out_features]
-at::Tensor format_record(const QLinearImpl& layer) {
-  return at::tensor({layer.options.bits, layer.options.group_size.value_or(0), int64_t{layer.options.symmetric},
-                     layer.in_features, layer.out_features},
-                    at::kLong);
+detail::NamedSizes record_of(const QLinearImpl& layer) {
+  return detail::format_record(layer.options,
+                               {{"in_features", layer.in_features}, {"out_features", layer.out_features}});
 }
 
 }  // namespace
 
 void QLinearImpl::save(torch::serialize::OutputArchive& archive) const {
   torch::nn::Module::save(archive);
-  archive.write(kFormatKey, format_record(*this), /*is_buffer=*/true);
+  detail::write_format_record(archive, record_of(*this));
 }
 
 void QLinearImpl::load(torch::serialize::InputArchive& archive) {
-  at::Tensor saved;
-  if (archive.try_read(kFormatKey, saved, /*is_buffer=*/true)) {
-    const at::Tensor mine = format_record(*this);
-    static const char* const kFields[] = {"bits", "group_size (0: per-channel)", "symmetric", "in_features",
-                                          "out_features"};
-    TORCH_CHECK_VALUE(saved.dim() == 1 && saved.numel() == mine.numel(),
-                      "linquant::QLinear: the archive's format record has shape ", saved.sizes(), ", expected [",
-                      mine.numel(), "]");
-    for (int64_t i = 0; i < mine.numel(); ++i) {
-      const int64_t want = mine[i].item<int64_t>(), got = saved[i].item<int64_t>();
-      TORCH_CHECK_VALUE(got == want, "linquant::QLinear: the archive holds a layer with ", kFields[i], " = ", got,
-                        ", this layer has ", want);
-    }
-  }
+  detail::check_format_record(archive, record_of(*this), kWho);
   torch::nn::Module::load(archive);
 }
 

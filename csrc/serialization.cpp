@@ -4,15 +4,18 @@
 #include "linquant/serialization.h"
 
 #include <ATen/ATen.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 #include "json.h"
+#include "quantized_module.h"
 #include "safetensors.h"
 
 namespace linquant {
@@ -26,11 +29,26 @@ constexpr const char* kSaveIdKey = "linquant_save_id";  // in the safetensors he
 // Far above any real layer, and low enough that out_features x in_features fits int64 sizes.
 constexpr int64_t kMaxFeatures = (int64_t{1} << 31) - 1;
 
-// A linquant.json module entry.
+// The sections of linquant.json listing quantized modules, each of one kind.
+enum class Kind { kLayer, kEmbedding, kExperts };
+
+struct Section {
+  const char* key;   // in linquant.json
+  const char* what;  // an entry, in messages (as Python's read_config names it)
+  Kind kind;
+};
+constexpr Section kSections[] = {{"modules", "module", Kind::kLayer},
+                                 {"embeddings", "embedding", Kind::kEmbedding},
+                                 {"experts", "experts projection", Kind::kExperts}};
+
+// A linquant.json entry: a weight of `rows` x `cols` (out x in features; tokens x embedding
+// dimension) in a format, one per expert for experts projections.
 struct ModuleSpec {
-  int64_t in_features = 0, out_features = 0;
+  Kind kind = Kind::kLayer;
+  int64_t rows = 0, cols = 0, num_experts = 0;
   QLinearOptions options;
   bool bias = false;
+  std::optional<int64_t> padding_idx;
   at::ScalarType dtype = at::kFloat;
 };
 
@@ -56,19 +74,36 @@ bool is_int_or_null(const json::Value& v) { return v.is_int() || v.is_null(); }
 bool is_bool(const json::Value& v) { return v.is_bool(); }
 bool is_string(const json::Value& v) { return v.is_string(); }
 
-ModuleSpec parse_spec(const std::string& where, const json::Value& entry) {
+ModuleSpec parse_spec(const std::string& where, const json::Value& entry, Kind kind) {
   TORCH_CHECK_VALUE(entry.is_object(), where, " must be a JSON object");
+  const auto size = [&](const char* key) {
+    const int64_t v = field(where, entry, key, is_int, "an integer").as_int();
+    TORCH_CHECK_VALUE(v >= 0 && v <= kMaxFeatures, where, " has an invalid '", key,
+                      "' (expected an integer from 0 to ", kMaxFeatures, ", got ", v, ")");
+    return v;
+  };
   ModuleSpec s;
-  for (auto [key, out] : {std::pair{"in_features", &s.in_features}, std::pair{"out_features", &s.out_features}}) {
-    *out = field(where, entry, key, is_int, "an integer").as_int();
-    TORCH_CHECK_VALUE(*out >= 0 && *out <= kMaxFeatures, where, " has an invalid '", key,
-                      "' (expected an integer from 0 to ", kMaxFeatures, ", got ", *out, ")");
+  s.kind = kind;
+  if (kind == Kind::kExperts) s.num_experts = size("num_experts");
+  if (kind == Kind::kEmbedding) {
+    s.rows = size("num_embeddings");
+    s.cols = size("embedding_dim");
+    const json::Value& pad = field(where, entry, "padding_idx", is_int_or_null, "an integer or null");
+    if (!pad.is_null()) {  // saved as nn.Embedding keeps it: counted from the start
+      s.padding_idx = pad.as_int();
+      TORCH_CHECK_VALUE(*s.padding_idx >= 0 && *s.padding_idx < s.rows, where,
+                        " has an invalid 'padding_idx' (expected null or an integer from 0 to num_embeddings - 1 = ",
+                        s.rows - 1, ", got ", *s.padding_idx, ")");
+    }
+  } else {
+    s.cols = size("in_features");
+    s.rows = size("out_features");
   }
   s.options.bits = field(where, entry, "bits", is_int, "an integer").as_int();
   const json::Value& group = field(where, entry, "group_size", is_int_or_null, "an integer or null");
   if (!group.is_null()) s.options.group_size = group.as_int();
   s.options.symmetric = field(where, entry, "symmetric", is_bool, "true or false").as_bool();
-  s.bias = field(where, entry, "bias", is_bool, "true or false").as_bool();
+  if (kind == Kind::kLayer) s.bias = field(where, entry, "bias", is_bool, "true or false").as_bool();
   const std::string& dtype = field(where, entry, "dtype", is_string, "a string").as_string();
   // As python/linquant/weights.py's check_format: groups start on byte boundaries.
   const int64_t bits = s.options.bits;
@@ -89,8 +124,8 @@ ModuleSpec parse_spec(const std::string& where, const json::Value& entry) {
   return s;
 }
 
-// linquant.json, checked as Python's read_config does: its module entries by name, in file order,
-// and the whole document (for "tied" and "save_id").
+// linquant.json, checked as Python's read_config does: its modules, embeddings and experts entries
+// by name, in file order, and the whole document (for "tied" and "save_id").
 json::Value read_config(const std::filesystem::path& cfg_path, std::vector<std::pair<std::string, ModuleSpec>>& specs) {
   const std::string cfg = cfg_path.string();
   TORCH_CHECK_VALUE(std::filesystem::is_regular_file(cfg_path), kWho, ": ", cfg,
@@ -132,20 +167,23 @@ json::Value read_config(const std::filesystem::path& cfg_path, std::vector<std::
                       ": 'transformers' must be an object with a 'class' name and a 'config' object holding a "
                       "'model_type'");
   }
-  // Quantized mixture-of-experts projections and embeddings (Python's QExpertsWeight, QEmbedding) have
-  // no C++ module: refused by name rather than left among the plain tensors, where their buffers would
-  // pass for the model's own.
-  for (const auto& [key, what] : {std::pair<const char*, const char*>{"experts", "experts projections"},
-                                  std::pair<const char*, const char*>{"embeddings", "embeddings"}}) {
-    const json::Value* entries = config.find(key);
-    if (!entries) continue;
-    TORCH_CHECK_VALUE(entries->is_object(), kWho, ": ", cfg, ": '", key, "' must be a JSON object");
-    TORCH_CHECK_VALUE(entries->as_object().empty(), kWho, ": ", cfg, ": holds ", entries->as_object().size(),
-                      " quantized ", what, " (the first '", entries->as_object().begin()->first,
-                      "'), which the C++ API does not run; load this model with Python's linquant.load_quantized");
+  std::set<std::string> names;
+  for (const Section& section : kSections) {
+    const json::Value* entries = config.find(section.key);
+    if (!entries) continue;  // "modules" is always there (checked above), the others when not empty
+    TORCH_CHECK_VALUE(entries->is_object(), kWho, ": ", cfg, ": '", section.key, "' must be a JSON object");
+    for (const auto& entry : entries->as_object()) {
+      TORCH_CHECK_VALUE(names.insert(entry.first).second, kWho, ": ", cfg, " lists '", entry.first,
+                        "' twice (among modules, embeddings and experts)");
+    }
   }
-  for (const auto& [name, entry] : modules->as_object()) {
-    specs.emplace_back(name, parse_spec(kWho + ": " + cfg + ": module '" + name + "'", entry));
+  for (const Section& section : kSections) {
+    const json::Value* entries = config.find(section.key);
+    if (!entries) continue;
+    for (const auto& [name, entry] : entries->as_object()) {
+      specs.emplace_back(name, parse_spec(kWho + ": " + cfg + ": " + section.what + " '" + name + "'", entry,
+                                          section.kind));
+    }
   }
   return config;
 }
@@ -175,48 +213,95 @@ void check_dtype(const std::string& key, const at::Tensor& t, bool ok, const std
                     " in the file but the layer's format needs ", expected);
 }
 
-// The QLinear of one module entry, holding the file's tensors, each checked against the entry
-// before the layer is built (its constructor allocates buffers of the entry's sizes).
-QLinear build_layer(const std::string& name, const ModuleSpec& s, const std::map<std::string, at::Tensor>& state) {
+// The format's tensors of a quantized module, each checked against its entry before the module is
+// built (its constructor allocates buffers of the entry's sizes).
+detail::FormatBuffers format_tensors(const std::string& name, const ModuleSpec& s,
+                                     const std::map<std::string, at::Tensor>& state) {
   const std::string prefix = name.empty() ? "" : name + ".";
-  const int64_t groups = !s.options.group_size ? 1
-                         : s.in_features == 0  ? 0
-                                               : (s.in_features - 1) / *s.options.group_size + 1;
+  const auto shape = [&](int64_t last) {
+    std::vector<int64_t> sizes;
+    if (s.kind == Kind::kExperts) sizes.push_back(s.num_experts);
+    sizes.insert(sizes.end(), {s.rows, last});
+    return sizes;
+  };
+  const int64_t groups = detail::group_count(s.cols, s.options);
   const auto qdtype = s.options.bits == 8 && s.options.symmetric ? at::kChar : at::kByte;
-  const at::Tensor& qweight =
-      layer_tensor(state, prefix + "qweight", name, {s.out_features, (s.in_features * s.options.bits + 7) / 8});
-  check_dtype(prefix + "qweight", qweight, qweight.scalar_type() == qdtype, detail::dtype_name(qdtype));
-  const at::Tensor& scales = layer_tensor(state, prefix + "scales", name, {s.out_features, groups});
-  check_dtype(prefix + "scales", scales, scales.scalar_type() == s.dtype, detail::dtype_name(s.dtype));
+  detail::FormatBuffers t;
+  t.qweight = layer_tensor(state, prefix + "qweight", name, shape((s.cols * s.options.bits + 7) / 8));
+  check_dtype(prefix + "qweight", t.qweight, t.qweight.scalar_type() == qdtype, detail::dtype_name(qdtype));
+  t.scales = layer_tensor(state, prefix + "scales", name, shape(groups));
+  check_dtype(prefix + "scales", t.scales, t.scales.scalar_type() == s.dtype, detail::dtype_name(s.dtype));
   // Damaged scales would make every output NaN or inf, silently.
-  TORCH_CHECK_VALUE(scales.numel() == 0 || at::isfinite(scales).logical_and_(scales > 0).all().item<bool>(), kWho,
-                    ": the scales of '", name.empty() ? "the model" : name,
+  TORCH_CHECK_VALUE(t.scales.numel() == 0 || at::isfinite(t.scales).logical_and_(t.scales > 0).all().item<bool>(),
+                    kWho, ": the scales of '", name.empty() ? "the model" : name,
                     "' hold values that are not finite and positive (a damaged file?)");
-  at::Tensor zeros, bias;
   if (!s.options.symmetric) {
-    zeros = layer_tensor(state, prefix + "zeros", name, {s.out_features, groups});
-    check_dtype(prefix + "zeros", zeros, zeros.scalar_type() == at::kInt, "int32");
+    t.zeros = layer_tensor(state, prefix + "zeros", name, shape(groups));
+    check_dtype(prefix + "zeros", t.zeros, t.zeros.scalar_type() == at::kInt, "int32");
   }
+  return t;
+}
+
+// Points a freshly built module's format buffers at the file's tensors.
+template <typename Impl>
+void take(Impl& module, const detail::FormatBuffers& t) {
+  module.qweight.set_data(t.qweight);
+  module.scales.set_data(t.scales);
+  if (t.zeros.defined()) module.zeros.set_data(t.zeros);
+}
+
+QLinear build_layer(const std::string& name, const ModuleSpec& s, const std::map<std::string, at::Tensor>& state) {
+  const detail::FormatBuffers t = format_tensors(name, s, state);
+  at::Tensor bias;
   if (s.bias) {  // linear takes any of its float dtypes, whatever the scales' one
-    bias = layer_tensor(state, prefix + "bias", name, {s.out_features});
+    const std::string key = name.empty() ? "bias" : name + ".bias";
+    bias = layer_tensor(state, key, name, {s.rows});
     const auto dt = bias.scalar_type();
-    check_dtype(prefix + "bias", bias, dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                "float32, float16 or bfloat16");
+    check_dtype(key, bias, dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "float32, float16 or bfloat16");
   }
-  QLinear layer(s.in_features, s.out_features, s.bias, s.options, s.dtype);
-  layer->qweight.set_data(qweight);
-  layer->scales.set_data(scales);
-  if (zeros.defined()) layer->zeros.set_data(zeros);
+  QLinear layer(s.cols, s.rows, s.bias, s.options, s.dtype);
+  take(*layer, t);
   if (bias.defined()) layer->bias.set_data(bias);
   return layer;
 }
 
-// The names of a layer's tensors in the state_dict.
-std::vector<std::string> layer_keys(const std::string& name, const QLinearImpl& layer) {
+QEmbedding build_embedding(const std::string& name, const ModuleSpec& s,
+                           const std::map<std::string, at::Tensor>& state) {
+  const detail::FormatBuffers t = format_tensors(name, s, state);
+  QEmbedding table(s.rows, s.cols, s.options, s.padding_idx, s.dtype);
+  take(*table, t);
+  return table;
+}
+
+QExpertsWeight build_experts(const std::string& name, const ModuleSpec& s,
+                             const std::map<std::string, at::Tensor>& state) {
+  const detail::FormatBuffers t = format_tensors(name, s, state);
+  QExpertsWeight experts(s.num_experts, s.cols, s.rows, s.options, s.dtype);
+  take(*experts, t);
+  return experts;
+}
+
+// The names of a quantized module's tensors in the state_dict.
+std::vector<std::string> module_keys(const std::string& name, const torch::nn::Module& module) {
   const std::string prefix = name.empty() ? "" : name + ".";
   std::vector<std::string> keys;
-  for (const auto& buffer : layer.named_buffers(/*recurse=*/false)) keys.push_back(prefix + buffer.key());
+  for (const auto& buffer : module.named_buffers(/*recurse=*/false)) keys.push_back(prefix + buffer.key());
   return keys;
+}
+
+// What load_into compares between a model's quantized module and the loaded one.
+detail::NamedSizes record_of(const QLinearImpl& m) {
+  return detail::format_record(m.options, {{"in_features", m.in_features},
+                                           {"out_features", m.out_features},
+                                           {"bias", int64_t{m.bias.defined()}}});
+}
+detail::NamedSizes record_of(const QEmbeddingImpl& m) {
+  return detail::format_record(m.options, {{"num_embeddings", m.num_embeddings}, {"embedding_dim", m.embedding_dim}});
+}
+detail::NamedSizes record_of(const QExpertsWeightImpl& m) {
+  return detail::format_record(m.options, {{"num_experts", m.num_experts},
+                                           {"in_features", m.in_features},
+                                           {"out_features", m.out_features}});
 }
 
 // The module name owning a state_dict key ("a.b.weight" -> "a.b", "weight" -> "").
@@ -262,18 +347,33 @@ LoadedModel load_quantized(const std::string& dir, c10::Device device) {
   }
 
   LoadedModel loaded;
-  for (const auto& [name, spec] : specs) loaded.layers.emplace(name, build_layer(name, spec, state));
-  std::set<std::string> layer_tensors;
-  for (const auto& [name, layer] : loaded.layers) {
-    for (std::string& key : layer_keys(name, *layer)) layer_tensors.insert(std::move(key));
+  std::map<std::string, const torch::nn::Module*> quantized;  // every quantized module, by name
+  for (const auto& [name, spec] : specs) {
+    const torch::nn::Module* module = nullptr;
+    switch (spec.kind) {
+      case Kind::kLayer:
+        module = loaded.layers.emplace(name, build_layer(name, spec, state)).first->second.get();
+        break;
+      case Kind::kEmbedding:
+        module = loaded.embeddings.emplace(name, build_embedding(name, spec, state)).first->second.get();
+        break;
+      case Kind::kExperts:
+        module = loaded.experts.emplace(name, build_experts(name, spec, state)).first->second.get();
+        break;
+    }
+    quantized.emplace(name, module);
+  }
+  std::set<std::string> quantized_tensors;
+  for (const auto& [name, module] : quantized) {
+    for (std::string& key : module_keys(name, *module)) quantized_tensors.insert(std::move(key));
   }
   for (const auto& [key, t] : state) {
-    if (layer_tensors.count(key)) continue;
+    if (quantized_tensors.count(key)) continue;
     const std::string owner = owner_of(key);
-    const auto layer = loaded.layers.find(owner);
-    if (layer != loaded.layers.end()) {
+    const auto module = quantized.find(owner);
+    if (module != quantized.end()) {
       std::string keys;
-      for (const std::string& k : layer_keys(owner, *layer->second)) keys += (keys.empty() ? "" : ", ") + k;
+      for (const std::string& k : module_keys(owner, *module->second)) keys += (keys.empty() ? "" : ", ") + k;
       C10_THROW_ERROR(ValueError, kWho + ": the file holds '" + key + "', which the quantized layer '" + owner +
                                       "' does not have (its tensors: " + keys + ")");
     }
@@ -282,50 +382,75 @@ LoadedModel load_quantized(const std::string& dir, c10::Device device) {
   return loaded;
 }
 
-void load_into(torch::nn::Module& model, const LoadedModel& loaded) {
-  const std::string who = "linquant::load_into";
-  std::vector<std::pair<at::Tensor, at::Tensor>> assignments;  // (the model's tensor, the loaded one)
+namespace {
 
-  const auto submodules = model.named_modules("", /*include_self=*/false);
+const std::string kIntoWho = "linquant::load_into";
+
+using Submodules = torch::OrderedDict<std::string, std::shared_ptr<torch::nn::Module>>;
+using Assignments = std::vector<std::pair<at::Tensor, at::Tensor>>;  // (the model's tensor, the loaded one)
+
+// Places the loaded quantized module `want` at `name` in the model: the module there must be an
+// Impl (`kind`) with want's format, not the float module it replaces (`Float`, named `float_kind`;
+// void where that is no module); its buffers are to take want's tensors.
+template <typename Impl, typename Float>
+void place(torch::nn::Module& model, const Submodules& submodules, const std::string& name, const Impl& want,
+           const char* kind, const char* field, Assignments& assignments, const char* float_kind = nullptr) {
+  torch::nn::Module* found = &model;
+  if (!name.empty()) {
+    const auto* child = submodules.find(name);
+    TORCH_CHECK_VALUE(child, kIntoWho, ": the model has no module '", name,
+                      "' that the file quantized; is this the right model?");
+    found = child->get();
+  }
+  auto* target = dynamic_cast<Impl*>(found);
+  if constexpr (!std::is_void_v<Float>) {
+    TORCH_CHECK_VALUE(target || !dynamic_cast<Float*>(found), kIntoWho, ": the module at '", name, "' is a ",
+                    float_kind, "; build the model with the loaded ", kind, " there (loaded.", field, ".at(\"", name,
+                    "\")): replacing it with replace_module would change the registry only, while its parent's member "
+                    "or a Sequential would still call the ", float_kind);
+  }
+  TORCH_CHECK_VALUE(target, kIntoWho, ": the module at '", name, "' is a ", found->name(), ", expected a linquant::",
+                    kind);
+  if (target == &want) return;
+  const detail::NamedSizes mine = record_of(*target), theirs = record_of(want);
+  for (size_t i = 0; i < mine.size(); ++i) {
+    TORCH_CHECK_VALUE(mine[i].second == theirs[i].second, kIntoWho, ": the ", kind, " at '", name, "' has ",
+                      mine[i].first, " = ", mine[i].second, ", the file's has ", theirs[i].second);
+  }
+  auto buffers = target->named_buffers(/*recurse=*/false);
+  for (const auto& buffer : want.named_buffers(/*recurse=*/false)) {
+    assignments.emplace_back(buffers[buffer.key()], buffer.value());
+  }
+}
+
+}  // namespace
+
+void load_into(torch::nn::Module& model, const LoadedModel& loaded) {
+  const std::string& who = kIntoWho;
+  Assignments assignments;
+  const Submodules submodules = model.named_modules("", /*include_self=*/false);
+  std::set<std::string> quantized;
   for (const auto& [name, layer] : loaded.layers) {
-    torch::nn::Module* found = &model;
-    if (!name.empty()) {
-      const auto* child = submodules.find(name);
-      TORCH_CHECK_VALUE(child, who, ": the model has no module '", name,
-                        "' that the file quantized; is this the right model?");
-      found = child->get();
-    }
-    auto* target = dynamic_cast<QLinearImpl*>(found);
-    TORCH_CHECK_VALUE(target || !dynamic_cast<torch::nn::LinearImpl*>(found), who, ": the module at '", name,
-                      "' is a torch::nn::Linear; build the model with the loaded QLinear there (loaded.layers.at(\"",
-                      name, "\")): replacing it with replace_module would change the registry only, while its "
-                      "parent's member or a Sequential would still call the Linear");
-    TORCH_CHECK_VALUE(target, who, ": the module at '", name, "' is a ", found->name(),
-                      ", expected a linquant::QLinear");
-    if (target == layer.get()) continue;
-    const QLinearImpl& want = *layer;
-    const std::pair<const char*, std::pair<int64_t, int64_t>> fields[] = {
-        {"in_features", {target->in_features, want.in_features}},
-        {"out_features", {target->out_features, want.out_features}},
-        {"bits", {target->options.bits, want.options.bits}},
-        {"group_size (0: per-channel)", {target->options.group_size.value_or(0), want.options.group_size.value_or(0)}},
-        {"symmetric", {target->options.symmetric, want.options.symmetric}},
-        {"bias", {target->bias.defined(), want.bias.defined()}}};
-    for (const auto& [field_name, values] : fields) {
-      TORCH_CHECK_VALUE(values.first == values.second, who, ": the QLinear at '", name, "' has ", field_name, " = ",
-                        values.first, ", the file's has ", values.second);
-    }
-    assignments.emplace_back(target->qweight, want.qweight);
-    assignments.emplace_back(target->scales, want.scales);
-    if (want.zeros.defined()) assignments.emplace_back(target->zeros, want.zeros);
-    if (want.bias.defined()) assignments.emplace_back(target->bias, want.bias);
+    place<QLinearImpl, torch::nn::LinearImpl>(model, submodules, name, *layer, "QLinear", "layers", assignments,
+                                              "torch::nn::Linear");
+    quantized.insert(name);
+  }
+  for (const auto& [name, table] : loaded.embeddings) {
+    place<QEmbeddingImpl, torch::nn::EmbeddingImpl>(model, submodules, name, *table, "QEmbedding", "embeddings",
+                                                    assignments, "torch::nn::Embedding");
+    quantized.insert(name);
+  }
+  for (const auto& [name, experts] : loaded.experts) {
+    // A float model holds experts projections as parameters, not modules: no float module to name.
+    place<QExpertsWeightImpl, void>(model, submodules, name, *experts, "QExpertsWeight", "experts", assignments);
+    quantized.insert(name);
   }
 
   // The model's other parameters and buffers: exactly the loaded tensors.
   std::map<std::string, at::Tensor> own;
   for (const auto& tensors : {model.named_parameters(), model.named_buffers()}) {
     for (const auto& item : tensors) {
-      if (!loaded.layers.count(owner_of(item.key()))) own.emplace(item.key(), item.value());
+      if (!quantized.count(owner_of(item.key()))) own.emplace(item.key(), item.value());
     }
   }
   for (const auto& [key, t] : own) {

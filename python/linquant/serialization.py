@@ -154,6 +154,10 @@ def read_config(path: str) -> dict:
             not isinstance(description["config"].get("model_type"), str):
         raise ValueError(f"linquant.load_quantized: {cfg_path}: 'transformers' must be an object with a 'class' "
                          "name and a 'config' object holding a 'model_type'")
+    twice = sorted(set(modules) & set(embeddings) | set(modules) & set(experts) | set(embeddings) & set(experts))
+    if twice:
+        raise ValueError(f"linquant.load_quantized: {cfg_path} lists {twice[0]!r} twice (among modules, embeddings "
+                         "and experts)")
     for name, spec in modules.items():
         _check_module_spec(f"linquant.load_quantized: {cfg_path}: module {name!r}", spec, _SPEC_TYPES)
     for name, spec in experts.items():

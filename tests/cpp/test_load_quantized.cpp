@@ -389,3 +389,130 @@ TEST(LoadQuantized, LoadIntoRefusesAModelThatDoesNotMatch) {
 }
 
 }  // namespace
+
+namespace {
+
+// A save with a quantized embedding "emb" (4-bit g8 asymmetric, padding row 2), a head tied to its
+// table, and a mixture's projection "moe.up" (2 experts, 2-bit g16 asymmetric, bf16 scales).
+struct TableAndExperts {
+  linquant::QEmbedding emb;
+  linquant::QExpertsWeight up;
+  Save save;
+};
+
+TableAndExperts table_and_experts() {
+  torch::manual_seed(5);
+  TableAndExperts f{linquant::QEmbeddingImpl::from_embedding(
+                        torch::nn::Embedding(torch::nn::EmbeddingOptions(12, 16).padding_idx(2)), {4, 8, false}),
+                    linquant::QExpertsWeightImpl::from_weight(at::randn({2, 8, 32}).to(at::kBFloat16), {2, 16, false}),
+                    {}};
+  f.save.tensors = {{"emb.qweight", f.emb->qweight}, {"emb.scales", f.emb->scales}, {"emb.zeros", f.emb->zeros},
+                    {"moe.up.qweight", f.up->qweight}, {"moe.up.scales", f.up->scales}, {"moe.up.zeros", f.up->zeros}};
+  f.save.config = {
+      {"format", "\"linquant\""},
+      {"format_version", "1"},
+      {"save_id", "\"0123abcd\""},
+      {"modules", R"({"head": {"in_features": 16, "out_features": 12, "bits": 4, "group_size": 8, "symmetric": false,)"
+                  R"( "bias": false, "dtype": "float32"}})"},
+      {"embeddings", R"({"emb": {"num_embeddings": 12, "embedding_dim": 16, "padding_idx": 2, "bits": 4,)"
+                     R"( "group_size": 8, "symmetric": false, "dtype": "float32"}})"},
+      {"experts", R"({"moe.up": {"num_experts": 2, "in_features": 32, "out_features": 8, "bits": 2,)"
+                  R"( "group_size": 16, "symmetric": false, "dtype": "bfloat16"}})"},
+      {"tied", R"({"head.qweight": "emb.qweight", "head.scales": "emb.scales", "head.zeros": "emb.zeros"})"}};
+  return f;
+}
+
+// A C++ model with the save's names: `emb`, `head` and `moe` (holding `up`) as given.
+std::shared_ptr<torch::nn::Module> model_of(std::shared_ptr<torch::nn::Module> emb,
+                                            std::shared_ptr<torch::nn::Module> head,
+                                            std::shared_ptr<torch::nn::Module> up) {
+  auto model = std::make_shared<torch::nn::Module>();
+  model->register_module("emb", std::move(emb));
+  model->register_module("head", std::move(head));
+  model->register_module("moe", std::make_shared<torch::nn::Module>())->register_module("up", std::move(up));
+  return model;
+}
+
+}  // namespace
+
+TEST(LoadQuantized, EmbeddingsAndExpertsAsSaved) {
+  TableAndExperts f = table_and_experts();
+  ScratchDir dir;
+  f.save.write(dir.path());
+  const linquant::LoadedModel loaded = linquant::load_quantized(dir.path().string());
+  EXPECT_TRUE(loaded.tensors.empty());
+  linquant::QEmbedding emb = loaded.embeddings.at("emb");
+  EXPECT_EQ(emb->padding_idx, std::optional<int64_t>(2));
+  const at::Tensor ids = at::tensor({2, 11, 0, 5}, at::kLong);
+  EXPECT_TRUE(at::equal(emb->forward(ids), f.emb->forward(ids)));
+  // The head over the table's very memory, computing x @ table^T.
+  QLinear head = loaded.layers.at("head");
+  EXPECT_EQ(head->qweight.data_ptr(), emb->qweight.data_ptr());
+  EXPECT_EQ(head->zeros.data_ptr(), emb->zeros.data_ptr());
+  const at::Tensor x = at::randn({3, 16});
+  EXPECT_TRUE(at::equal(head->forward(x), f.emb->tied_head()->forward(x)));
+  linquant::QExpertsWeight up = loaded.experts.at("moe.up");
+  EXPECT_EQ(up->scales.scalar_type(), at::kBFloat16);
+  const at::Tensor h = at::randn({5, 32}).to(at::kBFloat16);
+  for (int64_t e : {0, 1}) EXPECT_TRUE(at::equal(up->linear(h, e), f.up->linear(h, e))) << e;
+
+  // load_into: the loaded modules themselves, or placeholders of the same formats.
+  auto same = model_of(emb.ptr(), head.ptr(), up.ptr());
+  linquant::load_into(*same, loaded);
+  linquant::QEmbedding table(12, 16, linquant::QLinearOptions{4, 8, false});
+  QLinear tied(16, 12, false, linquant::QLinearOptions{4, 8, false});
+  linquant::QExpertsWeight experts(2, 32, 8, linquant::QLinearOptions{2, 16, false});
+  linquant::load_into(*model_of(table.ptr(), tied.ptr(), experts.ptr()), loaded);
+  EXPECT_TRUE(at::equal(table->forward(ids), f.emb->forward(ids)));
+  EXPECT_TRUE(at::equal(tied->forward(x), f.emb->tied_head()->forward(x)));
+  EXPECT_EQ(experts->scales.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(experts->linear(h, 1), f.up->linear(h, 1)));
+}
+
+TEST(LoadQuantized, EmbeddingsAndExpertsRefusedSayingWhich) {
+  ScratchDir dir;
+  const auto load_message = [&](const std::function<void(TableAndExperts&)>& damage) {
+    TableAndExperts f = table_and_experts();
+    damage(f);
+    f.save.write(dir.path());
+    return value_error([&] { linquant::load_quantized(dir.path().string()); });
+  };
+  const std::string config = (dir.path() / "linquant.json").string();
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.edit("embeddings", "\"padding_idx\": 2", "\"padding_idx\": 12"); }),
+            "linquant::load_quantized: " + config + ": embedding 'emb' has an invalid 'padding_idx' (expected null or "
+            "an integer from 0 to num_embeddings - 1 = 11, got 12)");
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.edit("experts", "\"num_experts\": 2, ", ""); }),
+            "linquant::load_quantized: " + config + ": experts projection 'moe.up' has a missing or invalid "
+            "'num_experts' (expected an integer, got nothing)");
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.edit("experts", "\"num_experts\": 2", "\"num_experts\": 3"); }),
+            "linquant::load_quantized: 'moe.up.qweight' is [2, 8, 8] in the file but the layer's format needs [3, 8, 8]");
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.tensor("emb.zeros") = f.save.tensor("emb.zeros").to(at::kLong); }),
+            // the head's tensor, tied to it, is checked first (modules before embeddings)
+            "linquant::load_quantized: 'head.zeros' is int64 in the file but the layer's format needs int32");
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.tensor("moe.up.scales")[1][3][0] = 0; }),
+            "linquant::load_quantized: the scales of 'moe.up' hold values that are not finite and positive (a damaged "
+            "file?)");
+  EXPECT_EQ(load_message([](TableAndExperts& f) { f.save.set("embeddings", "[]"); }),
+            "linquant::load_quantized: " + config + ": 'embeddings' must be a JSON object");
+
+  TableAndExperts f = table_and_experts();
+  f.save.write(dir.path());
+  const linquant::LoadedModel loaded = linquant::load_quantized(dir.path().string());
+  const auto into_message = [&](std::shared_ptr<torch::nn::Module> model) {
+    return value_error([&] { linquant::load_into(*model, loaded); });
+  };
+  const auto head = loaded.layers.at("head").ptr();
+  const auto up = loaded.experts.at("moe.up").ptr();
+  EXPECT_EQ(into_message(model_of(torch::nn::Embedding(12, 16).ptr(), head, up)).rfind(
+                "linquant::load_into: the module at 'emb' is a torch::nn::Embedding; build the model with the loaded "
+                "QEmbedding there (loaded.embeddings.at(\"emb\")): replacing it with replace_module",
+                0),
+            0u);
+  const auto emb = loaded.embeddings.at("emb").ptr();
+  EXPECT_EQ(into_message(model_of(emb, head, linquant::QExpertsWeight(3, 32, 8, linquant::QLinearOptions{2, 16, false}).ptr())),
+            "linquant::load_into: the QExpertsWeight at 'moe.up' has num_experts = 3, the file's has 2");
+  EXPECT_EQ(into_message(model_of(emb, head, torch::nn::Linear(32, 8).ptr())),
+            "linquant::load_into: the module at 'moe.up' is a torch::nn::LinearImpl, expected a linquant::QExpertsWeight");
+  EXPECT_EQ(into_message(model_of(linquant::QEmbedding(12, 16, linquant::QLinearOptions{4, 8, true}).ptr(), head, up)),
+            "linquant::load_into: the QEmbedding at 'emb' has symmetric = 1, the file's has 0");
+}

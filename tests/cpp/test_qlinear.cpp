@@ -8,31 +8,9 @@
 
 #include "linquant/ops.h"
 #include "linquant/qlinear.h"
+#include "reference_weight.h"
 
 namespace {
-
-// The format's float weight from its formulas (docs/architecture.md), in plain ATen fp32 steps over
-// [N, K / group, group] (K a multiple of the group), for the qparams of w * ratio (1: the format's
-// own; less: a clipping candidate of ScaleMethod::kMse, the range shrunk toward 0): scales rounded
-// to the weight's dtype, w quantized with those rounded scales and the zero points of the fp32
-// ones, then s * (q - z) in fp32. Independent of the library's code.
-at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
-  const int64_t n = w.size(0), k = w.size(1);
-  const at::Tensor shrunk = (w * ratio).to(at::kFloat).view({n, k / group, group});
-  const at::Tensor mn = shrunk.amin(-1, true), mx = shrunk.amax(-1, true);
-  const double qmin = symmetric ? -(1 << (bits - 1)) : 0;
-  const double qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
-  const at::Tensor s32 = symmetric ? at::maximum(mn.abs(), mx.abs()) / qmax : (mx - mn) / (qmax - qmin);
-  const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s32);
-  const at::Tensor s = s32.to(w.scalar_type()).to(at::kFloat);
-  const at::Tensor q = at::clamp(at::round(w.to(at::kFloat).view({n, k / group, group}) / s) + z, qmin, qmax);
-  return (s * (q - z)).view({n, k});
-}
-
-// The format's float weight, rounded to the weight's dtype.
-at::Tensor reference_weight(const at::Tensor& w, int64_t bits, int64_t group, bool symmetric) {
-  return reference_candidate(w, 1.0, bits, group, symmetric).to(w.scalar_type());
-}
 
 // Each group's squared error (float64, [N, K / group]) of w_hat against w.
 at::Tensor group_sse(const at::Tensor& w_hat, const at::Tensor& w, int64_t group) {

@@ -290,6 +290,9 @@ def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
     ({"edit_config": lambda c: c.update(save_id=7)}, "'save_id' must be a string, got 7"),
     ({"edit_config": lambda c: c.update(modules=[])}, "'modules' and 'tied' must be JSON objects"),
     ({"edit_config": lambda c: c.update(tied={"2.bias": "9.bias"})}, "tied to '9.bias', which the file does not hold"),
+    ({"edit_config": lambda c: c.update(embeddings={"2": {**c["modules"]["2"], "num_embeddings": 8,
+                                                          "embedding_dim": 16, "padding_idx": None}})},
+     r"linquant.json lists '2' twice \(among modules, embeddings and experts\)"),
     ({"edit_tensors": lambda t: t.update({"0.qweight": t["0.qweight"].int()})},
      "'0.qweight' is torch.int32 in the file but the model expects torch.uint8"),
     ({"edit_tensors": lambda t: t.update({"2.bias": t["2.bias"].int()})}, "'2.bias' is torch.int32 in the file"),
@@ -297,7 +300,7 @@ def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
      "the scales of '2' hold values that are not finite and positive"),
     ({"edit_tensors": lambda t: t["0.scales"].view(-1)[0:1].fill_(0.0)}, "the scales of '0' hold values"),
 ], ids=["missing-key", "dtype-name", "quantized-dtype", "huge-in", "negative-in", "negative-out", "float-in",
-        "bits", "group-size", "tied-list", "metadata-list", "save-id-int", "modules-list", "tied-source",
+        "bits", "group-size", "tied-list", "metadata-list", "save-id-int", "modules-list", "tied-source", "listed-twice",
         "qweight-dtype", "bias-dtype", "nan-scale", "zero-scale"])
 def test_a_damaged_save_is_named_at_load(tmp_path, damage, match):
     # Each of these used to load (failing or giving NaN at the first forward) or fail with a bare

@@ -9,6 +9,8 @@
 #include <map>
 #include <string>
 
+#include "linquant/qembedding.h"
+#include "linquant/qexperts.h"
 #include "linquant/qlinear.h"
 
 namespace linquant {
@@ -26,29 +28,36 @@ struct SafetensorsFile {
 // c10::ValueError naming the file and the tensor.
 SafetensorsFile read_safetensors(const std::string& path, c10::Device device = c10::kCPU);
 
-// A save_quantized directory: the QLinear layers by module name ("" when the model itself is one),
-// and every other tensor of the model's state_dict by name (embeddings, norms, unquantized Linear
-// weights), tied entries sharing the tensor they are tied to.
+// A save_quantized directory: its quantized modules by module name ("" when the model itself is
+// one): QLinear layers, QEmbedding tables and QExpertsWeight projections (a mixture's experts), and
+// every other tensor of the model's state_dict by name (float embeddings, norms, unquantized Linear
+// weights), tied entries sharing the tensor they are tied to (a head tied to a quantized table is
+// a QLinear over the table's very tensors).
 struct LoadedModel {
   std::map<std::string, QLinear> layers;
+  std::map<std::string, QEmbedding> embeddings;
+  std::map<std::string, QExpertsWeight> experts;
   std::map<std::string, at::Tensor> tensors;
 };
 
 // Reads DIR/linquant.json and DIR/model.safetensors onto `device` with the checks of Python's
-// load_quantized: format and format_version, every module entry, the save id both files carry
-// (files from before save ids have none), each layer's tensors against its format (shape and
-// dtype; a symmetric layer has no zeros, a bias-less one no bias) and scales finite and positive.
+// load_quantized: format and format_version, every modules / embeddings / experts entry, the save
+// id both files carry (files from before save ids have none), each quantized module's tensors
+// against its format (shape and dtype; a symmetric one has no zeros, a bias-less layer no bias)
+// and scales finite and positive.
 // Errors are c10::ValueErrors "linquant::load_quantized: ...".
 LoadedModel load_quantized(const std::string& dir, c10::Device device = c10::kCPU);
 
 // Gives `model` the loaded weights, as Python's load_state_dict(assign=True): the model's
 // parameters and buffers take the loaded tensors themselves (no copy; the file's float dtype and
-// the load device), tied ones included. At each quantized name the model must hold a QLinear: the
-// loaded one itself (build the model with `loaded.layers.at(name)` there), or one of the same
-// format, which takes its tensors. A torch::nn::Linear there is refused: replace_module would
-// change the registry only, while a parent's member or a Sequential would still call the Linear.
-// Everything is checked before anything changes; a name missing on either side, another shape,
-// or an integer tensor of another dtype is a c10::ValueError "linquant::load_into: ...".
+// the load device), tied ones included. At each quantized name the model must hold a module of
+// that kind (QLinear, QEmbedding, QExpertsWeight): the loaded one itself (build the model with
+// `loaded.layers.at(name)` there, or `loaded.embeddings` / `loaded.experts`), or one of the same
+// format, which takes its tensors. A torch::nn::Linear or Embedding there is refused:
+// replace_module would change the registry only, while a parent's member or a Sequential would
+// still call the float module. Everything is checked before anything changes; a name missing on
+// either side, another shape, or an integer tensor of another dtype is a c10::ValueError
+// "linquant::load_into: ...".
 void load_into(torch::nn::Module& model, const LoadedModel& loaded);
 
 }  // namespace linquant

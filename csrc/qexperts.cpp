@@ -1,0 +1,112 @@
+// linquant::QExpertsWeight (csrc/include/linquant/qexperts.h): the C++ twin of
+// python/linquant/experts.py's QExpertsWeight, built from the public op functions.
+#include "linquant/qexperts.h"
+
+#include <ATen/ATen.h>
+#include <torch/serialize/archive.h>
+
+#include "linquant/ops.h"
+#include "quantized_module.h"
+
+namespace linquant {
+namespace {
+
+constexpr const char* kWho = "linquant::QExpertsWeight";
+
+detail::NamedSizes record_of(const QExpertsWeightImpl& experts) {
+  return detail::format_record(experts.options, {{"num_experts", experts.num_experts},
+                                                 {"in_features", experts.in_features},
+                                                 {"out_features", experts.out_features}});
+}
+
+}  // namespace
+
+QExpertsWeightImpl::QExpertsWeightImpl(int64_t num_experts_, int64_t in_features_, int64_t out_features_,
+                                       QLinearOptions options_, at::ScalarType dtype)
+    : num_experts(num_experts_),
+      in_features(in_features_),
+      out_features(out_features_),
+      options(options_),
+      dtype_(dtype) {
+  detail::check_format(
+      kWho, {{"num_experts", num_experts}, {"in_features", in_features}, {"out_features", out_features}},
+      in_features, options, dtype);
+  reset();
+}
+
+void QExpertsWeightImpl::reset() {
+  auto b = detail::register_format(*this, {num_experts}, out_features, in_features, options, dtype_);
+  qweight = b.qweight, scales = b.scales, zeros = b.zeros;
+}
+
+std::shared_ptr<QExpertsWeightImpl> QExpertsWeightImpl::from_weight(const at::Tensor& weight, QLinearOptions options,
+                                                                    ScaleMethod method) {
+  detail::check_defined(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 3, kWho, ": weight must be [num_experts, out_features, in_features], got shape ",
+                    weight.sizes());
+  const at::Tensor w = weight.detach();
+  auto experts = std::make_shared<QExpertsWeightImpl>(w.size(0), w.size(2), w.size(1), options, w.scalar_type());
+  for (int64_t e = 0; e < experts->num_experts; ++e) {  // one expert's temporaries at a time
+    QuantizedWeight qw;
+    try {
+      qw = quantize_weight(w[e], options, method);
+    } catch (const c10::ValueError& err) {  // NaN or infinite weights: say which expert
+      C10_THROW_ERROR(ValueError, std::string(kWho) + ": expert " + std::to_string(e) + ": " +
+                                      err.what_without_backtrace());
+    }
+    experts->qweight[e].copy_(qw.qweight);
+    experts->scales[e].copy_(qw.scales.reshape(experts->scales[e].sizes()));
+    if (!options.symmetric) experts->zeros[e].copy_(qw.zeros.reshape(experts->zeros[e].sizes()));
+  }
+  return experts;
+}
+
+at::Tensor QExpertsWeightImpl::linear(const at::Tensor& x, int64_t expert, const at::Tensor& bias) const {
+  detail::check_defined(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, kWho, ": x must have in_features=", in_features,
+                    " in its last dim, got shape ", x.sizes());
+  TORCH_CHECK_INDEX(expert >= 0 && expert < num_experts, kWho, ": expert must be in [0, ", num_experts, "), got ",
+                    expert);
+  return linquant::linear(x, qweight[expert], scales[expert],
+                          zeros.defined() ? std::optional<at::Tensor>(zeros[expert]) : std::nullopt,
+                          bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits,
+                          options.group_size);
+}
+
+at::Tensor QExpertsWeightImpl::dequantize() const {
+  std::vector<at::Tensor> weights;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    weights.push_back(dequantize_weight(qweight[e], scales[e],
+                                        zeros.defined() ? std::optional<at::Tensor>(zeros[e]) : std::nullopt,
+                                        options.bits, options.group_size, in_features, scales.scalar_type()));
+  }
+  return num_experts ? at::stack(weights) : scales.new_empty({0, out_features, in_features});
+}
+
+void QExpertsWeightImpl::pretty_print(std::ostream& stream) const {
+  stream << "linquant::QExpertsWeight(num_experts=" << num_experts << ", in_features=" << in_features
+         << ", out_features=" << out_features << ", ";
+  detail::print_format(stream, options, scales.scalar_type());
+  stream << ")";
+}
+
+void QExpertsWeightImpl::to(torch::Dtype dtype, bool non_blocking) {
+  detail::float_buffers_to(*this, dtype, non_blocking, kWho);
+}
+
+void QExpertsWeightImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  to(device, non_blocking);
+  to(dtype, non_blocking);
+}
+
+void QExpertsWeightImpl::save(torch::serialize::OutputArchive& archive) const {
+  torch::nn::Module::save(archive);
+  detail::write_format_record(archive, record_of(*this));
+}
+
+void QExpertsWeightImpl::load(torch::serialize::InputArchive& archive) {
+  detail::check_format_record(archive, record_of(*this), kWho);
+  torch::nn::Module::load(archive);
+}
+
+}  // namespace linquant
