@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+from typing import Dict
 
 import torch
 
@@ -277,29 +278,43 @@ def quantized_source(spec: str, dtype, **options):
     return quantize_model(model, **options), kind, before
 
 
+def embeddings_option(args):
+    """quantize_model's `embeddings`: --embedding-bits B, else whether --embeddings was given."""
+    return args.embedding_bits or args.embeddings
+
+
 def cmd_quantize(args) -> int:
     model, kind, before = quantized_source(args.model, DTYPES[args.dtype], bits=args.bits,
                                            group_size=args.group_size, symmetric=not args.asymmetric,
                                            exclude=args.exclude, progress=True, method=args.method,
-                                           embeddings=args.embeddings)
-    n_layers = sum(isinstance(m, QLinear) for m in model.modules())
-    n_projections = sum(isinstance(m, QExpertsWeight) for m in model.modules())
-    n_embeddings = sum(isinstance(m, QEmbedding) for m in model.modules())
+                                           embeddings=embeddings_option(args))
+    # What each quantized module became, by scheme: --embedding-bits gives the tables (and a head
+    # tied to one) another scheme than the layers'.
+    schemes: Dict[str, Dict[str, int]] = {}
+    for what, kind_of in (("layers", QLinear), ("experts projections", QExpertsWeight), ("embeddings", QEmbedding)):
+        for m in model.modules():
+            if isinstance(m, kind_of):
+                counts = schemes.setdefault(scheme_name(m.bits, m.group_size, m.symmetric, args.method), {})
+                counts[what] = counts.get(what, 0) + 1
     # An absolute path (built-in names as they are), so `linquant eval` finds the source from any
     # working directory; a path relative to --out would break when only --out moves.
     save_quantized(model, args.out, metadata={"source": portable_spec(args.model), "kind": kind,
                                               "method": args.method})
     # The scheme in full: symmetric is the default, and nothing else in the output would say which ran.
     scheme = scheme_name(args.bits, args.group_size, not args.asymmetric, args.method)
-    result = {"out": args.out, "layers": n_layers, "experts_projections": n_projections,
-              "embeddings": n_embeddings, "scheme": scheme,
+    total = {what: sum(c.get(what, 0) for c in schemes.values())
+             for what in ("layers", "experts projections", "embeddings")}
+    result = {"out": args.out, "layers": total["layers"], "experts_projections": total["experts projections"],
+              "embeddings": total["embeddings"], "scheme": scheme, "schemes": schemes,
               "bytes_before": before, "bytes_after": footprint(model)["total"]}
     if args.json:
         print(json.dumps(result))
     else:
-        others = "".join(f", {n} {what}" for n, what in ((n_projections, "experts projections"),
-                                                         (n_embeddings, "embeddings")) if n)
-        print(f"{args.model} ({kind}): {n_layers} layers{others} quantized to {scheme}; "
+        quantized = ", ".join(f"{', '.join(f'{n} {what}' for what, n in counts.items())} "
+                              f"{'quantized ' if i == 0 else ''}to {name}"
+                              for i, (name, counts) in enumerate(sorted(schemes.items(), key=lambda s: s[0] != scheme))
+                              ) or "nothing quantized"
+        print(f"{args.model} ({kind}): {quantized}; "
               f"{before / 1e6:.1f} MB -> {result['bytes_after'] / 1e6:.1f} MB; saved to {args.out}")
     return 0
 
@@ -322,7 +337,7 @@ def cmd_eval(args) -> int:
     else:
         fp_model, tok, kind = load_model(args.target)
         options = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                       exclude=args.exclude, progress=True, method=method, embeddings=args.embeddings)
+                       exclude=args.exclude, progress=True, method=method, embeddings=embeddings_option(args))
         # Read again and quantized tensor by tensor where it can be: a quantized deep copy would
         # hold the float model twice.
         read = read_quantized(args.target, torch.float32, **options)
@@ -431,6 +446,10 @@ def main(argv=None) -> int:
         p.add_argument("--embeddings", action="store_true",
                        help="quantize the embeddings (nn.Embedding) too, in the same format; a head tied to one "
                             "shares its quantized table when the head is quantized too (--exclude with no pattern)")
+        p.add_argument("--embedding-bits", type=int, choices=[8, 4, 2],
+                       help="quantize the embeddings to this many bits per channel, symmetric, whatever the layers' "
+                            "format (implies --embeddings): e.g. 8 for a small language model's table and tied head "
+                            "beside 4-bit layers")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     models = "a local Hugging Face model directory, a .gguf file, or a built-in name (minilm, smollm2)"

@@ -12,7 +12,7 @@ from torch import nn
 from .embedding import QEmbedding
 from .experts import expert_projections, experts_modules, quantize_projection
 from .nn import QLinear
-from .weights import check_format, check_method
+from .weights import check_format, check_method, is_int
 
 log = logging.getLogger("linquant")
 
@@ -27,6 +27,23 @@ def scheme_name(bits: int, group_size: Optional[int], symmetric: bool, method: s
     granularity = "per-channel" if group_size is None else f"g{group_size}"
     scales = "" if method == "minmax" else f", {method} scales"
     return f"{bits}-bit {granularity} {'symmetric' if symmetric else 'asymmetric'}{scales}"
+
+
+class Format(NamedTuple):
+    bits: int
+    group_size: Optional[int]
+    symmetric: bool
+
+
+def table_format(embeddings: Union[bool, int], layers: Format, who: str) -> Optional[Format]:
+    """The format quantize_model gives the embeddings (and the heads tied to them): none when
+    `embeddings` is False, the layers' when True, `embeddings` bits per channel, symmetric, when
+    it is a bit count (a language model's table and tied head at 8 bits beside 4-bit layers)."""
+    if embeddings is True or embeddings is False:
+        return layers if embeddings else None
+    if not is_int(embeddings) or embeddings not in (8, 4, 2):
+        raise ValueError(f"{who}: embeddings must be True, False or the tables' bits (8, 4 or 2), got {embeddings!r}")
+    return Format(embeddings, None, True)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -259,13 +276,14 @@ def quantize_tables(model: nn.Module, tables: List[Tuple[str, nn.Module]], bits:
     return model, by_weight
 
 
-def report_replaced(count: int, scheme: str, verbose: bool, projections: int = 0, tables: int = 0) -> None:
+def report_replaced(count: int, scheme: str, verbose: bool, projections: int = 0, tables: int = 0,
+                    table_scheme: Optional[str] = None) -> None:
     """The summary line, to the "linquant" logger and, when verbose, to stdout."""
     summary = f"linquant: replaced {count} layers with {scheme} QLinear"
     if projections:
         summary += f", {projections} experts projections with QExpertsWeight"
     if tables:
-        summary += f", {tables} embeddings with QEmbedding"
+        summary += f", {tables} embeddings with {'' if table_scheme in (None, scheme) else table_scheme + ' '}QEmbedding"
     log.info(summary)
     if verbose:
         print(summary)
@@ -273,7 +291,7 @@ def report_replaced(count: int, scheme: str, verbose: bool, projections: int = 0
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True,
                    exclude: Exclude = DEFAULT_EXCLUDE, progress: Optional[bool] = None,
-                   verbose: bool = False, method: str = "minmax", embeddings: bool = False) -> nn.Module:
+                   verbose: bool = False, method: str = "minmax", embeddings: Union[bool, int] = False) -> nn.Module:
     """Replaces, in place, every nn.Linear and transformers Conv1D (but those `exclude` names) with
     a QLinear of `bits` bits (per output channel when group_size is None; scales chosen by
     `method`, quantize_weight's "minmax" or "mse"), and each 3-D projection of a transformers experts
@@ -282,13 +300,17 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
     and group_size are checked before any layer changes. `progress` shows a bar (default: when there
     are more than 16 layers); the summary is logged to the "linquant" logger and printed when
     verbose. With `embeddings`, every nn.Embedding outside `exclude` becomes a QEmbedding of the
-    same format too, and a layer tied to one (a language model's lm_head, when not excluded) a
-    QLinear sharing its quantized table. Warns of an exclude pattern that matches nothing and of a
+    same format too (`embeddings` = 8, 4 or 2: of that many bits per channel, symmetric, whatever
+    the layers' format), and a layer tied to one (a language model's lm_head, when not excluded) a
+    QLinear sharing its quantized table, in the table's format. Warns of an exclude pattern that matches nothing and of a
     layer or embedding whose weight is tied to a module's that stays in float."""
     who = "linquant.quantize_model"
-    layers, projections, tables = layers_to_quantize(model, bits, group_size, method, exclude, who, embeddings)
+    tables_in = table_format(embeddings, Format(bits, group_size, symmetric), who)
+    layers, projections, tables = layers_to_quantize(model, bits, group_size, method, exclude, who,
+                                                     tables_in is not None)
     scheme = scheme_name(bits, group_size, symmetric, method)
-    model, by_weight = quantize_tables(model, tables, bits, group_size, symmetric, method, who, scheme)
+    table_scheme = None if tables_in is None else scheme_name(*tables_in, method)
+    model, by_weight = quantize_tables(model, tables, *tables_in, method, who, table_scheme) if tables_in else (model, {})
 
     def make_layer(name: str, module: nn.Module, transposed: bool) -> QLinear:
         table = None if transposed else by_weight.get(id(module.weight))
@@ -301,7 +323,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
         model, quantized = replace_layers(model, layers, make_layer, who, scheme, progress)
     quantize_projections(projections, bits, group_size, symmetric, method, who)
     if quantized or projections or tables:
-        report_replaced(len(quantized), scheme, verbose, len(projections), len(by_weight))
+        report_replaced(len(quantized), scheme, verbose, len(projections), len(by_weight), table_scheme)
     return model
 
 

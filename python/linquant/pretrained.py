@@ -12,8 +12,8 @@ from torch import nn
 from ._ops import _FLOAT_DTYPES
 from .embedding import QEmbedding
 from .experts import QExpertsWeight, install_projection, quantize_projection
-from .model import (DEFAULT_EXCLUDE, Exclude, layers_to_quantize, parameter_holders, replace_layers,
-                    report_replaced, scheme_name)
+from .model import (DEFAULT_EXCLUDE, Exclude, Format, layers_to_quantize, parameter_holders, replace_layers,
+                    report_replaced, scheme_name, table_format)
 from .nn import QLinear
 from .serialization import _parameters_on_meta
 from .weights import check_format, check_method
@@ -285,7 +285,7 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
                         exclude: Exclude = DEFAULT_EXCLUDE, dtype: Union[torch.dtype, str] = torch.float32,
                         model_class=None,
                         device=None, progress: Optional[bool] = None, verbose: bool = False,
-                        method: str = "minmax", embeddings: bool = False) -> nn.Module:
+                        method: str = "minmax", embeddings: Union[bool, int] = False) -> nn.Module:
     """Loads the Hugging Face model in directory `path` (config.json and safetensors weights,
     sharded or not) quantized, reading its tensors one at a time: equal, tensor for tensor, to
     quantize_model(model_class.from_pretrained(path, dtype=dtype), bits, group_size, symmetric,
@@ -312,8 +312,11 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             keys.append(list(f.keys()))
-    layers, projections, tables = layers_to_quantize(model, bits, group_size, method, exclude, WHO, embeddings)
-    # Embeddings to quantize take the layers' route; a head tied to one shares its table at the end.
+    tables_in = table_format(embeddings, Format(bits, group_size, symmetric), WHO)
+    layers, projections, tables = layers_to_quantize(model, bits, group_size, method, exclude, WHO,
+                                                     tables_in is not None)
+    # Embeddings to quantize take the layers' route; a head tied to one shares its table at the end
+    # (and takes the table's format from the start, should the checkpoint hold it under its own name).
     table_of = {id(module.weight): module for _, module in tables}
     shares = {id(module): table_of[id(module.weight)] for _, module, t in layers if not t and id(module.weight) in table_of}
     layers = layers + [(name, module, False) for name, module in tables]
@@ -349,11 +352,12 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     def skeleton(name: str, module: nn.Module, is_transposed: bool) -> nn.Module:
         if isinstance(module, nn.Embedding):
             return skeleton_tables.setdefault(id(module.weight), QEmbedding(
-                module.num_embeddings, module.embedding_dim, bits, group_size, symmetric, module.padding_idx,
-                device="meta", dtype=module.weight.dtype))
+                module.num_embeddings, module.embedding_dim, *tables_in, module.padding_idx, device="meta",
+                dtype=module.weight.dtype))
         in_features, out_features = module.weight.shape if is_transposed else module.weight.shape[::-1]
-        return QLinear(in_features, out_features, getattr(module, "bias", None) is not None, bits, group_size,
-                       symmetric, device="meta", dtype=module.weight.dtype)
+        return QLinear(in_features, out_features, getattr(module, "bias", None) is not None,
+                       *(tables_in if id(module) in shares else (bits, group_size, symmetric)), device="meta",
+                       dtype=module.weight.dtype)
 
     key_map = _KeyMap(model)  # transformers' conversions for the model, found before its layers are replaced
     model, by_id = replace_layers(model, layers, skeleton, WHO, scheme, progress=False)
@@ -432,7 +436,7 @@ def quantize_pretrained(path: str, bits: int = 8, group_size: Optional[int] = No
     _check_complete(model, quantized, filled, path)
     _warn_unexpected(unexpected, getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     report_replaced(len(by_id) - len({id(m) for _, m in tables}), scheme, verbose, len(projections),
-                    len(skeleton_tables))
+                    len(skeleton_tables), None if tables_in is None else scheme_name(*tables_in, method))
     _attach_generation_config(model, path)
     return model.to(device).eval()
 

@@ -100,6 +100,26 @@ def test_quantize_and_eval_with_embeddings(tmp_path):
     assert all(r["snr_db"] > 30 for r in rep["layers"])
 
 
+def test_quantize_with_tables_in_a_format_of_their_own(tmp_path):
+    # --embedding-bits 8: GPT-2's token and position tables and the head tied to the first at 8
+    # bits per channel, the other layers at 4; the summary names both schemes.
+    hf_models.gpt2().save_pretrained(tmp_path / "gpt2")
+    out = linquant("quantize", tmp_path / "gpt2", "--bits", "4", "--group-size", "16", "--exclude", "--embedding-bits",
+                   "8", "--out", tmp_path / "q", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["schemes"] == {"4-bit g16 symmetric": {"layers": 8},
+                                 "8-bit per-channel symmetric": {"layers": 1, "embeddings": 2}}
+    config = json.loads((tmp_path / "q" / "linquant.json").read_text())
+    assert config["modules"]["lm_head"]["bits"] == config["embeddings"]["transformer.wte"]["bits"] == 8
+    assert config["modules"]["transformer.h.0.mlp.c_fc"]["bits"] == 4
+    out = linquant("quantize", tmp_path / "gpt2", "--bits", "4", "--group-size", "16", "--exclude", "--embedding-bits",
+                   "8", "--out", tmp_path / "q2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ": 8 layers quantized to 4-bit g16 symmetric, 1 layers, 2 embeddings to 8-bit per-channel symmetric;" \
+        in out.stdout, out.stdout
+
+
 def test_quantize_then_eval_a_mixture_of_experts(tmp_path):
     """Its per-expert checkpoint cannot be read tensor by tensor (transformers merges the experts
     while loading), so quantize loads it whole; the experts are quantized, and eval reports them."""

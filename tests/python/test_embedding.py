@@ -115,6 +115,29 @@ def test_a_tied_head_shares_the_quantized_table(gen, bits, group_size, symmetric
     assert float((out.double() - expected).norm() / expected.norm()) < 1e-5
 
 
+def test_tables_in_a_format_of_their_own(gen):
+    # embeddings=8: the table and the head tied to it at 8 bits per channel beside 4-bit layers, as
+    # quantizing twice gives them (layers first, then what is left in float: the table and head).
+    model = lq.quantize_model(tied_llama(), bits=4, group_size=32, symmetric=False, exclude=[], embeddings=8)
+    twice = lq.quantize_model(tied_llama(), bits=4, group_size=32, symmetric=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first call's float head, tied: its warning
+        twice = lq.quantize_model(twice, bits=8, exclude=[], embeddings=True)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert (emb.bits, emb.group_size, emb.symmetric) == (head.bits, head.group_size, head.symmetric) == (8, None, True)
+    assert head.qweight is emb.qweight and head.scales is emb.scales
+    layer = model.model.layers[0].mlp.up_proj
+    assert (layer.bits, layer.group_size, layer.symmetric) == (4, 32, False)
+    assert model.state_dict().keys() == twice.state_dict().keys()
+    assert all(torch.equal(t, twice.state_dict()[k]) for k, t in model.state_dict().items())
+    ids = torch.randint(0, 300, (2, 9), generator=gen)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twice(ids).logits)
+    for bad in (3, "8", 8.0, None):
+        with pytest.raises(ValueError, match=r"embeddings must be True, False or the tables' bits \(8, 4 or 2\), got"):
+            lq.quantize_model(tied_llama(), bits=4, embeddings=bad)
+
+
 def test_a_float_head_keeps_its_weight_and_says_so():
     model = tied_llama()
     with pytest.warns(UserWarning, match=r"embedding 'model.embed_tokens' shares its weight with 'lm_head' \(tied "

@@ -93,10 +93,12 @@ def test_equals_from_pretrained_then_quantize_model(tmp_path, gen, make, bits, g
 
 @pytest.mark.parametrize("make", [hf_models.gpt2, tied_llama], ids=["gpt2", "tied-llama"])
 @pytest.mark.parametrize("exclude", [["lm_head"], None], ids=["keep-head", "all"])
-def test_embeddings_quantized_as_read_equal_quantize_models(tmp_path, gen, make, exclude):
-    # The head, quantized too, shares the embedding's table, as quantize_model's tied_head.
+@pytest.mark.parametrize("embeddings", [True, 8], ids=["same-format", "8-bit-tables"])
+def test_embeddings_quantized_as_read_equal_quantize_models(tmp_path, gen, make, exclude, embeddings):
+    # The head, quantized too, shares the embedding's table (in the table's format), as
+    # quantize_model's tied_head.
     directory = save(perturbed(make(), gen), tmp_path, "40KB", torch.bfloat16)
-    options = dict(bits=4, group_size=16, symmetric=False, exclude=exclude, embeddings=True)
+    options = dict(bits=4, group_size=16, symmetric=False, exclude=exclude, embeddings=embeddings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the float head's broken tie: quantize_model's warning
         reference = lq.quantize_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), **options)
@@ -104,6 +106,7 @@ def test_embeddings_quantized_as_read_equal_quantize_models(tmp_path, gen, make,
     assert_same_state(reference, got)
     assert isinstance(got.get_input_embeddings(), lq.QEmbedding)
     assert (getattr(got.lm_head, "qweight", None) is got.get_input_embeddings().qweight) == (exclude is None)
+    assert got.get_input_embeddings().bits == (8 if embeddings == 8 else 4)
     assert lq.footprint(got)["total"] == lq.footprint(reference)["total"]
     ids = torch.randint(0, 512, (2, 7), generator=gen)
     assert torch.equal(reference(ids).logits, got(ids).logits)
