@@ -3,7 +3,6 @@
 #include "linquant/qembedding.h"
 
 #include <ATen/ATen.h>
-#include <torch/serialize/archive.h>
 
 #include "linquant/ops.h"
 #include "quantized_module.h"
@@ -11,15 +10,8 @@
 namespace linquant {
 namespace {
 
-constexpr const char* kWho = "linquant::QEmbedding";
-
 std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
-detail::NamedSizes record_of(const QEmbeddingImpl& table) {
-  return detail::format_record(table.options,
-                               {{"num_embeddings", table.num_embeddings}, {"embedding_dim", table.embedding_dim}});
 }
 
 }  // namespace
@@ -31,10 +23,10 @@ QEmbeddingImpl::QEmbeddingImpl(int64_t num_embeddings_, int64_t embedding_dim_, 
       options(options_),
       padding_idx(padding_idx_),
       dtype_(dtype) {
-  detail::check_format(kWho, {{"num_embeddings", num_embeddings}, {"embedding_dim", embedding_dim}}, embedding_dim,
+  detail::check_format(kName, {{"num_embeddings", num_embeddings}, {"embedding_dim", embedding_dim}}, embedding_dim,
                        options, dtype);
   if (padding_idx.has_value()) {  // as torch::nn::Embedding: counted from the end when negative
-    TORCH_CHECK_VALUE(*padding_idx >= -num_embeddings && *padding_idx < num_embeddings, kWho,
+    TORCH_CHECK_VALUE(*padding_idx >= -num_embeddings && *padding_idx < num_embeddings, kName,
                       ": padding_idx must be within num_embeddings = ", num_embeddings, ", got ", *padding_idx);
     if (*padding_idx < 0) *padding_idx += num_embeddings;
   }
@@ -48,7 +40,7 @@ void QEmbeddingImpl::reset() {
 
 std::shared_ptr<QEmbeddingImpl> QEmbeddingImpl::from_embedding(const torch::nn::Embedding& embedding,
                                                                 QLinearOptions options, ScaleMethod method) {
-  TORCH_CHECK_VALUE(!embedding->options.max_norm().has_value(), kWho,
+  TORCH_CHECK_VALUE(!embedding->options.max_norm().has_value(), kName,
                     ": an embedding with max_norm rewrites its rows at each lookup; a quantized table cannot");
   const at::Tensor w = embedding->weight.detach();
   auto table = std::make_shared<QEmbeddingImpl>(w.size(0), w.size(1), options, embedding->options.padding_idx(),
@@ -62,12 +54,12 @@ std::shared_ptr<QEmbeddingImpl> QEmbeddingImpl::from_embedding(const torch::nn::
 
 at::Tensor QEmbeddingImpl::forward(const at::Tensor& ids) {
   detail::check_defined(ids, "ids");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, kWho,
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, kName,
                    ": ids must be int64 or int32 indices, got ", ids.scalar_type());
   const at::Tensor flat = ids.reshape(-1);
   if (flat.numel() && flat.device().is_cpu()) {
     const int64_t low = flat.min().item<int64_t>(), high = flat.max().item<int64_t>();
-    TORCH_CHECK_INDEX(low >= 0 && high < num_embeddings, kWho, ": ids must be in [0, ", num_embeddings,
+    TORCH_CHECK_INDEX(low >= 0 && high < num_embeddings, kName, ": ids must be in [0, ", num_embeddings,
                       "), got values from ", low, " to ", high);
   }
   const at::Tensor rows = dequantize_weight(qweight.index_select(0, flat), scales.index_select(0, flat),
@@ -91,7 +83,7 @@ QLinear QEmbeddingImpl::tied_head(const at::Tensor& bias) const {
   head->scales.set_data(scales);
   if (zeros.defined()) head->zeros.set_data(zeros);
   if (bias.defined()) {
-    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == num_embeddings, kWho, ": the head's bias must be [",
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == num_embeddings, kName, ": the head's bias must be [",
                       num_embeddings, "], got shape ", bias.sizes());
     head->bias.set_data(bias);
   }
@@ -106,23 +98,8 @@ void QEmbeddingImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-void QEmbeddingImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::float_buffers_to(*this, dtype, non_blocking, kWho);
-}
-
-void QEmbeddingImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  to(device, non_blocking);
-  to(dtype, non_blocking);
-}
-
-void QEmbeddingImpl::save(torch::serialize::OutputArchive& archive) const {
-  torch::nn::Module::save(archive);
-  detail::write_format_record(archive, record_of(*this));
-}
-
-void QEmbeddingImpl::load(torch::serialize::InputArchive& archive) {
-  detail::check_format_record(archive, record_of(*this), kWho);
-  torch::nn::Module::load(archive);
+detail::NamedSizes QEmbeddingImpl::format_record() const {
+  return detail::format_record(options, {{"num_embeddings", num_embeddings}, {"embedding_dim", embedding_dim}});
 }
 
 }  // namespace linquant

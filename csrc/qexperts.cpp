@@ -3,23 +3,11 @@
 #include "linquant/qexperts.h"
 
 #include <ATen/ATen.h>
-#include <torch/serialize/archive.h>
 
 #include "linquant/ops.h"
 #include "quantized_module.h"
 
 namespace linquant {
-namespace {
-
-constexpr const char* kWho = "linquant::QExpertsWeight";
-
-detail::NamedSizes record_of(const QExpertsWeightImpl& experts) {
-  return detail::format_record(experts.options, {{"num_experts", experts.num_experts},
-                                                 {"in_features", experts.in_features},
-                                                 {"out_features", experts.out_features}});
-}
-
-}  // namespace
 
 QExpertsWeightImpl::QExpertsWeightImpl(int64_t num_experts_, int64_t in_features_, int64_t out_features_,
                                        QLinearOptions options_, at::ScalarType dtype)
@@ -29,7 +17,7 @@ QExpertsWeightImpl::QExpertsWeightImpl(int64_t num_experts_, int64_t in_features
       options(options_),
       dtype_(dtype) {
   detail::check_format(
-      kWho, {{"num_experts", num_experts}, {"in_features", in_features}, {"out_features", out_features}},
+      kName, {{"num_experts", num_experts}, {"in_features", in_features}, {"out_features", out_features}},
       in_features, options, dtype);
   reset();
 }
@@ -42,7 +30,7 @@ void QExpertsWeightImpl::reset() {
 std::shared_ptr<QExpertsWeightImpl> QExpertsWeightImpl::from_weight(const at::Tensor& weight, QLinearOptions options,
                                                                     ScaleMethod method) {
   detail::check_defined(weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 3, kWho, ": weight must be [num_experts, out_features, in_features], got shape ",
+  TORCH_CHECK_VALUE(weight.dim() == 3, kName, ": weight must be [num_experts, out_features, in_features], got shape ",
                     weight.sizes());
   const at::Tensor w = weight.detach();
   auto experts = std::make_shared<QExpertsWeightImpl>(w.size(0), w.size(2), w.size(1), options, w.scalar_type());
@@ -51,7 +39,7 @@ std::shared_ptr<QExpertsWeightImpl> QExpertsWeightImpl::from_weight(const at::Te
     try {
       qw = quantize_weight(w[e], options, method);
     } catch (const c10::ValueError& err) {  // NaN or infinite weights: say which expert
-      C10_THROW_ERROR(ValueError, std::string(kWho) + ": expert " + std::to_string(e) + ": " +
+      C10_THROW_ERROR(ValueError, std::string(kName) + ": expert " + std::to_string(e) + ": " +
                                       err.what_without_backtrace());
     }
     experts->qweight[e].copy_(qw.qweight);
@@ -63,9 +51,9 @@ std::shared_ptr<QExpertsWeightImpl> QExpertsWeightImpl::from_weight(const at::Te
 
 at::Tensor QExpertsWeightImpl::linear(const at::Tensor& x, int64_t expert, const at::Tensor& bias) const {
   detail::check_defined(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, kWho, ": x must have in_features=", in_features,
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, kName, ": x must have in_features=", in_features,
                     " in its last dim, got shape ", x.sizes());
-  TORCH_CHECK_INDEX(expert >= 0 && expert < num_experts, kWho, ": expert must be in [0, ", num_experts, "), got ",
+  TORCH_CHECK_INDEX(expert >= 0 && expert < num_experts, kName, ": expert must be in [0, ", num_experts, "), got ",
                     expert);
   return linquant::linear(x, qweight[expert], scales[expert],
                           zeros.defined() ? std::optional<at::Tensor>(zeros[expert]) : std::nullopt,
@@ -90,23 +78,8 @@ void QExpertsWeightImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-void QExpertsWeightImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::float_buffers_to(*this, dtype, non_blocking, kWho);
-}
-
-void QExpertsWeightImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  to(device, non_blocking);
-  to(dtype, non_blocking);
-}
-
-void QExpertsWeightImpl::save(torch::serialize::OutputArchive& archive) const {
-  torch::nn::Module::save(archive);
-  detail::write_format_record(archive, record_of(*this));
-}
-
-void QExpertsWeightImpl::load(torch::serialize::InputArchive& archive) {
-  detail::check_format_record(archive, record_of(*this), kWho);
-  torch::nn::Module::load(archive);
+detail::NamedSizes QExpertsWeightImpl::format_record() const {
+  return detail::format_record(options, {{"num_experts", num_experts}, {"in_features", in_features}, {"out_features", out_features}});
 }
 
 }  // namespace linquant

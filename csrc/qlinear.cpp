@@ -3,7 +3,6 @@
 #include "linquant/qlinear.h"
 
 #include <ATen/ATen.h>
-#include <torch/serialize/archive.h>
 
 #include <cmath>
 #include <limits>
@@ -13,8 +12,6 @@
 
 namespace linquant {
 namespace {
-
-constexpr const char* kWho = "linquant::QLinear";
 
 std::optional<int64_t> axis_of(const QLinearOptions& o) {
   return o.group_size.has_value() ? std::nullopt : std::optional<int64_t>(0);
@@ -32,7 +29,7 @@ double smallest_subnormal(at::ScalarType t) {
 QLinearImpl::QLinearImpl(int64_t in_features_, int64_t out_features_, bool with_bias, QLinearOptions options_,
                          at::ScalarType dtype)
     : in_features(in_features_), out_features(out_features_), options(options_), with_bias_(with_bias), dtype_(dtype) {
-  detail::check_format(kWho, {{"in_features", in_features}, {"out_features", out_features}}, in_features, options,
+  detail::check_format(kName, {{"in_features", in_features}, {"out_features", out_features}}, in_features, options,
                        dtype);
   reset();
 }
@@ -124,37 +121,13 @@ void QLinearImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-void QLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::float_buffers_to(*this, dtype, non_blocking, kWho);
-}
-
-void QLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  to(device, non_blocking);
-  to(dtype, non_blocking);
-}
-
-namespace {
-
-detail::NamedSizes record_of(const QLinearImpl& layer) {
-  return detail::format_record(layer.options,
-                               {{"in_features", layer.in_features}, {"out_features", layer.out_features}});
-}
-
-}  // namespace
-
-void QLinearImpl::save(torch::serialize::OutputArchive& archive) const {
-  torch::nn::Module::save(archive);
-  detail::write_format_record(archive, record_of(*this));
-}
-
-void QLinearImpl::load(torch::serialize::InputArchive& archive) {
-  detail::check_format_record(archive, record_of(*this), kWho);
-  torch::nn::Module::load(archive);
-}
-
 at::Tensor QLinearImpl::dequantize() const {
   return dequantize_weight(qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
                            options.bits, options.group_size, in_features, scales.scalar_type());
+}
+
+detail::NamedSizes QLinearImpl::format_record() const {
+  return detail::format_record(options, {{"in_features", in_features}, {"out_features", out_features}});
 }
 
 }  // namespace linquant

@@ -289,19 +289,16 @@ std::vector<std::string> module_keys(const std::string& name, const torch::nn::M
   return keys;
 }
 
-// What load_into compares between a model's quantized module and the loaded one.
-detail::NamedSizes record_of(const QLinearImpl& m) {
-  return detail::format_record(m.options, {{"in_features", m.in_features},
-                                           {"out_features", m.out_features},
-                                           {"bias", int64_t{m.bias.defined()}}});
-}
-detail::NamedSizes record_of(const QEmbeddingImpl& m) {
-  return detail::format_record(m.options, {{"num_embeddings", m.num_embeddings}, {"embedding_dim", m.embedding_dim}});
-}
-detail::NamedSizes record_of(const QExpertsWeightImpl& m) {
-  return detail::format_record(m.options, {{"num_experts", m.num_experts},
-                                           {"in_features", m.in_features},
-                                           {"out_features", m.out_features}});
+// What load_into compares between a model's quantized module and the loaded one: its format
+// record, and for a layer whether it has a bias.
+detail::NamedSizes compared(const torch::nn::Module& module) {
+  if (const auto* layer = dynamic_cast<const QLinearImpl*>(&module)) {
+    detail::NamedSizes fields = layer->format_record();
+    fields.emplace_back("bias", int64_t{layer->bias.defined()});
+    return fields;
+  }
+  if (const auto* table = dynamic_cast<const QEmbeddingImpl*>(&module)) return table->format_record();
+  return dynamic_cast<const QExpertsWeightImpl&>(module).format_record();
 }
 
 // The module name owning a state_dict key ("a.b.weight" -> "a.b", "weight" -> "").
@@ -412,7 +409,7 @@ void place(torch::nn::Module& model, const Submodules& submodules, const std::st
   TORCH_CHECK_VALUE(target, kIntoWho, ": the module at '", name, "' is a ", found->name(), ", expected a linquant::",
                     kind);
   if (target == &want) return;
-  const detail::NamedSizes mine = record_of(*target), theirs = record_of(want);
+  const detail::NamedSizes mine = compared(*target), theirs = compared(want);
   for (size_t i = 0; i < mine.size(); ++i) {
     TORCH_CHECK_VALUE(mine[i].second == theirs[i].second, kIntoWho, ": the ", kind, " at '", name, "' has ",
                       mine[i].first, " = ", mine[i].second, ", the file's has ", theirs[i].second);

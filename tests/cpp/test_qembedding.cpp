@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "linquant/qembedding.h"
+#include "error_of.h"
 #include "reference_weight.h"
 
 namespace {
@@ -14,16 +15,6 @@ namespace {
 using linquant::QEmbedding;
 using linquant::QEmbeddingImpl;
 using linquant::QLinearOptions;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "no error";
-}
 
 TEST(QEmbeddingCpp, LookupsAreRowsOfTheFormatsTable) {
   torch::manual_seed(11);

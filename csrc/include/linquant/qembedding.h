@@ -4,7 +4,6 @@
 // dequantizes only the rows it reads; a head tied to it is a QLinear over the very same memory.
 #pragma once
 
-#include <torch/nn/cloneable.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/pimpl.h>
 
@@ -12,11 +11,15 @@
 #include <ostream>
 
 #include "linquant/qlinear.h"
+#include "linquant/quantized_module.h"
 
 namespace linquant {
 
-class QEmbeddingImpl : public torch::nn::Cloneable<QEmbeddingImpl> {
+// As QLinear: to(dtype) converts the scales only; torch::save / load carry and check the format.
+class QEmbeddingImpl : public QuantizedModule<QEmbeddingImpl> {
  public:
+  static constexpr const char* kName = "linquant::QEmbedding";
+
   QEmbeddingImpl(int64_t num_embeddings, int64_t embedding_dim, QLinearOptions options,
                  std::optional<int64_t> padding_idx = std::nullopt, at::ScalarType dtype = at::kFloat);
 
@@ -39,12 +42,8 @@ class QEmbeddingImpl : public torch::nn::Cloneable<QEmbeddingImpl> {
   // As the Python QEmbedding's repr.
   void pretty_print(std::ostream& stream) const override;
 
-  // As QLinear's: a dtype converts the scales only; torch::save / load carry and check the format.
-  using torch::nn::Module::to;  // to(device)
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
+  // [bits, group_size (0: per-channel), symmetric, num_embeddings, embedding_dim]
+  detail::NamedSizes format_record() const;
 
   int64_t num_embeddings, embedding_dim;
   QLinearOptions options;

@@ -5,17 +5,20 @@
 // linear(x, e) runs expert e's rows.
 #pragma once
 
-#include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
 #include <ostream>
 
 #include "linquant/qlinear.h"
+#include "linquant/quantized_module.h"
 
 namespace linquant {
 
-class QExpertsWeightImpl : public torch::nn::Cloneable<QExpertsWeightImpl> {
+// As QLinear: to(dtype) converts the scales only; torch::save / load carry and check the format.
+class QExpertsWeightImpl : public QuantizedModule<QExpertsWeightImpl> {
  public:
+  static constexpr const char* kName = "linquant::QExpertsWeight";
+
   QExpertsWeightImpl(int64_t num_experts, int64_t in_features, int64_t out_features, QLinearOptions options,
                      at::ScalarType dtype = at::kFloat);
 
@@ -34,12 +37,8 @@ class QExpertsWeightImpl : public torch::nn::Cloneable<QExpertsWeightImpl> {
   // As the Python QExpertsWeight's repr.
   void pretty_print(std::ostream& stream) const override;
 
-  // As QLinear's: a dtype converts the scales only; torch::save / load carry and check the format.
-  using torch::nn::Module::to;  // to(device)
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
+  // [bits, group_size (0: per-channel), symmetric, num_experts, in_features, out_features]
+  detail::NamedSizes format_record() const;
 
   int64_t num_experts, in_features, out_features;
   QLinearOptions options;

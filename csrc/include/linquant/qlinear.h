@@ -2,13 +2,14 @@
 // (docs/architecture.md, "Quantized weight format"), running linquant::linear.
 #pragma once
 
-#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
 #include <optional>
 #include <ostream>
+
+#include "linquant/quantized_module.h"
 
 namespace linquant {
 
@@ -35,8 +36,12 @@ QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options,
                                 ScaleMethod method = ScaleMethod::kMinMax);
 
 // Cloneable: module->clone() deep-copies a model holding QLinear layers (buffers copied, format kept).
-class QLinearImpl : public torch::nn::Cloneable<QLinearImpl> {
+// to(dtype) converts the scales and bias only; torch::save / load carry and check the format
+// (QuantizedModule).
+class QLinearImpl : public QuantizedModule<QLinearImpl> {
  public:
+  static constexpr const char* kName = "linquant::QLinear";
+
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QLinearOptions options,
               at::ScalarType dtype = at::kFloat);
 
@@ -53,18 +58,8 @@ class QLinearImpl : public torch::nn::Cloneable<QLinearImpl> {
   // As the Python QLinear's repr: sizes, bias, bits, granularity, mode and dtype.
   void pretty_print(std::ostream& stream) const override;
 
-  // As the Python QLinear's .to: a dtype converts the float buffers (scales, bias) only, to
-  // float32, float16 or bfloat16; qweight and zeros keep theirs (Module::to casts every buffer).
-  using torch::nn::Module::to;  // to(device)
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-
-  // torch::save / torch::load also write and check the format (bits, group size, symmetric,
-  // in / out features): loading into a layer of another format is a ValueError naming the field,
-  // not a layer that runs with the wrong bits or without its zero points. Archives without the
-  // record (written before it existed) load as before.
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
+  // [bits, group_size (0: per-channel), symmetric, in_features, out_features]
+  detail::NamedSizes format_record() const;
 
   int64_t in_features, out_features;
   QLinearOptions options;
