@@ -165,24 +165,6 @@ TEST(LoadQuantized, IntoPlaceholderLayersOfTheSameFormat) {
   EXPECT_TRUE(at::equal(model->forward(ids()), f.model->forward(ids())));
 }
 
-TEST(LoadQuantized, OntoAGpu) {
-  if (!at::hasCUDA()) GTEST_SKIP() << "needs a CUDA GPU";
-  Fixture f = make_fixture();
-  ScratchDir dir;
-  f.save.write(dir.path());
-  const linquant::LoadedModel loaded = linquant::load_quantized(dir.path().string(), c10::Device("cuda"));
-  EXPECT_TRUE(loaded.layers.at("1")->zeros.is_cuda());
-  EXPECT_TRUE(loaded.tensors.at("0.weight").is_cuda());
-  // A model built on the CPU: load_into gives it the GPU's tensors.
-  torch::nn::Sequential model = model_with(torch::nn::AnyModule(loaded.layers.at("1")),
-                                           torch::nn::AnyModule(loaded.layers.at("3")));
-  linquant::load_into(*model, loaded);
-  const at::Tensor y = model->forward(ids().cuda());
-  EXPECT_TRUE(y.is_cuda());
-  // The CUDA kernels sum in another order than the CPU ones.
-  EXPECT_TRUE(at::allclose(y.cpu(), f.model->forward(ids()), 1e-4, 1e-4));
-}
-
 TEST(LoadQuantized, AModelThatIsItselfAQLinearAndALayerAtTwoPlaces) {
   torch::manual_seed(1);
   QLinear q(QLinearImpl::from_linear(torch::nn::Linear(24, 8), {2, 16, true}));
@@ -515,4 +497,34 @@ TEST(LoadQuantized, EmbeddingsAndExpertsRefusedSayingWhich) {
             "linquant::load_into: the module at 'moe.up' is a torch::nn::LinearImpl, expected a linquant::QExpertsWeight");
   EXPECT_EQ(into_message(model_of(linquant::QEmbedding(12, 16, linquant::QLinearOptions{4, 8, true}).ptr(), head, up)),
             "linquant::load_into: the QEmbedding at 'emb' has symmetric = 1, the file's has 0");
+}
+
+TEST(LoadQuantized, OntoAGpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a CUDA GPU";
+  Fixture f = make_fixture();
+  ScratchDir dir;
+  f.save.write(dir.path());
+  const linquant::LoadedModel loaded = linquant::load_quantized(dir.path().string(), c10::Device("cuda"));
+  EXPECT_TRUE(loaded.layers.at("1")->zeros.is_cuda());
+  EXPECT_TRUE(loaded.tensors.at("0.weight").is_cuda());
+  // A model built on the CPU: load_into gives it the GPU's tensors.
+  torch::nn::Sequential model = model_with(torch::nn::AnyModule(loaded.layers.at("1")),
+                                           torch::nn::AnyModule(loaded.layers.at("3")));
+  linquant::load_into(*model, loaded);
+  const at::Tensor y = model->forward(ids().cuda());
+  EXPECT_TRUE(y.is_cuda());
+  // The CUDA kernels sum in another order than the CPU ones.
+  EXPECT_TRUE(at::allclose(y.cpu(), f.model->forward(ids()), 1e-4, 1e-4));
+
+  // Quantized embeddings and experts too: lookups bit for bit, each expert's linear as on the CPU.
+  TableAndExperts g = table_and_experts();
+  g.save.write(dir.path());
+  const linquant::LoadedModel more = linquant::load_quantized(dir.path().string(), c10::Device("cuda"));
+  linquant::QEmbedding emb = more.embeddings.at("emb");
+  linquant::QExpertsWeight up = more.experts.at("moe.up");
+  EXPECT_TRUE(emb->qweight.is_cuda() && up->scales.is_cuda());
+  const at::Tensor tokens = at::tensor({2, 11, 0, 5}, at::kLong);
+  EXPECT_TRUE(at::equal(emb->forward(tokens.cuda()).cpu(), g.emb->forward(tokens)));
+  const at::Tensor h = at::randn({5, 32}).to(at::kBFloat16);
+  EXPECT_TRUE(at::allclose(up->linear(h.cuda(), 1).cpu().to(at::kFloat), g.up->linear(h, 1).to(at::kFloat), 2e-2, 2e-2));
 }
