@@ -3,7 +3,6 @@ bf16 vs quantized, per-layer weight error, output agreement (embedding cosine fo
 perplexity and greedy generation for causal LMs), time of a forward over the whole input and,
 for causal LMs, greedy decoding time per token."""
 
-import copy
 import os
 import time
 from typing import Dict, List, Optional, Tuple
@@ -163,13 +162,16 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
 def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method: str = "minmax",
            text: Optional[str] = None, max_tokens: Optional[int] = None) -> dict:
     """The `linquant eval` report for a quantized model (its scales chosen by `method`) and its fp32
-    original, on the built-in input or `text` (agreement's)."""
+    original, on the built-in input or `text` (agreement's). The bf16 row converts `fp_model` in
+    place, last: a bf16 copy beside it would hold the float model one and a half times."""
     ref = agreement(kind, fp_model, tokenizer, text=text, max_tokens=max_tokens)
-    bf16 = copy.deepcopy(fp_model).to(torch.bfloat16)
-    quant = agreement(kind, q_model, tokenizer, ref, text, max_tokens)
-    rows = {"fp32": {"bytes": footprint(fp_model)["total"], **ref},
+    layers = layer_errors(fp_model, q_model)
+    fp32 = {"bytes": footprint(fp_model)["total"], **ref}
+    quantized = {"bytes": footprint(q_model)["total"], **agreement(kind, q_model, tokenizer, ref, text, max_tokens)}
+    bf16 = fp_model.to(torch.bfloat16)
+    rows = {"fp32": fp32,
             "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)},
-            "quantized": {"bytes": footprint(q_model)["total"], **quant}}
+            "quantized": quantized}
     for r in rows.values():
         r.pop("embeddings", None)
-    return {"kind": kind, "scheme": schemes(q_model, method), "models": rows, "layers": layer_errors(fp_model, q_model)}
+    return {"kind": kind, "scheme": schemes(q_model, method), "models": rows, "layers": layers}
