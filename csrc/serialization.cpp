@@ -402,9 +402,9 @@ void place(torch::nn::Module& model, const Submodules& submodules, const std::st
   auto* target = dynamic_cast<Impl*>(found);
   if constexpr (!std::is_void_v<Float>) {
     TORCH_CHECK_VALUE(target || !dynamic_cast<Float*>(found), kIntoWho, ": the module at '", name, "' is a ",
-                    float_kind, "; build the model with the loaded ", kind, " there (loaded.", field, ".at(\"", name,
-                    "\")): replacing it with replace_module would change the registry only, while its parent's member "
-                    "or a Sequential would still call the ", float_kind);
+                      float_kind, "; build the model with the loaded ", kind, " there (loaded.", field, ".at(\"",
+                      name, "\")): replacing it with replace_module would change the registry only, while its "
+                      "parent's member or a Sequential would still call the ", float_kind);
   }
   TORCH_CHECK_VALUE(target, kIntoWho, ": the module at '", name, "' is a ", found->name(), ", expected a linquant::",
                     kind);

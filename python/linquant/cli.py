@@ -343,8 +343,7 @@ def cmd_eval(args) -> int:
         read = read_quantized(args.target, torch.float32, **options)
         q_model = read[0] if read is not None else quantize_model(copy.deepcopy(fp_model), **options)
     if args.max_tokens is not None and kind != "causal-lm":
-        raise ValueError(f"--max-tokens limits a causal LM's perplexity text; {args.target} is an "
-                         f"{kind}")
+        raise ValueError(f"--max-tokens limits a causal LM's perplexity text; {args.target} is an {kind}")
     rep = report(fp_model, q_model, tok, kind, method, text, args.max_tokens)
     if args.json:
         print(json.dumps(rep, indent=1))
