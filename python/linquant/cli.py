@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 
 from . import builtin, choose_qparams, dequantize, footprint, metrics, quantize, quantize_model, save_quantized
-from ._arguments import HelpWithDefaults, positive_int
+from ._arguments import HelpWithDefaults, device as device_argument, positive_int
 from ._files import atomic_write, check_directory_target, make_directory
 from .evaluate import (BUILTIN, ModelError, agreement, hf_model_class, layer_errors, load_model, load_quantized_dir,
                        portable_spec, report, timed_greedy)
@@ -328,19 +328,29 @@ def read_text(path: str) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def check_device(dev: torch.device) -> None:
+    """A GPU this machine has, said before any model loads."""
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def cmd_eval(args) -> int:
+    check_device(args.device)
     text = None if args.text is None else read_text(args.text)
     method = args.method
     if os.path.isdir(args.target) and os.path.isfile(os.path.join(args.target, "linquant.json")):
-        fp_model, tok, kind, q_model = load_quantized_dir(args.target)
+        fp_model, tok, kind, q_model = load_quantized_dir(args.target, args.device)
         method = read_config(args.target)["metadata"].get("method", "minmax")  # saves before methods: minmax
     else:
         fp_model, tok, kind = load_model(args.target)
+        fp_model = fp_model.to(args.device)
         options = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                        exclude=args.exclude, progress=True, method=method, embeddings=embeddings_option(args))
         # Read again and quantized tensor by tensor where it can be: a quantized deep copy would
         # hold the float model twice.
-        read = read_quantized(args.target, torch.float32, **options)
+        read = read_quantized(args.target, torch.float32, device=args.device, **options)
         q_model = read[0] if read is not None else quantize_model(copy.deepcopy(fp_model), **options)
     if args.max_tokens is not None and kind != "causal-lm":
         raise ValueError(f"--max-tokens limits a causal LM's perplexity text; {args.target} is an {kind}")
@@ -469,6 +479,8 @@ def main(argv=None) -> int:
                    help="a UTF-8 text file to evaluate on instead of the built-in one: a causal LM's perplexity over "
                         "the whole text (a text longer than its context in half-overlapping windows of the context), "
                         "an encoder's embeddings of its non-empty lines")
+    e.add_argument("--device", type=device_argument, default=torch.device("cpu"),
+                   help="where the models run: cpu, cuda or cuda:N (both models on it at once)")
     e.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="a causal LM's perplexity over the text's first N tokens only (default: all of them)")
     e.set_defaults(func=cmd_eval)

@@ -72,9 +72,10 @@ def portable_spec(spec: str) -> str:
     return spec if spec in BUILTIN else os.path.abspath(spec)
 
 
-def load_quantized_dir(path: str):
+def load_quantized_dir(path: str, device=None):
     """A `linquant quantize` output directory: (fp32 source model, tokenizer, kind, quantized
-    model); the quantized model is built from the source's config with parameters on meta."""
+    model), both on `device` (default CPU); the quantized model is built from the source's config
+    with parameters on meta and read straight onto the device."""
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise ModelError(f"{path}: not a linquant output directory (no {CONFIG_NAME})")
     source = read_config(path).get("metadata", {}).get("source")
@@ -82,7 +83,8 @@ def load_quantized_dir(path: str):
         raise ModelError(f"{path}: {CONFIG_NAME} records no source model (metadata 'source' is {source!r}); "
                          "evaluate it through the Python API")
     base, tokenizer, kind = load_model(source)
-    return base, tokenizer, kind, load_quantized(path, lambda: type(base)(base.config))
+    quantized = load_quantized(path, lambda: type(base)(base.config), device=device)
+    return base.to(device or "cpu"), tokenizer, kind, quantized
 
 
 def layer_errors(fp_model: nn.Module, q_model: nn.Module) -> List[Dict[str, float]]:
@@ -109,22 +111,32 @@ def schemes(model: nn.Module, method: str = "minmax") -> str:
     return ", ".join(sorted(names)) or "none"
 
 
+def _synchronize(model: nn.Module) -> None:
+    """Waits for the model's GPU work, so that host clocks time it (nothing to wait for on the CPU)."""
+    device = builtin.device_of(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_greedy(model: nn.Module, tokenizer, new_tokens: int = 16) -> Tuple[str, float]:
     """Greedy continuation of builtin.GREEDY_PROMPT and its time per generated token in ms. At
     batch 1 each decoded token reads every weight once, so this is where smaller weights pay off
     (a forward over many tokens is compute-bound instead)."""
+    _synchronize(model)
     start = time.perf_counter()
     ids = builtin.greedy_ids(model, tokenizer, builtin.GREEDY_PROMPT, new_tokens=new_tokens)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start  # greedy_ids' copy to the host waited for the GPU
     # Per token generated: fewer than asked when the model ends its text first.
     return tokenizer.decode(ids, skip_special_tokens=True), elapsed / max(len(ids), 1) * 1e3
 
 
-def _time_ms(fn, repeat: int = 3) -> float:
+def _time_ms(model: nn.Module, fn, repeat: int = 3) -> float:
     fn()
+    _synchronize(model)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
+    _synchronize(model)
     return (time.perf_counter() - start) / repeat * 1e3
 
 
@@ -142,8 +154,8 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
         if not sentences:
             raise ValueError("linquant: the text has no non-empty line to embed")
         emb = builtin.sentence_embeddings(model, tokenizer, sentences)
-        batch = tokenizer(sentences, padding=True, return_tensors="pt")
-        out = {"embeddings": emb, "forward_ms": _time_ms(lambda: model(**batch)),
+        batch = tokenizer(sentences, padding=True, return_tensors="pt").to(builtin.device_of(model))
+        out = {"embeddings": emb, "forward_ms": _time_ms(model, lambda: model(**batch)),
                "forward_tokens": batch["input_ids"].numel()}
         if reference is not None:
             cos = (emb * reference["embeddings"]).sum(-1)
@@ -151,11 +163,11 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
         return out
     text = builtin.PERPLEXITY_TEXT if text is None else text
     all_ids = builtin.token_ids(tokenizer, text, max_tokens)
-    ids = all_ids[:, :builtin.context_length(model)]  # a forward beyond the context would fail
+    ids = all_ids[:, :builtin.context_length(model)].to(builtin.device_of(model))  # no forward beyond the context
     perplexity = builtin.ids_perplexity(model, all_ids)
     greedy, decode_ms = timed_greedy(model, tokenizer)  # after perplexity's forward, so not timing a cold start
     return {"perplexity": perplexity, "perplexity_tokens": all_ids.shape[1], "greedy": greedy,
-            "forward_ms": _time_ms(lambda: model(ids)), "forward_tokens": ids.numel(),
+            "forward_ms": _time_ms(model, lambda: model(ids)), "forward_tokens": ids.numel(),
             "decode_ms_per_token": decode_ms}
 
 

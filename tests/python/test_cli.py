@@ -279,6 +279,9 @@ def test_eval_text_errors_are_one_line(tmp_path):
         (["--text", tmp_path / "missing.txt"], 1, "No such file or directory"),
         (["--text", tmp_path / "one.txt"], 1, "perplexity needs a text of at least 2 tokens, got 1"),
         (["--max-tokens", "0"], 2, "argument --max-tokens: expected a positive integer, got '0'"),
+        (["--device", "tpu"], 2, "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:7"], 1, "--device cuda:7: " + ("torch sees no CUDA GPU here" if not torch.cuda.is_available()
+                                                           else "this machine has")),
     ]:
         out = linquant("eval", tmp_path / "llama", *args)
         assert out.returncode == code and message in out.stderr, (args, out.stderr)

@@ -1214,3 +1214,26 @@ def test_graph_capture_of_linear_replays(bits, group_size, symmetric, dtype, m, 
     torch.cuda.synchronize()
     assert torch.equal(static_y, eager2), f"CUDA-graph replay with new input in the static buffer is stale (M={m})"
     assert torch.equal(run(x1), eager1), "eager linear after graph capture differs"
+
+
+def test_eval_runs_on_the_gpu_as_on_the_cpu(tmp_path):
+    # `linquant eval --device cuda`: both models on the GPU, inputs moved there, GPU time waited
+    # for; the same report as on the CPU (the kernels sum in another order).
+    import json
+    import subprocess
+    import sys
+    hf_models.llama().save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = subprocess.run([sys.executable, "-m", "linquant", "eval", str(tmp_path / "llama"), "--bits", "4",
+                              "--group-size", "32", "--asymmetric", "--device", device, "--json"],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports[device] = json.loads(out.stdout)
+    for name, cpu in reports["cpu"]["models"].items():
+        gpu = reports["cuda"]["models"][name]
+        assert gpu["perplexity"] == pytest.approx(cpu["perplexity"], rel=1e-3), name
+        assert gpu["bytes"] == cpu["bytes"] and gpu["decode_ms_per_token"] > 0, name
+    for cpu, gpu in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
+        assert gpu["layer"] == cpu["layer"] and gpu["snr_db"] == pytest.approx(cpu["snr_db"], abs=1e-3)
