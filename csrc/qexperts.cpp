@@ -61,6 +61,16 @@ at::Tensor QExpertsWeightImpl::linear(const at::Tensor& x, int64_t expert, const
                           options.group_size);
 }
 
+at::Tensor QExpertsWeightImpl::grouped_linear(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& bias) const {
+  detail::check_defined(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, kName, ": x must be [rows, in_features=", in_features,
+                    "], got shape ", x.sizes());
+  return linquant::grouped_linear(x, counts, qweight, scales,
+                                  zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
+                                  bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits,
+                                  options.group_size);
+}
+
 at::Tensor QExpertsWeightImpl::dequantize() const {
   std::vector<at::Tensor> weights;
   for (int64_t e = 0; e < num_experts; ++e) {

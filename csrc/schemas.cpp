@@ -29,6 +29,13 @@ TORCH_LIBRARY(linquant, m) {
   m.def(
       "linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None, int bits=8,"
       " int? group_size=None) -> Tensor");
+  // A mixture's experts at once: x [T, K] holds each expert's rows in turn, counts[e] of them for
+  // expert e (sum(counts) = T); expert e's rows get linear(rows, qweight[e], scales[e], zeros[e],
+  // bias[e]) from the stacked [E, ...] weights (QExpertsWeight's). y [T, N] in x's dtype. A
+  // composite of `linear` (CompositeImplicitAutograd): one call instead of one per expert.
+  m.def(
+      "grouped_linear(Tensor x, int[] counts, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None,"
+      " int bits=8, int? group_size=None) -> Tensor");
   // CUDA builds only: the batch sizes where CUDA `linear` changes path (the GEMV for
   // M <= gemv_max_m, at most 8; the register-dequantizing tensor-core kernels for M <= tc_max_m,
   // at most 64; the shared-memory tensor-core kernel for M <= mma_max_m; the Hopper GEMM for

@@ -102,6 +102,16 @@ class QExpertsWeight(nn.Module):
                                          None if self.zeros is None else self.zeros[expert], bias, self.bits,
                                          self.group_size)
 
+    def grouped_linear(self, x: torch.Tensor, counts: List[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every expert at once: x [T, in_features] holds counts[e] rows of expert e in turn, each
+        multiplied by W_hat[e].T (+ bias[e], bias [num_experts, out_features]), through
+        torch.ops.linquant.grouped_linear."""
+        if x.dim() != 2 or x.shape[-1] != self.in_features:
+            raise ValueError(f"linquant.QExpertsWeight: x must be [rows, in_features={self.in_features}], got shape "
+                             f"{list(x.shape)}")
+        return torch.ops.linquant.grouped_linear(x, counts, self.qweight, self.scales, self.zeros, bias, self.bits,
+                                                 self.group_size)
+
     def _apply(self, fn, recurse=True):
         check_conversion(self, fn)
         return super()._apply(fn, recurse)
@@ -164,44 +174,45 @@ def use_linquant_implementation(module: nn.Module) -> None:
         module.config._experts_implementation = IMPLEMENTATION
 
 
-def _project(module: nn.Module, attr: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+def _project(module: nn.Module, attr: str, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """Projection `attr` of every expert's rows (x holds counts[e] rows of expert e in turn)."""
     bias = getattr(module, f"{attr}_bias", None) if module.has_bias else None
-    bias = None if bias is None else bias[expert]
     weight = getattr(module, attr)
     if isinstance(weight, QExpertsWeight):
-        return weight.linear(x, expert, bias)
-    w = weight[expert]  # a projection left in float (excluded)
-    return F.linear(x, w.t() if module.is_transposed else w, bias)
+        return weight.grouped_linear(x, counts, bias)
+    parts, start = [], 0  # a projection left in float (excluded)
+    for expert, count in enumerate(counts):
+        if count:
+            w = weight[expert]
+            parts.append(F.linear(x[start:start + count], w.t() if module.is_transposed else w,
+                                  None if bias is None else bias[expert]))
+        start += count
+    return torch.cat(parts) if parts else x.new_empty(0, weight.shape[-1 if module.is_transposed else -2])
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The experts implementation "linquant", with the signature transformers gives them: each
-    expert's tokens ([tokens, hidden] rows chosen by top_k_index) go through its projections with
-    linquant's linear, the module's own gate (or activation) and post-expert norm in between,
-    weighted by top_k_weights and summed in float32. An expert index of num_experts or more
-    (expert parallelism's sentinel) contributes nothing. A module with no quantized projection
-    runs its eager forward."""
+    """The experts implementation "linquant", with the signature transformers gives them: the
+    (token, choice) pairs sorted by expert, each projection of every expert in one
+    torch.ops.linquant.grouped_linear call, the module's own gate (or activation) and post-expert
+    norm in between (row by row, so all rows at once), weighted by top_k_weights and summed in
+    float32. An expert index of num_experts or more (expert parallelism's sentinel) contributes
+    nothing. A module with no quantized projection runs its eager forward."""
     attrs = expert_projections(self)
     if not any(isinstance(getattr(self, a), QExpertsWeight) for a in attrs):
         return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
     first, down = attrs
     top_k = top_k_index.shape[-1]
     experts = top_k_index.reshape(-1)
-    order = torch.argsort(experts, stable=True)
-    tokens = order // top_k  # the token of each (token, choice) pair, grouped by expert
-    weights = top_k_weights.reshape(-1)[order].float()
-    counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # one host sync for the loop
+    order = torch.argsort(experts, stable=True)  # sentinels (>= num_experts) sort last
+    counts = torch.bincount(experts, minlength=self.num_experts).tolist()[:self.num_experts]  # one host sync
+    pairs = order[:sum(counts)]
+    tokens = pairs // top_k  # the token of each (token, choice) pair, grouped by expert
+    h = _project(self, first, hidden_states[tokens], counts)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    h = _project(self, down, h, counts)
+    if getattr(self, "has_post_expert_norm", False):
+        h = self.post_expert_norm(h)
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count and expert < self.num_experts:
-            rows = tokens[start:start + count]
-            h = _project(self, first, hidden_states[rows], expert)
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = _project(self, down, h, expert)
-            if getattr(self, "has_post_expert_norm", False):
-                h = self.post_expert_norm(h)
-            out.index_add_(0, rows, h.float() * weights[start:start + count, None])
-        start += count
+    out.index_add_(0, tokens, h.float() * top_k_weights.reshape(-1)[pairs].float()[:, None])
     return out.to(hidden_states.dtype)

@@ -46,6 +46,22 @@ TEST(QExpertsWeightCpp, EachExpertIsItsOwnQuantizedWeight) {
   }
 }
 
+TEST(QExpertsWeightCpp, GroupedLinearIsEachExpertsLinear) {
+  // Rows of experts 0 and 2 in turn (none of 1): each block as that expert's linear, bit for bit.
+  torch::manual_seed(23);
+  QExpertsWeight experts(QExpertsWeightImpl::from_weight(torch::randn({3, 8, 32}), QLinearOptions{4, 16, false}));
+  const at::Tensor x = torch::randn({7, 32}), bias = torch::randn({3, 8});
+  const at::Tensor y = experts->grouped_linear(x, {4, 0, 3}, bias);
+  EXPECT_TRUE(at::equal(y, at::cat({experts->linear(x.narrow(0, 0, 4), 0, bias[0]),
+                                    experts->linear(x.narrow(0, 4, 3), 2, bias[2])})));
+  EXPECT_EQ(experts->grouped_linear(x.narrow(0, 0, 0), {0, 0, 0}).sizes(), at::IntArrayRef({0, 8}));
+  EXPECT_NE(error_of([&] { experts->grouped_linear(x, {4, 0, 2}); }).find("counts must sum to x's 7 rows, got 6"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { experts->grouped_linear(x.narrow(1, 0, 16), {4, 0, 3}); })
+                .find("x must be [rows, in_features=32], got shape [7, 16]"),
+            std::string::npos);
+}
+
 TEST(QExpertsWeightCpp, BadArgumentsRaiseSayingWhich) {
   QExpertsWeight experts(2, 16, 8, QLinearOptions{4, 8, false});
   EXPECT_THROW(experts->linear(torch::randn({3, 16}), 2), c10::IndexError);

@@ -132,6 +132,43 @@ def test_each_experts_slice_is_a_qlinears_format(gen):
         assert q.dequantize().shape == (5, w.shape[2], w.shape[1])
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric,bias,dtype", [
+    (8, None, True, False, torch.float32), (4, 16, False, True, torch.bfloat16), (2, 8, False, False, torch.float16)],
+    ids=str)
+def test_grouped_linear_is_each_experts_linear(gen, bits, group_size, symmetric, bias, dtype):
+    """torch.ops.linquant.grouped_linear: each expert's rows through linear with its slice, bit for
+    bit (experts no row chooses, one taking them all, none at all), gradients to x as the
+    per-expert calls give them, opcheck, and its errors."""
+    w = torch.randn(4, 24, 48, generator=gen).to(dtype)
+    q = lq.QExpertsWeight.from_weight(w, False, bits, group_size, symmetric)
+    b = torch.randn(4, 24, generator=gen).to(dtype) if bias else None
+    for counts in ([3, 0, 5, 1], [0, 9, 0, 0], [0, 0, 0, 0]):
+        x = torch.randn(sum(counts), 48, generator=gen).to(dtype).requires_grad_()
+        y = q.grouped_linear(x, counts, b)
+        parts, start = [], 0
+        for e, c in enumerate(counts):
+            parts.append(q.linear(x[start:start + c], e, None if b is None else b[e]))
+            start += c
+        expected = torch.cat(parts)
+        assert y.shape == (sum(counts), 24) and y.dtype == dtype and torch.equal(y, expected), counts
+        if sum(counts):
+            grad = torch.randn(y.shape, generator=gen).to(dtype)
+            (got,) = torch.autograd.grad(y, x, grad)
+            (want,) = torch.autograd.grad(expected, x, grad)
+            assert torch.equal(got, want), counts
+    x = torch.randn(9, 48, generator=gen).to(dtype)
+    args = (x, [3, 0, 5, 1], q.qweight, q.scales, q.zeros, b, bits, group_size)
+    torch.library.opcheck(torch.ops.linquant.grouped_linear.default, args)
+    for bad, match in [((x, [3, 0, 5], *args[2:]), r"counts must hold one row count per expert \(4\), got 3"),
+                       ((x, [3, 0, 7, -1], *args[2:]), r"counts must be >= 0"),
+                       ((x, [3, 0, 5, 2], *args[2:]), r"counts must sum to x's 9 rows, got 10"),
+                       ((x[None], *args[1:]), r"x must be \[T, K\]"),
+                       ((*args[:2], q.qweight[0], *args[3:]), r"qweight and scales must be stacked per expert"),
+                       ((*args[:5], torch.zeros(3, 24).to(dtype), *args[6:]), r"bias must be \[4, N\]")]:
+        with pytest.raises(ValueError, match="linquant::grouped_linear: " + match):
+            torch.ops.linquant.grouped_linear(*bad)
+
+
 def test_awkward_routings(gen):
     """No tokens; one expert taking every token; experts no token chooses; the expert-parallel
     sentinel index (num_experts) contributing nothing; a non-contiguous input."""

@@ -83,6 +83,21 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const a
   return h.call(x, qweight, scales, zeros, bias, bits, group_size);
 }
 
+// A mixture's experts at once: x [T, K] holds counts[e] rows of expert e in turn; each gets
+// linear with expert e's slice of the stacked [E, ...] weights (and bias [E, N]). y [T, N].
+inline at::Tensor grouped_linear(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& qweight,
+                                 const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                 const std::optional<at::Tensor>& bias, int64_t bits,
+                                 std::optional<int64_t> group_size) {
+  static const auto h = detail::op<at::Tensor(const at::Tensor&, at::IntArrayRef, const at::Tensor&, const at::Tensor&,
+                                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                              int64_t, std::optional<int64_t>)>("linquant::grouped_linear");
+  detail::check_defined(x, "x");
+  detail::check_defined(qweight, "qweight");
+  detail::check_defined(scales, "scales");
+  return h.call(x, counts, qweight, scales, zeros, bias, bits, group_size);
+}
+
 // The float weight [N, in_features] that a weight in the quantized-weight format stands for, in
 // dtype (Python: linquant.dequantize_weight): sub-byte rows unpacked, symmetric sub-byte values
 // (stored offset by 2^(bits-1)) back to signed, then dequantize per channel or per group.

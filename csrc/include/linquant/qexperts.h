@@ -2,7 +2,7 @@
 // behaviour (docs/architecture.md, "Models"): one projection of a mixture's num_experts experts,
 // each expert's [out_features, in_features] weight in the quantized-weight format of a QLinear,
 // stacked ([E, out, packed in] qweight, [E, out, G] scales and zeros). The routing is the model's:
-// linear(x, e) runs expert e's rows.
+// linear(x, e) runs expert e's rows, grouped_linear all experts' at once.
 #pragma once
 
 #include <torch/nn/pimpl.h>
@@ -32,6 +32,9 @@ class QExpertsWeightImpl : public QuantizedModule<QExpertsWeightImpl> {
 
   // x [..., in_features] @ W_hat[expert]^T (+ bias [out_features]) through linquant::linear.
   at::Tensor linear(const at::Tensor& x, int64_t expert, const at::Tensor& bias = at::Tensor()) const;
+  // Every expert at once: x [T, in_features] holds counts[e] rows of expert e in turn (+ bias
+  // [num_experts, out_features]), through linquant::grouped_linear: one call, not one per expert.
+  at::Tensor grouped_linear(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& bias = at::Tensor()) const;
   // The float weight [num_experts, out_features, in_features], in the scales' dtype.
   at::Tensor dequantize() const;
   // As the Python QExpertsWeight's repr.
