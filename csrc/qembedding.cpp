@@ -8,14 +8,6 @@
 #include "quantized_module.h"
 
 namespace linquant {
-namespace {
-
-std::optional<at::Tensor> optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
-}  // namespace
-
 QEmbeddingImpl::QEmbeddingImpl(int64_t num_embeddings_, int64_t embedding_dim_, QLinearOptions options_,
                                std::optional<int64_t> padding_idx_, at::ScalarType dtype)
     : num_embeddings(num_embeddings_),
@@ -58,7 +50,8 @@ at::Tensor QEmbeddingImpl::forward(const at::Tensor& ids) {
                    ": ids must be int64 or int32 indices, got ", ids.scalar_type());
   const at::Tensor flat = ids.reshape(-1);
   if (flat.numel() && flat.device().is_cpu()) {
-    const int64_t low = flat.min().item<int64_t>(), high = flat.max().item<int64_t>();
+    const auto [min, max] = at::aminmax(flat);  // one pass over the ids
+    const int64_t low = min.item<int64_t>(), high = max.item<int64_t>();
     TORCH_CHECK_INDEX(low >= 0 && high < num_embeddings, kName, ": ids must be in [0, ", num_embeddings,
                       "), got values from ", low, " to ", high);
   }
@@ -72,7 +65,7 @@ at::Tensor QEmbeddingImpl::forward(const at::Tensor& ids) {
 }
 
 at::Tensor QEmbeddingImpl::dequantize() const {
-  return dequantize_weight(qweight, scales, optional(zeros), options.bits, options.group_size, embedding_dim,
+  return dequantize_weight(qweight, scales, detail::optional_of(zeros), options.bits, options.group_size, embedding_dim,
                            scales.scalar_type());
 }
 

@@ -57,18 +57,15 @@ at::Tensor QExpertsWeightImpl::linear(const at::Tensor& x, int64_t expert, const
                     expert);
   return linquant::linear(x, qweight[expert], scales[expert],
                           zeros.defined() ? std::optional<at::Tensor>(zeros[expert]) : std::nullopt,
-                          bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits,
-                          options.group_size);
+                          detail::optional_of(bias), options.bits, options.group_size);
 }
 
 at::Tensor QExpertsWeightImpl::grouped_linear(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& bias) const {
   detail::check_defined(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, kName, ": x must be [rows, in_features=", in_features,
                     "], got shape ", x.sizes());
-  return linquant::grouped_linear(x, counts, qweight, scales,
-                                  zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
-                                  bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits,
-                                  options.group_size);
+  return linquant::grouped_linear(x, counts, qweight, scales, detail::optional_of(zeros), detail::optional_of(bias),
+                                  options.bits, options.group_size);
 }
 
 at::Tensor QExpertsWeightImpl::dequantize() const {

@@ -110,8 +110,8 @@ at::Tensor QLinearImpl::forward(const at::Tensor& x) {
   // The op sees only packed bytes, so at 4 or 2 bits it cannot tell K = 7 from K = 8: check here.
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "linquant::QLinear: x must have in_features=",
                     in_features, " in its last dim, got shape ", x.sizes());
-  return linear(x, qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
-                bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.bits, options.group_size);
+  return linear(x, qweight, scales, detail::optional_of(zeros), detail::optional_of(bias), options.bits,
+                options.group_size);
 }
 
 void QLinearImpl::pretty_print(std::ostream& stream) const {
@@ -122,8 +122,8 @@ void QLinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor QLinearImpl::dequantize() const {
-  return dequantize_weight(qweight, scales, zeros.defined() ? std::optional<at::Tensor>(zeros) : std::nullopt,
-                           options.bits, options.group_size, in_features, scales.scalar_type());
+  return dequantize_weight(qweight, scales, detail::optional_of(zeros), options.bits, options.group_size, in_features,
+                           scales.scalar_type());
 }
 
 detail::NamedSizes QLinearImpl::format_record() const {

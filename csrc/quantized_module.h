@@ -6,6 +6,7 @@
 
 #include <torch/nn/module.h>
 
+#include <optional>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -15,6 +16,11 @@
 #include "linquant/quantized_module.h"
 
 namespace linquant::detail {
+
+// An undefined tensor (a symmetric format's zeros, a layer without bias) as the ops' None.
+inline std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
 
 // Groups per row: ceil(cols / group_size) (none when cols = 0), or one per channel.
 int64_t group_count(int64_t cols, const QLinearOptions& options);
