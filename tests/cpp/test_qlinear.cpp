@@ -274,7 +274,7 @@ TEST(QLinearCpp, BackwardGivesXAndBiasTheirGradients) {
     q->forward(x).backward(dy);
     const at::Tensor w_hat = reference_weight(lin->weight.detach(), 4, 16, symmetric);
     EXPECT_TRUE(at::allclose(x.grad(), at::matmul(dy, w_hat), 1e-5, 1e-5));
-    EXPECT_TRUE(at::allclose(q->bias.grad(), dy.sum({0, 1}), 1e-5, 1e-5));
+    EXPECT_TRUE(at::allclose(q->bias.grad(), dy.sum(at::IntArrayRef{0, 1}), 1e-5, 1e-5));
     q->scales.requires_grad_(true);  // the weight is frozen: a gradient for it is refused
     EXPECT_THROW(q->forward(x).sum().backward(), c10::NotImplementedError);
   }
