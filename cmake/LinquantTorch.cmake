@@ -62,8 +62,13 @@ if(NOT DEFINED LINQUANT_CUDA_ARCHS)
 endif()
 
 set(LINQUANT_WITH_CUDA OFF)
-if(LINQUANT_TORCH_CUDA_VERSION AND NOT (DEFINED LINQUANT_CUDA AND NOT LINQUANT_CUDA))
+if(LINQUANT_TORCH_CUDA_VERSION)
+  # Torch's own CMake looks for the toolkit whenever torch is a CUDA build, even for a CPU-only
+  # library (LINQUANT_CUDA=0): without this it takes an nvcc wrapper on PATH for the toolkit root
+  # and stops ("cannot find the CUDA libraries").
   include(${CMAKE_CURRENT_LIST_DIR}/LinquantCudaToolkit.cmake)
+endif()
+if(LINQUANT_TORCH_CUDA_VERSION AND NOT (DEFINED LINQUANT_CUDA AND NOT LINQUANT_CUDA))
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
