@@ -80,4 +80,41 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
   return s;
 }
 
+namespace {
+
+constexpr const char* kGrouped = "linquant::grouped_linear";
+
+// `t` (zeros or bias) holds one entry per expert: [E, ...] with E = experts.
+void check_stacked(const std::optional<at::Tensor>& t, const char* name, int64_t experts, int64_t dims) {
+  if (!t.has_value()) return;
+  check_defined(*t, name);
+  TORCH_CHECK_VALUE(t->dim() == dims && t->size(0) == experts, kGrouped, ": ", name, " must be [", experts,
+                    dims == 2 ? ", N" : ", N, G", "] (one per expert), got shape ", t->sizes());
+}
+
+}  // namespace
+
+void check_grouped_linear_args(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& qweight,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                               const std::optional<at::Tensor>& bias) {
+  check_defined(x, "x");
+  check_defined(qweight, "qweight");
+  check_defined(scales, "scales");
+  TORCH_CHECK_VALUE(x.dim() == 2, kGrouped, ": x must be [T, K] (each expert's rows in turn), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(qweight.dim() == 3 && scales.dim() == 3 && scales.size(0) == qweight.size(0), kGrouped,
+                    ": qweight and scales must be stacked per expert, [E, N, ...], got shapes ", qweight.sizes(),
+                    " and ", scales.sizes());
+  const int64_t experts = qweight.size(0);
+  check_stacked(zeros, "zeros", experts, 3);
+  check_stacked(bias, "bias", experts, 2);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == experts, kGrouped,
+                    ": counts must hold one row count per expert (", experts, "), got ", counts.size());
+  int64_t total = 0;
+  for (const int64_t c : counts) {
+    TORCH_CHECK_VALUE(c >= 0, kGrouped, ": counts must be >= 0, got ", counts);
+    total += c;
+  }
+  TORCH_CHECK_VALUE(total == x.size(0), kGrouped, ": counts must sum to x's ", x.size(0), " rows, got ", total);
+}
+
 }  // namespace linquant

@@ -24,4 +24,11 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
                               const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                               int64_t bits, std::optional<int64_t> group_size);
 
+// grouped_linear's own checks: x [T, K], weights stacked per expert ([E, N, ...]: zeros [E, N, G],
+// bias [E, N]) and one row count per expert summing to T. Each expert's slice is then a linear
+// call's (check_linear_args).
+void check_grouped_linear_args(const at::Tensor& x, at::IntArrayRef counts, const at::Tensor& qweight,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                               const std::optional<at::Tensor>& bias);
+
 }  // namespace linquant

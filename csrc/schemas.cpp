@@ -31,8 +31,8 @@ TORCH_LIBRARY(linquant, m) {
       " int? group_size=None) -> Tensor");
   // A mixture's experts at once: x [T, K] holds each expert's rows in turn, counts[e] of them for
   // expert e (sum(counts) = T); expert e's rows get linear(rows, qweight[e], scales[e], zeros[e],
-  // bias[e]) from the stacked [E, ...] weights (QExpertsWeight's). y [T, N] in x's dtype. A
-  // composite of `linear` (CompositeImplicitAutograd): one call instead of one per expert.
+  // bias[e]) from the stacked [E, ...] weights (QExpertsWeight's). y [T, N] in x's dtype. One
+  // call instead of one per expert: on the CPU one parallel loop over every expert's weights.
   m.def(
       "grouped_linear(Tensor x, int[] counts, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? bias=None,"
       " int bits=8, int? group_size=None) -> Tensor");

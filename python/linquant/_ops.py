@@ -158,6 +158,31 @@ def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=N
     return x.new_empty(list(x.shape[:-1]) + [n])
 
 
+@torch.library.register_fake("linquant::grouped_linear")
+def _grouped_linear_fake(x, counts, qweight, scales, zeros=None, bias=None, bits=8, group_size=None):
+    who = "linquant::grouped_linear"
+    if x.dim() != 2:
+        raise ValueError(f"{who}: x must be [T, K] (each expert's rows in turn), got shape {list(x.shape)}")
+    if qweight.dim() != 3 or scales.dim() != 3 or scales.shape[0] != qweight.shape[0]:
+        raise ValueError(f"{who}: qweight and scales must be stacked per expert, [E, N, ...], got shapes "
+                         f"{list(qweight.shape)} and {list(scales.shape)}")
+    experts = qweight.shape[0]
+    for t, name, dims in ((zeros, "zeros", 3), (bias, "bias", 2)):
+        if t is not None and (t.dim() != dims or t.shape[0] != experts):
+            raise ValueError(f"{who}: {name} must be [{experts}, {'N' if dims == 2 else 'N, G'}] (one per expert), "
+                             f"got shape {list(t.shape)}")
+    if len(counts) != experts:
+        raise ValueError(f"{who}: counts must hold one row count per expert ({experts}), got {len(counts)}")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"{who}: counts must be >= 0, got {list(counts)}")
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {sum(counts)}")
+    if experts:
+        _linear_fake(x, qweight[0], scales[0], None if zeros is None else zeros[0], None if bias is None else bias[0],
+                     bits, group_size)
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: Optional[int] = None,
                    group_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (float32) and zero point (int32, or None when symmetric) for quantizing `x`.

@@ -18,7 +18,7 @@ from torch import nn
 import linquant as lq
 from linquant.experts import QExpertsWeight, experts_modules
 from conftest import cuda_only
-from reference import ref_stored_weight, ref_weight_format
+from reference import linear_bound, ref_stored_weight, ref_weight, ref_weight_format, strided_view
 
 transformers = pytest.importorskip("transformers")
 moe = pytest.importorskip("transformers.integrations.moe")
@@ -167,6 +167,52 @@ def test_grouped_linear_is_each_experts_linear(gen, bits, group_size, symmetric,
                        ((*args[:5], torch.zeros(3, 24).to(dtype), *args[6:]), r"bias must be \[4, N\]")]:
         with pytest.raises(ValueError, match="linquant::grouped_linear: " + match):
             torch.ops.linquant.grouped_linear(*bad)
+
+
+# Rows per expert on both sides of every CPU path's threshold (csrc/cpu/linear.cpp): 1 and 7 rows
+# take the register kernels (8-bit bf16: tile8), 8 and 33 the bf16 dot kernel (8 bits from 8 rows),
+# 70 the bf16 GEMM (from 32 or 64 rows), 130 the fp32 GEMM (from 128).
+PATH_COUNTS = [1, 0, 7, 8, 33, 70, 130]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 32, False), (4, 32, False), (4, None, True),
+                                                       (2, 16, False), (4, 16, True)],
+                         ids=["w8", "w8g32a", "w4g32a", "w4", "w2g16a", "w4g16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_grouped_linear_takes_each_experts_path(gen, bits, group_size, symmetric, dtype):
+    """Experts whose rows take different CPU paths in one call: each gets the product linear gives
+    its rows, bit for bit, within the float64 reference's bound; from a non-contiguous x (K = 67:
+    not a multiple of any group), and with one expert's activations near float's limit (its
+    register kernels overflow and its product is computed again through the dequantized weight)."""
+    experts, n, k = len(PATH_COUNTS), 36, 67
+    w = torch.randn(experts, n, k, generator=gen)
+    q = QExpertsWeight.from_weight(w.to(dtype), False, bits, group_size, symmetric)
+    b = torch.randn(experts, n, generator=gen).to(dtype)
+    x = strided_view(torch.randn(sum(PATH_COUNTS), k, generator=gen).to(dtype))
+    x[1:8] *= 1e36 if dtype != torch.float16 else 1  # expert 2's 7 rows (fp16 cannot hold them)
+    y = q.grouped_linear(x, PATH_COUNTS, b)
+    start = 0
+    for e, c in enumerate(PATH_COUNTS):
+        rows = x[start:start + c]
+        got = y[start:start + c]
+        assert torch.equal(got, q.linear(rows, e, b[e])), (e, c)
+        assert bool(torch.isfinite(got).all()), (e, c)
+        w64 = ref_weight(q.qweight[e], q.scales[e], None if q.zeros is None else q.zeros[e], bits, group_size, k)
+        x64 = rows.double()
+        ref = x64 @ w64.T + b[e].double()
+        bound = linear_bound(x64, w64, q.qweight[e], q.scales[e], None if q.zeros is None else q.zeros[e], bits,
+                             group_size, dtype, ref) + ref.abs() * torch.finfo(dtype).eps  # + bias rounding
+        assert bool(((got.double() - ref).abs() <= bound).all()), (e, c)
+        start += c
+
+
+def test_grouped_linear_under_autocast(gen):
+    """Under torch.autocast, grouped_linear runs in the autocast dtype as linear does (x cast)."""
+    q = QExpertsWeight.from_weight(torch.randn(3, 16, 40, generator=gen), False, 4, 8, False)
+    x, counts = torch.randn(6, 40, generator=gen), [2, 0, 4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q.grouped_linear(x, counts)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, q.grouped_linear(x.bfloat16(), counts))
 
 
 def test_awkward_routings(gen):
