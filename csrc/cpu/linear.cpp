@@ -171,12 +171,10 @@ void product_by_gemm(const at::Tensor& x_rows, Path path, const LinearArgs& a, c
 
 // The register kernels' activations for x_rows [M, K] (M > 0): for Path::dot_bf16 the bf16 byte
 // streams and each row's sums over each group, for Path::tiles the fp32 byte (or word) streams;
-// see linear_kernels.h. Row m of every tensor starts at m * row_elems(): a slice of rows is a
-// pointer offset (grouped_linear's experts).
+// see linear_kernels.h.
 struct Activations {
   at::Tensor streams, sums;  // sums: dot_bf16 only
   bool word_streams = false;
-  int64_t stream_row = 0, sum_row = 0;  // elements per activation row
 
   Activations(const at::Tensor& x_rows, Path path, const LinearArgs& a) {
     const int64_t M = x_rows.size(0);
@@ -193,23 +191,21 @@ struct Activations {
     if (path == Path::dot_bf16) {
       streams = split(x_rows.contiguous(), a.row_bytes, per_byte);
       sums = at::constant_pad_nd(x2, {0, a.groups * a.group - a.K}).view({M, a.groups, a.group}).sum(-1);
-      sum_row = a.groups;
     } else {
       word_streams = linear_kernels().word_streams(a.bits, a.group, a.groups == 1);
       const int64_t unit_values = word_streams ? 32 / a.bits : per_byte;
       streams = split(x2, word_streams ? (a.row_bytes + 3) / 4 : a.row_bytes, unit_values);
     }
-    stream_row = streams.numel() / M;
   }
 
-  // Points `a` (M rows) at rows [first, first + a.M).
-  void point(LinearArgs& a, int64_t first) const {
+  // Points the kernels' arguments at these activations.
+  void point(LinearArgs& a) const {
     a.word_streams = word_streams;
     if (sums.defined()) {
-      a.xb = reinterpret_cast<const uint16_t*>(streams.const_data_ptr()) + first * stream_row;
-      a.xsum = sums.const_data_ptr<float>() + first * sum_row;
+      a.xb = reinterpret_cast<const uint16_t*>(streams.const_data_ptr());
+      a.xsum = sums.const_data_ptr<float>();
     } else {
-      a.xd = streams.const_data_ptr<float>() + first * stream_row;
+      a.xd = streams.const_data_ptr<float>();
     }
   }
 };
@@ -247,7 +243,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     return out.view(out_shape);
   }
   const Activations act(x_rows, path, a);
-  act.point(a, 0);
+  act.point(a);
   at::Tensor y = x.scalar_type() == at::kFloat ? out : at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
   a.y = y.data_ptr<float>();
   const LinearKernels::GemvFn gemv = kernel_for(path);
@@ -260,7 +256,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
 }
 
 // One expert's rows of a grouped_linear call, for the register kernels: its weight, activations
-// and fp32 output, laid out as `linear` lays them out for those rows.
+// and fp32 output (out's rows for fp32 x), laid out as `linear` lays them out for those rows.
 struct ExpertRows {
   Weight wt;  // wt.a.scales is nullptr when the scales are converted per thread (below)
   Path path;  // dot_bf16 or tiles
@@ -304,6 +300,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
   // slower at 64 tokens of OLMoE's shapes than one call per expert. For the same reason fp16 /
   // bf16 scales are converted by each thread for its rows, into a buffer it keeps, rather than
   // each expert's whole scales at once.
+  const bool fp32_x = x.scalar_type() == at::kFloat;  // the kernels write out's rows themselves
   std::vector<ExpertRows> rows;
   for (int64_t e = 0, first = 0; e < experts; first += counts[e], ++e) {
     const int64_t m = counts[e];
@@ -319,8 +316,8 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
       continue;
     }
     Activations act(x_rows, path, wt.a);
-    act.point(wt.a, 0);
-    at::Tensor y = x.scalar_type() == at::kFloat ? out.narrow(0, first, m) : at::empty({m, sh.N}, out.options().dtype(at::kFloat));
+    act.point(wt.a);
+    at::Tensor y = fp32_x ? out.narrow(0, first, m) : at::empty({m, sh.N}, out.options().dtype(at::kFloat));
     wt.a.y = y.data_ptr<float>();
     rows.push_back({std::move(wt), path, first, std::move(act), std::move(y)});
   }
@@ -351,7 +348,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
       if (r.wt.a.scales == nullptr) r.wt.a.scales = (r.wt.s = r.wt.s.to(at::kFloat)).const_data_ptr<float>();
       recompute_through_gemm(xc.narrow(0, r.first, r.wt.a.M), r.wt.a, r.wt.b, r.y);
     }
-    if (!r.y.is_same(out)) out.narrow(0, r.first, r.wt.a.M).copy_(r.y);
+    if (!fp32_x) out.narrow(0, r.first, r.wt.a.M).copy_(r.y);
   }
   return out;
 }
