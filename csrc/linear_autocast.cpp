@@ -1,7 +1,7 @@
 // linquant::linear and grouped_linear under torch.autocast: x is cast to the autocast dtype, as
 // for nn.Linear (a lower-precision op), so a QLinear in an fp32 model runs in fp16 / bf16 like the
-// layers around it and takes the same kernels a model in that dtype would. scales and bias stay as stored: the
-// kernels read them in any float dtype.
+// layers around it and takes the same kernels a model in that dtype would. scales and bias stay
+// as stored: the kernels read them in any float dtype.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 

@@ -68,6 +68,12 @@ bool any_non_finite(const at::Tensor& y) {
 struct Weight {
   LinearArgs a;  // the weight's fields; M and the activation / output pointers are set per call
   at::Tensor w, s, z, b;
+
+  // Scales kept fp16 / bf16 for per-thread conversion (weight_of) converted whole, for a path
+  // that reads them all (the GEMMs' dequantization).
+  void scales_in_float() {
+    if (a.scales == nullptr) a.scales = (s = s.to(at::kFloat)).const_data_ptr<float>();
+  }
 };
 
 // scales_per_thread: keep fp16 / bf16 scales as they are (contiguous) and leave a.scales nullptr,
@@ -311,7 +317,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
     const at::Tensor x_rows = xc.narrow(0, first, m);
     const Path path = path_for(wt.a, m, x.scalar_type());
     if (path == Path::gemm_bf16 || path == Path::gemm) {
-      if (wt.a.scales == nullptr) wt.a.scales = (wt.s = wt.s.to(at::kFloat)).const_data_ptr<float>();
+      wt.scales_in_float();
       product_by_gemm(x_rows, path, wt.a, wt.b, out.narrow(0, first, m));
       continue;
     }
@@ -345,7 +351,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
   });
   for (ExpertRows& r : rows) {
     if (any_non_finite(r.y)) {
-      if (r.wt.a.scales == nullptr) r.wt.a.scales = (r.wt.s = r.wt.s.to(at::kFloat)).const_data_ptr<float>();
+      r.wt.scales_in_float();
       recompute_through_gemm(xc.narrow(0, r.first, r.wt.a.M), r.wt.a, r.wt.b, r.y);
     }
     if (!fp32_x) out.narrow(0, r.first, r.wt.a.M).copy_(r.y);
