@@ -64,27 +64,23 @@ bool any_non_finite(const at::Tensor& y) {
 }
 
 // One weight (a layer's, or one expert's) as the kernels read it, with the tensors holding its
-// scales in fp32, zero points in int32 and bias in fp32 kept alive beside the pointers.
+// scales, zero points in int32 and bias in fp32 kept alive beside the pointers. fp16 / bf16 scales
+// stay as they are (a.scales nullptr): the register kernels' threads convert their own rows
+// (run_register_kernels), and the GEMM paths convert them whole (scales_in_float).
 struct Weight {
   LinearArgs a;  // the weight's fields; M and the activation / output pointers are set per call
   at::Tensor w, s, z, b;
 
-  // Scales kept fp16 / bf16 for per-thread conversion (weight_of) converted whole, for a path
-  // that reads them all (the GEMMs' dequantization).
   void scales_in_float() {
-    if (a.scales == nullptr) a.scales = (s = s.to(at::kFloat)).const_data_ptr<float>();
+    if (s.scalar_type() != at::kFloat) a.scales = (s = s.to(at::kFloat)).const_data_ptr<float>();
   }
 };
 
-// scales_per_thread: keep fp16 / bf16 scales as they are (contiguous) and leave a.scales nullptr,
-// for the caller to convert each thread's rows (grouped_linear).
 Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight, const at::Tensor& scales,
-                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                 bool scales_per_thread = false) {
+                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias) {
   Weight wt;
   wt.w = qweight.contiguous();
-  const bool keep = scales_per_thread && scales.scalar_type() != at::kFloat;
-  wt.s = keep ? scales.contiguous() : scales.to(at::kFloat).contiguous();
+  wt.s = scales.contiguous();
   if (zeros.has_value()) wt.z = zero_points_as_int32(*zeros, "zeros").contiguous();
   if (bias.has_value()) wt.b = bias->to(at::kFloat).contiguous();
   LinearArgs& a = wt.a;
@@ -96,7 +92,7 @@ Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight,
   a.group = sh.group;
   a.groups = sh.groups;
   a.w = reinterpret_cast<const uint8_t*>(wt.w.const_data_ptr());
-  a.scales = keep ? nullptr : wt.s.const_data_ptr<float>();
+  a.scales = wt.s.scalar_type() == at::kFloat ? wt.s.const_data_ptr<float>() : nullptr;
   a.zeros = wt.z.defined() ? wt.z.const_data_ptr<int32_t>() : nullptr;
   a.zero_const = sh.symmetric && bits < 8 ? 1 << (bits - 1) : 0;  // stored offset of signed sub-byte values
   a.bias = wt.b.defined() ? wt.b.const_data_ptr<float>() : nullptr;
@@ -175,33 +171,80 @@ void product_by_gemm(const at::Tensor& x_rows, Path path, const LinearArgs& a, c
   if (!y.is_same(out)) out.copy_(y);
 }
 
+// out[m, p, u] = x[m, u * unit_values + p] (zero past K) for `units` units of `unit_values` values:
+// each row of x [M, K] (contiguous) split by position within a byte (or word) of weights.
+template <typename In, typename Out, typename Convert>
+void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_values, Out* out, Convert convert) {
+  for (int64_t m = 0; m < M; ++m) {
+    const In* row = x + m * K;
+    for (int64_t p = 0; p < unit_values; ++p) {
+      Out* stream = out + (m * unit_values + p) * units;
+      const int64_t filled = K > p ? (K - p + unit_values - 1) / unit_values : 0;  // units with a value at p
+      for (int64_t u = 0; u < filled; ++u) stream[u] = convert(row[u * unit_values + p]);
+      std::fill(stream + filled, stream + units, Out{});
+    }
+  }
+}
+
+// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous), in double and
+// rounded once: exact to fp32's precision whatever the group size. Eight running sums keep the
+// additions from waiting on each other (one chain cost 30 us at M = 16, K = 1536).
+void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int64_t groups, float* sum) {
+  constexpr int kLanes = 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const c10::BFloat16* row = x + m * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t end = std::min(K, (g + 1) * group);
+      double lanes[kLanes] = {};
+      int64_t k = g * group;
+      for (; k + kLanes <= end; k += kLanes) {
+        for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<float>(row[k + j]);
+      }
+      for (; k < end; ++k) lanes[0] += static_cast<float>(row[k]);
+      double total = 0;
+      for (double lane : lanes) total += lane;
+      sum[m * groups + g] = static_cast<float>(total);
+    }
+  }
+}
+
 // The register kernels' activations for x_rows [M, K] (M > 0): for Path::dot_bf16 the bf16 byte
 // streams and each row's sums over each group, for Path::tiles the fp32 byte (or word) streams;
-// see linear_kernels.h.
+// see linear_kernels.h. Written by plain loops into one allocation: the chain of ATen ops it
+// replaced (convert, pad, view, transpose, copy, sum) cost several microseconds a call, a third of
+// a small layer's time at M = 1.
 struct Activations {
   at::Tensor streams, sums;  // sums: dot_bf16 only
   bool word_streams = false;
 
   Activations(const at::Tensor& x_rows, Path path, const LinearArgs& a) {
-    const int64_t M = x_rows.size(0);
-    const int64_t per_byte = 8 / a.bits;
-    // x padded to whole bytes (or words) of weights, then split by position within the byte (word).
-    const auto split = [&](const at::Tensor& rows, int64_t units, int64_t unit_values) {
-      if (unit_values == 1) return rows;
-      return at::constant_pad_nd(rows, {0, units * unit_values - a.K})
-          .view({M, units, unit_values})
-          .transpose(1, 2)
-          .contiguous();
-    };
-    const at::Tensor x2 = x_rows.to(at::kFloat).contiguous();
-    if (path == Path::dot_bf16) {
-      streams = split(x_rows.contiguous(), a.row_bytes, per_byte);
-      sums = at::constant_pad_nd(x2, {0, a.groups * a.group - a.K}).view({M, a.groups, a.group}).sum(-1);
-    } else {
-      word_streams = linear_kernels().word_streams(a.bits, a.group, a.groups == 1);
-      const int64_t unit_values = word_streams ? 32 / a.bits : per_byte;
-      streams = split(x2, word_streams ? (a.row_bytes + 3) / 4 : a.row_bytes, unit_values);
+    const int64_t M = x_rows.size(0), K = a.K;
+    const at::Tensor x = x_rows.contiguous();
+    if (path == Path::dot_bf16) {  // x is bf16 here (bf16_kernels)
+      const int64_t per_byte = 8 / a.bits;
+      if (per_byte == 1) {
+        streams = x;  // bf16 rows as they are
+      } else {
+        streams = at::empty({M, per_byte * a.row_bytes}, x.options());
+        split_rows(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, K, a.row_bytes, per_byte,
+                   reinterpret_cast<uint16_t*>(streams.data_ptr()), [](uint16_t v) { return v; });
+      }
+      sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
+      group_sums(x.const_data_ptr<c10::BFloat16>(), M, K, a.group, a.groups, sums.data_ptr<float>());
+      return;
     }
+    word_streams = linear_kernels().word_streams(a.bits, a.group, a.groups == 1);
+    const int64_t unit_values = word_streams ? 32 / a.bits : 8 / a.bits;
+    if (unit_values == 1 && x.scalar_type() == at::kFloat) {
+      streams = x;  // fp32 rows as they are
+      return;
+    }
+    const int64_t units = word_streams ? (a.row_bytes + 3) / 4 : a.row_bytes;
+    streams = at::empty({M, unit_values * units}, x.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linquant_activation_streams", [&] {
+      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, streams.data_ptr<float>(),
+                 [](scalar_t v) { return static_cast<float>(v); });
+    });
   }
 
   // Points the kernels' arguments at these activations.
@@ -229,42 +272,11 @@ void recompute_through_gemm(const at::Tensor& x_rows, const LinearArgs& a, const
   if (b.defined()) y.add_(b);
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
-                      std::optional<int64_t> group_size) {
-  const LinearShape sh = check_linear_args(x, qweight, scales, zeros, bias, bits, group_size);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "linquant: x must be on the CPU for this kernel, got ", x.device());
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = sh.N;
-  if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
-
-  Weight wt = weight_of(sh, bits, qweight, scales, zeros, bias);
-  LinearArgs& a = wt.a;
-  a.M = sh.M;
-  const at::Tensor x_rows = x.reshape({sh.M, sh.K});
-  const Path path = path_for(a, sh.M, x.scalar_type());
-  at::Tensor out = at::empty({sh.M, sh.N}, x.options());
-  if (path == Path::gemm_bf16 || path == Path::gemm) {
-    product_by_gemm(x_rows, path, a, wt.b, out);
-    return out.view(out_shape);
-  }
-  const Activations act(x_rows, path, a);
-  act.point(a);
-  at::Tensor y = x.scalar_type() == at::kFloat ? out : at::empty({sh.M, sh.N}, x.options().dtype(at::kFloat));
-  a.y = y.data_ptr<float>();
-  const LinearKernels::GemvFn gemv = kernel_for(path);
-  // Threads take whole 4-row blocks so the kernels' 4-row register tiles rarely split.
-  const int64_t blocks = (sh.N + 3) / 4;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { gemv(a, b0 * 4, std::min(b1 * 4, sh.N)); });
-  if (any_non_finite(y)) recompute_through_gemm(x_rows, a, wt.b, y);
-  if (!y.is_same(out)) out.copy_(y);
-  return out.view(out_shape);
-}
-
-// One expert's rows of a grouped_linear call, for the register kernels: its weight, activations
-// and fp32 output (out's rows for fp32 x), laid out as `linear` lays them out for those rows.
-struct ExpertRows {
-  Weight wt;  // wt.a.scales is nullptr when the scales are converted per thread (below)
+// One weight's product through the register kernels (a layer's, or one expert's rows in
+// grouped_linear): the weight, the kernel, the activations laid out for it and the fp32 output
+// (out's rows themselves for fp32 x).
+struct RegisterProduct {
+  Weight wt;  // fp16 / bf16 scales (wt.s) are converted per thread (below)
   Path path;  // dot_bf16 or tiles
   int64_t first;  // its first row of x
   Activations act;
@@ -277,6 +289,96 @@ void scale_rows_to_float(const at::Tensor& scales, int64_t groups, int64_t n0, i
     const scalar_t* s = scales.const_data_ptr<scalar_t>();
     for (int64_t i = n0 * groups; i < n1 * groups; ++i) out[i] = static_cast<float>(s[i]);
   });
+}
+
+// Threads for the register kernels: one per kMicrosPerThread of estimated single-thread work, at
+// the kernels' single-thread rates here (weights streamed from DRAM at ~16 GB/s; ~60 GMAC/s once
+// bound by arithmetic, M = 16), so small products skip the fork and the workers' wake-up (~5 us).
+// 2 threads against 1 (same weights and rows): 256x576 8-bit M = 1 (est. 12 us) 0.8x, 576x576
+// 4-bit M = 1 (16 us) 1.0-1.25x, M = 4 (32 us) 1.4x; 128x256 8-bit M = 32 (19 us) 1.4x.
+constexpr double kBytesPerMicro = 16e3, kMacsPerMicro = 60e3, kMicrosPerThread = 6;
+
+// Runs every product's register kernels in one parallel loop: a thread takes the same share of
+// each weight's 4-row blocks (so the kernels' 4-row tiles rarely split, and experts of different
+// row counts spread evenly), converting fp16 / bf16 scales for its own rows into a buffer it keeps.
+// Small weights run on the calling thread.
+void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t N, int64_t groups) {
+  double micros = 0;
+  for (const RegisterProduct& p : products) {
+    const LinearArgs& a = p.wt.a;
+    micros += static_cast<double>(N * a.row_bytes) / kBytesPerMicro + static_cast<double>(a.M * N * a.K) / kMacsPerMicro;
+  }
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t threads = std::clamp<int64_t>(static_cast<int64_t>(micros / kMicrosPerThread), 1,
+                                              std::min<int64_t>(blocks, at::get_num_threads()));
+  const auto share = [&](int64_t t) {
+    thread_local std::vector<float> scale_buffer;  // this thread's
+    const int64_t n0 = t * blocks / threads * 4, n1 = std::min((t + 1) * blocks / threads * 4, N);
+    for (const RegisterProduct& p : products) {
+      LinearArgs a = p.wt.a;
+      if (p.wt.s.scalar_type() != at::kFloat) {
+        scale_buffer.resize(static_cast<size_t>(N * groups));
+        scale_rows_to_float(p.wt.s, groups, n0, n1, scale_buffer.data());
+        a.scales = scale_buffer.data();
+      }
+      kernel_for(p.path)(a, n0, n1);
+    }
+  };
+  if (threads == 1) {
+    share(0);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) share(t);
+  });
+}
+
+// The register kernels' product for `weight`'s rows of x starting at `first`.
+RegisterProduct register_product(Weight wt, Path path, const at::Tensor& x_rows, int64_t first, at::Tensor out_rows) {
+  Activations act(x_rows, path, wt.a);
+  act.point(wt.a);
+  at::Tensor y = out_rows.scalar_type() == at::kFloat ? out_rows : at::empty(out_rows.sizes(), out_rows.options().dtype(at::kFloat));
+  wt.a.y = y.data_ptr<float>();
+  return {std::move(wt), path, first, std::move(act), std::move(y)};
+}
+
+// After run_register_kernels: a product that overflowed is computed again (recompute_through_gemm),
+// and each is written to out's rows in x's dtype.
+void finish_register_products(std::vector<RegisterProduct>& products, const at::Tensor& x, at::Tensor& out) {
+  for (RegisterProduct& p : products) {
+    const at::Tensor out_rows = out.narrow(0, p.first, p.wt.a.M);
+    if (any_non_finite(p.y)) {
+      p.wt.scales_in_float();
+      recompute_through_gemm(x.narrow(0, p.first, p.wt.a.M), p.wt.a, p.wt.b, p.y);
+    }
+    if (!p.y.is_same(out_rows)) out_rows.copy_(p.y);
+  }
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                      std::optional<int64_t> group_size) {
+  const LinearShape sh = check_linear_args(x, qweight, scales, zeros, bias, bits, group_size);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "linquant: x must be on the CPU for this kernel, got ", x.device());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = sh.N;
+  if (sh.M == 0 || sh.N == 0) return at::zeros(out_shape, x.options());
+
+  Weight wt = weight_of(sh, bits, qweight, scales, zeros, bias);
+  wt.a.M = sh.M;
+  const at::Tensor x_rows = x.reshape({sh.M, sh.K});
+  const Path path = path_for(wt.a, sh.M, x.scalar_type());
+  at::Tensor out = at::empty({sh.M, sh.N}, x.options());
+  if (path == Path::gemm_bf16 || path == Path::gemm) {
+    wt.scales_in_float();
+    product_by_gemm(x_rows, path, wt.a, wt.b, out);
+    return out.view(out_shape);
+  }
+  std::vector<RegisterProduct> products;
+  products.push_back(register_product(std::move(wt), path, x_rows, 0, out));
+  run_register_kernels(products, sh.N, sh.groups);
+  finish_register_products(products, x_rows, out);
+  return out.view(out_shape);
 }
 
 // grouped_linear: the experts whose rows take a GEMM go one at a time (bound by arithmetic, as
@@ -304,15 +406,13 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
   // Each expert's activations and output are allocated on their own, a few rows each, as `linear`
   // allocates them: one layout of all T rows took fresh megabytes per call (page faults), 1.2x
   // slower at 64 tokens of OLMoE's shapes than one call per expert. For the same reason fp16 /
-  // bf16 scales are converted by each thread for its rows, into a buffer it keeps, rather than
-  // each expert's whole scales at once.
-  const bool fp32_x = x.scalar_type() == at::kFloat;  // the kernels write out's rows themselves
-  std::vector<ExpertRows> rows;
+  // bf16 scales are converted by each thread for its rows (run_register_kernels), rather than each
+  // expert's whole scales at once.
+  std::vector<RegisterProduct> products;
   for (int64_t e = 0, first = 0; e < experts; first += counts[e], ++e) {
     const int64_t m = counts[e];
     if (m == 0) continue;
-    Weight wt = weight_of(sh, bits, qweight.select(0, e), scales.select(0, e), slice(zeros, e), slice(bias, e),
-                          /*scales_per_thread=*/true);
+    Weight wt = weight_of(sh, bits, qweight.select(0, e), scales.select(0, e), slice(zeros, e), slice(bias, e));
     wt.a.M = m;
     const at::Tensor x_rows = xc.narrow(0, first, m);
     const Path path = path_for(wt.a, m, x.scalar_type());
@@ -321,41 +421,10 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
       product_by_gemm(x_rows, path, wt.a, wt.b, out.narrow(0, first, m));
       continue;
     }
-    Activations act(x_rows, path, wt.a);
-    act.point(wt.a);
-    at::Tensor y = fp32_x ? out.narrow(0, first, m) : at::empty({m, sh.N}, out.options().dtype(at::kFloat));
-    wt.a.y = y.data_ptr<float>();
-    rows.push_back({std::move(wt), path, first, std::move(act), std::move(y)});
+    products.push_back(register_product(std::move(wt), path, x_rows, first, out.narrow(0, first, m)));
   }
-  if (rows.empty()) return out;
-
-  // Each thread takes the same share of every expert's 4-row blocks, as `linear` splits one
-  // weight: experts' row counts differ, and equal runs of (expert, block) pairs left one thread
-  // with the heavy experts.
-  const int64_t blocks = (sh.N + 3) / 4;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> scale_buffer;  // this worker's
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * blocks / threads * 4, n1 = std::min((t + 1) * blocks / threads * 4, sh.N);
-      for (const ExpertRows& r : rows) {
-        LinearArgs a = r.wt.a;
-        if (a.scales == nullptr) {
-          scale_buffer.resize(static_cast<size_t>(sh.N * sh.groups));
-          scale_rows_to_float(r.wt.s, sh.groups, n0, n1, scale_buffer.data());
-          a.scales = scale_buffer.data();
-        }
-        kernel_for(r.path)(a, n0, n1);
-      }
-    }
-  });
-  for (ExpertRows& r : rows) {
-    if (any_non_finite(r.y)) {
-      r.wt.scales_in_float();
-      recompute_through_gemm(xc.narrow(0, r.first, r.wt.a.M), r.wt.a, r.wt.b, r.y);
-    }
-    if (!fp32_x) out.narrow(0, r.first, r.wt.a.M).copy_(r.y);
-  }
+  run_register_kernels(products, sh.N, sh.groups);
+  finish_register_products(products, xc, out);
   return out;
 }
 

@@ -187,6 +187,36 @@ def test_gemm_path_two_tiles(gen):
     check(torch.randn(128, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 128, False), (2, 32, True)], ids=str)
+def test_threads_split_large_weights(dtype, bits, group_size, symmetric, gen):
+    """The register kernels split a product among threads by its estimated work (weight bytes and
+    multiply-adds) and run small ones on the calling thread. 1030 rows (not a whole number of 4-row
+    blocks per share) of 1100 values, split among 2 and 3 threads: every row equals the one-thread
+    result and the float64 reference's bound; so does grouped_linear, whose experts' rows are split
+    by the same shares."""
+    n, k = 1030, 1100
+    qw = lq.quantize_weight((torch.randn(n, k, generator=gen) * 0.05).to(dtype), bits, group_size, symmetric)
+    experts = lq.QExpertsWeight.from_weight((torch.randn(3, n, k, generator=gen) * 0.05).to(dtype), False, bits,
+                                            group_size, symmetric)
+    xs = [torch.randn(m, k, generator=gen).to(dtype) for m in (1, 5, 13)]
+    counts = [1, 0, 12]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(([lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size) for x in xs],
+                             experts.grouped_linear(xs[2], counts)))
+    finally:
+        torch.set_num_threads(before)
+    for ys, grouped in results[1:]:
+        assert all(torch.equal(y, y1) for y, y1 in zip(ys, results[0][0]))
+        assert torch.equal(grouped, results[0][1])
+    for x in xs:
+        check(x, qw, None, bits, group_size)
+
+
 def raises(match):
     return pytest.raises(ValueError, match=match)
 
