@@ -161,8 +161,18 @@ class QLinear(QuantizedMatrix):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError("linquant.QLinear: x must have in_features=" + str(self.in_features)
                              + " in its last dim, got shape " + str(list(x.shape)))
-        return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
-                                         self.group_size)
+        if torch.jit.is_scripting():
+            return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
+                                             self.group_size)
+        return self._linear(x)
+
+    @torch.jit.unused
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        # The buffers read from _buffers (which TorchScript cannot): through nn.Module.__getattr__
+        # the four cost ~2 us a call, as much as the op's own work on a small layer at batch 1.
+        b = self._buffers
+        return torch.ops.linquant.linear.default(x, b["qweight"], b["scales"], b["zeros"], b["bias"], self.bits,
+                                                 self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
