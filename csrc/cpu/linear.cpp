@@ -186,9 +186,9 @@ void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_v
   }
 }
 
-// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous), in double and
-// rounded once: exact to fp32's precision whatever the group size. Eight running sums keep the
-// additions from waiting on each other (one chain cost 30 us at M = 16, K = 1536).
+// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous), added in double and
+// rounded to fp32 once, whatever the group's length. Eight running sums keep the additions from
+// waiting on each other (one chain of them cost 30 us at M = 16, K = 1536).
 void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int64_t groups, float* sum) {
   constexpr int kLanes = 8;
   for (int64_t m = 0; m < M; ++m) {
@@ -306,7 +306,8 @@ void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t 
   double micros = 0;
   for (const RegisterProduct& p : products) {
     const LinearArgs& a = p.wt.a;
-    micros += static_cast<double>(N * a.row_bytes) / kBytesPerMicro + static_cast<double>(a.M * N * a.K) / kMacsPerMicro;
+    micros += static_cast<double>(N * a.row_bytes) / kBytesPerMicro +
+              static_cast<double>(a.M * N * a.K) / kMacsPerMicro;
   }
   const int64_t blocks = (N + 3) / 4;
   const int64_t threads = std::clamp<int64_t>(static_cast<int64_t>(micros / kMicrosPerThread), 1,
@@ -333,11 +334,14 @@ void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t 
   });
 }
 
-// The register kernels' product for `weight`'s rows of x starting at `first`.
-RegisterProduct register_product(Weight wt, Path path, const at::Tensor& x_rows, int64_t first, at::Tensor out_rows) {
+// The register kernels' product of wt with x_rows (x's rows from `first`), for out_rows.
+RegisterProduct register_product(Weight wt, Path path, const at::Tensor& x_rows, int64_t first,
+                                 const at::Tensor& out_rows) {
   Activations act(x_rows, path, wt.a);
   act.point(wt.a);
-  at::Tensor y = out_rows.scalar_type() == at::kFloat ? out_rows : at::empty(out_rows.sizes(), out_rows.options().dtype(at::kFloat));
+  at::Tensor y = out_rows.scalar_type() == at::kFloat
+                     ? out_rows
+                     : at::empty(out_rows.sizes(), out_rows.options().dtype(at::kFloat));
   wt.a.y = y.data_ptr<float>();
   return {std::move(wt), path, first, std::move(act), std::move(y)};
 }
