@@ -340,17 +340,18 @@ def cmd_eval(args) -> int:
     check_device(args.device)
     text = None if args.text is None else read_text(args.text)
     method = args.method
+    dtype = DTYPES[args.dtype]
     if os.path.isdir(args.target) and os.path.isfile(os.path.join(args.target, "linquant.json")):
-        fp_model, tok, kind, q_model = load_quantized_dir(args.target, args.device)
+        fp_model, tok, kind, q_model = load_quantized_dir(args.target, args.device, dtype)
         method = read_config(args.target)["metadata"].get("method", "minmax")  # saves before methods: minmax
     else:
-        fp_model, tok, kind = load_model(args.target)
+        fp_model, tok, kind = load_model(args.target, dtype)
         fp_model = fp_model.to(args.device)
         options = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                        exclude=args.exclude, progress=True, method=method, embeddings=embeddings_option(args))
         # Read again and quantized tensor by tensor where it can be: a quantized deep copy would
         # hold the float model twice.
-        read = read_quantized(args.target, torch.float32, device=args.device, **options)
+        read = read_quantized(args.target, dtype, device=args.device, **options)
         q_model = read[0] if read is not None else quantize_model(copy.deepcopy(fp_model), **options)
     if args.max_tokens is not None and kind != "causal-lm":
         raise ValueError(f"--max-tokens limits a causal LM's perplexity text; {args.target} is an {kind}")
@@ -483,6 +484,10 @@ def main(argv=None) -> int:
                    help="where the models run: cpu, cuda or cuda:N (both models on it at once)")
     e.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="a causal LM's perplexity over the text's first N tokens only (default: all of them)")
+    e.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="the float model's dtype, and the quantized model's scales and activations when it is "
+                        "quantized here (bfloat16 holds the float model in half the memory of float32; auto: the "
+                        "dtype a Hugging Face directory's config.json records)")
     e.set_defaults(func=cmd_eval)
     b = add_command("bench", help="the CPU linear-kernel benchmark tables (bench/bench_linear.py)")
     from .benchmark import add_arguments

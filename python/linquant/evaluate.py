@@ -72,8 +72,8 @@ def portable_spec(spec: str) -> str:
     return spec if spec in BUILTIN else os.path.abspath(spec)
 
 
-def load_quantized_dir(path: str, device=None):
-    """A `linquant quantize` output directory: (fp32 source model, tokenizer, kind, quantized
+def load_quantized_dir(path: str, device=None, dtype=torch.float32):
+    """A `linquant quantize` output directory: (source model in `dtype`, tokenizer, kind, quantized
     model), both on `device` (default CPU); the quantized model is built from the source's config
     with parameters on meta and read straight onto the device."""
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
@@ -82,7 +82,7 @@ def load_quantized_dir(path: str, device=None):
     if not isinstance(source, str):
         raise ModelError(f"{path}: {CONFIG_NAME} records no source model (metadata 'source' is {source!r}); "
                          "evaluate it through the Python API")
-    base, tokenizer, kind = load_model(source)
+    base, tokenizer, kind = load_model(source, dtype)
     quantized = load_quantized(path, lambda: type(base)(base.config), device=device)
     return base.to(device or "cpu"), tokenizer, kind, quantized
 
@@ -171,19 +171,32 @@ def agreement(kind: str, model: nn.Module, tokenizer, reference: Optional[dict] 
             "decode_ms_per_token": decode_ms}
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's first floating-point parameter (its dtype, for a model in one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method: str = "minmax",
            text: Optional[str] = None, max_tokens: Optional[int] = None) -> dict:
-    """The `linquant eval` report for a quantized model (its scales chosen by `method`) and its fp32
-    original, on the built-in input or `text` (agreement's). The bf16 row converts `fp_model` in
+    """The `linquant eval` report for a quantized model (its scales chosen by `method`) and its
+    float original, on the built-in input or `text` (agreement's). Rows are named by dtype: the
+    original's ("fp32", or "bf16" / "fp16" for a model read in that dtype, which a model too large
+    for memory in fp32 needs), and for an fp32 original a "bf16" row, which converts `fp_model` in
     place, last: a bf16 copy beside it would hold the float model one and a half times."""
     ref = agreement(kind, fp_model, tokenizer, text=text, max_tokens=max_tokens)
     layers = layer_errors(fp_model, q_model)
-    fp32 = {"bytes": footprint(fp_model)["total"], **ref}
-    quantized = {"bytes": footprint(q_model)["total"], **agreement(kind, q_model, tokenizer, ref, text, max_tokens)}
-    bf16 = fp_model.to(torch.bfloat16)
-    rows = {"fp32": fp32,
-            "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)},
-            "quantized": quantized}
+    reference_dtype = float_dtype(fp_model)
+    rows = {DTYPE_NAMES[reference_dtype]: {"bytes": footprint(fp_model)["total"], **ref},
+            "quantized": {"bytes": footprint(q_model)["total"],
+                          **agreement(kind, q_model, tokenizer, ref, text, max_tokens)}}
+    if reference_dtype == torch.float32:
+        bf16 = fp_model.to(torch.bfloat16)
+        rows = {"fp32": rows["fp32"],
+                "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)},
+                "quantized": rows["quantized"]}
     for r in rows.values():
         r.pop("embeddings", None)
     return {"kind": kind, "scheme": schemes(q_model, method), "models": rows, "layers": layers}

