@@ -188,15 +188,13 @@ def report(fp_model: nn.Module, q_model: nn.Module, tokenizer, kind: str, method
     place, last: a bf16 copy beside it would hold the float model one and a half times."""
     ref = agreement(kind, fp_model, tokenizer, text=text, max_tokens=max_tokens)
     layers = layer_errors(fp_model, q_model)
+    quantized = {"bytes": footprint(q_model)["total"], **agreement(kind, q_model, tokenizer, ref, text, max_tokens)}
     reference_dtype = float_dtype(fp_model)
-    rows = {DTYPE_NAMES[reference_dtype]: {"bytes": footprint(fp_model)["total"], **ref},
-            "quantized": {"bytes": footprint(q_model)["total"],
-                          **agreement(kind, q_model, tokenizer, ref, text, max_tokens)}}
+    rows = {DTYPE_NAMES.get(reference_dtype, str(reference_dtype)): {"bytes": footprint(fp_model)["total"], **ref}}
     if reference_dtype == torch.float32:
         bf16 = fp_model.to(torch.bfloat16)
-        rows = {"fp32": rows["fp32"],
-                "bf16": {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)},
-                "quantized": rows["quantized"]}
+        rows["bf16"] = {"bytes": footprint(bf16)["total"], **agreement(kind, bf16, tokenizer, ref, text, max_tokens)}
+    rows["quantized"] = quantized
     for r in rows.values():
         r.pop("embeddings", None)
     return {"kind": kind, "scheme": schemes(q_model, method), "models": rows, "layers": layers}
