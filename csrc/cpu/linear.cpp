@@ -66,7 +66,8 @@ bool any_non_finite(const at::Tensor& y) {
 // One weight (a layer's, or one expert's) as the kernels read it, with the tensors holding its
 // scales, zero points in int32 and bias in fp32 kept alive beside the pointers. fp16 / bf16 scales
 // stay as they are (a.scales nullptr): the register kernels' threads convert their own rows
-// (run_register_kernels), and the GEMM paths convert them whole (scales_in_float).
+// (run_register_kernels), and the GEMM paths convert them whole (scales_in_float, called by
+// product_by_gemm and recompute_through_gemm).
 struct Weight {
   LinearArgs a;  // the weight's fields; M and the activation / output pointers are set per call
   at::Tensor w, s, z, b;
@@ -155,8 +156,11 @@ at::Tensor gemm_rows(const at::Tensor& x_rows, at::ScalarType dtype) {
 }
 
 // out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias through ATen's GEMM over weight
-// tiles dequantized by `a`'s format, for the GEMM paths.
-void product_by_gemm(const at::Tensor& x_rows, Path path, const LinearArgs& a, const at::Tensor& b, at::Tensor out) {
+// tiles dequantized by wt's format, for the GEMM paths.
+void product_by_gemm(const at::Tensor& x_rows, Path path, Weight& wt, at::Tensor out) {
+  wt.scales_in_float();
+  const LinearArgs& a = wt.a;
+  const at::Tensor& b = wt.b;
   const LinearKernels& kernels = linear_kernels();
   if (path == Path::gemm_bf16) {
     // The product is rounded to bf16 by the GEMM, then the bias is added in fp32 and the sum
@@ -267,9 +271,10 @@ LinearKernels::GemvFn kernel_for(Path path) {
 // so activations near float's limit (|x| ~ 1e36) overflow there where x @ W_hat.T (tiny scales)
 // does not. Such a product, rare (any_non_finite), is computed again through the dequantized
 // weights: y [M, N] fp32, the register kernels' output for x_rows.
-void recompute_through_gemm(const at::Tensor& x_rows, const LinearArgs& a, const at::Tensor& b, at::Tensor y) {
-  linear_by_gemm(gemm_rows(x_rows, at::kFloat), a, linear_kernels().dequant_rows, y);
-  if (b.defined()) y.add_(b);
+void recompute_through_gemm(const at::Tensor& x_rows, Weight& wt, at::Tensor y) {
+  wt.scales_in_float();
+  linear_by_gemm(gemm_rows(x_rows, at::kFloat), wt.a, linear_kernels().dequant_rows, y);
+  if (wt.b.defined()) y.add_(wt.b);
 }
 
 // One weight's product through the register kernels (a layer's, or one expert's rows in
@@ -352,8 +357,7 @@ void finish_register_products(std::vector<RegisterProduct>& products, const at::
   for (RegisterProduct& p : products) {
     const at::Tensor out_rows = out.narrow(0, p.first, p.wt.a.M);
     if (any_non_finite(p.y)) {
-      p.wt.scales_in_float();
-      recompute_through_gemm(x.narrow(0, p.first, p.wt.a.M), p.wt.a, p.wt.b, p.y);
+      recompute_through_gemm(x.narrow(0, p.first, p.wt.a.M), p.wt, p.y);
     }
     if (!p.y.is_same(out_rows)) out_rows.copy_(p.y);
   }
@@ -374,8 +378,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const Path path = path_for(wt.a, sh.M, x.scalar_type());
   at::Tensor out = at::empty({sh.M, sh.N}, x.options());
   if (path == Path::gemm_bf16 || path == Path::gemm) {
-    wt.scales_in_float();
-    product_by_gemm(x_rows, path, wt.a, wt.b, out);
+    product_by_gemm(x_rows, path, wt, out);
     return out.view(out_shape);
   }
   std::vector<RegisterProduct> products;
@@ -421,8 +424,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
     const at::Tensor x_rows = xc.narrow(0, first, m);
     const Path path = path_for(wt.a, m, x.scalar_type());
     if (path == Path::gemm_bf16 || path == Path::gemm) {
-      wt.scales_in_float();
-      product_by_gemm(x_rows, path, wt.a, wt.b, out.narrow(0, first, m));
+      product_by_gemm(x_rows, path, wt, out.narrow(0, first, m));
       continue;
     }
     products.push_back(register_product(std::move(wt), path, x_rows, first, out.narrow(0, first, m)));
