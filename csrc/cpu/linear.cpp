@@ -190,9 +190,14 @@ void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_v
   }
 }
 
-// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous), added in double and
-// rounded to fp32 once, whatever the group's length. Eight running sums keep the additions from
-// waiting on each other (one chain of them cost 30 us at M = 16, K = 1536).
+// x as the dot kernel's vdpbf16ps reads it: bf16 subnormals (exponent bits 0) are zero there, so
+// they must be zero in the group sums too, or (128 + z) sum x would subtract what the dot products
+// never added (1e-39 activations against 1e30 weights came out 100x the product, sign flipped).
+inline float as_dot_reads(c10::BFloat16 v) { return (v.x & 0x7f80) == 0 ? 0.0f : static_cast<float>(v); }
+
+// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous; as_dot_reads), added
+// in double and rounded to fp32 once, whatever the group's length. Eight running sums keep the
+// additions from waiting on each other (one chain of them cost 30 us at M = 16, K = 1536).
 void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int64_t groups, float* sum) {
   constexpr int kLanes = 8;
   for (int64_t m = 0; m < M; ++m) {
@@ -202,9 +207,9 @@ void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int
       double lanes[kLanes] = {};
       int64_t k = g * group;
       for (; k + kLanes <= end; k += kLanes) {
-        for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<float>(row[k + j]);
+        for (int j = 0; j < kLanes; ++j) lanes[j] += as_dot_reads(row[k + j]);
       }
-      for (; k < end; ++k) lanes[0] += static_cast<float>(row[k]);
+      for (; k < end; ++k) lanes[0] += as_dot_reads(row[k]);
       double total = 0;
       for (double lane : lanes) total += lane;
       sum[m * groups + g] = static_cast<float>(total);

@@ -143,11 +143,16 @@ def linear_bound(x64, w, qweight, scales, zeros, bits, group_size, dtype, ref):
     """Bound on |linear(x) - ref| for x (float64 copy x64 [M, K]) in `dtype` over the float64
     weight w [N, K] of (qweight, scales, zeros), ref = x64 @ w.T + bias: fp32 accumulation over K
     terms (of the larger weights the bf16 dot kernel sums), rounding to the output dtype and, from
-    BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16."""
+    BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16. bf16
+    subnormal activations may count as zero (AVX512-BF16's dot products flush them, as ATen's bf16
+    GEMM does)."""
     k = x64.shape[-1]
     w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k)
                        if dtype == torch.bfloat16 else 0)
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * torch.finfo(dtype).eps + 1e-30
+    if dtype == torch.bfloat16:
+        subnormal = torch.where(x64.abs() < torch.finfo(torch.bfloat16).tiny, x64, 0).abs()
+        bound += (subnormal @ w.abs().T) * (1 + 2.0**-7)
     if dtype == torch.bfloat16 and x64.shape[0] >= BF16_GEMM_MIN_ROWS:
         bound += (x64.abs() @ w.abs().T) * 2 * 2.0**-8
     return bound

@@ -91,6 +91,25 @@ def test_bf16_activations_dot_kernel_layouts(bits, group_size, gen):
             check(torch.randn(m, k, generator=gen).bfloat16(), qw, bias if m % 2 else None, bits, group_size)
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 32), (4, 128), (4, 32), (4, 16), (2, 64), (2, None)], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bf16_subnormal_activations(bits, group_size, symmetric, gen):
+    # bf16 activations below 1.2e-38 against weights ~1e30, mixed with normal ones in the same
+    # groups and rows: the AVX512-BF16 dot products read subnormals as zero, and the kernel's
+    # group-offset term (128 + z) sum x must read them alike, or it subtracts what the products
+    # never added (100-1000x the product, sign flipped). M covers the dot kernel's tiles, the
+    # 8-bit dot kernel (from 8 rows) and the bf16 GEMM (from 32 / 64).
+    n, k = 13, 300
+    w = torch.randn(n, k, generator=gen) * 1e30
+    qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=torch.bfloat16)
+    for m in (1, 2, 4, 8, 9, 33, 65):
+        x = torch.randn(m, k, generator=gen) * 1e-39
+        x[:, ::7] = torch.randn(m, len(range(0, k, 7)), generator=gen) * 1e-30  # normal ones too
+        check(x.bfloat16(), qw, None, bits, group_size)
+        x[:, ::7] = 0  # subnormal only
+        check(x.bfloat16(), qw, None, bits, group_size)
+
+
 def check_bf16_gemm(x, qw, bias, bits, group_size):
     """linear of bf16 x on the CPU's bf16 GEMM path against the float64 product with the reference
     weight rounded to fp32 then to bf16 (as the kernel rounds s * (q - z)), within fp32
