@@ -31,8 +31,7 @@ struct QParams {
   int32_t zero_point;
 };
 
-// Zero points are kept within +-2^23 so that q - z is exact in fp32; a group whose offset from 0
-// exceeds 2^23 quantization steps clips at its far end instead.
+// Zero points stay within +-2^23 so that q - z is exact in fp32 (qparams_from_minmax).
 constexpr float kZeroPointLimit = 8388608.0f;
 
 LQ_HD float round_half_even(float v) {
@@ -51,7 +50,11 @@ LQ_HD float clampf(float v, float lo, float hi) {
 
 // Scale and zero point of one group from its minimum and maximum (an empty group passes 0, 0).
 // A constant group c gets s = |c| (1 for c = 0) so it dequantizes exactly to c. A non-constant
-// group's scale is at least FLT_MIN so that x / s never divides by zero. A returned scale of +inf
+// group's scale is at least FLT_MIN so that x / s never divides by zero. An asymmetric group's
+// scale is at least |min| / (2^23 - 2^bits), so that its zero point stays within kZeroPointLimit:
+// a narrow range far from 0 (1e4 + [0, 3e-3]) would otherwise need a zero point beyond it, and a
+// clamped one moved every value to the range's far end (1e4 came back as 1638.4); with the larger
+// scale the error is at most |min| 2^-23, fp32's own resolution there. A returned scale of +inf
 // means the group's range overflows fp32; callers report it.
 LQ_HD QParams qparams_from_minmax(float mn, float mx, int bits, bool symmetric) {
   const QRange r = q_range(bits, symmetric);
@@ -64,11 +67,15 @@ LQ_HD QParams qparams_from_minmax(float mn, float mx, int bits, bool symmetric) 
   } else {
     s = (mx - mn) / static_cast<float>(r.qmax - r.qmin);
   }
+  if (!symmetric) {
+    // |min / s| <= 2^23 - 2^bits (+1 for the division's rounding), so |z| < 2^23.
+    const float far = fabsf(mn) / (kZeroPointLimit - static_cast<float>(r.qmax + 1));
+    s = s < far ? far : s;
+  }
   const float kFloatMin = 1.17549435e-38f;
   s = s < kFloatMin ? kFloatMin : s;
   if (symmetric) return QParams{s, 0};
-  const float z = round_half_even(static_cast<float>(r.qmin) - mn / s);
-  return QParams{s, static_cast<int32_t>(clampf(z, -kZeroPointLimit, kZeroPointLimit))};
+  return QParams{s, static_cast<int32_t>(round_half_even(static_cast<float>(r.qmin) - mn / s))};
 }
 
 // round(x / s) + z, clamped. Integer-valued floats add exactly while the sum is within the q range,

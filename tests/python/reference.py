@@ -40,14 +40,14 @@ def ref_qparams(x, bits, symmetric, axis=None, group_size=None):
     qmin, qmax = q_range(bits, symmetric)
     if symmetric:
         s = torch.maximum(mn.abs(), mx.abs()) / qmax
-    else:
-        s = (mx - mn) / (qmax - qmin)
+    else:  # at least |min| / (2^23 - 2^bits): the zero point stays within 2^23
+        s = torch.maximum((mx - mn) / (qmax - qmin), mn.abs() / (ZERO_POINT_LIMIT - (qmax + 1)))
     constant = torch.where(mx == 0, torch.ones_like(mx), mx.abs())
     s = torch.where(mn == mx, constant, s)
     s = torch.clamp(s, min=FLT_MIN)
     if symmetric:
         return s, None
-    z = torch.round(qmin - mn / s).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).to(torch.int32)
+    z = torch.round(qmin - mn / s).to(torch.int32)
     return s, z
 
 
@@ -173,7 +173,7 @@ def extreme_inputs(dtype, gen):
     """Inputs that reach the formulas' limits (test_quantize.py checks the CPU against the formulas
     above, test_cuda.py the GPU against the CPU): a huge dynamic range down into the subnormals;
     constant and nearly constant rows (all zero, +-constant, one nonzero, subnormal only, a narrow
-    range far from zero whose zero points exceed 2^23 steps, the largest safe values); a
+    range far from zero whose zero points would exceed 2^23 steps at the range's scale, the largest safe values); a
     non-constant subnormal row, whose scale falls below FLT_MIN."""
     lo, hi = {torch.float32: (-44.0, 37.0), torch.float16: (-7.5, 4.5), torch.bfloat16: (-40.0, 37.0)}[dtype]
     exps = torch.rand(9, 70, generator=gen, dtype=torch.float64) * (hi - lo) + lo

@@ -164,11 +164,28 @@ def test_extreme_values_match_reference(dtype, gen):
                     scales.append(scale.flatten())
                     zero_points += [] if zp is None else [zp.flatten()]
     # The limits were reached, so the comparisons above covered them: the scale floor where the
-    # dtype has values below FLT_MIN, the zero point's clamp where fp32 resolves 1000 +- 1e-3.
+    # dtype has values below FLT_MIN, the scale raised to keep the zero point within 2^23 where
+    # fp32 resolves 1000 +- 1e-3.
     if dtype != torch.float16:
         assert bool((torch.cat(scales) == FLT_MIN).any())
     if dtype == torch.float32:
-        assert bool((torch.cat(zero_points).abs() == ZERO_POINT_LIMIT).any())
+        assert bool((torch.cat(zero_points).abs() > ZERO_POINT_LIMIT - 2**9).any())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("group_size", [None, 16, 128], ids=str)
+def test_narrow_ranges_far_from_zero_keep_fp32_resolution(bits, group_size, gen):
+    # Rows 1e4 + [0, 3e-3] (and their negatives, and 1e30-scale ones): at the range's own scale the
+    # zero point would be ~1e8 steps from 0, beyond the 2^23 that keeps q - z exact in fp32. The
+    # scale grows until it fits rather than clamping the zero point, which put every value at the
+    # range's far end (1e4 came back as 1638.4): the error stays within a few fp32 ulps of |w|.
+    base = torch.tensor([1e4, -1e4, 3.5e30, -2.5e-20]).repeat_interleave(3).reshape(-1, 1)
+    w = base * (1 + torch.rand(base.shape[0], 200, generator=gen, dtype=torch.float64) * 3e-7)
+    w = w.float()
+    qw = lq.quantize_weight(w, bits, group_size, symmetric=False)
+    assert int(qw.zeros.abs().max()) < ZERO_POINT_LIMIT
+    err = (lq.dequantize_weight(qw).double() - w.double()).abs()
+    assert bool((err <= w.double().abs() * 2.0**-21).all()), float((err / w.double().abs()).max())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -215,3 +232,20 @@ def test_dequantize_zero_points_at_the_int32_limits():
     for z in (-(2**31), 2**31 - 1):
         out = lq.dequantize(q, torch.tensor(1.0), torch.tensor(z, dtype=torch.int32))
         assert torch.equal(out, (q.double() - z).float())
+
+
+def test_no_gradients(gen):
+    # Neither op has a gradient; without an autograd kernel torch marked their outputs as
+    # requiring grad and backward left scale.grad None (a learned scale would never move).
+    w = torch.nn.Parameter(torch.randn(6, 40, generator=gen))
+    for group_size in (None, 16):
+        scale, zp = lq.choose_qparams(w, bits=4, symmetric=False, group_size=group_size)
+        assert not scale.requires_grad and not zp.requires_grad
+        assert torch.equal(scale, lq.choose_qparams(w.detach(), bits=4, symmetric=False, group_size=group_size)[0])
+        q = lq.quantize(w, scale, zp, bits=4, group_size=group_size)
+        learned = scale.clone().requires_grad_()
+        with pytest.raises(NotImplementedError, match="dequantize has no gradient for scale"):
+            lq.dequantize(q, learned, zp, group_size=group_size)
+        with torch.no_grad():
+            assert torch.equal(lq.dequantize(q, learned, zp, group_size=group_size),
+                               lq.dequantize(q, scale, zp, group_size=group_size))
