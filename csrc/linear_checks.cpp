@@ -33,11 +33,12 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
   TORCH_CHECK_VALUE(qweight.dim() == 2, "linquant: qweight must be 2-D [out_features, packed in_features], got ",
                     qweight.dim(), " dims");
   s.N = qweight.size(0);
-  s.row_bytes = (s.K * bits + 7) / 8;
+  const int64_t per_byte = 8 / bits;
+  // Not (K * bits + 7) / 8: an expanded x can have K near INT64_MAX, where K * bits wraps.
+  s.row_bytes = s.K / per_byte + (s.K % per_byte != 0 ? 1 : 0);
   TORCH_CHECK_VALUE(qweight.size(1) == s.row_bytes, "linquant: x has in_features K=", s.K, ", which at ", bits,
                     " bits packs into ", s.row_bytes, " bytes per weight row, but qweight has ", qweight.size(1));
 
-  const int64_t per_byte = 8 / bits;
   if (group_size.has_value()) {
     const int64_t g = *group_size;
     TORCH_CHECK_VALUE(g >= 1 && g % per_byte == 0, "linquant: group_size must be a positive multiple of ",
@@ -112,6 +113,8 @@ void check_grouped_linear_args(const at::Tensor& x, at::IntArrayRef counts, cons
   int64_t total = 0;
   for (const int64_t c : counts) {
     TORCH_CHECK_VALUE(c >= 0, kGrouped, ": counts must be >= 0, got ", counts);
+    // Checked before adding: counts summing past INT64_MAX would otherwise wrap to a valid total.
+    TORCH_CHECK_VALUE(c <= x.size(0) - total, kGrouped, ": counts must sum to x's ", x.size(0), " rows, got ", counts);
     total += c;
   }
   TORCH_CHECK_VALUE(total == x.size(0), kGrouped, ": counts must sum to x's ", x.size(0), " rows, got ", total);

@@ -266,6 +266,22 @@ def test_bad_input():
         lq.linear(x, qw.qweight, qw.scales.to("meta"), None, None, 4, 32)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_sizes_near_int64_max(bits):
+    # An expanded x can have K near INT64_MAX: K * bits wrapped, at 8 and 4 bits to a row of 0
+    # bytes that passed the shape check, at 2 bits to a negative one in the message.
+    qw = lq.quantize_weight(torch.randn(3, 16), bits, None, symmetric=False)
+    per_byte = 8 // bits
+    with raises(f"x has in_features K={2**62}, which at {bits} bits packs into {2**62 // per_byte} bytes per weight "
+                f"row, but qweight has {qw.qweight.shape[1]}"):
+        lq.linear(torch.zeros(1, 1).expand(1, 2**62), qw.qweight, qw.scales, qw.zeros, None, bits, None)
+    # grouped_linear's counts summing past INT64_MAX wrapped to a total that matched x's rows.
+    qx = lq.quantize_weight(torch.randn(3, 16), bits, None, symmetric=False)
+    stacked = [t.unsqueeze(0).expand(3, *t.shape) for t in (qx.qweight, qx.scales, qx.zeros)]
+    with raises(re.escape("counts must sum to x's 3 rows, got [9223372036854775807, 9223372036854775807, 5]")):
+        torch.ops.linquant.grouped_linear(torch.randn(3, 16), [2**63 - 1, 2**63 - 1, 5], *stacked, None, bits, None)
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, 64, False), (4, 32, True), (2, 64, False)])
 def test_opcheck(bits, group_size, symmetric):
     qw = lq.quantize_weight(torch.randn(16, 128), bits, group_size, symmetric)
