@@ -27,6 +27,9 @@ struct GemmArgs {
   int64_t M = 0, N = 0, K = 0;
   int64_t group = 0;  // K when G = 1, else a multiple of 64
   WeightType type = WeightType::kU8;
+  // The tensors' device and its SMs, which CUTLASS's persistent scheduler sizes its grid by (left
+  // unset, it would ask the driver for device 0's on every call).
+  int device = 0, sm_count = 0;
 };
 
 // The activation types, spelled without CUTLASS.

@@ -84,6 +84,8 @@ struct MixedGemm {
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = a.bias;
+    args.hw_info.device_id = a.device;
+    args.hw_info.sm_count = a.sm_count;
     return args;
   }
 };

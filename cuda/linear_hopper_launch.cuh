@@ -63,6 +63,8 @@ inline bool hopper_gemm(const LinearParams& p, int bits, const at::Tensor& x2, c
   a.K = p.K;
   a.group = p.groups == 1 ? p.K : p.group;
   a.type = hopper_weight_type(p, bits);
+  a.device = x2.device().index();
+  a.sm_count = multiprocessors(x2.device().index());
   const bool half = x2.scalar_type() == at::kHalf;
   const size_t bytes = half ? hopper::workspace_bytes<hopper::F16>(a) : hopper::workspace_bytes<hopper::BF16>(a);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x2.options().dtype(at::kByte));
