@@ -346,8 +346,8 @@ struct ChunkParams {
   int32_t z;
 };
 
-// Two blocks per multiprocessor, as split_k plans for: up to 128 registers a thread (ptxas then
-// spills 12 bytes in one variant, 2-bit with 8 activation rows and fp16; more registers would
+// Two blocks per multiprocessor, as split_k plans for: up to 128 registers a thread (ptxas 13.0
+// then spills 80 bytes in one variant, 2-bit with 8 activation rows and fp16; more registers would
 // halve the blocks).
 template <int BITS, int VEC, int MT, typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
