@@ -65,8 +65,7 @@ LinearShape check_linear_args(const at::Tensor& x, const at::Tensor& qweight, co
     check_defined(*zeros, "zeros");
     TORCH_CHECK_VALUE(zeros->device() == x.device(), "linquant: zeros is on ", zeros->device(), " but x is on ",
                       x.device());
-    TORCH_CHECK_VALUE(at::isIntegralType(zeros->scalar_type(), /*includeBool=*/false),
-                      "linquant: zeros must be an integer tensor (int32), got ", zeros->scalar_type());
+    check_zero_point_dtype(*zeros, "zeros");
     TORCH_CHECK_VALUE(param_shape_ok(*zeros), "linquant: zeros must be [", s.N, ", ", s.groups,
                       "] like scales, got shape ", zeros->sizes());
   }

@@ -45,15 +45,22 @@ void report_out_of_range(const at::Tensor& q, int64_t bits) {
 PackJob prepare_pack(const at::Tensor& q, int64_t bits) {
   check_pack_bits(bits);
   TORCH_CHECK_VALUE(at::isIntegralType(q.scalar_type(), /*includeBool=*/false),
-                    "linquant: q must hold integers (uint8, or int8/int16/int32/int64 in range), got ",
+                    "linquant: q must hold integers (uint8, or any integer dtype with values in range), got ",
                     q.scalar_type());
   TORCH_CHECK_VALUE(q.dim() >= 1, "linquant: q must have at least one dim to pack along, got a 0-dim tensor");
   at::Tensor values = q;
   if (q.scalar_type() != at::kByte) {
     // Other integer types may hold negatives or values >= 256 that a cast would wrap: check first.
+    // ATen has no min / max for uint16 / uint32 / uint64: their values are checked as int64, which
+    // holds every uint16 and uint32 one (a uint64 one past int64's range reads as negative there).
+    const bool wide_unsigned = q.scalar_type() == at::kUInt16 || q.scalar_type() == at::kUInt32 ||
+                               q.scalar_type() == at::kUInt64;
+    const at::Tensor ints = wide_unsigned ? q.to(at::kLong) : q;
     const int64_t hi = (int64_t{1} << bits) - 1;
-    if (q.numel() > 0 && (q.min().item<int64_t>() < 0 || q.max().item<int64_t>() > hi)) report_out_of_range(q, bits);
-    values = q.to(at::kByte);
+    if (q.numel() > 0 && (ints.min().item<int64_t>() < 0 || ints.max().item<int64_t>() > hi)) {
+      report_out_of_range(ints, bits);
+    }
+    values = ints.to(at::kByte);
   }
   PackJob job;
   job.values = values.contiguous();

@@ -143,29 +143,33 @@ at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const Qua
   return s;
 }
 
-at::Tensor zero_points_as_int32(const at::Tensor& z, const char* name) {
+void check_zero_point_dtype(const at::Tensor& z, const char* name) {
   switch (z.scalar_type()) {
     case at::kByte:
     case at::kChar:
     case at::kShort:
     case at::kInt:
     case at::kUInt16:
-      return z.to(at::kInt);  // every value fits
     case at::kLong:
-      // A plain cast wraps (2^40 becomes 0) and would quietly give another result: check the
-      // range first. The zero points are few (one per group); on a GPU this synchronizes, so the
-      // format's int32 never takes this path.
-      if (z.numel() > 0) {
-        const auto [lo, hi] = at::aminmax(z);
-        const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-        TORCH_CHECK_VALUE(lo_v >= std::numeric_limits<int32_t>::min() && hi_v <= std::numeric_limits<int32_t>::max(),
-                          "linquant: ", name, " must fit in int32, but its values span [", lo_v, ", ", hi_v, "]");
-      }
-      return z.to(at::kInt);
+      return;
     default:
-      TORCH_CHECK_VALUE(false, "linquant: ", name, " must be an integer tensor (int32, or int8/uint8/int16/int64 ",
-                        "with values that fit in int32), got ", z.scalar_type());
+      TORCH_CHECK_VALUE(false, "linquant: ", name, " must be an integer tensor (int32, or int8/uint8/int16/uint16/",
+                        "int64 with values that fit in int32), got ", z.scalar_type());
   }
+}
+
+at::Tensor zero_points_as_int32(const at::Tensor& z, const char* name) {
+  check_zero_point_dtype(z, name);
+  // int64: a plain cast wraps (2^40 becomes 0) and would quietly give another result: check the
+  // range first. The zero points are few (one per group); on a GPU this synchronizes, so the
+  // format's int32 never takes this path. Every other accepted dtype's values fit.
+  if (z.scalar_type() == at::kLong && z.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(z);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= std::numeric_limits<int32_t>::min() && hi_v <= std::numeric_limits<int32_t>::max(),
+                      "linquant: ", name, " must fit in int32, but its values span [", lo_v, ", ", hi_v, "]");
+  }
+  return z.to(at::kInt);
 }
 
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x, const QuantLayout& l) {

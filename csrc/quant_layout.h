@@ -51,8 +51,12 @@ at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const Qua
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
                               const QuantLayout& layout);
 
-// Zero points (any integer dtype) as the kernels' int32; values that do not fit are an error.
+// Zero points as the kernels' int32, from int32, int8 / uint8 / int16 / uint16 (every value fits)
+// or int64 (values that do not fit are an error); other dtypes are an error naming `name`.
 at::Tensor zero_points_as_int32(const at::Tensor& z, const char* name);
+// The dtype check alone, for checks that run before the kernels convert (linear's, also when x is
+// empty and nothing is converted).
+void check_zero_point_dtype(const at::Tensor& z, const char* name);
 
 // The validated arguments of quantize / dequantize as every backend's kernel sees them: the layout,
 // the input as its [rows, cols] matrix, fp32 scales, int32 zero points (undefined when symmetric)

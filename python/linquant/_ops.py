@@ -7,6 +7,9 @@ from typing import Optional, Tuple
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Zero points the kernels take (zero_points_as_int32, csrc/quant_layout.cpp). That int64 ones fit
+# in int32 only the kernels can check: it takes the values.
+_ZERO_POINT_DTYPES = (torch.int32, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int64)
 
 
 def param_shape(shape, axis: Optional[int], group_size: Optional[int]) -> list:
@@ -15,10 +18,11 @@ def param_shape(shape, axis: Optional[int], group_size: Optional[int]) -> list:
     per-group, with groups = ceil(shape[-1] / group_size)."""
     ndim = len(shape)
     if axis is not None and group_size is not None:
-        raise ValueError("linquant: axis and group_size are exclusive (groups run along the last dim)")
+        raise ValueError("linquant: axis and group_size are exclusive (groups run along the last dim); "
+                         f"got axis={axis} and group_size={group_size}")
     if axis is not None:
         if not -ndim <= axis < ndim:
-            raise ValueError(f"linquant: axis {axis} is out of range for x of shape {list(shape)}")
+            raise ValueError(f"linquant: axis {axis} is out of range for x of shape {list(shape)} ({ndim} dims)")
         axis = axis % ndim
         return [shape[d] if d == axis else 1 for d in range(ndim)]
     if group_size is not None:
@@ -61,6 +65,11 @@ def _check_float(t, name: str) -> None:
     _check_dtype(t, name, _FLOAT_DTYPES, "float32, float16 or bfloat16")
 
 
+def _check_zero_point_dtype(t, name: str) -> None:
+    _check_dtype(t, name, _ZERO_POINT_DTYPES,
+                 "an integer tensor (int32, or int8/uint8/int16/uint16/int64 with values that fit in int32)")
+
+
 def _check_param_shape(t, name: str, want: list) -> None:
     """A scale or zero point as the kernels take it: param_shape, or that shape without its size-1
     dims, or per-tensor (want == []) any one-element tensor."""
@@ -68,14 +77,18 @@ def _check_param_shape(t, name: str, want: list) -> None:
         return
     squeezed = [d for d in want if d != 1]
     if (t.numel() != 1) if not want else list(t.shape) not in (want, squeezed):
-        raise ValueError(f"linquant: {name} must have shape {want} for this granularity, got shape {list(t.shape)}")
+        alternative = " (one element)" if not want else f" or {squeezed}" if squeezed != want else ""
+        raise ValueError(f"linquant: {name} must have shape {want}{alternative} for this granularity, got shape "
+                         f"{list(t.shape)}")
 
 
 def _check_qparams(x, scale, zero_point, axis, group_size) -> None:
     want = param_shape(x.shape, axis, group_size)
     _check_float(scale, "scale")
     _check_param_shape(scale, "scale", want)
-    _check_param_shape(zero_point, "zero_point", want)
+    if zero_point is not None:
+        _check_param_shape(zero_point, "zero_point", want)
+        _check_zero_point_dtype(zero_point, "zero_point")
 
 
 @torch.library.register_fake("linquant::choose_qparams")
@@ -99,6 +112,8 @@ def _quantize_fake(x, scale, zero_point, bits, axis=None, group_size=None):
 @torch.library.register_fake("linquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis=None, group_size=None, dtype=None):
     _check_dtype(q, "q", (torch.int8, torch.uint8), "int8 (symmetric) or uint8 (asymmetric)")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"linquant: dtype must be float32, float16 or bfloat16, got {dtype}")
     _check_devices(q, "the input", scale=scale, zero_point=zero_point)
     _check_qparams(q, scale, zero_point, axis, group_size)
     return torch.empty_like(q, dtype=dtype or torch.float32, memory_format=torch.contiguous_format)
@@ -120,7 +135,8 @@ def packed_size(n: int, bits: int) -> int:
 def _pack_fake(q, bits):
     _check_pack_args(q, "q", bits)
     if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
-        raise ValueError(f"linquant: q must hold integers (uint8, or int8/int16/int32/int64 in range), got {q.dtype}")
+        raise ValueError(f"linquant: q must hold integers (uint8, or any integer dtype with values in range), "
+                         f"got {q.dtype}")
     return q.new_empty(list(q.shape[:-1]) + [packed_size(q.shape[-1], bits)], dtype=torch.uint8)
 
 
@@ -128,7 +144,9 @@ def _pack_fake(q, bits):
 def _unpack_fake(packed, bits, size):
     _check_pack_args(packed, "packed", bits)
     _check_dtype(packed, "packed", (torch.uint8,), "uint8")
-    if size < 0 or packed.shape[-1] != packed_size(size, bits):
+    if size < 0:
+        raise ValueError(f"linquant: size must be >= 0, got {size}")
+    if packed.shape[-1] != packed_size(size, bits):
         raise ValueError(f"linquant: packed has {packed.shape[-1]} bytes in its last dim, but {size} values of "
                          f"{bits} bits take {packed_size(size, bits)}")
     return packed.new_empty(list(packed.shape[:-1]) + [size], dtype=torch.uint8)
@@ -138,23 +156,37 @@ def _unpack_fake(packed, bits, size):
 def _linear_fake(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=None):
     if bits not in (8, 4, 2):
         raise ValueError(f"linquant: linear supports bits 8, 4 and 2, got {bits}")
-    if x.dim() == 0 or qweight.dim() != 2:
-        raise ValueError("linquant: linear needs x [..., K] and a 2-D qweight")
     _check_float(x, "x")
+    if x.dim() == 0:
+        raise ValueError("linquant: x must have at least one dim [..., K], got a 0-dim tensor")
     _check_devices(x, "x", qweight=qweight, scales=scales, zeros=zeros, bias=bias)
-    _check_dtype(qweight, "qweight", (torch.int8 if bits == 8 and zeros is None else torch.uint8,),
-                 "int8 (8-bit symmetric)" if bits == 8 and zeros is None else "uint8 (packed, or 8-bit asymmetric)")
+    symmetric = zeros is None
+    want_q = torch.int8 if bits == 8 and symmetric else torch.uint8
+    _check_dtype(qweight, "qweight", (want_q,),
+                 ("int8 (8-bit symmetric)" if want_q == torch.int8 else "uint8 (packed, or 8-bit asymmetric)")
+                 + f" for bits={bits} {'symmetric' if symmetric else 'asymmetric'}")
+    if qweight.dim() != 2:
+        raise ValueError(f"linquant: qweight must be 2-D [out_features, packed in_features], got {qweight.dim()} dims")
     n, k = qweight.shape[0], x.shape[-1]
     if qweight.shape[1] != packed_size(k, bits):
         raise ValueError(f"linquant: x has in_features K={k}, which at {bits} bits packs into "
                          f"{packed_size(k, bits)} bytes per weight row, but qweight has {qweight.shape[1]}")
+    per_byte = 8 // bits
+    if group_size is not None and (group_size < 1 or group_size % per_byte):
+        raise ValueError(f"linquant: group_size must be a positive multiple of {per_byte} at {bits} bits (groups "
+                         f"start on byte boundaries), got {group_size}")
     groups = 1 if group_size is None else -(-k // group_size)
     _check_float(scales, "scales")
-    for t, name in ((scales, "scales"), (zeros, "zeros")):
+    for t, name, what in ((scales, "scales", " (out_features x ceil(K / group_size))"),
+                          (zeros, "zeros", " like scales")):
         if t is not None and list(t.shape) not in ([n, groups], [n] if groups == 1 else None):
-            raise ValueError(f"linquant: {name} must be [{n}, {groups}], got shape {list(t.shape)}")
-    if bias is not None and list(bias.shape) != [n]:
-        raise ValueError(f"linquant: bias must be [out_features] = [{n}], got shape {list(bias.shape)}")
+            raise ValueError(f"linquant: {name} must be [{n}, {groups}]{what}, got shape {list(t.shape)}")
+    if zeros is not None:
+        _check_zero_point_dtype(zeros, "zeros")
+    if bias is not None:
+        _check_float(bias, "bias")
+        if list(bias.shape) != [n]:
+            raise ValueError(f"linquant: bias must be [out_features] = [{n}], got shape {list(bias.shape)}")
     return x.new_empty(list(x.shape[:-1]) + [n])
 
 
@@ -173,10 +205,15 @@ def _grouped_linear_fake(x, counts, qweight, scales, zeros=None, bias=None, bits
                              f"got shape {list(t.shape)}")
     if len(counts) != experts:
         raise ValueError(f"{who}: counts must hold one row count per expert ({experts}), got {len(counts)}")
-    if any(c < 0 for c in counts):
-        raise ValueError(f"{who}: counts must be >= 0, got {list(counts)}")
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {sum(counts)}")
+    total = 0
+    for c in counts:  # in the kernels' order, which stops at the first count past x's rows
+        if c < 0:
+            raise ValueError(f"{who}: counts must be >= 0, got {list(counts)}")
+        if c > x.shape[0] - total:
+            raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {list(counts)}")
+        total += c
+    if total != x.shape[0]:
+        raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {total}")
     if experts:
         _linear_fake(x, qweight[0], scales[0], None if zeros is None else zeros[0], None if bias is None else bias[0],
                      bits, group_size)
@@ -213,7 +250,8 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs values in [0, 2^bits) along the last dim into uint8: element i of a row occupies bits
     [i*bits, (i+1)*bits) of the row's little-endian bit stream, so the lowest index sits in the
     lowest bits of its byte (pack([0, 1, 2, 3], 2) == [228]). A last dim that does not fill the
-    final byte is padded with zero bits: the packed last dim is ceil(n * bits / 8). bits 1..8."""
+    final byte is padded with zero bits: the packed last dim is ceil(n * bits / 8). bits 1..8.
+    q may be of any integer dtype."""
     _require_tensor(q, "q")
     return torch.ops.linquant.pack.default(q, bits)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .nn import QLinear, QuantizedMatrix, format_repr, init_format
-from .weights import QuantizedWeight, dequantize_weight, quantize_weight
+from .weights import QuantizedWeight, dequantize_weight, is_int, quantize_weight
 
 
 class QEmbedding(QuantizedMatrix):
@@ -25,6 +25,15 @@ class QEmbedding(QuantizedMatrix):
         super().__init__()
         init_format(self, {"num_embeddings": num_embeddings, "embedding_dim": embedding_dim}, num_embeddings,
                     embedding_dim, bits, group_size, symmetric, device, dtype)
+        if padding_idx is not None:  # nn.Embedding's rule: a row of the table, counted from the end when negative
+            if not is_int(padding_idx):
+                raise TypeError(f"linquant.QEmbedding: padding_idx must be an int or None, got "
+                                f"{type(padding_idx).__name__}")
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"linquant.QEmbedding: padding_idx must be within num_embeddings = {num_embeddings}, "
+                                 f"got {padding_idx}")
+            if padding_idx < 0:
+                padding_idx += num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
 
     @classmethod

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import check_conversion, format_repr, init_format
-from .weights import QuantizedWeight, dequantize_weight, quantize_weight
+from .weights import QuantizedWeight, dequantize_weight, is_int, quantize_weight
 
 IMPLEMENTATION = "linquant"
 
@@ -38,6 +38,10 @@ class QExpertsWeight(nn.Module):
     def from_weight(cls, weight: torch.Tensor, transposed: bool, bits: int, group_size: Optional[int],
                     symmetric: bool, method: str = "minmax") -> "QExpertsWeight":
         """Quantizes a float [E, out, in] weight ([E, in, out] when `transposed`), scales in its dtype."""
+        if weight.dim() != 3:
+            raise ValueError(f"linquant.QExpertsWeight.from_weight: weight must be 3-D, [num_experts, "
+                             f"{'in_features, out_features' if transposed else 'out_features, in_features'}], got "
+                             f"shape {list(weight.shape)}")
         num_experts, out_features, in_features = weight.shape[0], *weight.shape[1:][::-1 if transposed else 1]
         layer = cls(num_experts, in_features, out_features, bits, group_size, symmetric, device="meta",
                     dtype=weight.dtype)
@@ -68,11 +72,16 @@ class QExpertsWeight(nn.Module):
         """Quantizes `weight` [rows, in_features] into output rows start..start+rows of `expert`:
         each row is quantized alone, so a projection filled a piece at a time (a checkpoint's
         per-expert tensors) holds what quantizing it whole gives."""
-        rows = weight.shape[0]
-        if weight.dim() != 2 or weight.shape[1] != self.in_features or start + rows > self.out_features:
+        self._check_expert(expert, "set_rows")
+        if not is_int(start):
+            raise TypeError(f"linquant.QExpertsWeight.set_rows: start must be an int, got {type(start).__name__}")
+        if start < 0:
+            raise ValueError(f"linquant.QExpertsWeight.set_rows: start must be >= 0, got {start}")
+        if weight.dim() != 2 or weight.shape[1] != self.in_features or start + weight.shape[0] > self.out_features:
             raise ValueError(f"linquant.QExpertsWeight.set_rows: weight must be [rows, in_features = "
                              f"{self.in_features}] with rows within the {self.out_features} output rows from {start}, "
                              f"got {list(weight.shape)}")
+        rows = weight.shape[0]
         try:
             qw = quantize_weight(weight.detach(), self.bits, self.group_size, self.symmetric, dtype=self.scales.dtype,
                                  method=method)
@@ -83,7 +92,16 @@ class QExpertsWeight(nn.Module):
         if self.zeros is not None:
             self.zeros[expert, start:start + rows] = qw.zeros
 
+    def _check_expert(self, expert: int, caller: str) -> None:
+        # Indexing the buffers would take a negative expert from the end, silently.
+        if not is_int(expert):
+            raise TypeError(f"linquant.QExpertsWeight.{caller}: expert must be an int, got {type(expert).__name__}")
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"linquant.QExpertsWeight.{caller}: expert must be in [0, {self.num_experts}), "
+                             f"got {expert}")
+
     def quantized_weight(self, expert: int) -> QuantizedWeight:
+        self._check_expert(expert, "quantized_weight")
         return QuantizedWeight(self.qweight[expert], self.scales[expert],
                                None if self.zeros is None else self.zeros[expert], self.bits, self.group_size,
                                self.in_features)
@@ -98,6 +116,7 @@ class QExpertsWeight(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"linquant.QExpertsWeight: x must have in_features={self.in_features} in its last dim, "
                              f"got shape {list(x.shape)}")
+        self._check_expert(expert, "linear")
         return torch.ops.linquant.linear(x, self.qweight[expert], self.scales[expert],
                                          None if self.zeros is None else self.zeros[expert], bias, self.bits,
                                          self.group_size)

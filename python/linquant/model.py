@@ -74,6 +74,19 @@ def _computes_linear(module: nn.Linear) -> bool:
     return bool(torch.allclose(y.float(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max().clamp_min(1))))
 
 
+def _checked_exclude(exclude: Exclude, who: str) -> Exclude:
+    """`exclude` as the selection reads it, an iterable of patterns made a tuple (a generator would
+    be used up by the first layer), after checking its type: an int would fail deep inside as
+    "not iterable", a list holding one in fnmatch."""
+    if exclude is None or isinstance(exclude, str) or callable(exclude):
+        return exclude
+    patterns = tuple(exclude) if isinstance(exclude, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{who}: exclude must be a name or glob pattern (str), an iterable of them, a predicate "
+                        f"(name, module) -> bool, or None; got {type(exclude).__name__} {exclude!r}")
+    return patterns
+
+
 def _patterns(exclude: Exclude) -> List[str]:
     """The names / glob patterns of a non-callable `exclude`."""
     if exclude is None:
@@ -203,6 +216,7 @@ def layers_to_quantize(model: nn.Module, bits: int, group_size: Optional[int], m
     layer or embedding whose weight is tied to a module's that stays in float."""
     check_format(bits, group_size, who)
     check_method(method, who)
+    exclude = _checked_exclude(exclude, who)
     linears = _linear_layers(model)
     experts = experts_modules(model)
     tables = _embeddings(model) if embeddings else []

@@ -1,6 +1,7 @@
 """QLinear: a drop-in replacement for nn.Linear (and transformers' Conv1D) holding the quantized-
 weight format of docs/architecture.md as buffers and running `torch.ops.linquant.linear`."""
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,13 +18,36 @@ def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool
     return (out_features, (in_features * bits + 7) // 8), torch.uint8
 
 
+# Where a quantized layer's state_dict records its format: the metadata torch keeps beside the
+# tensors (state_dict()._metadata, saved by torch.save and handed back per module by
+# load_state_dict), since the buffers alone can have the same shapes in two formats (4-bit K = 16
+# and 2-bit K = 32 both pack 8 bytes a row) and would load into the other layer as garbage. No
+# tensor is added, so save_quantized's files are unchanged (and record the format in linquant.json).
+FORMAT_RECORD = "linquant_format"
+
+
+def _write_format_record(record: dict, module, state_dict, prefix, local_metadata) -> None:
+    local_metadata[FORMAT_RECORD] = dict(record)
+
+
+def _check_format_record(record: dict, module, state_dict, prefix, local_metadata, *_) -> None:
+    """Refuses a state_dict recorded from a layer of another format. One without the record (a
+    plain dict of tensors, or from before the record) loads as before."""
+    saved = local_metadata.get(FORMAT_RECORD, {})
+    for key, value in record.items():
+        if key in saved and saved[key] != value:
+            where = f" at {prefix[:-1]!r}" if prefix else ""
+            raise ValueError(f"linquant.{type(module).__name__}: the state_dict{where} holds a layer with {key} = "
+                             f"{saved[key]!r}, this layer has {value!r}")
+
+
 def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int, group_size: Optional[int],
                 symmetric: bool, device, dtype, stacked: tuple = ()) -> None:
     """A quantized layer's constructor (QLinear, QEmbedding, QExpertsWeight): checks its `sizes`
     (name: value), bits, group size and scales dtype, naming the class, rather than as a
     tensor-factory error (a negative size) or at the first forward (scales the kernels cannot
     take); sets bits, group_size and symmetric; registers the format's buffers for `stacked`
-    weights of [rows, cols] (values 0, scales 1)."""
+    weights of [rows, cols] (values 0, scales 1); its state_dict records the format (FORMAT_RECORD)."""
     who = f"linquant.{type(module).__name__}"
     for name, value in sizes.items():
         if not is_int(value):
@@ -42,6 +66,9 @@ def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int,
     module.register_buffer("scales", torch.ones((*stacked, rows, groups), dtype=dtype, device=device))
     module.register_buffer("zeros", None if symmetric else
                            torch.zeros((*stacked, rows, groups), dtype=torch.int32, device=device))
+    record = {"bits": bits, "group_size": group_size, "symmetric": symmetric, **sizes}
+    module.register_state_dict_post_hook(functools.partial(_write_format_record, record))
+    module.register_load_state_dict_pre_hook(functools.partial(_check_format_record, record))
 
 
 def check_conversion(module: nn.Module, fn) -> None:

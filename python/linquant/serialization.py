@@ -126,6 +126,9 @@ def read_config(path: str) -> dict:
             config = json.load(f)
     except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"linquant.load_quantized: {cfg_path} is not valid JSON: {e}") from None
+    except RecursionError:  # json nests one Python call per level: '[' * 100000 exhausts the stack
+        raise ValueError(f"linquant.load_quantized: {cfg_path} is not a linquant config: its JSON nests too "
+                         "deeply") from None
     if not isinstance(config, dict) or config.get("format") != "linquant" or \
             config.get("format_version") != FORMAT_VERSION:
         found = config if not isinstance(config, dict) else \
@@ -164,7 +167,12 @@ def read_config(path: str) -> dict:
         _check_module_spec(f"linquant.load_quantized: {cfg_path}: experts projection {name!r}", spec,
                            _EXPERTS_SPEC_TYPES)
     for name, spec in embeddings.items():
-        _check_module_spec(f"linquant.load_quantized: {cfg_path}: embedding {name!r}", spec, _EMBEDDING_SPEC_TYPES)
+        where = f"linquant.load_quantized: {cfg_path}: embedding {name!r}"
+        _check_module_spec(where, spec, _EMBEDDING_SPEC_TYPES)
+        rows, padding_idx = spec["num_embeddings"], spec["padding_idx"]
+        if padding_idx is not None and not 0 <= padding_idx < rows:  # as save_quantized writes it: normalized
+            raise ValueError(f"{where} has an invalid 'padding_idx' (expected null or an integer from 0 to "
+                             f"num_embeddings - 1 = {rows - 1}, got {padding_idx})")
     return config
 
 
@@ -365,9 +373,21 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
         if not same_kind or (not want.is_floating_point() and t.dtype != want.dtype):
             raise ValueError(f"linquant.load_quantized: {key!r} is {t.dtype} in the file but the model "
                              f"expects {want.dtype}")
-    for name in [*config["modules"], *config.get("experts", {}), *config.get("embeddings", {})]:
+    specs = {**config["modules"], **config.get("experts", {}), **config.get("embeddings", {})}  # no name twice
+    for name, spec in specs.items():
+        # The format's float tensors, which assign=True would take in any float dtype, and the
+        # kernels refuse at the first forward: scales in the entry's dtype, a bias in one of
+        # linear's (any of the three, whatever the scales' one).
+        prefix = f"{name}." if name else ""
+        scales = state[prefix + "scales"]
+        if scales.dtype != _SCALE_DTYPES[spec["dtype"]]:
+            raise ValueError(f"linquant.load_quantized: {prefix + 'scales'!r} is {scales.dtype} in the file but the "
+                             f"layer's format needs {spec['dtype']}")
+        bias = state[prefix + "bias"] if spec.get("bias") else None
+        if bias is not None and bias.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"linquant.load_quantized: {prefix + 'bias'!r} is {bias.dtype} in the file but the "
+                             "layer's format needs float32, float16 or bfloat16")
         # damaged scales: NaN or inf outputs, silently
-        scales = state[f"{name}.scales" if name else "scales"]
         if scales.numel() and not bool(torch.isfinite(scales).logical_and_(scales > 0).all()):
             raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are "
                              "not finite and positive (a damaged file?)")

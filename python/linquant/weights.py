@@ -4,7 +4,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._ops import choose_qparams, dequantize, pack, quantize, unpack
+from ._ops import _FLOAT_DTYPES, choose_qparams, dequantize, pack, quantize, unpack
 
 
 class QuantizedWeight(NamedTuple):
@@ -106,16 +106,26 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     chooses the scales and zero points (METHODS): "minmax" spans each group's range; "mse" searches
     21 clipping ratios per group for the least squared error (21 times the work; 10-40% less
     weight MSE at 4 and 2 bits on MiniLM)."""
+    who = "linquant.quantize_weight"
     if weight.dim() != 2:
         raise ValueError(f"linquant: weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
-    check_format(bits, group_size, "linquant.quantize_weight")
-    check_method(method, "linquant.quantize_weight")
+    if weight.device.type == "meta":  # its scales would be meta too, and checking them needs values
+        raise ValueError(f"{who}: cannot quantize a weight on the meta device: it holds no values (quantize the model "
+                         "built with its weights). A model built on meta is a skeleton to load into: "
+                         "lq.load_quantized(path, model_or_factory) for a save_quantized directory, "
+                         "lq.quantize_pretrained(path, ...) for a Hugging Face checkpoint (quantized as it is read)")
+    check_format(bits, group_size, who)
+    check_method(method, who)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{who}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{who}: dtype (of the scales) must be float32, float16 or bfloat16, got {dtype}")
     dtype = dtype or weight.dtype
     w = weight.detach()
     gran = _granularity(group_size)
     scale, zp = _stored_qparams(w, bits, symmetric, gran, dtype)
     if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"linquant.quantize_weight: the weight's range needs scales above {dtype}'s largest value "
+        raise ValueError(f"{who}: the weight's range needs scales above {dtype}'s largest value "
                          f"({torch.finfo(dtype).max:g}); store the scales in float32 or bfloat16 (dtype=...)")
     if method == "mse":
         scale, zp = _mse_qparams(w, scale, zp, bits, symmetric, gran, dtype)

@@ -67,9 +67,25 @@ def test_bad_input_is_named(gen):
         q.set_weight(torch.zeros(10, 8))
     with pytest.raises(ValueError, match="multiple of 2 at 4 bits"):
         lq.QEmbedding(10, 16, bits=4, group_size=3)
+    with pytest.raises(TypeError, match="linquant.QEmbedding: padding_idx must be an int or None, got float"):
+        lq.QEmbedding(10, 16, padding_idx=1.0)
     with pytest.raises(ValueError, match="scales and bias must stay float32, float16 or bfloat16"):
         q.double()
     assert q.to(torch.bfloat16).scales.dtype == torch.bfloat16 and q.qweight.dtype == torch.int8
+
+
+@pytest.mark.parametrize("padding_idx", [0, 9, -1, -10, None])
+def test_padding_idx_is_normalized_as_nn_embedding_does(padding_idx):
+    assert lq.QEmbedding(10, 16, padding_idx=padding_idx).padding_idx == nn.Embedding(10, 16, padding_idx).padding_idx
+
+
+@pytest.mark.parametrize("padding_idx", [10, 20, -11])
+def test_padding_idx_outside_the_table_is_refused_as_nn_embedding_refuses_it(padding_idx):
+    with pytest.raises(AssertionError):
+        nn.Embedding(10, 16, padding_idx)
+    with pytest.raises(ValueError, match=f"linquant.QEmbedding: padding_idx must be within num_embeddings = 10, "
+                                         f"got {padding_idx}"):
+        lq.QEmbedding(10, 16, padding_idx=padding_idx)
 
 
 def tied_llama():

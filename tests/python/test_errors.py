@@ -280,3 +280,76 @@ def test_format_arguments_of_the_wrong_type_are_named(kwargs, match):
     model = torch.nn.Sequential(torch.nn.Linear(64, 8))
     with pytest.raises(TypeError, match=re.escape(f"linquant.quantize_model: {match}")):
         lq.quantize_model(model, exclude=[], **kwargs)
+
+
+@pytest.mark.parametrize("exclude,shown", [(5, "int 5"), (["lm_head", 5], "list ['lm_head', 5]"), (b"0", "bytes b'0'")])
+def test_exclude_of_the_wrong_type_is_named(exclude, shown):
+    # Used to fail deep inside: "'int' object is not iterable", or fnmatch's "expected str".
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    with pytest.raises(TypeError, match=re.escape(f"linquant.quantize_model: exclude must be a name or glob pattern "
+                                                  f"(str), an iterable of them, a predicate (name, module) -> bool, "
+                                                  f"or None; got {shown}")):
+        lq.quantize_model(model, bits=4, exclude=exclude)
+    assert isinstance(model[0], torch.nn.Linear)
+
+
+def test_an_exclude_generator_is_read_once_for_all_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4), torch.nn.Linear(4, 4))
+    lq.quantize_model(model, bits=8, exclude=(name for name in ["0", "2"]))
+    assert [type(m).__name__ for m in model] == ["Linear", "QLinear", "Linear"]
+
+
+@pytest.mark.parametrize("transposed,layout", [(False, "out_features, in_features"),
+                                               (True, "in_features, out_features")])
+def test_experts_weight_must_be_3d(transposed, layout):
+    with raises(re.escape(f"linquant.QExpertsWeight.from_weight: weight must be 3-D, [num_experts, {layout}], got "
+                          "shape [5, 16]")):
+        lq.QExpertsWeight.from_weight(torch.randn(5, 16), transposed, 4, 8, False)
+
+
+def test_quantize_weight_dtype_is_checked():
+    # Used to be torch.finfo's "requires a floating point input type".
+    for dtype in (torch.int32, torch.float64, torch.bool):
+        with raises(re.escape(f"linquant.quantize_weight: dtype (of the scales) must be float32, float16 or bfloat16, "
+                              f"got {dtype}")):
+            lq.quantize_weight(torch.randn(4, 16), 4, 8, dtype=dtype)
+    with pytest.raises(TypeError, match="linquant.quantize_weight: dtype must be a torch.dtype or None, got str"):
+        lq.quantize_weight(torch.randn(4, 16), 4, 8, dtype="float16")
+
+
+def test_expert_indices_are_checked():
+    qx = lq.QExpertsWeight.from_weight(torch.randn(3, 4, 16), False, 4, 8, False)
+    before = [t.clone() for t in (qx.qweight, qx.scales, qx.zeros)]
+    x = torch.randn(2, 16)
+    for expert in (3, -1):  # -1 used to run the last expert, silently
+        with pytest.raises(IndexError, match=re.escape(f"QExpertsWeight.linear: expert must be in [0, 3), "
+                                                       f"got {expert}")):
+            qx.linear(x, expert)
+        with pytest.raises(IndexError, match=re.escape(f"QExpertsWeight.set_rows: expert must be in [0, 3), "
+                                                       f"got {expert}")):
+            qx.set_rows(expert, 0, torch.randn(2, 16))
+        with pytest.raises(IndexError, match=re.escape("QExpertsWeight.quantized_weight: expert must be in [0, 3)")):
+            qx.quantized_weight(expert)
+    with pytest.raises(TypeError, match="QExpertsWeight.linear: expert must be an int, got float"):
+        qx.linear(x, 1.0)
+    with raises(re.escape("QExpertsWeight.set_rows: start must be >= 0, got -2")):  # the slice used to wrap around
+        qx.set_rows(0, -2, torch.randn(2, 16))
+    with raises(re.escape("weight must be [rows, in_features = 16] with rows within the 4 output rows from 3")):
+        qx.set_rows(0, 3, torch.randn(2, 16))
+    assert all(torch.equal(a, b) for a, b in zip(before, (qx.qweight, qx.scales, qx.zeros)))
+    assert torch.equal(qx.linear(x, 2), lq.linear(x, qx.qweight[2], qx.scales[2], qx.zeros[2], None, 4, 8))
+
+
+def test_quantizing_a_meta_model_says_how_meta_skeletons_are_used():
+    # Used to be "Tensor.item() cannot be called on meta tensors" from inside quantize_weight.
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    message = ("cannot quantize a weight on the meta device: it holds no values (quantize the model built with its "
+               "weights). A model built on meta is a skeleton to load into: lq.load_quantized")
+    with raises("linquant.quantize_model: layer '0': linquant.quantize_weight: " + re.escape(message)):
+        lq.quantize_model(model, bits=4)
+    with raises(re.escape(message)):
+        lq.QLinear.from_linear(model[0], 4)
+    with raises(re.escape(message)):
+        lq.QExpertsWeight.from_weight(torch.empty(2, 4, 16, device="meta"), False, 4, None, True)
+    assert isinstance(model[0], torch.nn.Linear)

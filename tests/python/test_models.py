@@ -296,12 +296,24 @@ def _damaged_copy(src, dst, edit_config=None, edit_tensors=None):
     ({"edit_tensors": lambda t: t.update({"0.qweight": t["0.qweight"].int()})},
      "'0.qweight' is torch.int32 in the file but the model expects torch.uint8"),
     ({"edit_tensors": lambda t: t.update({"2.bias": t["2.bias"].int()})}, "'2.bias' is torch.int32 in the file"),
+    # Float dtypes the format does not allow there, which used to load and fail at the first forward.
+    ({"edit_tensors": lambda t: t.update({"2.scales": t["2.scales"].double()})},
+     "'2.scales' is torch.float64 in the file but the layer's format needs float32"),
+    ({"edit_tensors": lambda t: t.update({"0.scales": t["0.scales"].half()})},
+     "'0.scales' is torch.float16 in the file but the layer's format needs float32"),
+    ({"edit_tensors": lambda t: t.update({"2.bias": t["2.bias"].double()})},
+     r"'2.bias' is torch.float64 in the file but the layer's format needs float32, float16 or bfloat16"),
+    ({"edit_config": lambda c: c.update(embeddings={"table": {**c["modules"]["2"], "num_embeddings": 8,
+                                                              "embedding_dim": 16, "padding_idx": 8}})},
+     r"embedding 'table' has an invalid 'padding_idx' \(expected null or an integer from 0 to num_embeddings - 1 = 7, "
+     r"got 8\)"),
     ({"edit_tensors": lambda t: t["2.scales"].view(-1)[3:4].fill_(float("nan"))},
      "the scales of '2' hold values that are not finite and positive"),
     ({"edit_tensors": lambda t: t["0.scales"].view(-1)[0:1].fill_(0.0)}, "the scales of '0' hold values"),
 ], ids=["missing-key", "dtype-name", "quantized-dtype", "huge-in", "negative-in", "negative-out", "float-in",
         "bits", "group-size", "tied-list", "metadata-list", "save-id-int", "modules-list", "tied-source", "listed-twice",
-        "qweight-dtype", "bias-dtype", "nan-scale", "zero-scale"])
+        "qweight-dtype", "bias-dtype", "scales-float64", "scales-float16", "bias-float64", "padding-idx", "nan-scale",
+        "zero-scale"])
 def test_a_damaged_save_is_named_at_load(tmp_path, damage, match):
     # Each of these used to load (failing or giving NaN at the first forward) or fail with a bare
     # KeyError / AttributeError from inside the loader.
@@ -313,6 +325,23 @@ def test_a_damaged_save_is_named_at_load(tmp_path, damage, match):
     (tmp_path / "ok" / "linquant.json").write_text("{not json")
     with pytest.raises(ValueError, match="linquant.json is not valid JSON"):
         lq.load_quantized(str(tmp_path / "ok"), _small)
+
+
+def test_a_config_nested_too_deeply_is_named_at_load(tmp_path):
+    # json's parser recurses once per level: this used to be a RecursionError.
+    lq.save_quantized(lq.quantize_model(_small(), bits=8, exclude=[]), str(tmp_path))
+    (tmp_path / "linquant.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="linquant.json is not a linquant config: its JSON nests too deeply"):
+        lq.load_quantized(str(tmp_path), _small)
+
+
+def test_a_bias_in_another_float_dtype_than_the_scales_loads(tmp_path):
+    # linear takes any of the three (and the C++ loader accepts it too): not a damaged file.
+    lq.save_quantized(lq.quantize_model(_small(), bits=4, group_size=8, exclude=[]), str(tmp_path / "ok"))
+    damaged = _damaged_copy(tmp_path / "ok", tmp_path / "half", edit_tensors=lambda t: t.update(
+        {"2.bias": t["2.bias"].half()}))
+    model = lq.load_quantized(damaged, _small)
+    assert model[2].bias.dtype == torch.float16 and model(torch.randn(3, 16)).dtype == torch.float32
 
 
 def test_a_bare_linear_is_quantized_saved_and_loaded(tmp_path):

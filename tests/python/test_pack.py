@@ -57,7 +57,10 @@ def test_long_rows_split_across_threads(bits, gen):
         assert torch.equal(p[:, start * bits // 8: start * bits // 8 + ref.shape[-1]], ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+# uint16/32/64 too: ATen has no min / max for them, which the range check took (it failed with
+# `"min_all" not implemented for 'UInt16'`).
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                                   torch.uint64])
 def test_other_integer_dtypes(dtype, gen):
     q = torch.randint(0, 16, (5, 13), generator=gen).to(dtype)
     assert torch.equal(lq.pack(q, 4), lq.pack(q.to(torch.uint8), 4))
@@ -84,7 +87,7 @@ def test_unpack_non_contiguous(bits, gen):
         assert out.dtype == torch.uint8 and torch.equal(out.to(torch.int64), ref_unpack(view, bits, size))
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.uint16, torch.uint32, torch.uint64])
 def test_out_of_range_names_the_first_bad_index(dtype):
     q = torch.zeros(3, 10, dtype=dtype)
     q[1, 7] = 16

@@ -2,6 +2,8 @@
 reference (reference.py), forward against the float64 reference, dequantize, constructor
 errors, repr, .to(), TorchScript, torch.compile(fullgraph) on a quantized model."""
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -261,6 +263,40 @@ def test_empty_in_features_with_groups(gen):
     layer = lq.QLinear.from_linear(nn.Linear(0, 3), bits=4, group_size=32)
     assert layer.scales.shape == (3, 0)
     assert torch.equal(layer(torch.randn(2, 0, generator=gen)), layer.bias.expand(2, 3))
+
+
+@pytest.mark.parametrize("saved_format,layer_format,field", [
+    (dict(bits=4), dict(in_features=32, bits=2), "bits = 4, this layer has 2"),  # 8 bytes a row either way
+    (dict(bits=4), dict(in_features=15, bits=4), "in_features = 16, this layer has 15"),  # 15 values take 8 too
+    (dict(bits=8, group_size=6), dict(bits=8, group_size=7), "group_size = 6, this layer has 7"),  # 3 groups each
+], ids=str)
+def test_a_state_dict_of_another_format_is_refused(saved_format, layer_format, field, gen):
+    # Its buffers have the shapes and dtypes of this layer's: it used to load and compute garbage.
+    source = lq.QLinear.from_linear(nn.Linear(16, 4), **saved_format)
+    layer = lq.QLinear(**(dict(in_features=16, out_features=4) | layer_format))
+    with pytest.raises(ValueError, match=f"linquant.QLinear: the state_dict holds a layer with {field}"):
+        layer.load_state_dict(source.state_dict())
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(nn.ReLU(), source).state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()))
+    with pytest.raises(ValueError, match=f"the state_dict at '1' holds a layer with {field}"):  # kept by torch.save
+        nn.Sequential(nn.ReLU(), layer).load_state_dict(saved)
+    same = lq.QLinear(16, 4, **saved_format)
+    same.load_state_dict(source.state_dict())
+    x = torch.randn(2, 16, generator=gen)
+    assert torch.equal(same(x), source(x))
+    layer.load_state_dict(dict(source.state_dict()))  # a plain dict of tensors carries no format to check
+
+
+def test_a_state_dict_of_another_embedding_or_experts_format_is_refused():
+    table = lq.QEmbedding.from_embedding(nn.Embedding(10, 16), bits=4)
+    with pytest.raises(ValueError, match="linquant.QEmbedding: the state_dict holds a layer with bits = 4, this "
+                                         "layer has 2"):
+        lq.QEmbedding(10, 32, bits=2).load_state_dict(table.state_dict())
+    experts = lq.QExpertsWeight.from_weight(torch.randn(3, 4, 16), False, 4, None, True)
+    with pytest.raises(ValueError, match="linquant.QExpertsWeight: the state_dict holds a layer with in_features = 16, "
+                                         "this layer has 15"):
+        lq.QExpertsWeight(3, 15, 4, bits=4).load_state_dict(experts.state_dict())
 
 
 def test_torchscript(gen):
