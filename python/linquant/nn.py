@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._ops import _FLOAT_DTYPES
-from .weights import QuantizedWeight, check_format, dequantize_weight, is_int, quantize_weight
+from .weights import QuantizedWeight, check_format, check_scales_dtype, dequantize_weight, is_int, quantize_weight
 
 
 def qweight_spec(out_features: int, in_features: int, bits: int, symmetric: bool):
@@ -54,10 +54,7 @@ def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int,
             raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{who}: {name} must be >= 0, got {value}")
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{who}: dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{who}: dtype (of the scales and bias) must be float32, float16 or bfloat16, got {dtype}")
+    check_scales_dtype(dtype, who, "the scales and bias")
     check_format(bits, group_size, who)
     module.bits, module.group_size, module.symmetric = bits, group_size, symmetric
     groups = 1 if group_size is None else -(-cols // group_size)  # none when cols = 0

@@ -36,6 +36,19 @@ def check_format(bits: int, group_size: Optional[int], who: str) -> None:
                          f"(groups start on byte boundaries), got {group_size}")
 
 
+def check_scales_dtype(dtype, who: str, holds: str, none_ok: bool = False) -> None:
+    """A format's float dtype, for `holds` (what it is the dtype of), naming `who`: a TypeError for
+    anything but a torch.dtype (or None where `none_ok`), a ValueError for one the kernels do not
+    take (torch.finfo or the kernels would otherwise fail later, unclearly)."""
+    if none_ok and dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{who}: dtype must be a torch.dtype{' or None' if none_ok else ''}, "
+                        f"got {type(dtype).__name__}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{who}: dtype (of {holds}) must be float32, float16 or bfloat16, got {dtype}")
+
+
 def smallest_subnormal(dtype: torch.dtype) -> float:
     """The smallest positive value of a float dtype: 2^-24 in fp16, 2^-133 in bf16."""
     info = torch.finfo(dtype)
@@ -116,10 +129,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
                          "lq.quantize_pretrained(path, ...) for a Hugging Face checkpoint (quantized as it is read)")
     check_format(bits, group_size, who)
     check_method(method, who)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{who}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
-    if dtype is not None and dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{who}: dtype (of the scales) must be float32, float16 or bfloat16, got {dtype}")
+    check_scales_dtype(dtype, who, "the scales", none_ok=True)
     dtype = dtype or weight.dtype
     w = weight.detach()
     gran = _granularity(group_size)
