@@ -260,6 +260,14 @@ __device__ __forceinline__ void dequant_chunk_to(const LinearParams& p, const We
   }
 }
 
+// The values [valid, kMmaChunk) of a chunk's 16-bit pairs set to +0: the row's padding past K.
+// Zero padding dequantizes to s (0 - z), which for symmetric weights near fp16's limit is -inf
+// (-2s at 2 bits, where the largest weight is s), and inf times the zero activation there is NaN.
+LQ_HD void zero_past(uint32_t (&pairs)[kMmaChunk / 2], int64_t valid) {
+#pragma unroll
+  for (int i = 0; i < kMmaChunk / 2; ++i) pairs[i] &= 2 * i >= valid ? 0u : 2 * i + 1 >= valid ? 0xFFFFu : ~0u;
+}
+
 template <int BITS, int BM, typename T>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     mma_kernel(LinearParams p, const T* __restrict__ x, T* __restrict__ y, float* __restrict__ partial,
@@ -319,6 +327,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   auto run_step = [&](int64_t step, WeightChunk<BITS>& c) {
     uint32_t packed[kMmaChunk / 2];
     dequant_chunk_to<BITS, T>(p, c, pairs_exact, packed);
+    const int64_t k0 = step * kMmaBK + wcol;
+    if (k0 + kMmaChunk > p.K) zero_past(packed, p.K - k0);  // the row's last chunk, when K ends inside it
     // 64 contiguous bytes per thread, as four 16-byte stores (rows are 144 bytes apart, so the
     // eight stores of a quarter warp fall on distinct banks).
     uint4* wdst = reinterpret_cast<uint4*>(ws + wrow * LDS + wcol);

@@ -85,6 +85,25 @@ struct Problem {
     return *this;
   }
 
+  // Symmetric weights as quantize makes them (q - z >= -2^(bits-1) + 1, since |w| <= s qmax),
+  // the row's padding values past K zero as pack writes them, and scales so large that
+  // s (0 - z), what a padding value dequantizes to, is past fp16's range (65504) while every
+  // weight within K is not; activations small enough for y to stay far from it.
+  Problem& near_fp16_limit() {
+    const int per_byte = 8 / bits, z = 1 << (bits - 1);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < p.row_bytes * per_byte; ++k) {
+        uint8_t& b = w[16 + n * p.row_bytes + k / per_byte];
+        const int shift = static_cast<int>(k % per_byte) * bits, q = (b >> shift) & ((1 << bits) - 1);
+        const int want = k >= K ? 0 : q == 0 ? 1 : q;
+        b = static_cast<uint8_t>((b & ~(((1 << bits) - 1) << shift)) | (want << shift));
+      }
+    }
+    for (float& s : scales) s = 65504.0f / (static_cast<float>(z) - 0.5f);
+    for (float& v : x) v *= 1e-4f;
+    return *this;
+  }
+
   // Scales and bias stored in 16-bit floats, as a model in that dtype stores them (the reference
   // keeps the rounded values): S for the scales, the other 16-bit type for the bias.
   std::vector<uint16_t> scales16, bias16;
@@ -347,6 +366,10 @@ TEST(LinearEmulated, TensorCoreKernel) {
   // Groups of 96 and of 160 values (not powers of two).
   run_mma<4, 32, core::half_t>(Problem(4, false, 20, 70, 960, 96, 61).params_in<core::half_t>(), 1);
   run_mma<8, 16, core::bf16_t>(Problem(8, false, 9, 40, 640, 160, 62), 1);
+  // K ending inside a chunk: the padding values dequantize to -inf in fp16, which the zero
+  // activations past K must not turn into NaN.
+  run_mma<2, 16, core::half_t>(Problem(2, true, 12, 40, 30, 0, 63).near_fp16_limit(), 1);
+  run_mma<4, 32, core::half_t>(Problem(4, true, 20, 24, 31, 0, 64).near_fp16_limit().params_in<core::half_t>(), 1);
   // Split K with the last-block reduction.
   run_mma<4, 16, core::half_t>(Problem(4, false, 16, 200, 1056, 128, 25), 8);
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);

@@ -654,6 +654,25 @@ def test_linear_forced_activations_near_floats_limit_stay_finite(path, bits, gro
                 assert bool(torch.isfinite(y).all())
 
 
+@pytest.mark.parametrize("path", list(FORCED_PATHS))
+@pytest.mark.parametrize("bits,largest", [(2, 40000.0), (4, 60000.0)], ids=str)
+def test_linear_forced_fp16_weights_near_the_fp16_limit_with_k_inside_a_chunk(path, bits, largest, gen):
+    # The row's zero padding past K dequantizes to s (0 - z), past fp16's range for symmetric
+    # weights this large; the fused tensor-core kernel multiplied that -inf by the zero activations
+    # there (NaN in every output of the row) until it set the padding to 0.
+    for k in (29, 30, 31, 95, 1023):
+        w = (torch.rand(24, k, generator=gen) * 2 - 1) * largest
+        w[:, 0] = largest
+        for g in (None, 32):
+            qw = lq.quantize_weight(w, bits, g, True, dtype=torch.float16)
+            for m in {"gemv": (1, 8)}.get(path, (1, 9, 16, 40)):
+                x = (torch.randn(m, k, generator=gen) * 1e-4).half()
+                with lq.cuda_linear_dispatch(*FORCED_PATHS[path]):
+                    y = check_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, g, ref_for(qw)(qw.scales),
+                                     what=f"forced {path} path, max|w| {largest}, K {k}")
+                assert bool(torch.isfinite(y).all())
+
+
 def has_hopper_gemm():
     return (torch.cuda.is_available() and torch._C._dispatch_has_kernel("linquant::_cuda_has_hopper_gemm")
             and torch.ops.linquant._cuda_has_hopper_gemm(0))

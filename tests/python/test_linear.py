@@ -66,6 +66,23 @@ def test_activations_near_floats_limit_stay_finite(dtype, bits, group_size, symm
         assert torch.isfinite(lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)).all()
 
 
+@pytest.mark.parametrize("bits,largest", [(2, 40000.0), (4, 60000.0)], ids=str)
+@pytest.mark.parametrize("group_size", [None, 32], ids=str)
+def test_fp16_weights_near_the_fp16_limit_with_k_inside_a_chunk(bits, largest, group_size, gen):
+    """Symmetric weights up to `largest` with fp16 scales and activations, K ending inside a
+    32-value chunk: the row's zero padding past K dequantizes to s (0 - z), past fp16's range
+    (-2 max|w| at 2 bits, -8/7 max|w| at 4), which times the zero activations there must add
+    nothing (the CUDA tensor-core kernel's sums became NaN)."""
+    for k in (29, 30, 31, 61, 95, 1023):
+        w = (torch.rand(24, k, generator=gen) * 2 - 1) * largest
+        w[:, 0] = largest
+        qw = lq.quantize_weight(w, bits, group_size, True, dtype=torch.float16)
+        for m in (1, 9, 40):
+            x = (torch.randn(m, k, generator=gen) * 1e-4).half()
+            check(x, qw, None, bits, group_size)
+            assert torch.isfinite(lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_dtypes_and_leading_dims(dtype, bits, gen):
