@@ -42,12 +42,32 @@ void QLinearImpl::reset() {
 
 namespace {
 
+// Each row's (per-channel) or group's minimum of w in fp32, [N] or [N, G]; 0 for an empty one, as
+// choose_qparams counts it.
+at::Tensor group_minima(const at::Tensor& w, const QLinearOptions& o) {
+  const at::Tensor wf = w.to(at::kFloat);
+  const int64_t n = w.size(0), k = w.size(1);
+  if (!o.group_size.has_value()) return k == 0 ? at::zeros({n}, wf.options()) : wf.amin(1);
+  const int64_t g = *o.group_size, groups = k == 0 ? 0 : (k - 1) / g + 1;
+  return at::constant_pad_nd(wf, {0, groups * g - k}, std::numeric_limits<double>::infinity())
+      .reshape({n, groups, g})
+      .amin(-1);
+}
+
 // choose_qparams' scale and zero point for w, the scale as stored (in w's dtype, as the Python side
 // does): one that rounds to 0 there becomes the dtype's smallest subnormal (as weights.py does).
+// An asymmetric scale the dtype cannot hold exactly is rounded up and its zero point chosen again,
+// round(-min / s), so the stored range still spans the group's (weights.py says why).
 std::tuple<at::Tensor, std::optional<at::Tensor>> stored_qparams(const at::Tensor& w, const QLinearOptions& o) {
   auto [scale, zp] = choose_qparams(w, o.bits, o.symmetric, axis_of(o), o.group_size);
-  scale = scale.to(w.scalar_type()).clamp_min(smallest_subnormal(w.scalar_type()));
-  return {scale, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
+  at::Tensor stored = scale.to(w.scalar_type());
+  if (!o.symmetric && w.scalar_type() != at::kFloat) {
+    const at::Tensor up = at::nextafter(stored, at::full_like(stored, std::numeric_limits<double>::infinity()));
+    stored = at::where(stored.to(at::kFloat).lt(scale).logical_and(up.isfinite()), up, stored);
+    zp = at::round(group_minima(w, o).reshape(scale.sizes()).neg().div(stored.to(at::kFloat))).to(at::kInt);
+  }
+  stored = stored.clamp_min(smallest_subnormal(w.scalar_type()));
+  return {stored, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
 }
 
 // Each group's (or row's) squared error after quantizing w, summed in float64, shaped like scale.

@@ -72,13 +72,36 @@ def check_method(method: str, who: str) -> None:
         raise ValueError(f"{who}: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
 
 
+def _group_minima(w: torch.Tensor, gran: dict) -> torch.Tensor:
+    """Each row's (per-channel) or group's minimum of w in fp32, [N] or [N, G]; 0 for an empty one,
+    as choose_qparams counts it."""
+    n, k = w.shape
+    w = w.float()
+    if "group_size" not in gran:
+        return w.amin(1) if k else w.new_zeros(n)
+    g = gran["group_size"]
+    groups = -(-k // g)
+    return torch.nn.functional.pad(w, (0, groups * g - k), value=float("inf")).reshape(n, groups, g).amin(-1)
+
+
 def _stored_qparams(w: torch.Tensor, bits: int, symmetric: bool, gran: dict, dtype: torch.dtype):
     """choose_qparams' scale and zero point, the scale as stored in `dtype`. A scale that rounds to
     0 there becomes its smallest subnormal. Not its smallest normal: fp16's (6.1e-5) would give
     every group with max|w| under 127 * 6.1e-5 = 7.8e-3 a coarser scale than it needs at 8 bits,
-    where the subnormals keep it."""
+    where the subnormals keep it.
+    An asymmetric scale that `dtype` cannot hold exactly is rounded up, not to nearest, and the
+    zero point chosen again for it (choose_qparams' formula, round(-min / s)): the stored range
+    then still spans the group's [min, max], so every weight comes back within half a stored step.
+    With the fp32 scale's zero point, an 8-bit group of N(1, 0.1) weights with its scale rounded
+    to bf16 came back up to 2.7 steps off at its far end. (A symmetric scale rounded down clips
+    its largest weight by at most qmax * 2^-9 of a step, under half of one: kept to nearest.)"""
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
-    return scale.to(dtype).clamp_min(smallest_subnormal(dtype)), zp
+    stored = scale.to(dtype)
+    if zp is not None and dtype != torch.float32:
+        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+        stored = torch.where((stored.float() < scale) & torch.isfinite(up), up, stored)
+        zp = torch.round(-_group_minima(w, gran).reshape(scale.shape) / stored.float()).to(torch.int32)
+    return stored.clamp_min(smallest_subnormal(dtype)), zp
 
 
 def _group_errors(w: torch.Tensor, scale: torch.Tensor, zp, bits: int, gran: dict) -> torch.Tensor:

@@ -4,11 +4,14 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 // The format's float weight from its formulas (docs/architecture.md), in plain ATen fp32 steps over
 // [N, K / group, group] (K a multiple of the group), for the qparams of w * ratio (1: the format's
 // own; less: a clipping candidate of ScaleMethod::kMse, the range shrunk toward 0): scales rounded
-// to the weight's dtype, w quantized with those rounded scales and the zero points of the fp32
-// ones, then s * (q - z) in fp32. Independent of the library's code.
+// to the weight's dtype (asymmetric ones up, to the next value of the dtype where rounding went
+// down, with the zero point chosen again for the rounded scale), w quantized with those rounded
+// scales, then s * (q - z) in fp32. Independent of the library's code.
 inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
   const int64_t n = w.size(0), k = w.size(1);
   const at::Tensor shrunk = (w * ratio).to(at::kFloat).view({n, k / group, group});
@@ -16,8 +19,13 @@ inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t
   const double qmin = symmetric ? -(1 << (bits - 1)) : 0;
   const double qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
   const at::Tensor s32 = symmetric ? at::maximum(mn.abs(), mx.abs()) / qmax : (mx - mn) / (qmax - qmin);
-  const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s32);
-  const at::Tensor s = s32.to(w.scalar_type()).to(at::kFloat);
+  at::Tensor s = s32.to(w.scalar_type());
+  if (!symmetric) {
+    const at::Tensor up = at::nextafter(s, at::full_like(s, std::numeric_limits<double>::infinity()));
+    s = at::where(s.to(at::kFloat) < s32, up, s);
+  }
+  s = s.to(at::kFloat);
+  const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s);
   const at::Tensor q = at::clamp(at::round(w.to(at::kFloat).view({n, k / group, group}) / s) + z, qmin, qmax);
   return (s * (q - z)).view({n, k});
 }

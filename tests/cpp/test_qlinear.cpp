@@ -118,6 +118,24 @@ TEST(QLinearCpp, QuantizeWeightGivesTheFormat) {
   EXPECT_THROW(linquant::quantize_weight(at::Tensor(), {}), c10::TypeError);
 }
 
+TEST(QLinearCpp, AsymmetricWeightsComeBackWithinHalfAStoredStep) {
+  // bf16 / fp16 weights far from 0: their asymmetric scales are rounded up in the weight's dtype
+  // and the zero points chosen for the stored scales, so every weight is within half a stored step
+  // (with the fp32 scale's zero point, 8-bit N(1, 0.1) groups in bf16 were up to 2.7 steps off).
+  torch::manual_seed(6);
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    const at::Tensor w = (torch::randn({16, 256}) * 0.1 + 1).to(dtype);
+    for (int64_t bits : {8, 4}) {
+      const linquant::QuantizedWeight qw = linquant::quantize_weight(w, {bits, 64, false});
+      const at::Tensor step = qw.scales.to(at::kDouble).repeat_interleave(64, 1);
+      const at::Tensor err =
+          (linquant::dequantize_weight(qw.qweight, qw.scales, qw.zeros, bits, 64, 256, at::kFloat).to(at::kDouble) -
+           w.to(at::kDouble)).abs();
+      EXPECT_LE((err / step).max().item<double>(), 0.5 + 1e-5) << bits << " bits, " << dtype;
+    }
+  }
+}
+
 TEST(QLinearCpp, TinyFp16ScalesAreSubnormalNotClampedToTheSmallestNormal) {
   // Rows of +-1e-6 and +-3e-4 in fp16, 8 bits: the first's scale (1e-6 / 127) rounds to 0 in fp16
   // and is stored as 2^-24, its smallest subnormal; the second's (2.4e-6) is a subnormal kept as it

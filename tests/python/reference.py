@@ -4,6 +4,8 @@ Written from docs/architecture.md's formulas, one float32 tensor operation per s
 correctly rounded, as the kernels promise), looping over groups instead of sharing the kernels'
 [rows, cols] layout, so a layout or rounding mistake in the kernels shows as a mismatch."""
 
+import math
+
 import torch
 
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -102,16 +104,23 @@ def ref_stored_weight(q, scales, zeros, bits, group_size, k):
 
 def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     """The quantized-weight format of w [N, K] from its formulas (docs/architecture.md), N >= 1:
-    qparams from the float weight, scales rounded to the compute dtype (`dtype`, default w's) and
-    kept at least its smallest subnormal (an fp16 scale may round to 0), the values
-    quantized with those stored scales and the zero points of the fp32 scales, sub-byte symmetric
-    values offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing,
+    qparams from the float weight, scales rounded to the compute dtype (`dtype`, default w's):
+    symmetric ones to nearest and kept at least its smallest subnormal (an fp16 scale may round to
+    0), asymmetric ones up (the next value of dtype where rounding went down) with the zero point
+    chosen again for the stored scale; the values quantized with those stored scales, sub-byte
+    symmetric values offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing,
     scales [N, G] in dtype, zeros [N, G] int32 or None)."""
     dtype = dtype or w.dtype
     axis = 0 if group_size is None else None  # per-channel: one [N, 1] scale per output row
     s, z = ref_qparams(w, bits, symmetric, axis, group_size)
     info = torch.finfo(dtype)
-    s = torch.clamp(s.to(dtype), min=info.smallest_normal * info.eps)
+    stored = s.to(dtype)
+    if symmetric:
+        s = torch.clamp(stored, min=info.smallest_normal * info.eps)
+    else:
+        up = torch.nextafter(stored, torch.tensor(math.inf, dtype=dtype))
+        s = torch.where((stored.float() < s) & torch.isfinite(up), up, stored)
+        z = torch.round(-_reduce(w.float(), axis, group_size, torch.amin) / s.float()).to(torch.int32)
     q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
     if symmetric and bits < 8:
         q = q + 2 ** (bits - 1)
