@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 
 #include "linquant/ops.h"
 #include "quantized_module.h"
@@ -42,30 +44,45 @@ void QLinearImpl::reset() {
 
 namespace {
 
-// Each row's (per-channel) or group's minimum of w in fp32, [N] or [N, G]; 0 for an empty one, as
-// choose_qparams counts it.
-at::Tensor group_minima(const at::Tensor& w, const QLinearOptions& o) {
+// Each row's (per-channel) or group's minimum and maximum of w in fp32, [N] or [N, G] each; 0 and 0
+// for an empty one, as choose_qparams counts it.
+std::pair<at::Tensor, at::Tensor> group_range(const at::Tensor& w, const QLinearOptions& o) {
   const at::Tensor wf = w.to(at::kFloat);
   const int64_t n = w.size(0), k = w.size(1);
-  if (!o.group_size.has_value()) return k == 0 ? at::zeros({n}, wf.options()) : wf.amin(1);
+  if (!o.group_size.has_value()) {
+    if (k == 0) return {at::zeros({n}, wf.options()), at::zeros({n}, wf.options())};
+    return {wf.amin(1), wf.amax(1)};
+  }
   const int64_t g = *o.group_size, groups = k == 0 ? 0 : (k - 1) / g + 1;
-  return at::constant_pad_nd(wf, {0, groups * g - k}, std::numeric_limits<double>::infinity())
-      .reshape({n, groups, g})
-      .amin(-1);
+  const auto padded = [&](double fill) { return at::constant_pad_nd(wf, {0, groups * g - k}, fill).reshape({n, groups, g}); };
+  const double inf = std::numeric_limits<double>::infinity();
+  return {padded(inf).amin(-1), padded(-inf).amax(-1)};
+}
+
+// Asymmetric scales as stored in a dtype that cannot hold them all exactly, and zero points chosen
+// for the stored scales, round(-min / s): a scale rounded to nearest is kept where its range still
+// reaches within half a step of the group's max (z within the kernels' exact range), else rounded
+// up, so every weight comes back within half a stored step (weights.py's _spanning_asymmetric).
+std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, const at::Tensor& scale, at::Tensor stored,
+                                                      const QLinearOptions& o) {
+  auto [mn, mx] = group_range(w, o);
+  mn = mn.reshape(scale.sizes()), mx = mx.reshape(scale.sizes());
+  const at::Tensor z = at::round(mn.neg().div(stored.to(at::kFloat))).to(at::kDouble);
+  const at::Tensor s64 = stored.to(at::kDouble);
+  const double levels = static_cast<double>((int64_t{1} << o.bits) - 1), limit = 8388608.0 - (levels + 1);
+  const at::Tensor spans = (s64 * (levels - z)).ge(mx.to(at::kDouble) - 0.5 * s64).logical_and(z.abs().le(limit));
+  const at::Tensor up = at::nextafter(stored, at::full_like(stored, std::numeric_limits<double>::infinity()));
+  stored = at::where(spans.logical_or(up.isfinite().logical_not()), stored, up);
+  return {stored, at::round(mn.neg().div(stored.to(at::kFloat))).to(at::kInt)};
 }
 
 // choose_qparams' scale and zero point for w, the scale as stored (in w's dtype, as the Python side
-// does): one that rounds to 0 there becomes the dtype's smallest subnormal (as weights.py does).
-// An asymmetric scale the dtype cannot hold exactly is rounded up and its zero point chosen again,
-// round(-min / s), so the stored range still spans the group's (weights.py says why).
+// does): one that rounds to 0 there becomes the dtype's smallest subnormal (as weights.py does);
+// asymmetric ones in fp16 / bf16 through spanning_asymmetric.
 std::tuple<at::Tensor, std::optional<at::Tensor>> stored_qparams(const at::Tensor& w, const QLinearOptions& o) {
   auto [scale, zp] = choose_qparams(w, o.bits, o.symmetric, axis_of(o), o.group_size);
   at::Tensor stored = scale.to(w.scalar_type());
-  if (!o.symmetric && w.scalar_type() != at::kFloat) {
-    const at::Tensor up = at::nextafter(stored, at::full_like(stored, std::numeric_limits<double>::infinity()));
-    stored = at::where(stored.to(at::kFloat).lt(scale).logical_and(up.isfinite()), up, stored);
-    zp = at::round(group_minima(w, o).reshape(scale.sizes()).neg().div(stored.to(at::kFloat))).to(at::kInt);
-  }
+  if (!o.symmetric && w.scalar_type() != at::kFloat) std::tie(stored, zp) = spanning_asymmetric(w, scale, stored, o);
   stored = stored.clamp_min(smallest_subnormal(w.scalar_type()));
   return {stored, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
 }

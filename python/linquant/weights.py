@@ -66,41 +66,57 @@ def _granularity(group_size):
 METHODS = ("minmax", "mse")
 MSE_RATIOS = tuple(1 - i / 40 for i in range(21))  # 1, 0.975, ..., 0.5; 1 is minmax
 
+# choose_qparams keeps zero points within +-2^23, where q - z is exact in fp32 (the kernels').
+ZERO_POINT_LIMIT = 2**23
+
 
 def check_method(method: str, who: str) -> None:
     if method not in METHODS:
         raise ValueError(f"{who}: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
 
 
-def _group_minima(w: torch.Tensor, gran: dict) -> torch.Tensor:
-    """Each row's (per-channel) or group's minimum of w in fp32, [N] or [N, G]; 0 for an empty one,
-    as choose_qparams counts it."""
-    n, k = w.shape
+def _group_range(w: torch.Tensor, gran: dict):
+    """Each row's (per-channel) or group's minimum and maximum of w in fp32, [N] or [N, G] each;
+    0 and 0 for an empty one, as choose_qparams counts it."""
     w = w.float()
+    n, k = w.shape
     if "group_size" not in gran:
-        return w.amin(1) if k else w.new_zeros(n)
+        return (w.amin(1), w.amax(1)) if k else (w.new_zeros(n), w.new_zeros(n))
     g = gran["group_size"]
     groups = -(-k // g)
-    return torch.nn.functional.pad(w, (0, groups * g - k), value=float("inf")).reshape(n, groups, g).amin(-1)
+    padded = lambda fill: torch.nn.functional.pad(w, (0, groups * g - k), value=fill).reshape(n, groups, g)
+    return padded(float("inf")).amin(-1), padded(float("-inf")).amax(-1)
+
+
+def _spanning_asymmetric(w: torch.Tensor, scale: torch.Tensor, stored: torch.Tensor, bits: int, gran: dict):
+    """Asymmetric scales as stored in a dtype that cannot hold them all exactly, with zero points
+    chosen for the stored scales (choose_qparams' formula, round(-min / s)): a scale rounded to
+    nearest is kept where its range [-z s, (2^bits - 1 - z) s] still reaches within half a step of
+    the group's max (and z is within the kernels' exact range), else rounded up, which always
+    spans. So every weight comes back within half a stored step. With the fp32 scale's zero point
+    (before), an 8-bit group of N(1, 0.1) weights with its scale rounded to bf16 came back up to
+    2.7 steps off; rounding every scale up instead would cost SmolLM2's weights 0.5% more MSE at
+    8 bits, where keeping the nearest where it spans costs 0.1%."""
+    mn, mx = (t.reshape(scale.shape) for t in _group_range(w, gran))
+    z = torch.round(-mn / stored.float())
+    s64 = stored.double()
+    spans = (s64 * ((1 << bits) - 1 - z.double()) >= mx.double() - 0.5 * s64) & (z.abs() <= ZERO_POINT_LIMIT - (1 << bits))
+    up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    stored = torch.where(spans | ~torch.isfinite(up), stored, up)
+    return stored, torch.round(-mn / stored.float()).to(torch.int32)
 
 
 def _stored_qparams(w: torch.Tensor, bits: int, symmetric: bool, gran: dict, dtype: torch.dtype):
     """choose_qparams' scale and zero point, the scale as stored in `dtype`. A scale that rounds to
     0 there becomes its smallest subnormal. Not its smallest normal: fp16's (6.1e-5) would give
     every group with max|w| under 127 * 6.1e-5 = 7.8e-3 a coarser scale than it needs at 8 bits,
-    where the subnormals keep it.
-    An asymmetric scale that `dtype` cannot hold exactly is rounded up, not to nearest, and the
-    zero point chosen again for it (choose_qparams' formula, round(-min / s)): the stored range
-    then still spans the group's [min, max], so every weight comes back within half a stored step.
-    With the fp32 scale's zero point, an 8-bit group of N(1, 0.1) weights with its scale rounded
-    to bf16 came back up to 2.7 steps off at its far end. (A symmetric scale rounded down clips
-    its largest weight by at most qmax * 2^-9 of a step, under half of one: kept to nearest.)"""
+    where the subnormals keep it. Asymmetric scales in fp16 / bf16: _spanning_asymmetric. (A
+    symmetric scale rounded down clips its largest weight by at most qmax * 2^-9 of a step, under
+    half of one.)"""
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
     stored = scale.to(dtype)
     if zp is not None and dtype != torch.float32:
-        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
-        stored = torch.where((stored.float() < scale) & torch.isfinite(up), up, stored)
-        zp = torch.round(-_group_minima(w, gran).reshape(scale.shape) / stored.float()).to(torch.int32)
+        stored, zp = _spanning_asymmetric(w, scale, stored, bits, gran)
     return stored.clamp_min(smallest_subnormal(dtype)), zp
 
 

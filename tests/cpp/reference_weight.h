@@ -9,8 +9,9 @@
 // The format's float weight from its formulas (docs/architecture.md), in plain ATen fp32 steps over
 // [N, K / group, group] (K a multiple of the group), for the qparams of w * ratio (1: the format's
 // own; less: a clipping candidate of ScaleMethod::kMse, the range shrunk toward 0): scales rounded
-// to the weight's dtype (asymmetric ones up, to the next value of the dtype where rounding went
-// down, with the zero point chosen again for the rounded scale), w quantized with those rounded
+// to the weight's dtype (asymmetric ones in fp16 / bf16 with the zero point chosen again for the
+// rounded scale, and rounded up to the next value of the dtype where the range of the scale rounded
+// to nearest falls more than half a step short of the group's max), w quantized with those rounded
 // scales, then s * (q - z) in fp32. Independent of the library's code.
 inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
   const int64_t n = w.size(0), k = w.size(1);
@@ -20,9 +21,11 @@ inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t
   const double qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
   const at::Tensor s32 = symmetric ? at::maximum(mn.abs(), mx.abs()) / qmax : (mx - mn) / (qmax - qmin);
   at::Tensor s = s32.to(w.scalar_type());
-  if (!symmetric) {
+  if (!symmetric && w.scalar_type() != at::kFloat) {
+    const at::Tensor near = s.to(at::kFloat), zn = at::round(qmin - mn / near);
+    const at::Tensor short_of_max = near.to(at::kDouble) * (qmax - zn.to(at::kDouble)) < mx.to(at::kDouble) - near.to(at::kDouble) / 2;
     const at::Tensor up = at::nextafter(s, at::full_like(s, std::numeric_limits<double>::infinity()));
-    s = at::where(s.to(at::kFloat) < s32, up, s);
+    s = at::where(short_of_max, up, s);
   }
   s = s.to(at::kFloat);
   const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s);

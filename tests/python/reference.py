@@ -106,10 +106,12 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     """The quantized-weight format of w [N, K] from its formulas (docs/architecture.md), N >= 1:
     qparams from the float weight, scales rounded to the compute dtype (`dtype`, default w's):
     symmetric ones to nearest and kept at least its smallest subnormal (an fp16 scale may round to
-    0), asymmetric ones up (the next value of dtype where rounding went down) with the zero point
-    chosen again for the stored scale; the values quantized with those stored scales, sub-byte
-    symmetric values offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing,
-    scales [N, G] in dtype, zeros [N, G] int32 or None)."""
+    0); asymmetric ones, when dtype is not fp32, to nearest where the range [-z s, (2^bits - 1 - z) s]
+    of the zero point z = round(-min / s) chosen for the rounded scale reaches within half a step
+    of the group's max (and |z| <= 2^23 - 2^bits), else up (the next value of dtype), with the zero
+    point chosen again; the values quantized with those stored scales, sub-byte symmetric values
+    offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing, scales [N, G] in
+    dtype, zeros [N, G] int32 or None)."""
     dtype = dtype or w.dtype
     axis = 0 if group_size is None else None  # per-channel: one [N, 1] scale per output row
     s, z = ref_qparams(w, bits, symmetric, axis, group_size)
@@ -117,10 +119,17 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     stored = s.to(dtype)
     if symmetric:
         s = torch.clamp(stored, min=info.smallest_normal * info.eps)
-    else:
+    elif dtype != torch.float32:
+        mn = _reduce(w.float(), axis, group_size, torch.amin).double()
+        mx = _reduce(w.float(), axis, group_size, torch.amax).double()
+        near = stored.double()
+        zn = torch.round(-mn.float() / stored.float()).double()
+        spans = (near * (2**bits - 1 - zn) >= mx - near / 2) & (zn.abs() <= ZERO_POINT_LIMIT - 2**bits)
         up = torch.nextafter(stored, torch.tensor(math.inf, dtype=dtype))
-        s = torch.where((stored.float() < s) & torch.isfinite(up), up, stored)
-        z = torch.round(-_reduce(w.float(), axis, group_size, torch.amin) / s.float()).to(torch.int32)
+        s = torch.where(spans | ~torch.isfinite(up), stored, up)
+        z = torch.round(-mn.float() / s.float()).to(torch.int32)
+    else:
+        s = stored
     q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
     if symmetric and bits < 8:
         q = q + 2 ** (bits - 1)
