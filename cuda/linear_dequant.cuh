@@ -30,7 +30,7 @@ __global__ void dequant_chunks_kernel(LinearParams p, T* __restrict__ out) {
     uint32_t v[WORDS];
     if constexpr (std::is_same_v<T, float>) {
       float f[kMmaChunk];
-      dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), kMagic + static_cast<float>(c.z), f);
+      dequant_chunk<BITS>(c.w, p.flip, p.scales.value_of(c.scale), c.z, f);
       for (int j = 0; j < kMmaChunk; ++j) v[j] = core::f32_bits(f[j]);
     } else {
       dequant_chunk_to<BITS, T>(p, c, pairs_exact, v);

@@ -185,18 +185,26 @@ __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[B
 }
 
 // The 32 values of a chunk (BITS words, value i at bits [i * BITS, (i + 1) * BITS) of the chunk's
-// little-endian bit stream) dequantized: out[i] = s * (q_i - z), with fz = 2^23 + z. Word d holds
-// values [4P d, 4P (d + 1)); its bit plane b holds values 4P d + P i + b for bytes i = 0..3.
+// little-endian bit stream) dequantized: out[i] = s * (q_i - z), exactly as core::dequantize_value
+// gives it. Word d holds values [4P d, 4P (d + 1)); its bit plane b holds values 4P d + P i + b for
+// bytes i = 0..3. For |z| <= 2^23, (2^23 + q) - (2^23 + z) is q - z exactly (one subtract a value);
+// a zero point past that (only ever passed by hand: choose_qparams keeps them within) would round
+// 2^23 + z, so those chunks take q - z in integers, converted once, as the CPU does.
 template <int BITS>
-LQ_HD void dequant_chunk(const uint32_t (&chunk)[BITS], uint32_t flip, float s, float fz, float (&out)[kMmaChunk]) {
+LQ_HD void dequant_chunk(const uint32_t (&chunk)[BITS], uint32_t flip, float s, int32_t z, float (&out)[kMmaChunk]) {
   constexpr int P = 8 / BITS;
+  const bool magic_exact = z >= -static_cast<int32_t>(kMagic) && z <= static_cast<int32_t>(kMagic);
+  const float fz = kMagic + static_cast<float>(z);
 #pragma unroll
   for (int d = 0; d < BITS; ++d) {
 #pragma unroll
     for (int b = 0; b < P; ++b) {
       const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, b);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) out[d * 4 * P + i * P + b] = s * (magic_byte(q4, i) - fz);
+      for (int i = 0; i < 4; ++i) {
+        out[d * 4 * P + i * P + b] = magic_exact ? s * (magic_byte(q4, i) - fz)
+                                                 : core::dequantize_value(static_cast<int32_t>(q4 >> (8 * i) & 0xFFu), s, z);
+      }
     }
   }
 }
@@ -253,7 +261,7 @@ __device__ __forceinline__ void dequant_chunk_to(const LinearParams& p, const We
     return;
   }
   float wv[kMmaChunk];
-  dequant_chunk<BITS>(c.w, p.flip, SCALED ? p.scales.value_of(c.scale) : 1.0f, kMagic + static_cast<float>(c.z), wv);
+  dequant_chunk<BITS>(c.w, p.flip, SCALED ? p.scales.value_of(c.scale) : 1.0f, c.z, wv);
 #pragma unroll
   for (int i = 0; i < kMmaChunk / 2; ++i) {
     packed[i] = bits16(MmaType<T>::from(wv[2 * i])) | (bits16(MmaType<T>::from(wv[2 * i + 1])) << 16);

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <type_traits>
@@ -127,10 +128,12 @@ TEST(GemvChunk, LayoutIsAPermutation) {
 
 // dequant_chunk gives s * (q_i - z) for the 32 values of a chunk in stream order, exactly the
 // float dequantize computes.
+// zero_range: zero points drawn from [-zero_range, zero_range] (past 2^23 they take the integer
+// path; z = 2^23 + 1 once rounded 2^23 + z and came out one step off).
 template <int BITS>
-void check_dequant_chunk(bool signed8, unsigned seed) {
+void check_dequant_chunk(bool signed8, unsigned seed, int zero_range = 2 << BITS) {
   std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> bytes(0, 255), zdist(-(1 << BITS), 2 << BITS);
+  std::uniform_int_distribution<int> bytes(0, 255), zdist(-zero_range, zero_range);
   uint8_t raw[BITS * 4];
   for (uint8_t& b : raw) b = static_cast<uint8_t>(bytes(rng));
   uint32_t chunk[BITS];
@@ -138,12 +141,12 @@ void check_dequant_chunk(bool signed8, unsigned seed) {
   const int z = signed8 ? 0 : zdist(rng);
   const float s = 0.0123f;
   float got[kMmaChunk];
-  dequant_chunk<BITS>(chunk, signed8 ? 0x80808080u : 0u, s, kMagic + static_cast<float>(signed8 ? 128 : z), got);
+  dequant_chunk<BITS>(chunk, signed8 ? 0x80808080u : 0u, s, signed8 ? 128 : z, got);
   constexpr int P = 8 / BITS;
   for (int i = 0; i < kMmaChunk; ++i) {
     const uint8_t b = raw[i / P];
-    const int q = signed8 ? static_cast<int8_t>(b) : (b >> ((i % P) * BITS)) & ((1 << BITS) - 1);
-    EXPECT_EQ(got[i], s * static_cast<float>(q - z)) << "bits " << BITS << " value " << i;
+    const int64_t q = signed8 ? static_cast<int8_t>(b) : (b >> ((i % P) * BITS)) & ((1 << BITS) - 1);
+    EXPECT_EQ(got[i], s * static_cast<float>(q - z)) << "bits " << BITS << " value " << i << " z " << z;
   }
 }
 
@@ -165,7 +168,7 @@ void check_pairs(bool signed8, unsigned seed) {
     const T s = linquant::core::from_float<T>(std::exp2(sdist(rng)));
     const uint32_t flip = signed8 ? 0x80808080u : 0u;
     float want[kMmaChunk];
-    dequant_chunk<BITS>(chunk, flip, linquant::core::to_float(s), kMagic + static_cast<float>(z), want);
+    dequant_chunk<BITS>(chunk, flip, linquant::core::to_float(s), z, want);
     uint32_t got[kMmaChunk / 2];
     linquant::cuda::dequant_chunk_pairs<BITS, T>(chunk, flip, s.bits, z, got);
     for (int i = 0; i < kMmaChunk; ++i) {
@@ -193,6 +196,12 @@ TEST(MmaChunk, DequantizesInStreamOrder) {
     check_dequant_chunk<8>(true, seed);
     check_dequant_chunk<4>(false, seed);
     check_dequant_chunk<2>(false, seed);
+  }
+  // Zero points anywhere in int32, most past 2^23.
+  for (unsigned seed = 10; seed < 40; ++seed) {
+    check_dequant_chunk<8>(false, seed, INT32_MAX);
+    check_dequant_chunk<4>(false, seed, INT32_MAX);
+    check_dequant_chunk<2>(false, seed, (1 << 23) + 64);
   }
 }
 

@@ -457,6 +457,9 @@ TEST(LinearEmulated, DequantizedWeightByChunks) {
   run_dequant_chunks<4, core::bf16_t>(Problem(4, true, 1, 6, 31, 0, 45));  // K = 31: the row's chunk reaches past K
   run_dequant_chunks<2, core::half_t>(Problem(2, true, 1, 3, 190, 64, 46));  // K = 190: value-by-value stores
   run_dequant_chunks<2, float>(Problem(2, false, 1, 5, 128, 32, 47).half_params());
+  // Zero points past 2^23 (passed by hand): q - z in integers, as the CPU computes it.
+  run_dequant_chunks<4, float>(Problem(4, false, 1, 6, 128, 32, 79).wide_zeros((1 << 24) - 16));
+  run_dequant_chunks<8, core::half_t>(Problem(8, false, 1, 4, 96, 32, 80).wide_zeros((1 << 24) - 256));
 }
 
 // The Hopper GEMM's view of the format: each weight byte read as the CUTLASS matrix type
