@@ -111,7 +111,7 @@ def _stored_qparams(w: torch.Tensor, bits: int, symmetric: bool, gran: dict, dty
     0 there becomes its smallest subnormal. Not its smallest normal: fp16's (6.1e-5) would give
     every group with max|w| under 127 * 6.1e-5 = 7.8e-3 a coarser scale than it needs at 8 bits,
     where the subnormals keep it. Asymmetric scales in fp16 / bf16: _spanning_asymmetric. (A
-    symmetric scale rounded down clips its largest weight by at most qmax * 2^-9 of a step, under
+    symmetric scale rounded down clips its largest weight by at most qmax * 2^-8 of a step (bf16), under
     half of one.)"""
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
     stored = scale.to(dtype)
