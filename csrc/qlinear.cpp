@@ -9,6 +9,7 @@
 #include <tuple>
 #include <utility>
 
+#include "core/quant_math.h"
 #include "linquant/ops.h"
 #include "quantized_module.h"
 
@@ -44,19 +45,22 @@ void QLinearImpl::reset() {
 
 namespace {
 
+// t [N, K] as [N, G, g], the last group padded with `fill`.
+at::Tensor by_group(const at::Tensor& t, int64_t g, double fill = 0.0) {
+  const int64_t n = t.size(0), k = t.size(1), groups = k == 0 ? 0 : (k - 1) / g + 1;
+  return at::constant_pad_nd(t, {0, groups * g - k}, fill).reshape({n, groups, g});
+}
+
 // Each row's (per-channel) or group's minimum and maximum of w in fp32, [N] or [N, G] each; 0 and 0
 // for an empty one, as choose_qparams counts it.
 std::pair<at::Tensor, at::Tensor> group_range(const at::Tensor& w, const QLinearOptions& o) {
   const at::Tensor wf = w.to(at::kFloat);
-  const int64_t n = w.size(0), k = w.size(1);
   if (!o.group_size.has_value()) {
-    if (k == 0) return {at::zeros({n}, wf.options()), at::zeros({n}, wf.options())};
+    if (w.size(1) == 0) return {at::zeros({w.size(0)}, wf.options()), at::zeros({w.size(0)}, wf.options())};
     return {wf.amin(1), wf.amax(1)};
   }
-  const int64_t g = *o.group_size, groups = k == 0 ? 0 : (k - 1) / g + 1;
-  const auto padded = [&](double fill) { return at::constant_pad_nd(wf, {0, groups * g - k}, fill).reshape({n, groups, g}); };
   const double inf = std::numeric_limits<double>::infinity();
-  return {padded(inf).amin(-1), padded(-inf).amax(-1)};
+  return {by_group(wf, *o.group_size, inf).amin(-1), by_group(wf, *o.group_size, -inf).amax(-1)};
 }
 
 // Asymmetric scales as stored in a dtype that cannot hold them all exactly, and zero points chosen
@@ -69,7 +73,7 @@ std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, const
   mn = mn.reshape(scale.sizes()), mx = mx.reshape(scale.sizes());
   const at::Tensor z = at::round(mn.neg().div(stored.to(at::kFloat))).to(at::kDouble);
   const at::Tensor s64 = stored.to(at::kDouble);
-  const double levels = static_cast<double>((int64_t{1} << o.bits) - 1), limit = 8388608.0 - (levels + 1);
+  const double levels = static_cast<double>((int64_t{1} << o.bits) - 1), limit = core::kZeroPointLimit - (levels + 1);
   const at::Tensor spans = (s64 * (levels - z)).ge(mx.to(at::kDouble) - 0.5 * s64).logical_and(z.abs().le(limit));
   const at::Tensor up = at::nextafter(stored, at::full_like(stored, std::numeric_limits<double>::infinity()));
   stored = at::where(spans.logical_or(up.isfinite().logical_not()), stored, up);
@@ -92,10 +96,7 @@ at::Tensor group_errors(const at::Tensor& w, const at::Tensor& scale, const std:
                         const QLinearOptions& o) {
   at::Tensor err = (dequantize(quantize(w, scale, zp, o.bits, axis_of(o), o.group_size), scale, zp, axis_of(o),
                                o.group_size, at::kFloat) - w).square();
-  if (o.group_size.has_value()) {
-    const int64_t g = *o.group_size, n = w.size(0), k = w.size(1), groups = k == 0 ? 0 : (k - 1) / g + 1;
-    err = at::constant_pad_nd(err, {0, groups * g - k}).reshape({n, groups, g});
-  }
+  if (o.group_size.has_value()) err = by_group(err, *o.group_size);
   return err.sum(-1, /*keepdim=*/false, at::kDouble).reshape(scale.sizes());
 }
 

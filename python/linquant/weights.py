@@ -75,17 +75,21 @@ def check_method(method: str, who: str) -> None:
         raise ValueError(f"{who}: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
 
 
+def _by_group(t: torch.Tensor, group_size: int, fill: float = 0.0) -> torch.Tensor:
+    """t [N, K] as [N, G, group_size], the last group padded with `fill`."""
+    n, k = t.shape
+    groups = -(-k // group_size)
+    return torch.nn.functional.pad(t, (0, groups * group_size - k), value=fill).reshape(n, groups, group_size)
+
+
 def _group_range(w: torch.Tensor, gran: dict):
     """Each row's (per-channel) or group's minimum and maximum of w in fp32, [N] or [N, G] each;
     0 and 0 for an empty one, as choose_qparams counts it."""
     w = w.float()
-    n, k = w.shape
     if "group_size" not in gran:
-        return (w.amin(1), w.amax(1)) if k else (w.new_zeros(n), w.new_zeros(n))
+        return (w.amin(1), w.amax(1)) if w.shape[1] else (w.new_zeros(w.shape[0]), w.new_zeros(w.shape[0]))
     g = gran["group_size"]
-    groups = -(-k // g)
-    padded = lambda fill: torch.nn.functional.pad(w, (0, groups * g - k), value=fill).reshape(n, groups, g)
-    return padded(float("inf")).amin(-1), padded(float("-inf")).amax(-1)
+    return _by_group(w, g, float("inf")).amin(-1), _by_group(w, g, float("-inf")).amax(-1)
 
 
 def _spanning_asymmetric(w: torch.Tensor, scale: torch.Tensor, stored: torch.Tensor, bits: int, gran: dict):
@@ -124,11 +128,8 @@ def _group_errors(w: torch.Tensor, scale: torch.Tensor, zp, bits: int, gran: dic
     """Each group's (or row's) sum of squared errors after quantizing w (summed in float64, so that
     near-equal candidates compare alike whatever the order of the sum), shaped like scale."""
     err = (dequantize(quantize(w, scale, zp, bits=bits, **gran), scale, zp, **gran) - w).square()
-    n, k = w.shape
     if "group_size" in gran:
-        g = gran["group_size"]
-        groups = -(-k // g)
-        err = torch.nn.functional.pad(err, (0, groups * g - k)).reshape(n, groups, g)
+        err = _by_group(err, gran["group_size"])
     return err.sum(-1, dtype=torch.float64).reshape(scale.shape)
 
 

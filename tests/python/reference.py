@@ -120,14 +120,14 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     if symmetric:
         s = torch.clamp(stored, min=info.smallest_normal * info.eps)
     elif dtype != torch.float32:
-        mn = _reduce(w.float(), axis, group_size, torch.amin).double()
+        mn = _reduce(w.float(), axis, group_size, torch.amin)
         mx = _reduce(w.float(), axis, group_size, torch.amax).double()
         near = stored.double()
-        zn = torch.round(-mn.float() / stored.float()).double()
+        zn = torch.round(-mn / stored.float()).double()
         spans = (near * (2**bits - 1 - zn) >= mx - near / 2) & (zn.abs() <= ZERO_POINT_LIMIT - 2**bits)
         up = torch.nextafter(stored, torch.tensor(math.inf, dtype=dtype))
         s = torch.where(spans | ~torch.isfinite(up), stored, up)
-        z = torch.round(-mn.float() / s.float()).to(torch.int32)
+        z = torch.round(-mn / s.float()).to(torch.int32)
     else:
         s = stored
     q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
