@@ -67,7 +67,7 @@ void dispatch_float(at::ScalarType dt, Fn&& fn) {
 }
 
 // A zeroed device word the kernels set (atomicOr) when they meet a bad value; read back once
-// after the launches, which is the one host synchronization of the ops that validate values.
+// after the launches (a host synchronization), however many launches an op makes.
 class ErrorFlag {
  public:
   explicit ErrorFlag(const at::Tensor& like) : flag_(at::zeros({1}, like.options().dtype(at::kInt))) {}
