@@ -165,6 +165,37 @@ TEST(LoadQuantized, IntoPlaceholderLayersOfTheSameFormat) {
   EXPECT_TRUE(at::equal(model->forward(ids()), f.model->forward(ids())));
 }
 
+TEST(LoadQuantized, SubByteLayersWhosePackedRowsEndInAPartialByte) {
+  // in_features whose packed rows end in a partly filled byte, as Python's save_quantized writes
+  // them: the row length the loader expects is (in_features * bits + 7) / 8.
+  for (const int64_t bits : {4, 2}) {
+    for (const int64_t in : {7, 13, 30}) {
+      torch::manual_seed(in);
+      torch::nn::Linear linear(in, 5);
+      QLinear q(QLinearImpl::from_linear(linear, {bits, std::nullopt, false}));
+      ASSERT_EQ(q->qweight.size(1), (in * bits + 7) / 8);
+      Save save;
+      save.tensors = {{"qweight", q->qweight}, {"scales", q->scales}, {"zeros", q->zeros}, {"bias", q->bias}};
+      save.config = {{"format", "\"linquant\""},
+                     {"format_version", "1"},
+                     {"save_id", "\"0123abcd\""},
+                     {"modules", "{\"\": {\"in_features\": " + std::to_string(in) + ", \"out_features\": 5, \"bits\": " +
+                                     std::to_string(bits) +
+                                     ", \"group_size\": null, \"symmetric\": false, \"bias\": true, \"dtype\": "
+                                     "\"float32\"}}"},
+                     {"tied", "{}"},
+                     {"metadata", "{}"}};
+      ScratchDir dir;
+      save.write(dir.path());
+      const linquant::LoadedModel loaded = linquant::load_quantized(dir.path().string());
+      QLinear back = loaded.layers.at("");
+      EXPECT_TRUE(at::equal(back->qweight, q->qweight)) << bits << " bits, in_features " << in;
+      const at::Tensor x = torch::randn({3, in});
+      EXPECT_TRUE(at::equal(back->forward(x), q->forward(x))) << bits << " bits, in_features " << in;
+    }
+  }
+}
+
 TEST(LoadQuantized, AModelThatIsItselfAQLinearAndALayerAtTwoPlaces) {
   torch::manual_seed(1);
   QLinear q(QLinearImpl::from_linear(torch::nn::Linear(24, 8), {2, 16, true}));

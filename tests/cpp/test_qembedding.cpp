@@ -90,6 +90,11 @@ TEST(QEmbeddingCpp, BadIdsAndOptionsRaiseSayingWhich) {
   EXPECT_NE(error_of([&] { table->forward(torch::tensor({3, 10, -1})); })
                 .find("linquant::QEmbedding: ids must be in [0, 10), got values from -1 to 10"),
             std::string::npos);
+  // One past the table alone: linquant's message, not index_select's.
+  EXPECT_NE(error_of([&] { table->forward(torch::tensor({3, 10})); })
+                .find("linquant::QEmbedding: ids must be in [0, 10), got values from 3 to 10"),
+            std::string::npos);
+  EXPECT_NO_THROW(table->forward(torch::tensor({0, 9})));
   EXPECT_THROW(table->forward(torch::tensor({1.0f})), c10::TypeError);
   EXPECT_THROW(table->forward(at::Tensor()), c10::TypeError);
   EXPECT_NE(error_of([] { QEmbedding(10, 8, QLinearOptions{3, std::nullopt, true}); })

@@ -34,20 +34,26 @@ for bits in range(1, 9):
 for bits in (8, 4, 2):
     for sym in (True, False):
         for gs in (None, 32):
-            w = torch.randn(13, 100, generator=g)
-            qw = lq.quantize_weight(w, bits, gs, sym)
-            ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, 100)
-            for m in (1, 6):
-                x = torch.randn(m, 100, generator=g)
-                y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, gs)
-                assert torch.allclose(y.double(), x.double() @ ref.T, rtol=1e-5, atol=1e-5)
-            # bf16 activations: the AVX512-BF16 kernels where the variant and the CPU have them (the
-            # dot kernel, the bf16 GEMM from 64 rows), the fp32 ones elsewhere; bf16 roundings only.
-            for m in (3, 70):
-                x = torch.randn(m, 100, generator=g).bfloat16()
-                y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, gs).double()
-                err = (y - x.double() @ ref.T).abs()
-                assert bool((err <= (x.double().abs() @ ref.abs().T) * 2.0**-6).all())
+            # N = 13 and 7: the one-row tiles past the last whole tile; K = 37: a short last group
+            # and, below 8 bits, a partly filled last byte. A bias, which every kernel adds itself.
+            for n, k in ((13, 100), (7, 37)):
+                w = torch.randn(n, k, generator=g)
+                qw = lq.quantize_weight(w, bits, gs, sym)
+                ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
+                bias = torch.randn(n, generator=g) * 10
+                for m in (1, 6):
+                    x = torch.randn(m, k, generator=g)
+                    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)
+                    assert torch.allclose(y.double(), x.double() @ ref.T + bias.double(), rtol=1e-5, atol=1e-4)
+                # bf16 activations: the AVX512-BF16 kernels where the variant and the CPU have them
+                # (the dot kernel, the bf16 GEMM from 64 rows), the fp32 ones elsewhere; bf16
+                # roundings only.
+                for m in (3, 70):
+                    x = torch.randn(m, k, generator=g).bfloat16()
+                    b16 = bias.bfloat16()
+                    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, b16, bits, gs).double()
+                    err = (y - x.double() @ ref.T - b16.double()).abs()
+                    assert bool((err <= (x.double().abs() @ ref.abs().T + b16.double().abs()) * 2.0**-6).all())
 print("ok", torch.ops.linquant._cpu_isa())
 """
 ISAS = ["baseline", "avx2", "avx512"]  # in order: each narrows the next

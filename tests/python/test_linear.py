@@ -423,3 +423,26 @@ def test_zero_points_at_the_int32_limits(bits, m, gen):
     want = x.double() @ ref_weight(qw.qweight, scales, zeros, bits, 16, 64).T
     got = lq.linear(x, qw.qweight, scales, zeros, None, bits, 16).double()
     assert bool(((got - want).abs() <= (x.double().abs() @ torch.ones(64, 24, dtype=torch.float64)) * 2.0**-20).all())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [64, 100, 256])
+def test_a_group_as_long_as_k_or_longer_is_per_channel(bits, symmetric, k, gen):
+    """A group_size of K or more (to 2^63 - 1, as the granularity rules allow) is one group per
+    row: the same product as per-channel, bit for bit. Such a group is stored as the row's length,
+    so no kernel does arithmetic on the huge value (kept as given, 2^62 at 4 bits would be 0 words
+    to the lookup-table kernel, which then returned the bias alone)."""
+    w = torch.randn(9, k, generator=gen)
+    qw = lq.quantize_weight(w, bits, None, symmetric)  # scales [9, 1]: one group per row
+    bias = torch.randn(9, generator=gen)
+    ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, None, k)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            per_channel = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, None)
+            want = x.double() @ ref.T + bias.double()
+            assert torch.allclose(per_channel.double(), want, rtol=2e-2, atol=2e-2)
+            for g in (k + (-k) % 8, 1024, 2**20, 2**62, 2**63 - 8):
+                y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, g)
+                assert torch.equal(y, per_channel), (g, float((y.double() - want).abs().max()))

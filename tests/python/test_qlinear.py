@@ -226,6 +226,23 @@ def test_set_weight_and_set_bias_check_their_shapes(gen):
     assert torch.equal(layer.qweight, reference.qweight) and torch.equal(layer.scales, reference.scales)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_bias_is_a_copy(dtype):
+    """from_linear and set_bias keep a bias of the layer's own: training or editing the float model
+    afterwards (an optimizer step, bias.zero_()) leaves the quantized layer as it was made."""
+    linear = nn.Linear(16, 5).to(dtype)
+    q = lq.QLinear.from_linear(linear, bits=8)
+    kept = linear.bias.detach().clone()
+    with torch.no_grad():
+        linear.bias.add_(1.0)
+    assert torch.equal(q.bias, kept)
+    assert q.bias.untyped_storage().data_ptr() != linear.bias.untyped_storage().data_ptr()
+    b = torch.randn(5).to(dtype)
+    q.set_bias(b)
+    b.zero_()
+    assert not torch.equal(q.bias, b)
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
         lq.QLinear(16, 8, bits=3)
