@@ -67,10 +67,9 @@ std::pair<at::Tensor, at::Tensor> group_range(const at::Tensor& w, const QLinear
 // for the stored scales, round(-min / s): a scale rounded to nearest is kept where its range still
 // reaches within half a step of the group's max (z within the kernels' exact range), else rounded
 // up, so every weight comes back within half a stored step (weights.py's _spanning_asymmetric).
-std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, const at::Tensor& scale, at::Tensor stored,
-                                                      const QLinearOptions& o) {
+std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, at::Tensor stored, const QLinearOptions& o) {
   auto [mn, mx] = group_range(w, o);
-  mn = mn.reshape(scale.sizes()), mx = mx.reshape(scale.sizes());
+  mn = mn.reshape(stored.sizes()), mx = mx.reshape(stored.sizes());
   const at::Tensor z = at::round(mn.neg().div(stored.to(at::kFloat))).to(at::kDouble);
   const at::Tensor s64 = stored.to(at::kDouble);
   const double levels = static_cast<double>((int64_t{1} << o.bits) - 1), limit = core::kZeroPointLimit - (levels + 1);
@@ -86,7 +85,7 @@ std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, const
 std::tuple<at::Tensor, std::optional<at::Tensor>> stored_qparams(const at::Tensor& w, const QLinearOptions& o) {
   auto [scale, zp] = choose_qparams(w, o.bits, o.symmetric, axis_of(o), o.group_size);
   at::Tensor stored = scale.to(w.scalar_type());
-  if (!o.symmetric && w.scalar_type() != at::kFloat) std::tie(stored, zp) = spanning_asymmetric(w, scale, stored, o);
+  if (!o.symmetric && w.scalar_type() != at::kFloat) std::tie(stored, zp) = spanning_asymmetric(w, stored, o);
   stored = stored.clamp_min(smallest_subnormal(w.scalar_type()));
   return {stored, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
 }

@@ -92,7 +92,7 @@ def _group_range(w: torch.Tensor, gran: dict):
     return _by_group(w, g, float("inf")).amin(-1), _by_group(w, g, float("-inf")).amax(-1)
 
 
-def _spanning_asymmetric(w: torch.Tensor, scale: torch.Tensor, stored: torch.Tensor, bits: int, gran: dict):
+def _spanning_asymmetric(w: torch.Tensor, stored: torch.Tensor, bits: int, gran: dict):
     """Asymmetric scales as stored in a dtype that cannot hold them all exactly, with zero points
     chosen for the stored scales (choose_qparams' formula, round(-min / s)): a scale rounded to
     nearest is kept where its range [-z s, (2^bits - 1 - z) s] still reaches within half a step of
@@ -101,7 +101,7 @@ def _spanning_asymmetric(w: torch.Tensor, scale: torch.Tensor, stored: torch.Ten
     (before), an 8-bit group of N(1, 0.1) weights with its scale rounded to bf16 came back up to
     2.7 steps off; rounding every scale up instead would cost SmolLM2's weights 0.5% more MSE at
     8 bits, where keeping the nearest where it spans costs 0.1%."""
-    mn, mx = (t.reshape(scale.shape) for t in _group_range(w, gran))
+    mn, mx = (t.reshape(stored.shape) for t in _group_range(w, gran))
     z = torch.round(-mn / stored.float())
     s64 = stored.double()
     spans = (s64 * ((1 << bits) - 1 - z.double()) >= mx.double() - 0.5 * s64) & (z.abs() <= ZERO_POINT_LIMIT - (1 << bits))
@@ -120,7 +120,7 @@ def _stored_qparams(w: torch.Tensor, bits: int, symmetric: bool, gran: dict, dty
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
     stored = scale.to(dtype)
     if zp is not None and dtype != torch.float32:
-        stored, zp = _spanning_asymmetric(w, scale, stored, bits, gran)
+        stored, zp = _spanning_asymmetric(w, stored, bits, gran)
     return stored.clamp_min(smallest_subnormal(dtype)), zp
 
 
