@@ -61,14 +61,15 @@ def main():
     print(f"{env['machine']}, {env['threads']} threads, torch {env['torch']}, LLC {env['llc_MiB']} MiB, "
           f"measured DRAM read bandwidth {bandwidth}\n")
     print("| N x K | M | act | format | time µs | GB/s | % bw | vs fp32 | vs bf16 | vs ATen int8 | vs ATen int4 "
-          "| vs quanto | vs torchao |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| vs quanto | vs torchao | vs bnb |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in data["rows"]:
         if r["M"] not in args.batches:
             continue
         print(f"| {r['N']}x{r['K']} | {r['M']} | {r['act']} | {r['format']} | {r['time_us']:.0f} | {r['GBps']:.1f} "
               f"| {r['pct_bw']:.0f}% | {fmt(r.get('vs_fp32'))} | {fmt(r.get('vs_bf16'))} | {fmt(r.get('vs_int8mm'))} "
-              f"| {fmt(r.get('vs_int4mm'))} | {fmt(r.get('vs_quanto'))} | {fmt(r.get('vs_torchao'))} |")
+              f"| {fmt(r.get('vs_int4mm'))} | {fmt(r.get('vs_quanto'))} | {fmt(r.get('vs_torchao'))} "
+              f"| {fmt(r.get('vs_bnb'))} |")
 
 
 if __name__ == "__main__":
