@@ -117,6 +117,10 @@ def group_sse(w_hat, w, group_size):
     return torch.stack([err[:, i:i + group_size].sum(-1) for i in range(0, w.shape[1], group_size)], dim=-1)
 
 
+# The clipping ratios method="mse" tries, as the docs give them: 1 down to 0.5 in steps of 1/40.
+MSE_GRID = [1 - i / 40 for i in range(21)]
+
+
 def ref_candidate(w, ratio, bits, group_size, symmetric, dtype):
     """(stored values, scales, zeros) of w quantized with the reference qparams of w * ratio."""
     _, s, z = ref_weight_format(w * ratio, bits, group_size, symmetric, dtype)
@@ -141,7 +145,7 @@ def test_mse_method_takes_each_groups_best_clipping_ratio(bits, group_size, symm
     got = group_sse(ref_stored_weight(got_q, qw.scales, qw.zeros, bits, group_size, k), w, group_size)
     candidates = torch.stack([
         group_sse(ref_stored_weight(*ref_candidate(w, r, bits, group_size, symmetric, dtype), bits, group_size, k),
-                  w, group_size) for r in lq.weights.MSE_RATIOS])
+                  w, group_size) for r in MSE_GRID])
     best, minmax = candidates.amin(0), candidates[0]
     assert torch.all(got <= best * (1 + 1e-9) + 1e-300), (got, best)
     assert torch.all(got <= minmax * (1 + 1e-9))
@@ -155,6 +159,21 @@ def test_mse_method_takes_each_groups_best_clipping_ratio(bits, group_size, symm
     assert torch.equal(layer.scales, qw.scales) and torch.equal(layer.qweight, qw.qweight)
     model = lq.quantize_model(nn.Sequential(lin), bits, group_size, symmetric, exclude=(), method="mse")
     assert torch.equal(model[0].scales, qw.scales)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mse_ties_keep_minmaxs_range(dtype):
+    # 2 bits symmetric (steps -2..1): minmax's scale 3 and ratio 0.5's scale 1.5 both leave a
+    # squared error of exactly 4 in this group (every value dyadic), the least of the grid. A group
+    # that gains nothing from clipping keeps minmax's scale, so ties go to the larger range.
+    w = torch.tensor([[-0.5, 1.0, 3.0, -1.0, -0.5, 1.0, -0.5, -0.5]], dtype=dtype)
+    bits, group_size, k = 2, 8, 8
+    candidates = [(r, *ref_candidate(w, r, bits, group_size, True, dtype)) for r in MSE_GRID]
+    sse = {r: float(group_sse(ref_stored_weight(q, s, z, bits, group_size, k), w, group_size)) for r, q, s, z in candidates}
+    assert sse[1.0] == sse[0.5] == min(sse.values()) == 4.0
+    assert float(candidates[20][2]) == 1.5  # a tie between two different scales
+    qw = lq.quantize_weight(w, bits, group_size, True, method="mse")
+    assert qw.scales.tolist() == [[3.0]]
 
 
 def test_method_is_checked():
