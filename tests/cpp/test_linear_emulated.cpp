@@ -77,6 +77,13 @@ struct Problem {
     return *this;
   }
 
+  // Biases near the outputs' size (up to 1e35; with huge_activations): a recomputed output that
+  // left out the bias would be off by far more than the tolerance.
+  Problem& huge_bias() {
+    for (float& b : bias) b *= 1e35f;
+    return *this;
+  }
+
   // Zero points anywhere in [-limit, limit] (asymmetric only).
   Problem& wide_zeros(int limit) {
     std::mt19937 rng(static_cast<unsigned>(limit));
@@ -270,6 +277,10 @@ TEST(LinearEmulated, SplitCountIsTheNearestToTheBlocksAMultiprocessorHolds) {
   EXPECT_EQ(k.splits, 4);
   EXPECT_EQ(k.per_split, 3);
   EXPECT_EQ(split_k(900, 64, 132).splits, 1);
+  // 6 splits wanted of 10 steps: 2 steps each, which 5 splits cover (a sixth would have none).
+  const SplitK five = split_k(4, 10, 12);
+  EXPECT_EQ(five.splits, 5);
+  EXPECT_EQ(five.per_split, 2);
   // The register tensor-core kernel's 128 blocks of 8192 rows, aiming at 4 blocks per SM.
   EXPECT_EQ(split_k(128, 64, 132, 4).splits, 4);  // 4.125 -> 4
 }
@@ -307,6 +318,24 @@ TEST(LinearEmulated, GemvFourBit) {
   run_gemv<4, 16, 1, core::bf16_t>(Problem(4, true, 1, 1, 4096, 64, 62), 8);
   run_gemv<4, 16, 2, core::half_t>(Problem(4, false, 2, 5, 1024, 128, 63), 1);
   run_gemv<4, 16, 2, core::half_t>(Problem(4, false, 2, 5, 4096, 128, 64), 16);
+  // Fewer rows than a warp takes with two activation rows and no split: only rows [0, N) of each
+  // activation row are written (a write past N lands on the next activation row's outputs).
+  run_gemv<4, 16, 2, core::half_t>(Problem(4, false, 2, 3, 512, 128, 65), 1);
+  // Rows of 100 bytes (a last group of 8 values) whose groups are 32 bytes: the rows, not the
+  // groups, limit the chunk to 4 bytes.
+  run_gemv<4, 4, 1, core::half_t>(Problem(4, false, 1, 9, 200, 64, 66), 1);
+}
+
+TEST(LinearEmulated, GemvChunkLimits) {
+  // gemv_kernel's offsets within a warp's rows are 32-bit: rows over 2^27 bytes go to the generic
+  // kernel. Only the parameters are read (no weight behind them).
+  LinearParams p;
+  p.w = reinterpret_cast<const uint8_t*>(uintptr_t{1} << 20);  // 16-byte aligned
+  for (const int64_t row_bytes : {int64_t{1} << 27, (int64_t{1} << 27) + 16}) {
+    p.row_bytes = row_bytes;
+    set_groups(p, row_bytes * 2, 1);  // 4 bits, per-channel
+    EXPECT_EQ(gemv_chunk_bytes(p, 4), row_bytes > (int64_t{1} << 27) ? 0 : 16) << row_bytes;
+  }
 }
 
 TEST(LinearEmulated, GemvEightAndTwoBit) {
@@ -325,6 +354,9 @@ TEST(LinearEmulated, OutputsThatOverflowAreComputedAgain) {
   run_gemv<8, 16, 2, core::bf16_t>(Problem(8, true, 2, 24, 4096, 0, 69).huge_activations(), 16);  // split K
   run_tc<4, 1, core::bf16_t>(Problem(4, false, 3, 20, 128, 128, 70).huge_activations(), 1, true);  // one step
   run_tc<4, 1, core::bf16_t>(Problem(4, false, 2, 20, 1024, 0, 71).huge_activations(), 8, true);  // split K
+  // The outputs computed again keep their bias (1e35 here, far past the tolerance).
+  run_gemv<8, 16, 1, float>(Problem(8, false, 1, 24, 512, 128, 68).huge_activations().huge_bias(), 1);
+  run_gemv<8, 16, 2, core::bf16_t>(Problem(8, true, 2, 24, 4096, 0, 69).huge_activations().huge_bias(), 16);
 }
 
 TEST(LinearEmulated, GemvUnalignedTakesNarrowerChunks) {
@@ -375,6 +407,57 @@ TEST(LinearEmulated, TensorCoreKernel) {
   run_mma<2, 32, core::bf16_t>(Problem(2, true, 20, 100, 512, 256, 26), 16);
   // Several row tiles and several column tiles (rows on the grid's x, columns on y), split K.
   run_mma<4, 16, core::half_t>(Problem(4, false, 40, 520, 512, 128, 41).params_in<core::half_t>(), 16);
+}
+
+TEST(LinearEmulated, TensorCoreKernelsRefuseLayoutsTheyCannotTake) {
+  // Groups of 16 values: a 32-value chunk would span two scales.
+  EXPECT_FALSE(mma_supports(Problem(4, false, 1, 8, 256, 16, 81).p, 4));
+  EXPECT_FALSE(mma_supports(Problem(8, false, 1, 8, 256, 48, 82).p, 8));
+  // Weights 4 bytes past a 16-byte boundary: the 16-byte (4-bit) and 8-byte (2-bit) chunk loads
+  // need that alignment.
+  Problem misaligned4(4, false, 1, 8, 256, 128, 83), misaligned2(2, false, 1, 8, 256, 128, 84);
+  misaligned4.misalign(4);
+  misaligned2.misalign(4);
+  EXPECT_FALSE(mma_supports(misaligned4.p, 4));
+  EXPECT_FALSE(mma_supports(misaligned2.p, 2));
+  // K = 31: mma_kernel pads the chunk, but the register kernels read x a whole chunk at a time.
+  Problem k31(4, true, 2, 8, 31, 0, 85);
+  const std::vector<core::half_t> x = k31.activations<core::half_t>();
+  EXPECT_TRUE(mma_supports(k31.p, 4));
+  EXPECT_FALSE(tc_gemv_supports(k31.p, 4, x.data()));
+}
+
+// dequant_chunk_tc is dequant_chunk_to's values in tc_pair_order, bit for bit, for zero points
+// inside and outside the magic's range (outside: the fp32 path, since magic + z is inexact in T).
+template <int BITS, typename T, bool SCALED>
+void check_tc_pairs(unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<uint32_t> word;
+  std::uniform_int_distribution<int> zdist(-3000, 3000);
+  std::uniform_real_distribution<float> sdist(0.01f, 0.1f);
+  LinearParams p;
+  p.scales.kind = MmaType<T>::kind;
+  for (int trial = 0; trial < 3000; ++trial) {
+    WeightChunk<BITS> c;
+    for (uint32_t& w : c.w) w = word(rng);
+    c.scale = core::from_float<T>(sdist(rng)).bits;
+    c.z = trial < 600 ? trial - 300 : zdist(rng);  // every zero point near the bf16 magic's range
+    uint32_t got[kMmaChunk / 2], want[kMmaChunk / 2];
+    dequant_chunk_tc<BITS, T, SCALED>(p, c, true, got);
+    dequant_chunk_to<BITS, T, SCALED>(p, c, true, want);
+    tc_pair_order<BITS>(want);
+    for (int i = 0; i < kMmaChunk / 2; ++i) {
+      ASSERT_EQ(got[i], want[i]) << "pair " << i << ", z " << c.z << ", bits " << BITS << (SCALED ? " scaled" : "");
+    }
+  }
+}
+
+TEST(LinearEmulated, TensorCorePairsMatchDequantizedChunks) {
+  check_tc_pairs<4, core::half_t, true>(86);
+  check_tc_pairs<4, core::half_t, false>(87);
+  check_tc_pairs<2, core::bf16_t, true>(88);
+  check_tc_pairs<2, core::bf16_t, false>(89);
+  check_tc_pairs<4, core::bf16_t, false>(90);
 }
 
 TEST(LinearEmulated, RegisterTensorCoreKernel) {
@@ -439,8 +522,11 @@ void run_dequant(const Problem& pr) {
 template <int BITS, typename T>
 void run_dequant_chunks(const Problem& pr) {
   ASSERT_TRUE(mma_supports(pr.p, BITS));
-  std::vector<T> w(pr.N * pr.K, core::from_float<T>(NAN));
+  std::vector<T> w(pr.N * pr.K + 32, core::from_float<T>(NAN));  // 32 values behind, which stay NaN
   emu::launch(dim3(3), dim3(64), dequant_chunks_kernel<BITS, T>, pr.p, w.data());
+  for (int64_t i = pr.N * pr.K; i < pr.N * pr.K + 32; ++i) {
+    ASSERT_TRUE(std::isnan(core::to_float(w[i]))) << "w written " << i - pr.N * pr.K << " values past the matrix";
+  }
   for (int64_t n = 0; n < pr.N; ++n) {
     for (int64_t k = 0; k < pr.K; ++k) {
       const float want = core::to_float(core::from_float<T>(static_cast<float>(pr.weight(n, k))));

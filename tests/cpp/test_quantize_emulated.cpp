@@ -37,10 +37,14 @@ std::vector<T> random_input(int64_t n, unsigned seed, float spread) {
 // choose_qparams, quantize and dequantize of one layout against the CPU's span functions; Q is
 // int8_t (symmetric) or uint8_t (asymmetric), as the ops store them.
 template <typename T, typename Q>
-void check_layout(const Layout& l, int bits, unsigned seed) {
+void check_layout(const Layout& l, int bits, unsigned seed, float last_of_row = 0.0f) {
   constexpr bool symmetric = std::is_same_v<Q, int8_t>;
   const int64_t n = l.rows * l.cols, n_params = l.rows * l.groups();
-  const std::vector<T> x = random_input<T>(n, seed, 3.0f);
+  std::vector<T> x = random_input<T>(n, seed, 3.0f);
+  // An extreme value as the last of each row (of its last group, and its last piece), if given.
+  if (last_of_row != 0.0f) {
+    for (int64_t row = 0; row < l.rows; ++row) x[row * l.cols + l.cols - 1] = core::from_float<T>(last_of_row);
+  }
 
   // choose_qparams, as quantize.cu launches it (but a small grid, to exercise the strides).
   const Pieces pieces = make_pieces(l.cols, l.group, l.groups());
@@ -95,6 +99,10 @@ TEST(QuantizeEmulated, MatchesTheCpuFormulas) {
   check_layout<core::half_t, uint8_t>({3, 50, 16}, 3, 5);
   check_layout<core::bf16_t, int8_t>({2, 33, 8}, 2, 6);
   check_layout<float, uint8_t>({4, 0, 0}, 8, 7);  // empty groups count as zeros
+  // Groups of 3 pieces (20000 = 6667 + 6667 + 6666) and of 2 (10001 = 5001 + 5000), the group's
+  // extreme its very last value.
+  check_layout<float, uint8_t>({2, 20000, 20000}, 8, 8, 1000.0f);
+  check_layout<core::bf16_t, int8_t>({1, 10001, 10001}, 4, 9, -1000.0f);
 }
 
 TEST(QuantizeEmulated, NonFiniteInputRaisesTheFlag) {
