@@ -10,9 +10,10 @@
 // [N, K / group, group] (K a multiple of the group), for the qparams of w * ratio (1: the format's
 // own; less: a clipping candidate of ScaleMethod::kMse, the range shrunk toward 0): scales rounded
 // to the weight's dtype (asymmetric ones in fp16 / bf16 with the zero point chosen again for the
-// rounded scale, and rounded up to the next value of the dtype where the range of the scale rounded
-// to nearest falls more than half a step short of the group's max), w quantized with those rounded
-// scales, then s * (q - z) in fp32. Independent of the library's code.
+// rounded scale, and rounded up to the next finite value of the dtype where the range of the scale
+// rounded to nearest falls more than half a step short of the group's max, or its zero point is
+// past 2^23 - 2^bits), w quantized with those rounded scales, then s * (q - z) in fp32. Independent
+// of the library's code.
 inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
   const int64_t n = w.size(0), k = w.size(1);
   const at::Tensor shrunk = (w * ratio).to(at::kFloat).view({n, k / group, group});
@@ -23,9 +24,10 @@ inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t
   at::Tensor s = s32.to(w.scalar_type());
   if (!symmetric && w.scalar_type() != at::kFloat) {
     const at::Tensor near = s.to(at::kFloat), zn = at::round(qmin - mn / near);
-    const at::Tensor short_of_max = near.to(at::kDouble) * (qmax - zn.to(at::kDouble)) < mx.to(at::kDouble) - near.to(at::kDouble) / 2;
+    const at::Tensor spans = (near.to(at::kDouble) * (qmax - zn.to(at::kDouble)) >= mx.to(at::kDouble) - near.to(at::kDouble) / 2)
+                                 .logical_and(zn.abs() <= 8388608.0 - (qmax + 1));
     const at::Tensor up = at::nextafter(s, at::full_like(s, std::numeric_limits<double>::infinity()));
-    s = at::where(short_of_max, up, s);
+    s = at::where(spans.logical_or(up.isfinite().logical_not()), s, up);
   }
   s = s.to(at::kFloat);
   const at::Tensor z = symmetric ? at::zeros_like(s32) : at::round(qmin - mn / s);

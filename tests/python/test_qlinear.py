@@ -170,8 +170,9 @@ def test_mse_ties_keep_minmaxs_range(dtype):
     bits, group_size, k = 2, 8, 8
     candidates = [(r, *ref_candidate(w, r, bits, group_size, True, dtype)) for r in MSE_GRID]
     sse = {r: float(group_sse(ref_stored_weight(q, s, z, bits, group_size, k), w, group_size)) for r, q, s, z in candidates}
+    scales = {r: float(s) for r, _, s, _ in candidates}
     assert sse[1.0] == sse[0.5] == min(sse.values()) == 4.0
-    assert float(candidates[20][2]) == 1.5  # a tie between two different scales
+    assert (scales[1.0], scales[0.5]) == (3.0, 1.5)  # a tie between two different scales
     qw = lq.quantize_weight(w, bits, group_size, True, method="mse")
     assert qw.scales.tolist() == [[3.0]]
 
