@@ -129,14 +129,14 @@ void check_param_shape(const at::Tensor& t, const char* name, const at::Tensor& 
 
 }  // namespace
 
-at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& l) {
+at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& l, bool check_values) {
   check_defined(scale, "scale");
   TORCH_CHECK_VALUE(scale.device() == x.device(), "linquant: scale is on ", scale.device(),
                     " but the input is on ", x.device());
   check_float_dtype(scale, "scale");
   check_param_shape(scale, "scale", x, l);
   at::Tensor s = scale.to(at::kFloat).contiguous().view({-1});
-  if (s.numel() > 0) {
+  if (check_values && s.numel() > 0) {
     TORCH_CHECK_VALUE(!(s <= 0).logical_or_(s.isinf()).logical_or_(s.isnan()).any().item<bool>(),
                       "linquant: scale must hold finite positive values");
   }
@@ -183,11 +183,12 @@ at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
 namespace {
 
 QuantJob make_job(const at::Tensor& in, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                  std::optional<int64_t> axis, std::optional<int64_t> group_size, at::ScalarType out_dtype) {
+                  std::optional<int64_t> axis, std::optional<int64_t> group_size, at::ScalarType out_dtype,
+                  bool check_scale_values) {
   QuantJob job;
   job.layout = make_layout(in, axis, group_size);
   const QuantLayout& l = job.layout;
-  job.scale = prepare_scale(scale, in, l);
+  job.scale = prepare_scale(scale, in, l, check_scale_values);
   if (zero_point.has_value()) job.zero_point = prepare_zero_point(*zero_point, in, l);
   job.rows = to_rows(in, l);
   job.out = at::empty({l.rows, l.cols}, in.options().dtype(out_dtype));
@@ -200,19 +201,19 @@ QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const st
                           int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
   check_bits(bits);
   check_float_dtype(x, "x");
-  return make_job(x, scale, zero_point, axis, group_size, zero_point.has_value() ? at::kByte : at::kChar);
+  return make_job(x, scale, zero_point, axis, group_size, zero_point.has_value() ? at::kByte : at::kChar, true);
 }
 
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                             std::optional<int64_t> axis, std::optional<int64_t> group_size,
-                            std::optional<at::ScalarType> dtype) {
+                            std::optional<at::ScalarType> dtype, bool check_scale_values) {
   check_defined(q, "q");
   TORCH_CHECK_VALUE(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
                     "linquant: q must be int8 (symmetric) or uint8 (asymmetric), got ", q.scalar_type());
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
   TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
                     "linquant: dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  return make_job(q, scale, zero_point, axis, group_size, out_dtype);
+  return make_job(q, scale, zero_point, axis, group_size, out_dtype, check_scale_values);
 }
 
 }  // namespace linquant

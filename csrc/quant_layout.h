@@ -46,8 +46,11 @@ at::Tensor to_rows(const at::Tensor& x, const QuantLayout& layout);
 at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const QuantLayout& layout);
 
 // Checks scale / zero_point against x and the layout (device, dtype, shape, values) and
-// returns them as contiguous fp32 / int32 vectors of layout.num_params() elements.
-at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout);
+// returns them as contiguous fp32 / int32 vectors of layout.num_params() elements. The scale's
+// values (finite, positive) are checked unless check_values is false: on a GPU that check reads its
+// verdict back to the host, which a CUDA-graph capture forbids.
+at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout,
+                         bool check_values = true);
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
                               const QuantLayout& layout);
 
@@ -71,9 +74,9 @@ struct QuantJob {
 QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                           int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size);
 
-// dequantize: q int8/uint8; out in dtype (float32 when None).
+// dequantize: q int8/uint8; out in dtype (float32 when None). check_scale_values: see prepare_scale.
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                             std::optional<int64_t> axis, std::optional<int64_t> group_size,
-                            std::optional<at::ScalarType> dtype);
+                            std::optional<at::ScalarType> dtype, bool check_scale_values = true);
 
 }  // namespace linquant

@@ -2,6 +2,7 @@
 // torch-free formulas (csrc/core/quant_math.h) as the CPU kernels, each step one correctly rounded
 // fp32 operation (built with --fmad=false), so both backends agree bit for bit.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -89,7 +90,11 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const s
                            std::optional<at::ScalarType> dtype) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  const QuantJob job = prepare_dequantize(q, scale, zero_point, axis, group_size, dtype);
+  // While a CUDA graph is being captured, the scales' values go unchecked: the check reads its
+  // verdict back to the host, which would end the capture (a QEmbedding lookup in a captured
+  // decoding step dequantizes the rows it gathers). Eager calls check them.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const QuantJob job = prepare_dequantize(q, scale, zero_point, axis, group_size, dtype, !capturing);
   const QuantLayout& l = job.layout;
   const int64_t n = job.rows.numel();
   if (n > 0) {

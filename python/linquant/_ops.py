@@ -242,7 +242,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Te
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None,
                axis: Optional[int] = None, group_size: Optional[int] = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x_hat = scale * (q - zero_point), computed in float32 and returned in `dtype`."""
+    """x_hat = scale * (q - zero_point), computed in float32 and returned in `dtype`. The scale's
+    values must be finite and positive; on CUDA that check is left out while a CUDA graph is being
+    captured, since reading its verdict back would end the capture."""
     return torch.ops.linquant.dequantize.default(q, scale, zero_point, axis, group_size, dtype)
 
 

@@ -18,7 +18,8 @@ by the CPU suites) as the oracle:
 - torch.library.opcheck of every op on CUDA; QLinear and quantize_weight on CUDA; quantize_model on
   tiny random Hugging Face models on CUDA; torch.compile(fullgraph=True) of QLinear on CUDA;
 - CUDA specifics: ops on a non-default stream wait for their inputs (and match the default stream),
-  ops follow the tensors' device (cuda:1 with two GPUs), CUDA-graph capture and replay of linear.
+  ops follow the tensors' device (cuda:1 with two GPUs), CUDA-graph capture and replay of linear
+  and of a QEmbedding lookup (dequantize).
 
 scripts/gpu_check.sh runs this suite under compute-sanitizer. Tests that exercise only the kernels
 carry none of the words "model", "compile" or "graph" in their names, so the sanitizer run selects
@@ -1191,6 +1192,27 @@ def test_linear_split_k_repeats_exactly_across_calls_and_streams(gen):
             assert torch.equal(a, b), f"split-K linear call {i} differs when repeated (stale tickets?)"
 
 
+def capture(fn, what):
+    """Warms fn up on a side stream, as torch.cuda.graphs' documentation asks, then captures it in a
+    CUDA graph; returns the graph and fn's output (the static buffer each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as e:  # noqa: BLE001 - reported with the hint below
+        pytest.fail(f"CUDA-graph capture of {what} failed: {type(e).__name__}: {e}\nWhile capturing, the op must "
+                    f"not synchronize with the host (.item(), .cpu(), cudaStreamSynchronize), call cudaMalloc "
+                    f"directly, or launch on a stream other than the current one.", pytrace=False)
+    return graph, out
+
+
 GRAPH_CASES = [(4, 128, False, torch.float16, 1), (4, 128, False, torch.float16, 64), (8, None, True, torch.bfloat16, 17),
                (2, 64, True, torch.float32, 4), (2, 32, False, torch.bfloat16, 300)]
 
@@ -1208,22 +1230,7 @@ def test_graph_capture_of_linear_replays(bits, group_size, symmetric, dtype, m, 
     x2 = on_dev(torch.randn(m, k, generator=gen).to(dtype))
     eager1, eager2 = run(x1), run(x2)
     static_x = x1.clone()
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graphs' documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            static_y = run(static_x)
-    except Exception as e:  # noqa: BLE001 - reported with the hint below
-        pytest.fail(f"CUDA-graph capture of linquant.linear failed (M={m}, bits={bits}, {dtype}): "
-                    f"{type(e).__name__}: {e}\nWhile capturing, the op must not synchronize with the host "
-                    f"(.item(), .cpu(), cudaStreamSynchronize), call cudaMalloc directly, or launch on a stream "
-                    f"other than the current one.", pytrace=False)
+    graph, static_y = capture(lambda: run(static_x), f"linquant.linear (M={m}, bits={bits}, {dtype})")
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, eager1), (f"CUDA-graph replay of linear differs from eager (M={m}); the kernels are "
@@ -1233,6 +1240,30 @@ def test_graph_capture_of_linear_replays(bits, group_size, symmetric, dtype, m, 
     torch.cuda.synchronize()
     assert torch.equal(static_y, eager2), f"CUDA-graph replay with new input in the static buffer is stale (M={m})"
     assert torch.equal(run(x1), eager1), "eager linear after graph capture differs"
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,dtype", [(8, None, True, torch.float16), (4, 32, False, torch.bfloat16),
+                                                             (2, 64, True, torch.float32)], ids=str)
+def test_graph_capture_of_qembedding_lookup_replays(bits, group_size, symmetric, dtype, gen):
+    # A decoding step captured whole (torch.compile's "reduce-overhead", HF's static cache) looks up
+    # its token in a QEmbedding: dequantize must not read the scales' check back to the host then.
+    table = torch.randn(50, 96, generator=gen).to(dtype)
+    on_cpu = lq.QEmbedding.from_embedding(nn.Embedding.from_pretrained(table), bits, group_size, symmetric)
+    layer = copy.deepcopy(on_cpu).to(DEV)
+    ids1, ids2 = (torch.randint(0, 50, (2, 5), generator=gen) for _ in range(2))
+    eager1, eager2 = layer(on_dev(ids1)), layer(on_dev(ids2))
+    assert torch.equal(eager1.cpu(), on_cpu(ids1)), "a QEmbedding lookup on CUDA differs from the CPU's"
+    static_ids = on_dev(ids1)
+    graph, static_out = capture(lambda: layer(static_ids), f"a QEmbedding lookup ({bits} bits, {dtype})")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager1), "CUDA-graph replay of the QEmbedding lookup differs from eager"
+    static_ids.copy_(ids2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager2), "CUDA-graph replay with new ids in the static buffer is stale"
+    with pytest.raises(ValueError, match="scale must hold finite positive values"):  # eager calls still check
+        lq.dequantize(on_dev(torch.ones(2, 4, dtype=torch.int8)), on_dev(torch.tensor([[1.0], [0.0]])), axis=0)
 
 
 def test_eval_runs_on_the_gpu_as_on_the_cpu(tmp_path):
