@@ -137,8 +137,7 @@ at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const Qua
   check_param_shape(scale, "scale", x, l);
   at::Tensor s = scale.to(at::kFloat).contiguous().view({-1});
   if (check_values && s.numel() > 0) {
-    TORCH_CHECK_VALUE(!(s <= 0).logical_or_(s.isinf()).logical_or_(s.isnan()).any().item<bool>(),
-                      "linquant: scale must hold finite positive values");
+    TORCH_CHECK_VALUE(!(s <= 0).logical_or_(s.isinf()).logical_or_(s.isnan()).any().item<bool>(), kBadScaleValues);
   }
   return s;
 }
@@ -198,10 +197,12 @@ QuantJob make_job(const at::Tensor& in, const at::Tensor& scale, const std::opti
 }  // namespace
 
 QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
+                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size,
+                          bool check_scale_values) {
   check_bits(bits);
   check_float_dtype(x, "x");
-  return make_job(x, scale, zero_point, axis, group_size, zero_point.has_value() ? at::kByte : at::kChar, true);
+  return make_job(x, scale, zero_point, axis, group_size, zero_point.has_value() ? at::kByte : at::kChar,
+                  check_scale_values);
 }
 
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,

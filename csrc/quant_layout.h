@@ -51,6 +51,9 @@ at::Tensor from_rows(const at::Tensor& rows, const at::Tensor& like, const Quant
 // verdict back to the host, which a CUDA-graph capture forbids.
 at::Tensor prepare_scale(const at::Tensor& scale, const at::Tensor& x, const QuantLayout& layout,
                          bool check_values = true);
+// The error prepare_scale raises for scales that are not all finite and positive (CUDA's quantize
+// raises it too, from its kernel's flag).
+inline constexpr const char* kBadScaleValues = "linquant: scale must hold finite positive values";
 at::Tensor prepare_zero_point(const at::Tensor& zero_point, const at::Tensor& x,
                               const QuantLayout& layout);
 
@@ -71,8 +74,10 @@ struct QuantJob {
 };
 
 // quantize: x float32/float16/bfloat16; out int8 when symmetric (no zero point), else uint8.
+// check_scale_values: see prepare_scale (CUDA's quantize kernel checks them itself).
 QuantJob prepare_quantize(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size);
+                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size,
+                          bool check_scale_values = true);
 
 // dequantize: q int8/uint8; out in dtype (float32 when None). check_scale_values: see prepare_scale.
 QuantJob prepare_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,

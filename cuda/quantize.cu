@@ -57,7 +57,9 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const std
                          int64_t bits, std::optional<int64_t> axis, std::optional<int64_t> group_size) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const QuantJob job = prepare_quantize(x, scale, zero_point, bits, axis, group_size);
+  // The kernel checks the scales' values (kBadScale); an empty x launches none, so they are checked
+  // here, as the CPU does.
+  const QuantJob job = prepare_quantize(x, scale, zero_point, bits, axis, group_size, x.numel() == 0);
   const QuantLayout& l = job.layout;
   const bool symmetric = job.symmetric();
   const core::QRange r = core::q_range(static_cast<int>(bits), symmetric);
@@ -80,7 +82,9 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const std
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    TORCH_CHECK_VALUE(flag.value() == 0, "linquant: x contains NaN or Inf; cannot quantize");
+    const int32_t raised = flag.value();
+    TORCH_CHECK_VALUE(!(raised & kBadScale), kBadScaleValues);  // first, as on the CPU
+    TORCH_CHECK_VALUE(!(raised & kNonFinite), "linquant: x contains NaN or Inf; cannot quantize");
   }
   return from_rows(job.out, x, l);
 }

@@ -18,7 +18,8 @@ namespace core = linquant::core;
 
 // A group longer than this is reduced by several warps (pieces) whose results are then combined.
 constexpr int64_t kPiece = 8192;
-constexpr unsigned kNonFinite = 1, kOverflow = 2;
+// Error flags: NaN / Inf input; a scale range past float32; a scale not finite and positive.
+constexpr unsigned kNonFinite = 1, kOverflow = 2, kBadScale = 4;
 
 // Pieces of the layout, as on the CPU: group u = (row, j) split into per_group pieces.
 struct Pieces {
@@ -106,15 +107,18 @@ template <typename T, typename Q>
 __global__ void quantize_kernel(const T* __restrict__ x, const float* __restrict__ scale,
                                 const int32_t* __restrict__ zero, Q* __restrict__ q, int64_t n, GroupIndex gi,
                                 core::QRange r, unsigned* flag) {
-  bool bad = false;
+  // The scales are checked here, as each element reads its group's, rather than by a reduction
+  // read back beforehand: one synchronization per call instead of two.
+  bool bad = false, bad_scale = false;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t u = gi.of(i);
-    const float v = core::to_float(x[i]);
+    const float v = core::to_float(x[i]), s = scale[u];
     bad |= core::is_nonfinite(v);
-    q[i] = static_cast<Q>(core::quantize_value(v, scale[u], zero != nullptr ? zero[u] : 0, r.qmin, r.qmax));
+    bad_scale |= !(s > 0.0f) || core::is_nonfinite(s);
+    q[i] = static_cast<Q>(core::quantize_value(v, s, zero != nullptr ? zero[u] : 0, r.qmin, r.qmax));
   }
-  if (bad) atomicOr(flag, kNonFinite);
+  if (bad || bad_scale) atomicOr(flag, (bad ? kNonFinite : 0u) | (bad_scale ? kBadScale : 0u));
 }
 
 template <typename Q, typename T>

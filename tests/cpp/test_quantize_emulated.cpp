@@ -122,6 +122,36 @@ TEST(QuantizeEmulated, NonFiniteInputRaisesTheFlag) {
   EXPECT_EQ(flag, kNonFinite);
 }
 
+// quantize_kernel checks each group's scale as its elements read it (quantize.cu skips the host
+// check): a bad scale in any group, the short last one included, raises kBadScale, alongside
+// kNonFinite when the input is bad too. (A NaN scale is left to the GPU test: on the host, the
+// NaN it makes of the quotient has no defined conversion to int.)
+TEST(QuantizeEmulated, BadScaleRaisesItsFlag) {
+  const GroupIndex gi{70, 32, 3};  // 2 rows of groups 32, 32, 6
+  std::vector<float> x(140, 0.5f);
+  std::vector<uint8_t> q(140);
+  const std::vector<int32_t> z(6, 1);
+  const auto run = [&](const std::vector<float>& s) {
+    unsigned flag = 0;
+    emu::launch(dim3(2), dim3(32), quantize_kernel<float, uint8_t>, x.data(), s.data(), z.data(), q.data(),
+                int64_t{140}, gi, core::q_range(4, false), &flag);
+    return flag;
+  };
+  EXPECT_EQ(run(std::vector<float>(6, 0.25f)), 0u);
+  EXPECT_EQ(q[139], 3);  // 0.5 / 0.25 + 1
+  for (const float bad : {0.0f, -0.0f, -1.0f, std::numeric_limits<float>::infinity()}) {
+    for (int u = 0; u < 6; ++u) {
+      std::vector<float> s(6, 0.25f);
+      s[u] = bad;
+      EXPECT_EQ(run(s), kBadScale) << "scale " << bad << " in group " << u;
+    }
+  }
+  std::vector<float> s(6, 0.25f);
+  s[5] = 0.0f;
+  x[3] = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(run(s), kBadScale | kNonFinite);
+}
+
 template <int BITS>
 void check_pack(int64_t rows, int64_t n, unsigned seed) {
   std::mt19937 rng(seed);

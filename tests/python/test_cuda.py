@@ -413,6 +413,29 @@ def test_nan_or_inf_input_raises_like_cpu(shape, index, bad, dtype, gen):
     same_error(lambda d: lq.quantize(x.to(d), s.to(d), z.to(d), bits=4, group_size=32), expect="x contains NaN or Inf")
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+def test_bad_scale_values_raise_like_cpu(bad, gen):
+    # CUDA's quantize checks the scales in its kernel (one read-back with the NaN check): every
+    # group's scale is seen, the scale error comes before the input's, and an empty input (no
+    # kernel) is still checked.
+    x = torch.randn(6, 300, generator=gen)
+    s = torch.full((6, 10), 0.1)
+    s[5, 9] = bad  # the last group: 12 elements
+    z = torch.zeros(s.shape, dtype=torch.int32)
+    expect = "scale must hold finite positive values"
+    same_error(lambda d: lq.quantize(x.to(d), s.to(d), group_size=32), expect=expect)
+    same_error(lambda d: lq.quantize(x.to(d), s.to(d), z.to(d), bits=4, group_size=32), expect=expect)
+    x_nan = x.clone()
+    x_nan[0, 0] = float("nan")
+    same_error(lambda d: lq.quantize(x_nan.to(d), s.to(d), group_size=32), expect=expect)
+    per_channel = torch.ones(6, 1)
+    per_channel[3] = bad
+    same_error(lambda d: lq.quantize(x.to(d), per_channel.to(d), axis=0), expect=expect)
+    same_error(lambda d: lq.quantize(torch.empty(6, 0, device=d), per_channel.to(d), axis=0), expect=expect)
+    good = torch.full((6, 10), 0.1)  # and the next call, with good scales, is not failed by the last one's flag
+    assert torch.equal(lq.quantize(x.to(DEV), good.to(DEV), group_size=32).cpu(), lq.quantize(x, good, group_size=32))
+
+
 def _pack_bad(shape, dtype, bad, bits):
     def call(d):
         q = torch.zeros(shape, dtype=dtype)
