@@ -232,16 +232,18 @@ def cmd_demo(args) -> int:
     if model_error:
         print(f"  skipped: {model_error}")
     else:
-        print(f"  {'model':<23} {'total MB':>9} {'linear MB':>10} {'cos mean':>9} {'cos min':>8} {'fwd ms':>7}")
+        w = _name_width(model_rows)
+        print(f"  {'model':<{w}} {'total MB':>9} {'linear MB':>10} {'cos mean':>9} {'cos min':>8} {'fwd ms':>7}")
         for r in model_rows:
-            print(f"  {r['model']:<23} {r['bytes'] / 1e6:9.1f} {r['linear_bytes'] / 1e6:10.1f} "
+            print(f"  {r['model']:<{w}} {r['bytes'] / 1e6:9.1f} {r['linear_bytes'] / 1e6:10.1f} "
                   f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f} {r['forward_ms']:7.1f}")
     print(f"\nSmolLM2-135M-Instruct (real checkpoint, from its Q4_1 GGUF): perplexity of a built-in text, "
           f"greedy continuation of {builtin.GREEDY_PROMPT!r}")
     if lm_error:
         print(f"  skipped: {lm_error}")
+    w = _name_width(lm_rows)
     for r in lm_rows:
-        print(f"  {r['model']:<23} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
+        print(f"  {r['model']:<{w}} {r['bytes'] / 1e6:7.1f} MB  perplexity {r['perplexity']:7.3f}  "
               f"{r['ms_per_token']:6.1f} ms/token  {r['greedy']!r}")
     for path in plots:
         print(f"plot: {path}")
@@ -368,6 +370,11 @@ def cmd_eval(args) -> int:
     print(f"  weights: {len(snrs)} layers, SNR {min(snrs):.1f}..{max(snrs):.1f} dB (mean {sum(snrs) / len(snrs):.1f}); "
           f"worst {worst['layer']} (MSE {worst['mse']:.3e})")
     return 0
+
+
+def _name_width(rows: list) -> int:
+    """The width of a table's model column: its longest name, so the numbers line up."""
+    return max([len("model")] + [len(r["model"]) for r in rows])
 
 
 def _speed(kind: str, row: dict) -> str:
