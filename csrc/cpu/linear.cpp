@@ -19,11 +19,6 @@
 namespace linquant::cpu {
 namespace {
 
-// From this many activation rows the layer is bound by arithmetic, not weight bytes, and
-// dequantizing weight tiles for ATen's GEMM (MKL's blocking) keeps up with fp32 F.linear (1.0x at
-// M = 128 and 256 on 4096x4096) where the register-tiled kernel falls behind it. Below it the tiled
-// kernel wins: at M = 64 it measured 1.0-1.5x fp32 F.linear, the GEMM path 0.9-1.0x.
-constexpr int64_t kGemmMinRows = 128;
 // Weight rows dequantized per GEMM call: at most 16 MiB of them. Fewer, longer rows cost the GEMM
 // more: bf16 at M = 64 on 4096x14336, tiles of 292 / 585 / 1024 rows took 1.47x / 1.17x / 1.12x
 // the time of one call on the whole weight.
@@ -130,7 +125,8 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   //     1.47x / 1.48x / 1.26x; and at M = 128 against the fp32 GEMM path, 2.2x;
   // hence from 64 rows on whole-load layouts, from 32 on the others.
   if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= (whole_loads ? 64 : 32)) return Path::gemm_bf16;
-  if (M >= kGemmMinRows) return Path::gemm;
+  // fp32 GEMM over dequantized tiles from the row count the instruction set's kernels measured.
+  if (M >= kernels.gemm_min_rows(a.bits, a.group, per_channel)) return Path::gemm;
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
   // bf16 and each row's sums over each group, for its layouts (whole or split loads). At 8 bits it
   // waits for 8 activation rows, since tile8 streams fewer rows as fast (weights streamed from

@@ -43,6 +43,11 @@ struct LinearKernels {
   // Whether gemv wants per-word activation streams for this format.
   using WordStreamsFn = bool (*)(int bits, int64_t group, bool per_channel);
 
+  // The fewest activation rows from which ATen's fp32 GEMM over weight tiles dequantized by
+  // dequant_rows is faster than gemv, for weights of `bits` in groups of `group` values (or one
+  // group per row).
+  using GemmMinRowsFn = int64_t (*)(int bits, int64_t group, bool per_channel);
+
   // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
   // into out[(n - n_begin) * K + k], fp32.
   using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
@@ -51,6 +56,7 @@ struct LinearKernels {
 
   GemvFn gemv;
   WordStreamsFn word_streams;
+  GemmMinRowsFn gemm_min_rows;
   DequantFn dequant_rows;
   // The bf16 kernels, or nullptr (this instruction set has none; run them only where
   // cpu_has_avx512_bf16()): the dequantization above in bf16, and bf16 activations through

@@ -642,6 +642,43 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
+// The fewest activation rows from which ATen's fp32 GEMM over weight tiles dequantized by
+// dequant_rows (Path::gemm in linear.cpp) beats gemv, by weight layout: gemv's time over the GEMM
+// path's, fp32 activations, 4096x4096 (and 1536x576, 4096x14336 where given) from memory, each copy
+// picked by LINQUANT_CPU_ISA on the development machine (AMD EPYC Zen 5, 2 cores; the same MKL
+// GEMM in every run, 180 GFLOP/s). The SIMD kernels load 16 (AVX-512) or 8 (AVX2) weight bytes at
+// a time, so groups of fewer bytes leave lanes empty and pay a group's setup (scales, lookup
+// tables) every few weights. A CPU with half-width vector units (Zen 4, client Intel) runs the
+// AVX-512 register tiles at half this speed, and would gain from the GEMM earlier.
+int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
+  const int64_t group_bytes = group * bits / 8;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  // 4-byte groups (2-bit g16): 0.67-0.78 at M = 8, 1.15-1.34 at 16; 8-bit g8 1.23-1.31 at 16.
+  if (group_bytes <= 4 || group <= 8) return 16;
+  // 8-byte groups (2-bit g32, 4-bit g16): 0.74-0.83 at 16, 1.09-1.23 at 32.
+  if (group_bytes <= 8) return 32;
+  // 8-bit g16: 0.95-1.03 at 32, 1.29-1.39 at 64.
+  if (group <= 16) return 64;
+  // 32-value groups (8-bit g32, 4-bit g32): 0.97-1.00 at 256, 1.13-1.20 at 512.
+  if (group <= 32) return 256;
+  // Per channel: 0.47-0.75 at 512 and 0.83-0.85 at 1024, 0.82-1.03 at 2048. Wider groups
+  // (2-bit g64 and g128, 4-bit g64 and g128, 8-bit g64): 0.45-0.77 at 128-512, 0.89-1.07 at 768,
+  // 1.18-1.41 at 1024.
+  return per_channel ? 2048 : 768;
+#elif defined(__AVX2__) && defined(__FMA__)
+  // 2-bit g16: 1.57 at M = 8. 8-bit with groups up to 32 bytes: 1.04-1.18 at 16 (per channel and
+  // g128 0.94-1.06; sub-byte formats 0.69-0.90, 4-bit g16 1.04). Every layout: 1.05-1.75 at 32.
+  if (group_bytes <= 4) return 8;
+  return bits == 8 && group_bytes <= 32 && !per_channel ? 16 : 32;
+#else
+  // Plain C++: 1.66-1.77 at M = 2 (2-bit g16, 4-bit g128), and at M = 1 1.41-1.53 at 8 bits
+  // (per channel) against 0.96-1.11 below.
+  (void)group_bytes;
+  (void)per_channel;
+  return bits == 8 ? 1 : 2;
+#endif
+}
+
 template <int BITS, bool SIGNED>
 void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
@@ -669,9 +706,10 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
 }
 
 #if defined(LINQUANT_HAVE_BF16_KERNELS)
-const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, dequant_bf16_dispatch, gemv_bf16};
+const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, dequant_bf16_dispatch,
+                              gemv_bf16};
 #else
-const LinearKernels kTable = {gemv_dispatch, word_streams, dequant_dispatch, nullptr, nullptr};
+const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, nullptr, nullptr};
 #endif
 
 }  // namespace

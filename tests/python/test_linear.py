@@ -203,16 +203,21 @@ def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
             check(x, nc, bias, bits, group_size)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group_size", [None, 64])
-def test_large_batches_take_the_gemm_path(bits, symmetric, group_size, gen):
-    # From 128 rows the kernel dequantizes tiles for ATen's GEMM.
+# Row counts on both sides of every instruction set's switch from the register kernels to ATen's
+# fp32 GEMM over dequantized tiles (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
+# the bits and the group's length, from 1 row to 2048).
+SWITCH_ROWS = [1, 2, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 767, 768, 2047, 2048]
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (4, None), (4, 16), (4, 32),
+                                             (4, 128), (2, None), (2, 16), (2, 32), (2, 64)], ids=str)
+def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
     w = torch.randn(40, 200, generator=gen)
-    qw = lq.quantize_weight(w, bits, group_size, symmetric)
+    qw = lq.quantize_weight(w, bits, group_size, symmetric=bits != 8)
     bias = torch.randn(40, generator=gen)
-    for m in (127, 128, 130):
-        check(torch.randn(m, 200, generator=gen), qw, bias, bits, group_size)
+    x = torch.randn(max(SWITCH_ROWS), 200, generator=gen)
+    for m in SWITCH_ROWS:
+        check(x[:m], qw, bias, bits, group_size)
 
 
 def test_gemm_path_two_tiles(gen):
