@@ -193,31 +193,25 @@ __device__ __forceinline__ void load_mma_chunk(const uint8_t* p, uint32_t (&w)[B
 template <int BITS>
 LQ_HD void dequant_chunk(const uint32_t (&chunk)[BITS], uint32_t flip, float s, int32_t z, float (&out)[kMmaChunk]) {
   constexpr int P = 8 / BITS;
-  // Chosen once per chunk, outside the unrolled loops, so they hold one formula, not both and a
-  // select per value.
-  if (z >= -static_cast<int32_t>(kMagic) && z <= static_cast<int32_t>(kMagic)) {
-    const float fz = kMagic + static_cast<float>(z);
+  // Every value through value(q4, i), byte i of bit plane q4, with the formula chosen once per
+  // chunk: outside the unrolled loops, each copy of them holds one formula, not both and a select
+  // per value.
+  const auto fill = [&](auto value) {
 #pragma unroll
     for (int d = 0; d < BITS; ++d) {
 #pragma unroll
       for (int b = 0; b < P; ++b) {
         const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, b);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) out[d * 4 * P + i * P + b] = s * (magic_byte(q4, i) - fz);
+        for (int i = 0; i < 4; ++i) out[d * 4 * P + i * P + b] = value(q4, i);
       }
     }
-    return;
-  }
-#pragma unroll
-  for (int d = 0; d < BITS; ++d) {
-#pragma unroll
-    for (int b = 0; b < P; ++b) {
-      const uint32_t q4 = bit_plane<BITS>(chunk[d], flip, b);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        out[d * 4 * P + i * P + b] = core::dequantize_value(static_cast<int32_t>(q4 >> (8 * i) & 0xFFu), s, z);
-      }
-    }
+  };
+  if (z >= -static_cast<int32_t>(kMagic) && z <= static_cast<int32_t>(kMagic)) {
+    const float fz = kMagic + static_cast<float>(z);
+    fill([&](uint32_t q4, int i) { return s * (magic_byte(q4, i) - fz); });
+  } else {
+    fill([&](uint32_t q4, int i) { return core::dequantize_value(static_cast<int32_t>(q4 >> (8 * i) & 0xFFu), s, z); });
   }
 }
 
