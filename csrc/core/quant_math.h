@@ -91,5 +91,12 @@ LQ_HD float dequantize_value(int32_t q, float s, int32_t z) {
   return s * static_cast<float>(static_cast<int64_t>(q) - z);
 }
 
+// Whether q - z cannot wrap in int32 for any stored value q (-128..255). Then dequantize_value_int32
+// gives dequantize_value's bits (the same difference, the same single rounding to fp32), in SIMD
+// lanes: SSE2, AVX2 and NEON have no vector conversion from 64-bit integers to floats.
+LQ_HD bool zero_point_fits_int32(int32_t z) { return z >= -(1 << 30) && z <= (1 << 30); }
+
+LQ_HD float dequantize_value_int32(int32_t q, float s, int32_t z) { return s * static_cast<float>(q - z); }
+
 }  // namespace LINQUANT_CPU_ISA
 }  // namespace linquant::core

@@ -44,9 +44,11 @@ void quantize_span(const T* x, int64_t n, float s, int32_t z, QRange r, Q* q, ui
 
 template <typename Q, typename T>
 void dequantize_span(const Q* q, int64_t n, float s, int32_t z, T* out) {
+  if (zero_point_fits_int32(z)) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = from_float<T>(dequantize_value(static_cast<int32_t>(q[i]), s, z));
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value_int32(static_cast<int32_t>(q[i]), s, z));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value(static_cast<int32_t>(q[i]), s, z));
   }
 }
 

@@ -4,6 +4,7 @@
 // plain C++.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -12,6 +13,7 @@
 
 #include "../core/pack_span.h"
 #include "../core/quant_math.h"
+#include "../core/quantize_span.h"
 #include "linear_kernels.h"
 
 namespace linquant::cpu {
@@ -76,7 +78,10 @@ inline const float* xstream(const LinearArgs& a, int64_t m, int r) {
   return a.xd + (m * PER + r) * a.row_bytes;
 }
 
-// ---- plain C++ (baseline ISA, and every ISA's fallback for tails) -------------------------------
+// ---- plain C++ (the baseline instruction set: other architectures, x86 without AVX2) -----------
+// Written for the compiler's vectorizer (SSE2 or NEON lanes): each weight row is dequantized into
+// the activation streams' layout (stream r of row m is x[j * PER + r] for byte j, contiguous over
+// r: linear_kernels.h), then dotted with every activation row in one reduction.
 template <int BITS, bool SIGNED>
 inline int32_t weight_int(const uint8_t* wrow, int64_t j, int r) {
   if constexpr (BITS == 8) {
@@ -86,24 +91,39 @@ inline int32_t weight_int(const uint8_t* wrow, int64_t j, int r) {
   }
 }
 
+// Weight row `wrow` dequantized into out[r * row_bytes + j] (value r of byte j), s * (q - z) exactly
+// as linquant::dequantize.
 template <int BITS, bool SIGNED>
-void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
+void dequant_streams(const LinearArgs& a, int64_t n, const uint8_t* wrow, float* out) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = a.w + n * a.row_bytes;
-    for (int64_t m = 0; m < a.M; ++m) {
-      float acc = 0.0f;
-      for (int64_t g = 0; g < a.groups; ++g) {
-        const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-        const RowParams p = params(a, n, g);
-        for (int r = 0; r < PER; ++r) {
-          const float* x = xstream<PER>(a, m, r);
-          for (int64_t j = b0; j < b1; ++j) {
-            acc += x[j] * (p.s * static_cast<float>(int64_t{weight_int<BITS, SIGNED>(wrow, j, r)} - p.z));
-          }
-        }
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
+    const RowParams p = params(a, n, g);
+    for (int r = 0; r < PER; ++r) {
+      float* o = out + r * a.row_bytes;
+      if (core::zero_point_fits_int32(p.z)) {
+#pragma omp simd
+        for (int64_t j = b0; j < b1; ++j) o[j] = core::dequantize_value_int32(weight_int<BITS, SIGNED>(wrow, j, r), p.s, p.z);
+      } else {
+        for (int64_t j = b0; j < b1; ++j) o[j] = core::dequantize_value(weight_int<BITS, SIGNED>(wrow, j, r), p.s, p.z);
       }
+    }
+  }
+}
+
+template <int BITS, bool SIGNED>
+void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
+  const int64_t len = 8 / BITS * a.row_bytes;  // one activation row's streams, and a weight row's
+  std::vector<float> wd(static_cast<size_t>(len));
+  for (int64_t n = n0; n < n1; ++n) {
+    dequant_streams<BITS, SIGNED>(a, n, a.w + n * a.row_bytes, wd.data());
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.xd + m * len;
+      const float* w = wd.data();
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < len; ++i) acc += x[i] * w[i];
       a.y[m * a.N + n] = acc + (a.bias != nullptr ? a.bias[n] : 0.0f);
     }
   }
@@ -671,11 +691,15 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   if (group_bytes <= 4) return 8;
   return bits == 8 && group_bytes <= 32 && !per_channel ? 16 : 32;
 #else
-  // Plain C++: 1.66-1.77 at M = 2 (2-bit g16, 4-bit g128), and at M = 1 1.41-1.53 at 8 bits
-  // (per channel) against 0.96-1.11 below.
-  (void)group_bytes;
+  // Plain C++ (measured as the SSE2 copy, against MKL's AVX-512 GEMM: where the GEMM has lanes no
+  // wider than the kernels', as with NEON, it would pay to switch later still). 2- and 4-bit g128,
+  // 4-bit g32 and 8-bit per channel: 0.83-0.97 at M = 1, 0.86-1.23 at M = 2, 0.85-1.06 at M = 3,
+  // 0.90-1.08 at M = 4, 1.61-1.83 at M = 8, and the GEMM path's times varied 2-3x between runs
+  // where the kernel's did not. 2-bit g16 (4-byte groups: the kernel's loops run 4 bytes long): 1.88
+  // at M = 1.
+  (void)bits;
   (void)per_channel;
-  return bits == 8 ? 1 : 2;
+  return group_bytes <= 4 ? 1 : 4;
 #endif
 }
 
@@ -688,15 +712,12 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
       core::unpack_row<BITS>(q, a.K, values.data());
       q = values.data();
     }
-    float* o = out + (n - n0) * a.K;
+    using Q = std::conditional_t<SIGNED, int8_t, uint8_t>;
     for (int64_t g = 0; g < a.groups; ++g) {
       const RowParams p = params(a, n, g);
-      const int64_t k1 = std::min((g + 1) * a.group, a.K);
-#pragma omp simd
-      for (int64_t k = g * a.group; k < k1; ++k) {
-        const int32_t v = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(q[k])) : static_cast<int32_t>(q[k]);
-        o[k] = core::dequantize_value(v, p.s, p.z);  // exactly as linquant::dequantize
-      }
+      const int64_t k0 = g * a.group, k1 = std::min(k0 + a.group, a.K);
+      // Exactly as linquant::dequantize.
+      core::dequantize_span(reinterpret_cast<const Q*>(q) + k0, k1 - k0, p.s, p.z, out + (n - n0) * a.K + k0);
     }
   }
 }

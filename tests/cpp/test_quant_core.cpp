@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -128,6 +129,26 @@ TEST(SpanKernels, EveryIsaMatchesTheScalarFormula) {
           const int32_t got = sym ? static_cast<int8_t>(q[i]) : q[i];
           ASSERT_EQ(got, ref) << "i=" << i << " n=" << n;
           ASSERT_EQ(back[i], core::dequantize_value(ref, qp.scale, qp.zero_point));
+        }
+      }
+    }
+  }
+}
+
+// Zero points on both sides of +-2^30, where the span kernels stop taking q - z in int32 lanes, and
+// at the int32 limits: every stored value (int8 and uint8) gives the 64-bit formula's bits.
+TEST(SpanKernels, DequantizeZeroPointsAtTheInt32Limits) {
+  const int32_t lim = std::numeric_limits<int32_t>::max();
+  std::vector<uint8_t> q(256);
+  for (int i = 0; i < 256; ++i) q[i] = static_cast<uint8_t>(i);
+  std::vector<float> back(256);
+  for (const int32_t z : {-lim - 1, -lim + 300, -(1 << 30) - 1, -(1 << 30), -5, 0, 200, 1 << 30, (1 << 30) + 1, lim - 200, lim}) {
+    for (const QuantizeKernels* k : supported_tables()) {
+      for (const int it : {linquant::cpu::kInt8, linquant::cpu::kUInt8}) {
+        k->dequantize[it][linquant::cpu::kF32](q.data(), 256, 0.3f, z, back.data());
+        for (int i = 0; i < 256; ++i) {
+          const int32_t v = it == linquant::cpu::kInt8 ? static_cast<int8_t>(q[i]) : q[i];
+          ASSERT_EQ(bits_of(back[i]), bits_of(0.3f * static_cast<float>(static_cast<double>(v) - z))) << "z=" << z << " q=" << v;
         }
       }
     }

@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 
 SCRIPT = """
 import torch, linquant as lq
-from reference import ref_qparams, ref_quantize, ref_dequantize, ref_weight
+from reference import ref_qparams, ref_quantize, ref_dequantize, ref_weight, ref_stored_values
 from test_pack import ref_pack as lq_ref_pack
 g = torch.Generator().manual_seed(SEED)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -41,8 +41,9 @@ for bits in (8, 4, 2):
                 qw = lq.quantize_weight(w, bits, gs, sym)
                 ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
                 bias = torch.randn(n, generator=g) * 10
-                # 6 and 40 rows: the GEMM over dequantized tiles from 2 (plain C++) or 32 (AVX2) on.
-                for m in (1, 6, 40):
+                # 3 rows: the plain C++ kernel's widest; 6 and 40: the GEMM over dequantized tiles
+                # from 4 (plain C++) or 32 (AVX2) rows on.
+                for m in (1, 3, 6, 40):
                     x = torch.randn(m, k, generator=g)
                     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)
                     assert torch.allclose(y.double(), x.double() @ ref.T + bias.double(), rtol=1e-5, atol=1e-4)
@@ -55,6 +56,24 @@ for bits in (8, 4, 2):
                     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, b16, bits, gs).double()
                     err = (y - x.double() @ ref.T - b16.double()).abs()
                     assert bool((err <= (x.double().abs() @ ref.abs().T + b16.double().abs()) * 2.0**-6).all())
+# Zero points on both sides of 2^30, where q - z stops being taken in int32 lanes (and at the
+# int32 limits): the same bits as the difference taken exactly, rounded once to fp32.
+LIMITS = (-(2**31), -(2**30) - 1, -(2**30), 2**30, 2**30 + 1, 2**31 - 1)
+for z in LIMITS:
+    for q in (torch.arange(256).to(torch.uint8), torch.arange(-128, 128).to(torch.int8)):
+        want = torch.tensor(0.3) * (q.double() - z).float()
+        assert torch.equal(lq.dequantize(q, torch.tensor(0.3), torch.tensor(z, dtype=torch.int32)), want), z
+for bits in (8, 4, 2):
+    qw = lq.quantize_weight(torch.randn(12, 67, generator=g), bits, 16, symmetric=False)
+    zeros = torch.tensor(LIMITS, dtype=torch.int32).repeat(12 * 5)[: qw.zeros.numel()].reshape(qw.zeros.shape)
+    scales = torch.rand(qw.scales.shape, generator=g) * 2.0**-30
+    q = ref_stored_values(qw.qweight, bits, 67)
+    s = scales.repeat_interleave(16, dim=1)[:, :67]
+    w = (s * (q.double() - zeros.repeat_interleave(16, dim=1)[:, :67]).float()).double()
+    for m in (1, 6, 40):
+        x = torch.randn(m, 67, generator=g)
+        y = lq.linear(x, qw.qweight, scales, zeros, None, bits, 16).double()
+        assert bool(((y - x.double() @ w.T).abs() <= x.double().abs() @ w.abs().T * 2.0**-20).all()), (bits, m)
 print("ok", torch.ops.linquant._cpu_isa())
 """
 ISAS = ["baseline", "avx2", "avx512"]  # in order: each narrows the next

@@ -227,11 +227,12 @@ def test_parameter_dtypes(gen):
 
 
 def test_dequantize_zero_points_at_the_int32_limits():
-    # q - z for z = -2^31 does not fit in int32; computed wide it is 2^31 + q, rounded once to fp32.
-    q = torch.tensor([0, 255], dtype=torch.uint8)
-    for z in (-(2**31), 2**31 - 1):
-        out = lq.dequantize(q, torch.tensor(1.0), torch.tensor(z, dtype=torch.int32))
-        assert torch.equal(out, (q.double() - z).float())
+    # q - z for z = -2^31 does not fit in int32; computed wide it is 2^31 + q, rounded once to fp32,
+    # then scaled. Within 2^30 of 0 the kernels take it in int32 lanes, to the same bits.
+    for z in (-(2**31), -(2**30) - 1, -(2**30), -7, 2**30, 2**30 + 1, 2**31 - 1):
+        for q in (torch.arange(256).to(torch.uint8), torch.arange(-128, 128).to(torch.int8)):
+            out = lq.dequantize(q, torch.tensor(0.3), torch.tensor(z, dtype=torch.int32))
+            assert torch.equal(out, torch.tensor(0.3) * (q.double() - z).float()), z
 
 
 def test_no_gradients(gen):
