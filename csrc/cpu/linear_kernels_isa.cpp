@@ -697,7 +697,6 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // 0.90-1.08 at M = 4, 1.61-1.83 at M = 8, and the GEMM path's times varied 2-3x between runs
   // where the kernel's did not. 2-bit g16 (4-byte groups: the kernel's loops run 4 bytes long): 1.88
   // at M = 1.
-  (void)bits;
   (void)per_channel;
   return group_bytes <= 4 ? 1 : 4;
 #endif
