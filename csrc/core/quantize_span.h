@@ -42,14 +42,21 @@ void quantize_span(const T* x, int64_t n, float s, int32_t z, QRange r, Q* q, ui
   *nonfinite |= bad;
 }
 
-template <typename Q, typename T>
-void dequantize_span(const Q* q, int64_t n, float s, int32_t z, T* out) {
+// out[i] = s * (value(i) - z) for i in [0, n), with dequantize_value's bits: in int32 lanes where
+// the zero point allows (zero_point_fits_int32), else element by element in 64 bits.
+template <typename T, typename Value>
+void dequantize_values(int64_t n, float s, int32_t z, T* out, Value value) {
   if (zero_point_fits_int32(z)) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value_int32(static_cast<int32_t>(q[i]), s, z));
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value_int32(value(i), s, z));
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value(static_cast<int32_t>(q[i]), s, z));
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(dequantize_value(value(i), s, z));
   }
+}
+
+template <typename Q, typename T>
+void dequantize_span(const Q* q, int64_t n, float s, int32_t z, T* out) {
+  dequantize_values(n, s, z, out, [q](int64_t i) { return static_cast<int32_t>(q[i]); });
 }
 
 }  // namespace LINQUANT_CPU_ISA

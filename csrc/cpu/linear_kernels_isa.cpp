@@ -101,13 +101,8 @@ void dequant_streams(const LinearArgs& a, int64_t n, const uint8_t* wrow, float*
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
     const RowParams p = params(a, n, g);
     for (int r = 0; r < PER; ++r) {
-      float* o = out + r * a.row_bytes;
-      if (core::zero_point_fits_int32(p.z)) {
-#pragma omp simd
-        for (int64_t j = b0; j < b1; ++j) o[j] = core::dequantize_value_int32(weight_int<BITS, SIGNED>(wrow, j, r), p.s, p.z);
-      } else {
-        for (int64_t j = b0; j < b1; ++j) o[j] = core::dequantize_value(weight_int<BITS, SIGNED>(wrow, j, r), p.s, p.z);
-      }
+      core::dequantize_values(b1 - b0, p.s, p.z, out + r * a.row_bytes + b0,
+                              [&](int64_t j) { return weight_int<BITS, SIGNED>(wrow, b0 + j, r); });
     }
   }
 }
@@ -704,6 +699,7 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
 
 template <int BITS, bool SIGNED>
 void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
+  using Q = std::conditional_t<SIGNED, int8_t, uint8_t>;
   std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.w + n * a.row_bytes;
@@ -711,7 +707,6 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
       core::unpack_row<BITS>(q, a.K, values.data());
       q = values.data();
     }
-    using Q = std::conditional_t<SIGNED, int8_t, uint8_t>;
     for (int64_t g = 0; g < a.groups; ++g) {
       const RowParams p = params(a, n, g);
       const int64_t k0 = g * a.group, k1 = std::min(k0 + a.group, a.K);
