@@ -555,7 +555,9 @@ void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t
 #define LINQUANT_HAVE_BF16_KERNELS 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
-// ---- AVX2: the same tiling with 8-byte chunks; group and row ends go through a zero-padded copy --
+// ---- AVX2: the same tiling with 8-byte chunks ---------------------------------------------------
+// Whole chunks load straight from the rows; a group's or row's last few bytes go through a
+// zero-padded copy, with their activations masked.
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -568,8 +570,42 @@ inline __m256i lane_mask(int64_t rem) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(rem, 8))), lanes);
 }
 
+// The 8 weight bytes from p as 32-bit lanes; with TAIL, only the first rem (< 8) are read, the
+// rest are zero.
+template <bool SIGNED, bool TAIL>
+inline __m256i load_bytes(const uint8_t* p, int64_t rem) {
+  __m128i b;
+  if constexpr (TAIL) {
+    uint64_t bytes = 0;
+    std::memcpy(&bytes, p, static_cast<size_t>(rem));
+    b = _mm_cvtsi64_si128(static_cast<long long>(bytes));
+  } else {
+    b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  }
+  return SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+template <bool TAIL>
+inline __m256 load_x(const float* p, __m256i mask) {
+  return TAIL ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+// chunk.template operator()<TAIL>(j) for the 8-byte chunks of bytes [b0, b1): whole ones, then
+// the rest (TAIL), prefetching the next tile's rows.
+template <int NT, typename Chunk>
+inline void chunks(const uint8_t* const* wrow, int64_t row_bytes, int64_t b0, int64_t b1, Chunk&& chunk) {
+  int64_t j = b0;
+  for (; j + 8 <= b1; j += 8) {
+    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, row_bytes, j);
+    chunk.template operator()<false>(j);
+  }
+  if (j < b1) chunk.template operator()<true>(j);
+}
+
+// 8 and 4 bits: (q - z) x summed per group, in fp32 as tile8 does (no int32 wrap), and scaled
+// once per group: a shift, a mask, a conversion and a subtraction per 8 weights before the FMAs.
 template <int BITS, bool SIGNED, int MT, int NT>
-void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
+void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
   const __m256i low_bits = _mm256_set1_epi32((1 << BITS) - 1);
@@ -578,42 +614,99 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   const float* xs[MT][PER];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < PER; ++r) xs[t][r] = xstream<PER>(a, m0 + t, r);
-  __m256 acc[MT][NT];
+  __m256 total[MT][NT];
   for (int t = 0; t < MT; ++t)
-    for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
+    for (int u = 0; u < NT; ++u) total[t][u] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-    __m256 sv[NT];
-    __m256 zv[NT];  // q - z in fp32, as tile8 does (no int32 wrap)
-    for (int u = 0; u < NT; ++u) {
-      const RowParams p = params(a, n0 + u, g);
-      sv[u] = _mm256_set1_ps(p.s);
-      zv[u] = _mm256_set1_ps(static_cast<float>(p.z));
-    }
-    for (int64_t j = b0; j < b1; j += 8) {
-      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
-      const int64_t rem = b1 - j;
-      const __m256i mask = lane_mask(rem);
+    __m256 zv[NT];
+    for (int u = 0; u < NT; ++u) zv[u] = _mm256_set1_ps(static_cast<float>(params(a, n0 + u, g).z));
+    __m256 acc[MT][NT];
+    for (int t = 0; t < MT; ++t)
+      for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
+    chunks<NT>(wrow, a.row_bytes, b0, b1, [&]<bool TAIL>(int64_t j) {
+      const __m256i mask = TAIL ? lane_mask(b1 - j) : __m256i{};
       __m256i wi[NT];
-      for (int u = 0; u < NT; ++u) {
-        const uint8_t* src = wrow[u] + j;
-        uint64_t bytes = 0;
-        std::memcpy(&bytes, src, rem >= 8 ? 8 : static_cast<size_t>(rem));
-        const __m128i wb = _mm_cvtsi64_si128(static_cast<long long>(bytes));
-        wi[u] = SIGNED ? _mm256_cvtepi8_epi32(wb) : _mm256_cvtepu8_epi32(wb);
-      }
-#pragma GCC unroll 4
+      for (int u = 0; u < NT; ++u) wi[u] = load_bytes<SIGNED, TAIL>(wrow[u] + j, b1 - j);
+#pragma GCC unroll 2
       for (int r = 0; r < PER; ++r) {
         __m256 wv[NT];
         for (int u = 0; u < NT; ++u) {
           const __m256i q = BITS == 8 ? wi[u] : _mm256_and_si256(_mm256_srli_epi32(wi[u], r * BITS), low_bits);
-          wv[u] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv[u]), sv[u]);
+          wv[u] = SIGNED ? _mm256_cvtepi32_ps(q) : _mm256_sub_ps(_mm256_cvtepi32_ps(q), zv[u]);
         }
         for (int t = 0; t < MT; ++t) {
-          const __m256 xv = _mm256_maskload_ps(xs[t][r] + j, mask);
+          const __m256 xv = load_x<TAIL>(xs[t][r] + j, mask);
           for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_fmadd_ps(wv[u], xv, acc[t][u]);
         }
       }
+    });
+    for (int u = 0; u < NT; ++u) {
+      const __m256 sv = _mm256_set1_ps(params(a, n0 + u, g).s);
+      for (int t = 0; t < MT; ++t) total[t][u] = _mm256_fmadd_ps(acc[t][u], sv, total[t][u]);
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum256(total[t][u]) + b;
+  }
+}
+
+// 2 bits: per group and row, the 4 dequantized values s * (i - z) in each 128-bit half of a table
+// that vpermilps indexes by the low 2 bits of each lane (no masking), one shift and one permute
+// per 8 weights. Groups of 4 bytes (16 values) are taken two per chunk, the low half's table
+// holding the first's values, the high half's the second's.
+template <int MT, int NT>
+void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
+  const int64_t gb = a.group / 4;
+  const bool pairs = gb == 4 && a.groups > 1;
+  const __m256 entries = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const float* xs[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
+  __m256 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
+  const auto table = [&](int u, int64_t g_lo, int64_t g_hi) {
+    const RowParams lo = params(a, n0 + u, g_lo), hi = params(a, n0 + u, g_hi);
+    const __m256 z = _mm256_setr_m128(_mm_set1_ps(static_cast<float>(lo.z)), _mm_set1_ps(static_cast<float>(hi.z)));
+    const __m256 s = _mm256_setr_m128(_mm_set1_ps(lo.s), _mm_set1_ps(hi.s));
+    return _mm256_mul_ps(_mm256_sub_ps(entries, z), s);
+  };
+  const auto chunk = [&]<bool TAIL>(int64_t j, int64_t end, const __m256 (&tab)[NT]) {
+    const __m256i mask = TAIL ? lane_mask(end - j) : __m256i{};
+    __m256i wi[NT];
+    for (int u = 0; u < NT; ++u) wi[u] = load_bytes<false, TAIL>(wrow[u] + j, end - j);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m256 wv[NT];
+      for (int u = 0; u < NT; ++u) wv[u] = _mm256_permutevar_ps(tab[u], r == 0 ? wi[u] : _mm256_srli_epi32(wi[u], 2 * r));
+      for (int t = 0; t < MT; ++t) {
+        const __m256 xv = load_x<TAIL>(xs[t][r] + j, mask);
+        for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_fmadd_ps(wv[u], xv, acc[t][u]);
+      }
+    }
+  };
+  if (pairs) {  // the second group past the row's end (odd group count) meets zero activations
+    for (int64_t j = 0; j < a.row_bytes; j += 8) {
+      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+      const int64_t g = j / 4;
+      __m256 tab[NT];
+      for (int u = 0; u < NT; ++u) tab[u] = table(u, g, std::min(g + 1, a.groups - 1));
+      if (j + 8 <= a.row_bytes) {
+        chunk.template operator()<false>(j, a.row_bytes, tab);
+      } else {
+        chunk.template operator()<true>(j, a.row_bytes, tab);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
+      __m256 tab[NT];
+      for (int u = 0; u < NT; ++u) tab[u] = table(u, g, g);
+      chunks<NT>(wrow, a.row_bytes, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
     }
   }
   for (int u = 0; u < NT; ++u) {
@@ -621,10 +714,30 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
     for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum256(acc[t][u]) + b;
   }
 }
+
+template <int BITS, bool SIGNED, int MT, int NT>
+void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
+  if constexpr (BITS == 2) {
+    tile_lut2<MT, NT>(a, n0, m0);
+  } else {
+    tile_convert<BITS, SIGNED, MT, NT>(a, n0, m0);
+  }
+}
 #define LINQUANT_HAVE_SIMD_GEMV 1
 #endif
 
 #if defined(LINQUANT_HAVE_SIMD_GEMV)
+// Weight rows per register tile with MT activation rows. AVX2's 16 registers hold 4 x 4 sums only
+// by spilling the weights and activations around them: 2 weight rows from 3 activation rows were
+// 20-25% faster than 4 at M = 4 and 8 (4096x4096).
+#if defined(__AVX512F__)
+template <int MT>
+constexpr int tile_rows = 4;
+#else
+template <int MT>
+constexpr int tile_rows = MT <= 2 ? 4 : 2;
+#endif
+
 // Register tiles of MT activation rows x NT weight rows over weight rows [n0, n1).
 template <int BITS, bool SIGNED, int MT, int NT>
 void tile_span(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
@@ -636,7 +749,7 @@ void tile_span(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 template <int BITS, bool SIGNED>
 void gemv_simd(const LinearArgs& a, int64_t n0, int64_t n1) {
   row_tiles(a, n0, n1,
-            [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { tile_span<BITS, SIGNED, MT, 4>(a, nb, nb1, m); });
+            [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { tile_span<BITS, SIGNED, MT, tile_rows<MT>>(a, nb, nb1, m); });
 }
 #endif
 
@@ -681,10 +794,20 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // 1.18-1.41 at 1024.
   return per_channel ? 2048 : 768;
 #elif defined(__AVX2__) && defined(__FMA__)
-  // 2-bit g16: 1.57 at M = 8. 8-bit with groups up to 32 bytes: 1.04-1.18 at 16 (per channel and
-  // g128 0.94-1.06; sub-byte formats 0.69-0.90, 4-bit g16 1.04). Every layout: 1.05-1.75 at 32.
-  if (group_bytes <= 4) return 8;
-  return bits == 8 && group_bytes <= 32 && !per_channel ? 16 : 32;
+  // Measured as above, but with both paths alternating in one process (4096x4096; on 4096x14336
+  // the GEMM path was slower, and gemv's share 0.5-0.8 of these).
+  // Per channel: 8-bit 0.95 at 256, 0.99 at 512; 4-bit 0.92 at 128, 1.02 at 256.
+  if (per_channel) return 512;
+  // Groups of 8 values or fewer pay a group's setup every 1-4 bytes: 2-bit g4 1.30 at M = 1,
+  // 2-bit g8 0.76 at 4 and 1.38 at 8, 4-bit g8 0.87 at 4 and 1.60 at 8, 8-bit g8 0.95 at 16.
+  if (group <= 8) return bits == 8 ? 16 : group_bytes <= 1 ? 1 : 8;
+  // 2 bits: g16 (two groups per chunk) 0.90 at 32, 1.21 at 64; g32 0.86 at 16, 1.21 at 32; g64
+  // 0.96 at 32, 1.24 at 64; g128 and g256 0.81-0.84 at 32, 1.01-1.09 at 64.
+  if (bits == 2) return group == 32 ? 32 : 64;
+  // 8 and 4 bits, about the group size: 4-bit g16 0.99 at 16, g32 1.03 at 32, g64 1.04 at 64,
+  // g128 1.04 at 128, g256 0.98 at 128 and 1.08 at 256; 8-bit g16 0.84 at 16 and 1.19 at 32, g32
+  // 0.98 at 32, g64 1.03 at 64, g128 1.06 at 128.
+  return std::clamp<int64_t>(group, bits == 8 ? 32 : 16, 512);
 #else
   // Plain C++ (measured as the SSE2 copy, against MKL's AVX-512 GEMM: where the GEMM has lanes no
   // wider than the kernels', as with NEON, it would pay to switch later still). 2- and 4-bit g128,

@@ -33,16 +33,18 @@ for bits in range(1, 9):
     assert torch.equal(p, lq_ref_pack(v, bits)) and torch.equal(lq.unpack(p, bits, 203), v)
 for bits in (8, 4, 2):
     for sym in (True, False):
-        for gs in (None, 32):
+        for gs in (None, 8, 16, 32):
             # N = 13 and 7: the one-row tiles past the last whole tile; K = 37: a short last group
             # and, below 8 bits, a partly filled last byte. A bias, which every kernel adds itself.
+            # Groups of 8 values below 8 bits end inside AVX2's 8-byte loads; AVX2 takes 2-bit
+            # groups of 16 two per load.
             for n, k in ((13, 100), (7, 37)):
                 w = torch.randn(n, k, generator=g)
                 qw = lq.quantize_weight(w, bits, gs, sym)
                 ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
                 bias = torch.randn(n, generator=g) * 10
-                # 3 rows: the plain C++ kernel's widest; 6 and 40: the GEMM over dequantized tiles
-                # from 4 (plain C++) or 32 (AVX2) rows on.
+                # 3 rows: the plain C++ kernel's widest, and AVX2's 2-weight-row tiles; 6 and 40:
+                # the GEMM over dequantized tiles from 4 (plain C++) or 8-32 (AVX2, grouped) rows on.
                 for m in (1, 3, 6, 40):
                     x = torch.randn(m, k, generator=g)
                     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)

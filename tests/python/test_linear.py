@@ -206,7 +206,7 @@ def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
 # Row counts on both sides of every instruction set's switch from the register kernels to ATen's
 # fp32 GEMM over dequantized tiles (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
 # the bits and the group's length, from 1 row to 2048).
-SWITCH_ROWS = [1, 2, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 767, 768, 2047, 2048]
+SWITCH_ROWS = [1, 2, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 767, 768, 2047, 2048]
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (4, None), (4, 16), (4, 32),
