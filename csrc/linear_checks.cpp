@@ -109,11 +109,14 @@ void check_grouped_linear_args(const at::Tensor& x, at::IntArrayRef counts, cons
   check_stacked(bias, "bias", experts, 2);
   TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == experts, kGrouped,
                     ": counts must hold one row count per expert (", experts, "), got ", counts.size());
+  // The first bad count is named, not the whole list (hundreds of experts in large MoE models).
   int64_t total = 0;
-  for (const int64_t c : counts) {
-    TORCH_CHECK_VALUE(c >= 0, kGrouped, ": counts must be >= 0, got ", counts);
+  for (size_t e = 0; e < counts.size(); ++e) {
+    const int64_t c = counts[e];
+    TORCH_CHECK_VALUE(c >= 0, kGrouped, ": counts must be >= 0, got counts[", e, "] = ", c);
     // Checked before adding: counts summing past INT64_MAX would otherwise wrap to a valid total.
-    TORCH_CHECK_VALUE(c <= x.size(0) - total, kGrouped, ": counts must sum to x's ", x.size(0), " rows, got ", counts);
+    TORCH_CHECK_VALUE(c <= x.size(0) - total, kGrouped, ": counts must sum to x's ", x.size(0), " rows, got more from counts[",
+                      e, "] = ", c, " on (the counts before it add up to ", total, ")");
     total += c;
   }
   TORCH_CHECK_VALUE(total == x.size(0), kGrouped, ": counts must sum to x's ", x.size(0), " rows, got ", total);

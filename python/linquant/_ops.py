@@ -206,11 +206,12 @@ def _grouped_linear_fake(x, counts, qweight, scales, zeros=None, bias=None, bits
     if len(counts) != experts:
         raise ValueError(f"{who}: counts must hold one row count per expert ({experts}), got {len(counts)}")
     total = 0
-    for c in counts:  # in the kernels' order, which stops at the first count past x's rows
+    for e, c in enumerate(counts):  # in the kernels' order, which stops at the first count past x's rows
         if c < 0:
-            raise ValueError(f"{who}: counts must be >= 0, got {list(counts)}")
+            raise ValueError(f"{who}: counts must be >= 0, got counts[{e}] = {c}")
         if c > x.shape[0] - total:
-            raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {list(counts)}")
+            raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got more from counts[{e}] = {c} on "
+                             f"(the counts before it add up to {total})")
         total += c
     if total != x.shape[0]:
         raise ValueError(f"{who}: counts must sum to x's {x.shape[0]} rows, got {total}")

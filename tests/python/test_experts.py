@@ -160,8 +160,9 @@ def test_grouped_linear_is_each_experts_linear(gen, bits, group_size, symmetric,
     args = (x, [3, 0, 5, 1], q.qweight, q.scales, q.zeros, b, bits, group_size)
     torch.library.opcheck(torch.ops.linquant.grouped_linear.default, args)
     for bad, match in [((x, [3, 0, 5], *args[2:]), r"counts must hold one row count per expert \(4\), got 3"),
-                       ((x, [3, 0, -1, 7], *args[2:]), r"counts must be >= 0"),
-                       ((x, [3, 0, 5, 2], *args[2:]), r"counts must sum to x's 9 rows, got \[3, 0, 5, 2\]"),
+                       ((x, [3, 0, -1, 7], *args[2:]), r"counts must be >= 0, got counts\[2\] = -1"),
+                       ((x, [3, 0, 5, 2], *args[2:]),
+                        r"counts must sum to x's 9 rows, got more from counts\[3\] = 2 on \(the counts before it add up to 8\)"),
                        ((x[None], *args[1:]), r"x must be \[T, K\]"),
                        ((*args[:2], q.qweight[0], *args[3:]), r"qweight and scales must be stacked per expert"),
                        ((*args[:5], torch.zeros(3, 24).to(dtype), *args[6:]), r"bias must be \[4, N\]")]:

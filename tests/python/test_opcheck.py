@@ -97,7 +97,7 @@ BAD_CALLS = {
     # The kernels stop at the first count past x's rows (so that no sum can wrap around int64).
     "grouped_linear counts past x's rows": (lambda: _LQ.grouped_linear(torch.empty(2, 16), [3, -1], _u8(2, 6, 8),
                                                                        torch.empty(2, 6, 1), None, None, 4),
-                                            "counts must sum to x's 2 rows, got [3, -1]"),
+                                            "counts must sum to x's 2 rows, got more from counts[0] = 3 on"),
     "linear zeros [G, N]": (lambda: _LQ.linear(torch.empty(2, 16), _u8(6, 8), torch.empty(6, 2), _u8(2, 6), None, 4, 8),
                             "zeros must be [6, 2] like scales"),
 }
