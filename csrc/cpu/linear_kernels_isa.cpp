@@ -225,6 +225,60 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
+// The zero points of the lanes' groups from `first` on (zero_const for a format without them).
+inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 lanes) {
+  return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
+}
+
+// 2 bits in groups of 4 or 8 bytes (16 or 32 values), where the one-group tables above fill a
+// quarter or half of a 16-byte load's lanes: a load spans GPL = 4 or 2 groups, all four bytes of a
+// 128-bit lane in one of them, and vpermilps looks each 128-bit lane's values up in its own four
+// entries (by the low 2 bits of each index). So one table per load and row holds every spanned
+// group's s * (i - z), its scales and zero points spread over the lanes by one permute each.
+template <int MT, int NT>
+void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
+  const int64_t gb = a.group / 4, per_load = 16 / gb;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_group = _mm512_srli_epi32(iota, gb == 4 ? 2 : 3);
+  const __m512 entries = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(3)));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const float* xs[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
+  __m512 acc[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < a.row_bytes; j += 16) {
+    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+    const int64_t g0 = j / gb;
+    const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
+    const __mmask16 mask = chunk_mask(a.row_bytes - j);
+    __m512 table[NT];
+    __m512i wi[NT];
+    for (int u = 0; u < NT; ++u) {
+      const int64_t first = (n0 + u) * a.groups + g0;
+      const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, a.scales + first));
+      const __m512 z = _mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, groups)));
+      table[u] = _mm512_mul_ps(_mm512_sub_ps(entries, z), s);
+      wi[u] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, wrow[u] + j));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m512 wv[NT];
+      for (int u = 0; u < NT; ++u) wv[u] = _mm512_permutevar_ps(table[u], r == 0 ? wi[u] : _mm512_srli_epi32(wi[u], 2 * r));
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t][r] + j);
+        for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_fmadd_ps(wv[u], xv, acc[t][u]);
+      }
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
+  }
+}
+
 // The same lookup with activation streams per 32-bit word (linear_kernels.h): one 64-byte load
 // holds 16 words, and word position p (bits [p*BITS, (p+1)*BITS) of each word) pairs with 16
 // contiguous floats of stream p. No widening shuffle: a shift and a permute per 16 weights.
@@ -289,6 +343,8 @@ void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
     tile8<SIGNED, MT, NT>(a, n0, m0);
   } else if (a.word_streams) {
     tile_lut_words<BITS, MT, NT>(a, n0, m0);
+  } else if (BITS == 2 && (a.group == 16 || a.group == 32) && a.groups > 1) {
+    tile_lut2_split<MT, NT>(a, n0, m0);
   } else {
     tile_lut<BITS, MT, NT>(a, n0, m0);
   }
@@ -365,11 +421,6 @@ struct Bf16Rows {
       for (int r = 0; r < 8 / BITS; ++r) xs[t][r] = a.xb + ((m0 + t) * (8 / BITS) + r) * a.row_bytes;
   }
 };
-
-// The zero points of the lanes' groups from `first` on (zero_const for a format without them).
-inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 lanes) {
-  return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
-}
 
 // sum over the groups of s (offset + z) times the group's activation sum, for weight row n and
 // activation rows m0 .. m0 + MT - 1, 16 groups per vector: the offsets the dot kernel's raw weights
@@ -781,9 +832,14 @@ bool word_streams(int, int64_t, bool) { return false; }
 int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   const int64_t group_bytes = group * bits / 8;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  // 4-byte groups (2-bit g16): 0.67-0.78 at M = 8, 1.15-1.34 at 16; 8-bit g8 1.23-1.31 at 16.
+  // 2-bit g16 and g32 (tile_lut2_split, full lanes), measured alternating as AVX2's below:
+  // 0.76-0.87 at 256-768, as the wider groups at the end.
+  if (bits == 2 && (group == 16 || group == 32)) return 768;
+  // 4-byte groups (2-bit g16 before tile_lut2_split): 0.67-0.78 at M = 8, 1.15-1.34 at 16; 8-bit
+  // g8 1.23-1.31 at 16.
   if (group_bytes <= 4 || group <= 8) return 16;
-  // 8-byte groups (2-bit g32, 4-bit g16): 0.74-0.83 at 16, 1.09-1.23 at 32.
+  // 8-byte groups (4-bit g16, and 2-bit g32 before tile_lut2_split): 0.74-0.83 at 16, 1.09-1.23
+  // at 32; 4-bit g16 measured alternating 0.79 at 16, 1.18 at 32.
   if (group_bytes <= 8) return 32;
   // 8-bit g16: 0.95-1.03 at 32, 1.29-1.39 at 64.
   if (group <= 16) return 64;
