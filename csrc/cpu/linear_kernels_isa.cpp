@@ -124,6 +124,29 @@ void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+// The sum of a vector's lanes, per instruction set, and y[m0 + t, n0 + u] = that sum of
+// sums[t][u] + bias[n0 + u] for a register tile's sums.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+template <int MT, int NT, typename V>
+inline void store_tile(const LinearArgs& a, int64_t n0, int64_t m0, const V (&sums)[MT][NT]) {
+  for (int u = 0; u < NT; ++u) {
+    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum(sums[t][u]) + b;
+  }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // ---- AVX-512 -------------------------------------------------------------------------------------
 // Register tiles of NT weight rows x MT activation rows: each 16-byte weight chunk is loaded once
@@ -141,14 +164,16 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
   const float* xs[MT];
   for (int t = 0; t < MT; ++t) xs[t] = xstream<1>(a, m0 + t, 0);
-  __m512 total[MT * NT];
-  for (int i = 0; i < MT * NT; ++i) total[i] = _mm512_setzero_ps();
+  __m512 total[MT][NT];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < NT; ++u) total[t][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * a.group, b1 = std::min(b0 + a.group, a.row_bytes);
     __m512 zv[NT];
     for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_ps(static_cast<float>(params(a, n0 + u, g).z));
-    __m512 acc[MT * NT];
-    for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
+    __m512 acc[MT][NT];
+    for (int t = 0; t < MT; ++t)
+      for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 16) {
       if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
       const __mmask16 mask = chunk_mask(b1 - j);
@@ -160,18 +185,15 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
       for (int t = 0; t < MT; ++t) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t] + j);
-        for (int u = 0; u < NT; ++u) acc[t * NT + u] = _mm512_fmadd_ps(wv[u], xv, acc[t * NT + u]);
+        for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_fmadd_ps(wv[u], xv, acc[t][u]);
       }
     }
     for (int u = 0; u < NT; ++u) {
       const __m512 sv = _mm512_set1_ps(params(a, n0 + u, g).s);
-      for (int t = 0; t < MT; ++t) total[t * NT + u] = _mm512_fmadd_ps(acc[t * NT + u], sv, total[t * NT + u]);
+      for (int t = 0; t < MT; ++t) total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t * NT + u]) + b;
-  }
+  store_tile(a, n0, m0, total);
 }
 
 // 4 and 2 bits: per group and row, a 16-entry table of the dequantized values s * (i - z) (entry
@@ -219,10 +241,7 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
-  }
+  store_tile(a, n0, m0, acc);
 }
 
 // The zero points of the lanes' groups from `first` on (zero_const for a format without them).
@@ -273,10 +292,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
-  }
+  store_tile(a, n0, m0, acc);
 }
 
 // The same lookup with activation streams per 32-bit word (linear_kernels.h): one 64-byte load
@@ -324,10 +340,7 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(acc[t][u]) + b;
-  }
+  store_tile(a, n0, m0, acc);
 }
 
 // 4-bit only (at 2 bits a word holds 16 positions, and the unrolled loop spills registers), and
@@ -440,7 +453,7 @@ __attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs
       sum[t] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(in, a.xsum + (m0 + t) * a.groups + g), sum[t]);
     }
   }
-  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(sum[t]);
+  for (int t = 0; t < MT; ++t) out[t] = hsum(sum[t]);
 }
 
 // Groups of whole 32-byte loads (or one per row): each group's sums scaled once, the offsets taken
@@ -472,7 +485,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
     float corr[MT];
     group_offsets<BITS, MT>(a, n0 + u, m0, corr);
     const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = (_mm512_reduce_add_ps(total[t][u]) - corr[t]) + b;
+    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = (hsum(total[t][u]) - corr[t]) + b;
   }
 }
 
@@ -516,10 +529,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
       }
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = _mm512_reduce_add_ps(total[t][u]) + b;
-  }
+  store_tile(a, n0, m0, total);
 }
 
 // Tiles of MT activation rows x NT weight rows over weight rows [n0, n1), then single rows. For one
@@ -609,13 +619,6 @@ void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t
 // ---- AVX2: the same tiling with 8-byte chunks ---------------------------------------------------
 // Whole chunks load straight from the rows; a group's or row's last few bytes go through a
 // zero-padded copy, with their activations masked.
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 inline __m256i lane_mask(int64_t rem) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(rem, 8))), lanes);
@@ -697,10 +700,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
       for (int t = 0; t < MT; ++t) total[t][u] = _mm256_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum256(total[t][u]) + b;
-  }
+  store_tile(a, n0, m0, total);
 }
 
 // 2 bits: per group and row, the 4 dequantized values s * (i - z) in each 128-bit half of a table
@@ -760,10 +760,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
       chunks<NT>(wrow, a.row_bytes, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
     }
   }
-  for (int u = 0; u < NT; ++u) {
-    const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
-    for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum256(acc[t][u]) + b;
-  }
+  store_tile(a, n0, m0, acc);
 }
 
 template <int BITS, bool SIGNED, int MT, int NT>
