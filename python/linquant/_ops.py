@@ -272,6 +272,12 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return torch.ops.linquant.linear.default(x, qweight, scales, zeros, bias, bits, group_size)
 
 
+def built_with_cuda() -> bool:
+    """Whether the loaded op library has the CUDA kernels (built with LINQUANT_CUDA), GPU or not.
+    The op's schema alone says nothing: every build defines it."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("linquant::linear", "CUDA")
+
+
 @contextlib.contextmanager
 def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[int] = None,
                          mma_max_m: Optional[int] = None, hopper_max_m: Optional[int] = None):
@@ -285,7 +291,7 @@ def cuda_linear_dispatch(gemv_max_m: Optional[int] = None, tc_max_m: Optional[in
     rows that no tensor-core kernel takes (fp32 activations, layouts they reject).
     The setting is process-wide, not per thread. For measuring the paths on a GPU
     (bench/bench_linear_cuda.py --paths) and for testing each of them."""
-    if not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"):
+    if not built_with_cuda():
         raise RuntimeError("linquant: this build has no CUDA kernels (built without LINQUANT_CUDA)")
     previous = torch.ops.linquant._cuda_linear_dispatch(
         *(-1 if v is None else v for v in (gemv_max_m, tc_max_m, mma_max_m, hopper_max_m)))

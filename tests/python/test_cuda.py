@@ -41,6 +41,7 @@ from torch import nn
 
 import hf_models
 import linquant as lq
+from linquant._ops import built_with_cuda
 from conftest import cuda_only
 from reference import BF16_GEMM_MIN_ROWS, dot_kernel_weight, extreme_inputs, ref_weight
 from test_opcheck import SAMPLES as CPU_OPCHECK_SAMPLES
@@ -698,7 +699,7 @@ def test_linear_forced_fp16_weights_near_the_fp16_limit_with_k_inside_a_chunk(pa
 
 
 def has_hopper_gemm():
-    return (torch.cuda.is_available() and torch._C._dispatch_has_kernel("linquant::_cuda_has_hopper_gemm")
+    return (torch.cuda.is_available() and built_with_cuda()
             and torch.ops.linquant._cuda_has_hopper_gemm(0))
 
 

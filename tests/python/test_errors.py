@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import linquant as lq
+from linquant._ops import built_with_cuda
 
 
 def raises(match):
@@ -212,8 +213,13 @@ def test_metrics_shape_mismatch():
         lq.metrics(X, X[:2])
 
 
-@pytest.mark.skipif(not torch._C._dispatch_has_kernel("linquant::_cuda_linear_dispatch"),
-                    reason="built without the CUDA kernels")
+@pytest.mark.skipif(built_with_cuda(), reason="built with the CUDA kernels")
+def test_cuda_linear_dispatch_without_the_cuda_kernels_says_so():
+    with pytest.raises(RuntimeError, match="this build has no CUDA kernels"), lq.cuda_linear_dispatch(gemv_max_m=2):
+        pass
+
+
+@pytest.mark.skipif(not built_with_cuda(), reason="built without the CUDA kernels")
 def test_cuda_linear_dispatch_checks_and_restores():
     # Needs no GPU: the thresholds are host state of a CUDA build.
     op = torch.ops.linquant._cuda_linear_dispatch
@@ -234,8 +240,7 @@ def test_cuda_linear_dispatch_checks_and_restores():
     assert op() == before
 
 
-@pytest.mark.skipif(not torch._C._dispatch_has_kernel("linquant::_cuda_has_hopper_gemm"),
-                    reason="built without the CUDA kernels")
+@pytest.mark.skipif(not built_with_cuda(), reason="built without the CUDA kernels")
 def test_cuda_has_hopper_gemm_checks_the_device_index():
     op = torch.ops.linquant._cuda_has_hopper_gemm
     count = torch.cuda.device_count()
