@@ -40,7 +40,9 @@ TEST(QLinearCpp, MseScalesAreEachGroupsBestClippingRatio) {
       const std::string where = std::to_string(bits) + " bits, group " + std::to_string(group);
       EXPECT_TRUE((got <= best * (1 + 1e-9)).all().item<bool>()) << where << ", " << dtype;
       EXPECT_TRUE((got <= candidates[0] * (1 + 1e-9)).all().item<bool>()) << where << ", " << dtype;
-      if (bits < 8) EXPECT_LT(got.sum().item<double>(), candidates[0].sum().item<double>()) << where;
+      if (bits < 8) {  // braces: EXPECT_* expands to an if / else
+        EXPECT_LT(got.sum().item<double>(), candidates[0].sum().item<double>()) << where;
+      }
       torch::nn::Linear lin(torch::nn::LinearOptions(96, 6).bias(false));
       lin->to(dtype);
       torch::NoGradGuard no_grad;
