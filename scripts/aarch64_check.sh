@@ -44,7 +44,9 @@ if [ ! -x "$SYSROOT/usr/bin/python3.11" ]; then
   mkdir -p "$SYSROOT/proc"
   : >"$SYSROOT/proc/cpuinfo"
   for ((c = 0; c < $(nproc); c++)); do
-    printf 'processor\t: %d\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$c" >>"$SYSROOT/proc/cpuinfo"
+    printf '%s\n' "processor	: $c" "BogoMIPS	: 50.00" "Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 \
+atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs" "CPU implementer	: 0x41" "CPU architecture: 8" \
+      "CPU variant	: 0x3" "CPU part	: 0xd0c" "CPU revision	: 1" "" >>"$SYSROOT/proc/cpuinfo"
     mkdir -p "$SYSROOT/sys/devices/system/cpu/cpu$c/regs/identification"
     echo 0x00000000413fd0c1 >"$SYSROOT/sys/devices/system/cpu/cpu$c/regs/identification/midr_el1"
   done
