@@ -39,8 +39,9 @@ if [ ! -x "$SYSROOT/usr/bin/python3.11" ]; then
     libgssapi-krb5-2 libkrb5-3 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1))
   for deb in "$DIR"/debs/*.deb; do dpkg -x "$deb" "$SYSROOT"; done
   # qemu 7.2 passes the host's /proc/cpuinfo and sysfs through, and -L serves these first: torch's
-  # cpuinfo wants ARM fields, and oneDNN's xbyak_aarch64 crashes at load without MIDR_EL1. An
-  # emulated Neoverse N1 (NEON, dot product; no SVE, no bf16), one entry per host core.
+  # cpuinfo wants ARM fields, and oneDNN's xbyak_aarch64 crashes at load without MIDR_EL1. A
+  # Neoverse N1's entry, one per host core: only text for those readers, as the features the
+  # code sees come from qemu's CPU model (its hwcaps offer SVE too; the kernels use none of them).
   mkdir -p "$SYSROOT/proc"
   : >"$SYSROOT/proc/cpuinfo"
   for ((c = 0; c < $(nproc); c++)); do
