@@ -19,18 +19,21 @@
 namespace linquant::cpu {
 namespace {
 
-// Weight rows dequantized per GEMM call: at most 16 MiB of them. Fewer, longer rows cost the GEMM
-// more: bf16 at M = 64 on 4096x14336, tiles of 292 / 585 / 1024 rows took 1.47x / 1.17x / 1.12x
-// the time of one call on the whole weight.
+// Weight rows dequantized per GEMM call: 512, and at most 16 MiB of them. More rows are likely
+// out of cache by the time the GEMM reads them; fewer cost the GEMM more per row. bf16 at M = 64,
+// W8 and W4 g128 over 4096x4096, 4096x11008, 11008x4096, 2048x8192 and 14336x4096, linquant's time
+// over bf16 F.linear's, measured alternating: 1.29-1.71x with tiles of 16 MiB, 1.20-1.53x with 512
+// rows; 256 rows were slower again (4096x4096: 1.32-1.39x). The fp32 GEMM at M = 1024 was unchanged.
+constexpr int64_t kTileRows = 512;
 constexpr int64_t kTileBytes = int64_t{1} << 24;
 
 // y = x2 @ dequantized(weight).T, tile by tile, in x2's dtype (fp32, or bf16 with T = uint16_t
-// holding bf16 bits). The tile buffer is kept per thread: a fresh 16 MiB allocation per tile costs
-// more in first-touch page faults than the dequantization itself.
+// holding bf16 bits). The tile buffer is kept per thread: a fresh allocation (up to 16 MiB) per
+// tile costs more in first-touch page faults than the dequantization itself.
 template <typename T>
 void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a,
                     void (*dequant_rows)(const LinearArgs&, int64_t, int64_t, T*), at::Tensor& y) {
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(a.K, 1));
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(a.K, 1), 1, kTileRows);
   thread_local std::vector<T> buffer;
   buffer.resize(static_cast<size_t>(std::min(tile, a.N) * a.K));
   // The workers write through this pointer: inside the lambda `buffer` would name their own copy.

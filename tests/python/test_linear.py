@@ -167,11 +167,13 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-def test_bf16_activations_gemm_path_two_tiles(gen):
-    # 2049 rows of K = 4096: a dequantized tile of 2048 rows (16 MiB of bf16) and a one-row tail.
-    n, k = 2049, 4096
-    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
-    check_bf16_gemm(torch.randn(64, k, generator=gen).bfloat16(), qw, None, 4, 128)
+def test_bf16_activations_gemm_path_tiles(gen):
+    # The weight is dequantized 512 rows at a time (at most 16 MiB of them): 1025 rows make two
+    # whole tiles and a one-row tail; with K = 20000, 16 MiB holds 419 bf16 rows, so 420 make two
+    # tiles. Each tile's product goes into its columns of y (a single tile straight into y).
+    for n, k in ((1025, 300), (420, 20000)):
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
+        check_bf16_gemm(torch.randn(64, k, generator=gen).bfloat16(), qw, None, 4, 128)
 
 
 def test_non_contiguous_and_empty(gen):
@@ -220,12 +222,13 @@ def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
         check(x[:m], qw, bias, bits, group_size)
 
 
-def test_gemm_path_two_tiles(gen):
-    # 1025 rows of K = 4096: a dequantized tile of 1024 rows (16 MiB of fp32) and a one-row tail,
-    # each product written into its columns of y (a single tile goes straight into y).
-    n, k = 1025, 4096
-    qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
-    check(torch.randn(128, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
+def test_gemm_path_tiles(gen):
+    # fp32 activations from 2048 rows take the GEMM on every instruction set (gemm_min_rows), which
+    # dequantizes 512 weight rows at a time (at most 16 MiB of them): 1025 rows make two whole tiles
+    # and a one-row tail; with K = 9000, 16 MiB holds 466 fp32 rows, so 467 make two tiles.
+    for n, k in ((1025, 300), (467, 9000)):
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
+        check(torch.randn(2048, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
