@@ -122,12 +122,17 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = a.bits < 8 && (group_bytes == 16 || group_bytes == 8);
   // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
-  // 4096x4096, 14336x4096, 4096x14336; same session):
-  //   M = 32: 4-bit g128 1.09x / 0.98x / 0.98x, 4-bit g32 1.64x / 1.55x / 1.25x;
-  //   M = 64: 4-bit g128 1.42x / 1.43x / 1.17x, 4-bit g32 1.90x / 2.08x / 1.68x, 8-bit per channel
-  //     1.47x / 1.48x / 1.26x; and at M = 128 against the fp32 GEMM path, 2.2x;
-  // hence from 64 rows on whole-load layouts, from 32 on the others.
-  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= (whole_loads ? 64 : 32)) return Path::gemm_bf16;
+  // 4096x4096, 4096x14336, 14336x4096 (K x N); 512-row tiles; the dot kernel's time over the
+  // GEMM's, measured alternating):
+  //   M = 24: 2-bit g128 0.92x / 0.89x / 1.01x, 4-bit g32 1.31x / 1.41x / 1.39x;
+  //   M = 32: 8-bit per channel 1.11x / 0.89x / 0.86x, 4-bit g128 1.06x / 0.87x / 0.93x, 2-bit g128
+  //     1.16x / 1.06x / 1.14x;
+  //   M = 40: 8-bit 1.14x / 1.03x / 1.03x, 4-bit 1.10x / 1.04x / 1.08x, 2-bit 1.32x / 1.24x / 1.36x;
+  //   M = 48: 1.09-1.49x at 8, 4 and 2 bits; and at M = 128 the fp32 GEMM path took 2.2x the time;
+  // hence from 40 rows on whole-load layouts at 8 and 4 bits, from 32 on the others.
+  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= (whole_loads && a.bits > 2 ? 40 : 32)) {
+    return Path::gemm_bf16;
+  }
   // fp32 GEMM over dequantized tiles from the row count the instruction set's kernels measured.
   if (M >= kernels.gemm_min_rows(a.bits, a.group, per_channel)) return Path::gemm;
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
