@@ -124,13 +124,20 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
   // 4096x4096, 4096x14336, 14336x4096 (K x N); 512-row tiles; the dot kernel's time over the
   // GEMM's, measured alternating):
-  //   M = 24: 2-bit g128 0.92x / 0.89x / 1.01x, 4-bit g32 1.31x / 1.41x / 1.39x;
-  //   M = 32: 8-bit per channel 1.11x / 0.89x / 0.86x, 4-bit g128 1.06x / 0.87x / 0.93x, 2-bit g128
-  //     1.16x / 1.06x / 1.14x;
+  //   4-bit g32 (16-byte groups, split loads): M = 16 1.17x / 1.28x / 0.90x, M = 20 1.25x / 1.14x /
+  //     1.10x, M = 24 1.39x / 1.49x / 1.15x;
+  //   the other split loads at M = 24: 2-bit g64 0.92x / 1.07x / 1.06x, 2-bit g32 0.97x / 1.20x /
+  //     1.00x, 4-bit g16 1.02x / 0.95x / 0.91x; at M = 32 1.08-1.33x (2 bits), 2.8-3.1x (4-bit g16);
+  //   whole loads at M = 32: 8-bit per channel 1.11x / 0.89x / 0.86x, 4-bit g128 1.06x / 0.87x /
+  //     0.93x, 2-bit g128 1.16x / 1.06x / 1.14x;
   //   M = 40: 8-bit 1.14x / 1.03x / 1.03x, 4-bit 1.10x / 1.04x / 1.08x, 2-bit 1.32x / 1.24x / 1.36x;
   //   M = 48: 1.09-1.49x at 8, 4 and 2 bits; and at M = 128 the fp32 GEMM path took 2.2x the time;
-  // hence from 40 rows on whole-load layouts at 8 and 4 bits, from 32 on the others.
-  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= (whole_loads && a.bits > 2 ? 40 : 32)) {
+  // hence from 40 rows on whole-load layouts at 8 and 4 bits, from 20 on 4-bit g32, from 32 on the
+  // others.
+  int64_t gemm_bf16_min_rows = 32;
+  if (whole_loads && a.bits > 2) gemm_bf16_min_rows = 40;
+  if (!whole_loads && a.bits == 4 && group_bytes == 16) gemm_bf16_min_rows = 20;
+  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }
   // fp32 GEMM over dequantized tiles from the row count the instruction set's kernels measured.
