@@ -109,6 +109,28 @@ enum class Path {
 // Whether the bf16 kernels may take activations of this dtype on this CPU.
 bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && cpu_has_avx512_bf16(); }
 
+// From how many activation rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized
+// to bf16, instead of the dot kernel (below) on its layouts, or the register tiles on the others.
+// Measured alternating (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096 (K x N);
+// 512-row tiles dequantized with software prefetch; the dot kernel's time over the GEMM's):
+//   per channel: 8-bit M = 16 0.96x / 0.98x / 0.98x, M = 20 1.12x / 1.12x / 1.13x; 4-bit M = 32
+//     0.93x / 0.91x / 1.01x (M = 40 1.04-1.10x before the prefetch); 2-bit M = 24 0.78-0.86x;
+//   whole-load groups: 8-bit g128 M = 12 0.84-0.93x, M = 16 0.99x / 1.08x / 1.13x (g64 1.18-1.22x,
+//     g32 from M = 12 1.09-1.17x); 4-bit g128 M = 28 0.87-0.95x, M = 32 1.10x / 1.05x / 1.21x;
+//     2-bit g128 M = 20 0.95-1.09x, M = 24 1.01x / 1.00x / 1.18x;
+//   split loads (16- or 8-byte groups): 4-bit g32 M = 8 1.23x / 1.37x / 1.21x; 2-bit g64 and g32 and
+//     4-bit g16 M = 16 0.97-1.26x, M = 20 1.17-1.40x;
+//   the register tiles' layouts (2-bit g16): M = 24 0.91-1.08x, M = 32 1.12-1.24x.
+int64_t bf16_gemm_min_rows(int bits, bool per_channel, int64_t group_bytes, bool whole_loads, bool split_loads) {
+  if (whole_loads) {
+    if (bits == 8) return per_channel ? 20 : 16;
+    if (bits == 4) return per_channel ? 40 : 32;
+    return per_channel ? 32 : 24;
+  }
+  if (split_loads) return bits == 4 && group_bytes == 16 ? 8 : 16;
+  return 32;
+}
+
 Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const LinearKernels& kernels = linear_kernels();
   const bool bf16_x = bf16_kernels(x_dtype);
@@ -121,22 +143,7 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const int64_t group_bytes = a.group * a.bits / 8;
   const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = a.bits < 8 && (group_bytes == 16 || group_bytes == 8);
-  // bf16 GEMM over dequantized bf16 tiles, against the dot kernel (weights streamed from DRAM;
-  // 4096x4096, 4096x14336, 14336x4096 (K x N); 512-row tiles; the dot kernel's time over the
-  // GEMM's, measured alternating):
-  //   4-bit g32 (16-byte groups, split loads): M = 16 1.17x / 1.28x / 0.90x, M = 20 1.25x / 1.14x /
-  //     1.10x, M = 24 1.39x / 1.49x / 1.15x;
-  //   the other split loads at M = 24: 2-bit g64 0.92x / 1.07x / 1.06x, 2-bit g32 0.97x / 1.20x /
-  //     1.00x, 4-bit g16 1.02x / 0.95x / 0.91x; at M = 32 1.08-1.33x (2 bits), 2.8-3.1x (4-bit g16);
-  //   whole loads at M = 32: 8-bit per channel 1.11x / 0.89x / 0.86x, 4-bit g128 1.06x / 0.87x /
-  //     0.93x, 2-bit g128 1.16x / 1.06x / 1.14x;
-  //   M = 40: 8-bit 1.14x / 1.03x / 1.03x, 4-bit 1.10x / 1.04x / 1.08x, 2-bit 1.32x / 1.24x / 1.36x;
-  //   M = 48: 1.09-1.49x at 8, 4 and 2 bits; and at M = 128 the fp32 GEMM path took 2.2x the time;
-  // hence from 40 rows on whole-load layouts at 8 and 4 bits, from 20 on 4-bit g32, from 32 on the
-  // others.
-  int64_t gemm_bf16_min_rows = 32;
-  if (whole_loads && a.bits > 2) gemm_bf16_min_rows = 40;
-  if (!whole_loads && a.bits == 4 && group_bytes == 16) gemm_bf16_min_rows = 20;
+  const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, group_bytes, whole_loads, split_loads);
   if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }

@@ -585,6 +585,24 @@ __attribute__((target("avx512bf16"))) inline void widen32(const uint8_t* bytes, 
   hi = SIGNED ? _mm512_cvtepi8_epi32(b1) : _mm512_cvtepu8_epi32(b1);
 }
 
+// The bf16 dequantization for the GEMM path reads a thread's weight rows as one stream (rows are
+// stored one after another), which the hardware prefetchers did not keep up with either: `upto(p)`
+// asks for every line up to kStreamAhead bytes past p, once. Dequantizing a 14336 x 4096 (K x N)
+// weight from DRAM: W8 5.34 -> 1.42 ms, W4 g128 3.95 -> 1.92 ms (1024 bytes ahead did as well but
+// at 8 bits, 1.58 ms). The fp32 dequantization, bound by writing twice the bytes, gained nothing.
+constexpr int64_t kStreamAhead = 4096;
+
+class StreamPrefetch {
+ public:
+  explicit StreamPrefetch(const uint8_t* start) : next_(start) {}
+  void upto(const uint8_t* p) {
+    for (; next_ < p + kStreamAhead; next_ += 64) __builtin_prefetch(next_, /*rw=*/0, /*locality=*/3);
+  }
+
+ private:
+  const uint8_t* next_;
+};
+
 // Rows [n0, n1) dequantized for the bf16 GEMM: s * (q - z) in fp32 exactly as dequant() computes
 // it, then rounded to bf16 to nearest even, 32 values per instruction (a NaN scale gives a NaN
 // whose payload may differ from core::from_float's). No unpacked copy of the row is written.
@@ -592,6 +610,7 @@ template <int BITS, bool SIGNED>
 __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
                                                         uint16_t* out) {
   constexpr int PER = 8 / BITS;
+  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = a.w + n * a.row_bytes;
     uint16_t* o = out + (n - n0) * a.K;
@@ -600,6 +619,7 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
       const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
       const int64_t k1 = std::min((g + 1) * a.group, a.K);
       for (int64_t k = g * a.group; k < k1; k += 32) {  // a group starts on a byte (group % PER == 0)
+        prefetch.upto(wrow + k / PER);
         __m512i lo, hi;
         widen32<BITS, SIGNED>(wrow + k / PER, std::min<int64_t>(32, k1 - k), lo, hi);
         const __m512 vlo = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_cvtepi32_ps(lo), z));

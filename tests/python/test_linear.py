@@ -115,7 +115,7 @@ def test_bf16_subnormal_activations(bits, group_size, symmetric, gen):
     # groups and rows: the AVX512-BF16 dot products read subnormals as zero, and the kernel's
     # group-offset term (128 + z) sum x must read them alike, or it subtracts what the products
     # never added (100-1000x the product, sign flipped). M covers the dot kernel's tiles, the
-    # 8-bit dot kernel (from 8 rows) and the bf16 GEMM (from 20, 32 or 40).
+    # 8-bit dot kernel (from 8 rows) and the bf16 GEMM (from 8-40 rows by layout).
     n, k = 13, 300
     w = torch.randn(n, k, generator=gen) * 1e30
     qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=torch.bfloat16)
@@ -147,14 +147,14 @@ def check_bf16_gemm(x, qw, bias, bits, group_size):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 40), (8, 32, 40), (4, None, 40), (4, 128, 40),
-                                                      (2, 128, 32), (4, 32, 20), (4, 16, 32), (2, 32, 32),
-                                                      (2, 16, 32)], ids=str)
+@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 20), (8, 32, 16), (4, None, 40), (4, 128, 32),
+                                                      (2, None, 32), (2, 128, 24), (4, 32, 8), (4, 16, 16),
+                                                      (2, 32, 16), (2, 16, 32)], ids=str)
 def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
-    # From min_rows rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized to
-    # bf16: from 40 on the dot kernel's whole-load layouts at 8 and 4 bits, from 20 on 4-bit g32,
-    # from 32 on the others (check_bf16_gemm). Without bias it is bit for bit ATen's GEMM on that weight, so every
-    # dequantized value is exact, and min_rows rows took the GEMM, not the dot kernel.
+    # From min_rows rows, by layout (csrc/cpu/linear.cpp `bf16_gemm_min_rows`), bf16 activations
+    # take ATen's bf16 GEMM over weight tiles dequantized to bf16 (check_bf16_gemm). Without bias it
+    # is bit for bit ATen's GEMM on that weight, so every dequantized value is exact, and min_rows
+    # rows took the GEMM, not the dot kernel.
     # K ends inside a group, N is odd; the bias is bf16 or fp32.
     n, k = 37, 300
     for symmetric in (True, False):
