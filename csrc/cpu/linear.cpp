@@ -114,7 +114,7 @@ bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && c
 // Measured alternating (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096 (K x N);
 // 512-row tiles dequantized with software prefetch; the dot kernel's time over the GEMM's):
 //   per channel: 8-bit M = 16 0.96x / 0.98x / 0.98x, M = 20 1.12x / 1.12x / 1.13x; 4-bit M = 32
-//     0.93x / 0.91x / 1.01x (M = 40 1.04-1.10x before the prefetch); 2-bit M = 24 0.78-0.86x;
+//     0.93x / 0.91x / 1.01x (so still from 40, as before the prefetch); 2-bit M = 24 0.78-0.86x;
 //   whole-load groups: 8-bit g128 M = 12 0.84-0.93x, M = 16 0.99x / 1.08x / 1.13x (g64 1.18-1.22x,
 //     g32 from M = 12 1.09-1.17x); 4-bit g128 M = 28 0.87-0.95x, M = 32 1.10x / 1.05x / 1.21x;
 //     2-bit g128 M = 20 0.95-1.09x, M = 24 1.01x / 1.00x / 1.18x;
