@@ -4,10 +4,12 @@ the run with the median linquant time for that row, so its ratios stay those of 
 
     python bench/table.py bench/results_linear_cpu.json [--batches 1 4 16 64]
     python bench/table.py run1.json run2.json run3.json --json bench/results_linear_cpu.json
+    python bench/table.py bench/results_linear_cpu.json --glance 1,4 16,64,256
 """
 
 import argparse
 import json
+import re
 
 from linquant._files import write_json  # atomic, like every file the library writes
 
@@ -39,11 +41,65 @@ def median_runs(runs):
     return {"env": env, "rows": rows}
 
 
+# The at-a-glance table's columns after "format | act | M": (heading, the row keys it may show). A
+# column of several keys shows the one a row has, named when the heading names more than one peer.
+GLANCE_COLUMNS = (
+    ("% of read bw", ("pct_bw",)),
+    ("vs fp32 F.linear", ("vs_fp32",)),
+    ("vs bf16 F.linear", ("vs_bf16",)),
+    ("vs ATen int8 / int4", ("vs_int8mm", "vs_int4mm")),
+    ("vs quanto", ("vs_quanto",)),
+    ("vs torchao / bnb", ("vs_torchao", "vs_bnb")),
+)
+PEER_NAMES = {"vs_torchao": "torchao", "vs_bnb": "bnb"}
+
+
+def format_name(fmt):
+    """'w4g128' -> 'W4A16 g128', 'w8' -> 'W8A16'."""
+    bits, group = re.fullmatch(r"w(\d)(?:g(\d+))?", fmt).groups()
+    return f"W{bits}A16" + (f" g{group}" if group else "")
+
+
+def span(values, unit):
+    """'lo-hi' over the shapes, with fewer decimals the larger the figures ('1.14-1.53', '5.8-8.9', '22-40')."""
+    lo, hi = min(values), max(values)
+    digits = 0 if unit == "%" or hi >= 20 else 1 if hi >= 2 else 2
+    a, b = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+    return (a if a == b else f"{a}-{b}") + unit
+
+
+def glance_rows(rows, groups):
+    """The README's at-a-glance table: one line per format, activation dtype and group of batches,
+    each cell the range over the shapes of one column, the group's batches separated by ' / '."""
+    lines = []
+    for fmt in dict.fromkeys(r["format"] for r in rows):
+        for act in dict.fromkeys(r["act"] for r in rows if r["format"] == fmt):
+            for group in groups:
+                cells = []
+                for heading, keys in GLANCE_COLUMNS:
+                    unit = "%" if keys == ("pct_bw",) else "x"
+                    present = [k for k in keys if any(r.get(k) for r in rows if r["format"] == fmt)]
+                    parts = []
+                    for m in group:
+                        values = [r[present[0]] for r in rows if present and (r["format"], r["act"], r["M"]) == (fmt, act, m)
+                                  and r.get(present[0])]
+                        parts.append(span(values, unit) if values else "-")
+                    cell = " / ".join(parts)
+                    if present and len(keys) > 1 and present[0] in PEER_NAMES and set(parts) != {"-"}:
+                        cell = f"{PEER_NAMES[present[0]]} {cell}"
+                    cells.append(cell if set(parts) != {"-"} else "-")
+                batches = " / ".join(str(m) for m in group)
+                lines.append(f"| {format_name(fmt)} | {act} | {batches} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", metavar="path")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--json", help="write the rows shown (of several runs, the median ones) to this file")
+    ap.add_argument("--glance", nargs="+", metavar="M,M",
+                    help="print the at-a-glance table instead: ranges over the shapes, one line per group of batches")
     args = ap.parse_args()
     runs = []
     for path in args.paths:
@@ -60,6 +116,12 @@ def main():
                      "the run with the median linquant time)")
     print(f"{env['machine']}, {env['threads']} threads, torch {env['torch']}, LLC {env['llc_MiB']} MiB, "
           f"measured DRAM read bandwidth {bandwidth}\n")
+    if args.glance:
+        groups = [[int(m) for m in g.split(",")] for g in args.glance]
+        print("| format | act | M | " + " | ".join(h for h, _ in GLANCE_COLUMNS) + " |")
+        print("| --- " * (3 + len(GLANCE_COLUMNS)) + "|")
+        print("\n".join(glance_rows(data["rows"], groups)))
+        return
     print("| N x K | M | act | format | time µs | GB/s | % bw | vs fp32 | vs bf16 | vs ATen int8 | vs ATen int4 "
           "| vs quanto | vs torchao | vs bnb |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -422,6 +422,40 @@ def test_bench_smoke(tmp_path):
     assert [r["format"] for r in rows] == ["w8", "w4g128"] and all(r["vs_fp32"] > 0 for r in rows)
 
 
+def test_bench_table_glance_gives_each_columns_range_over_the_shapes():
+    # bench/table.py --glance renders the README's at-a-glance CPU table from the benchmark's rows.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_table", Path(__file__).parents[2] / "bench" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for fmt, peer in (("w8", "vs_torchao"), ("w4g128", "vs_bnb")):
+        for n, k in ((64, 32), (32, 64), (48, 48)):
+            for m in (1, 4, 16):
+                vs = torch.rand(4, generator=gen, dtype=torch.float64) * 30
+                rows.append({"N": n, "K": k, "M": m, "act": "bf16", "format": fmt, "pct_bw": float(vs[0]) * 3,
+                             "vs_fp32": float(vs[1]), "vs_bf16": float(vs[2]) / 10, peer: float(vs[3]),
+                             "vs_int8mm" if fmt == "w8" else "vs_int4mm": None})
+
+    def expected(fmt, m, key, unit):  # the range over the shapes, 0 / 1 / 2 decimals from 20 / 2 / below
+        values = [r[key] for r in rows if (r["format"], r["M"]) == (fmt, m)]
+        digits = 0 if unit == "%" or max(values) >= 20 else 1 if max(values) >= 2 else 2
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}{unit}"
+
+    lines = table.glance_rows(rows, [[1, 4], [16]])
+    assert len(lines) == 4 and lines[0].startswith("| W8A16 | bf16 | 1 / 4 | ") and "| W4A16 g128 | bf16 | 16 |" in lines[3]
+    cells = lines[0].strip("| ").split(" | ")
+    assert cells[3] == f"{expected('w8', 1, 'pct_bw', '%')} / {expected('w8', 4, 'pct_bw', '%')}"
+    assert cells[4] == f"{expected('w8', 1, 'vs_fp32', 'x')} / {expected('w8', 4, 'vs_fp32', 'x')}"
+    assert cells[5] == f"{expected('w8', 1, 'vs_bf16', 'x')} / {expected('w8', 4, 'vs_bf16', 'x')}"
+    assert cells[6] == "-" and cells[7] == "-"  # no ATen kernel or quanto in these rows
+    assert cells[8] == f"torchao {expected('w8', 1, 'vs_torchao', 'x')} / {expected('w8', 4, 'vs_torchao', 'x')}"
+    assert lines[3].strip("| ").split(" | ")[8] == f"bnb {expected('w4g128', 16, 'vs_bnb', 'x')}"
+    assert table.format_name("w2g32") == "W2A16 g32" and table.span([1.234, 1.234], "x") == "1.23x"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_bench_cuda_without_a_gpu_says_so():
     out = linquant("bench-cuda", "--quick")
