@@ -114,20 +114,22 @@ bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && c
 // Measured alternating (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096 (K x N);
 // 512-row tiles dequantized with software prefetch; the dot kernel's time over the GEMM's):
 //   per channel: 8-bit M = 16 0.96x / 0.98x / 0.98x, M = 20 1.12x / 1.12x / 1.13x; 4-bit M = 32
-//     0.93x / 0.91x / 1.01x (so still from 40, as before the prefetch); 2-bit M = 24 0.78-0.86x;
+//     0.99-1.01x, M = 40 1.11-1.14x; 2-bit M = 32 0.71-1.04x (four rounds), M = 40 0.85-1.21x,
+//     M = 48 1.06-1.27x (two rounds);
 //   whole-load groups: 8-bit g128 M = 12 0.84-0.93x, M = 16 0.99x / 1.08x / 1.13x (g64 1.18-1.22x,
 //     g32 from M = 12 1.09-1.17x); 4-bit g128 M = 28 0.87-0.95x, M = 32 1.10x / 1.05x / 1.21x;
-//     2-bit g128 M = 20 0.95-1.09x, M = 24 1.01x / 1.00x / 1.18x;
-//   split loads (16- or 8-byte groups): 4-bit g32 M = 8 1.23x / 1.37x / 1.21x; 2-bit g64 and g32 and
-//     4-bit g16 M = 16 0.97-1.26x, M = 20 1.17-1.40x;
-//   the register tiles' layouts (2-bit g16): M = 24 0.91-1.08x, M = 32 1.12-1.24x.
-int64_t bf16_gemm_min_rows(int bits, bool per_channel, int64_t group_bytes, bool whole_loads, bool split_loads) {
+//     2-bit g128 M = 20 0.72-1.20x (two rounds), M = 24 0.86-1.34x, M = 28 1.24-1.44x;
+//   split loads (16- or 8-byte groups, since the dot kernel prefetches them): 4-bit g32 M = 16
+//     0.90-1.35x, M = 20 1.31-1.73x; 4-bit g16 M = 16 0.72-1.00x, M = 20 1.01-1.43x; 2-bit g64 and
+//     g32 M = 20 0.85-1.19x, M = 24 0.96-1.31x (two rounds);
+//   the register tiles' layouts (2-bit g16): M = 24 0.89-1.23x, M = 28 0.95-1.40x, M = 32 1.03-1.38x.
+int64_t bf16_gemm_min_rows(int bits, bool per_channel, bool whole_loads, bool split_loads) {
   if (whole_loads) {
     if (bits == 8) return per_channel ? 20 : 16;
     if (bits == 4) return per_channel ? 40 : 32;
-    return per_channel ? 32 : 24;
+    return per_channel ? 48 : 24;
   }
-  if (split_loads) return bits == 4 && group_bytes == 16 ? 8 : 16;
+  if (split_loads) return bits == 4 ? 20 : 24;
   return 32;
 }
 
@@ -143,7 +145,7 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const int64_t group_bytes = a.group * a.bits / 8;
   const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = a.bits < 8 && (group_bytes == 16 || group_bytes == 8);
-  const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, group_bytes, whole_loads, split_loads);
+  const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, whole_loads, split_loads);
   if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }

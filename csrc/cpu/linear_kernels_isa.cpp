@@ -507,6 +507,9 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) total[t][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.row_bytes; j += 32) {
+    // Without it these layouts streamed 3-5x slower at M = 1 (4096x4096 4-bit g32 1.0 -> 0.33 ms,
+    // 2-bit g64 1.1 -> 0.22 ms; 14336x4096 (K x N) 2-bit g32 1.7 -> 0.73 ms).
+    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
     const int64_t g0 = j / gb;
     const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
     __m512 acc[MT][NT];

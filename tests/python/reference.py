@@ -142,8 +142,8 @@ def ref_stored_values(qweight, bits, k):
 
 
 # From this many rows bf16 activations may take the CPU's bf16 GEMM over weights rounded to bf16
-# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 8-40 rows, by layout, on CPUs with AVX512-BF16).
-BF16_GEMM_MIN_ROWS = 8
+# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 16-48 rows, by layout, on CPUs with AVX512-BF16).
+BF16_GEMM_MIN_ROWS = 16
 
 
 def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
