@@ -41,8 +41,8 @@ def median_runs(runs):
     return {"env": env, "rows": rows}
 
 
-# The at-a-glance table's columns after "format | act | M": (heading, the row keys it may show). A
-# column of several keys shows the one a row has, named when the heading names more than one peer.
+# The at-a-glance table's columns after "format | act | M": (heading, the row keys it may show: a
+# format's rows hold one of them).
 GLANCE_COLUMNS = (
     ("% of read bw", ("pct_bw",)),
     ("vs fp32 F.linear", ("vs_fp32",)),
@@ -68,26 +68,29 @@ def span(values, unit):
     return (a if a == b else f"{a}-{b}") + unit
 
 
+def glance_cell(rows, fmt, act, group, keys):
+    """One column's cell: for each batch of the group its range over the shapes, ' / ' between; the
+    first of the column's keys that the format's rows hold, a peer named."""
+    key = next((k for k in keys if any(r.get(k) for r in rows if r["format"] == fmt)), None)
+    if key is None:
+        return "-"
+    parts = []
+    for m in group:
+        values = [r[key] for r in rows if (r["format"], r["act"], r["M"]) == (fmt, act, m) and r.get(key)]
+        parts.append(span(values, "%" if key == "pct_bw" else "x") if values else "-")
+    if set(parts) == {"-"}:
+        return "-"
+    cell = " / ".join(parts)
+    return f"{PEER_NAMES[key]} {cell}" if key in PEER_NAMES else cell
+
+
 def glance_rows(rows, groups):
-    """The README's at-a-glance table: one line per format, activation dtype and group of batches,
-    each cell the range over the shapes of one column, the group's batches separated by ' / '."""
+    """The README's at-a-glance table: one line per format, activation dtype and group of batches."""
     lines = []
     for fmt in dict.fromkeys(r["format"] for r in rows):
         for act in dict.fromkeys(r["act"] for r in rows if r["format"] == fmt):
             for group in groups:
-                cells = []
-                for heading, keys in GLANCE_COLUMNS:
-                    unit = "%" if keys == ("pct_bw",) else "x"
-                    present = [k for k in keys if any(r.get(k) for r in rows if r["format"] == fmt)]
-                    parts = []
-                    for m in group:
-                        values = [r[present[0]] for r in rows if present and (r["format"], r["act"], r["M"]) == (fmt, act, m)
-                                  and r.get(present[0])]
-                        parts.append(span(values, unit) if values else "-")
-                    cell = " / ".join(parts)
-                    if present and len(keys) > 1 and present[0] in PEER_NAMES and set(parts) != {"-"}:
-                        cell = f"{PEER_NAMES[present[0]]} {cell}"
-                    cells.append(cell if set(parts) != {"-"} else "-")
+                cells = [glance_cell(rows, fmt, act, group, keys) for _, keys in GLANCE_COLUMNS]
                 batches = " / ".join(str(m) for m in group)
                 lines.append(f"| {format_name(fmt)} | {act} | {batches} | " + " | ".join(cells) + " |")
     return lines
