@@ -383,11 +383,15 @@ template <int BITS>
 constexpr float kBf16Offset = BITS == 8 ? 0.0f : 128.0f;
 
 // The dots of one 32-byte load of NT weight rows (bytes [j, j + 32) of each, masked) with the
-// matching bf16 activations of MT rows, added to acc.
+// matching bf16 activations of MT rows, added to acc; every other load also asks for the next
+// tile's rows at j (prefetch_next_tile). The kernels of 16- and 8-byte groups went without that at
+// first and streamed 3-5x slower at M = 1 (4096x4096 4-bit g32 1.0 -> 0.33 ms, 2-bit g64
+// 1.1 -> 0.22 ms; 14336x4096 (K x N) 2-bit g32 1.7 -> 0.73 ms).
 template <int BITS, bool SIGNED, int MT, int NT>
-__attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT],
+__attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT], int64_t row_bytes,
                                                              const uint16_t* const (&xs)[MT][8 / BITS], int64_t j,
                                                              __mmask32 mask, __m512 (&acc)[MT][NT]) {
+  if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, row_bytes, j);
   if constexpr (BITS == 8) {
     const auto to_ps = [](__m128i bytes) {
       return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
@@ -473,8 +477,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 32) {
-      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
-      block_dots<BITS, SIGNED, MT, NT>(wrow, x.xs, j, block_mask(b1, j), acc);
+      block_dots<BITS, SIGNED, MT, NT>(wrow, a.row_bytes, x.xs, j, block_mask(b1, j), acc);
     }
     for (int u = 0; u < NT; ++u) {
       const __m512 sv = _mm512_set1_ps(a.scales[(n0 + u) * a.groups + g]);
@@ -507,15 +510,12 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) total[t][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.row_bytes; j += 32) {
-    // Without it these layouts streamed 3-5x slower at M = 1 (4096x4096 4-bit g32 1.0 -> 0.33 ms,
-    // 2-bit g64 1.1 -> 0.22 ms; 14336x4096 (K x N) 2-bit g32 1.7 -> 0.73 ms).
-    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
     const int64_t g0 = j / gb;
     const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    block_dots<BITS, false, MT, NT>(wrow, x.xs, j, block_mask(a.row_bytes, j), acc);
+    block_dots<BITS, false, MT, NT>(wrow, a.row_bytes, x.xs, j, block_mask(a.row_bytes, j), acc);
     __m512 xshare[MT];
     for (int t = 0; t < MT; ++t) {
       const __m512 sums = _mm512_maskz_loadu_ps(groups, a.xsum + (m0 + t) * a.groups + g0);
