@@ -63,16 +63,6 @@ void row_tiles(const LinearArgs& a, int64_t n0, int64_t n1, Fn&& fn) {
   }
 }
 
-// Asks for the cache line at offset j of each row of the next tile of NT rows (rows are stored one
-// after another), the line this tile reads at j: a tile ahead, so the weights arrive from DRAM
-// while this one computes. Hardware prefetchers, following 4-8 streams per thread, were found not
-// to on a cloud VM (W4 g128 bf16 at M = 1 from DRAM: 843 -> 192 us per 4096 x 4096 call). Past
-// the weights' end it asks for lines no one reads, harmlessly (a prefetch never faults).
-template <int NT>
-inline void prefetch_next_tile(const uint8_t* const* wrow, int64_t row_bytes, int64_t j) {
-  for (int u = 0; u < NT; ++u) __builtin_prefetch(wrow[u] + NT * row_bytes + j, /*rw=*/0, /*locality=*/3);
-}
-
 template <int PER>
 inline const float* xstream(const LinearArgs& a, int64_t m, int r) {
   return a.xd + (m * PER + r) * a.row_bytes;
@@ -145,6 +135,49 @@ inline void store_tile(const LinearArgs& a, int64_t n0, int64_t m0, const V (&su
     for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = hsum(sums[t][u]) + b;
   }
 }
+
+// A prefetch of p's cache line into every level, in inline assembly: GCC's vectorizer deletes the
+// __builtin_prefetch calls of code it vectorizes, and did so with NextTile's address arithmetic
+// (the kernels lost every prefetch and ran 4-5x slower at M = 1). A prefetch never faults, so p may
+// lie past the end of what it points into.
+inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+
+// The next tile's rows (the NT weight rows after this tile's, stored right after them), asked for a
+// tile ahead, so that they arrive from DRAM while this one computes: at(j) asks for the cache line
+// at byte j of each weight row (the line this tile reads at j), and, below one group per row, the
+// line of each row's scales (and zero points) holding the group of byte j. Hardware prefetchers,
+// following 4-8 streams per thread, were found not to on a cloud VM (W4 g128 bf16 at M = 1 from
+// DRAM: 843 -> 192 us per 4096 x 4096 call). The scales and zero points are a stream per row
+// beside the weights', as large as half of them at 4-bit g16 in fp32: without asking for them,
+// fp32 scales at M = 1 took 2-4x as long as bf16 ones (converted per call, which reads them in
+// order) at 4-bit g32 / g16 and 2-bit g32. Past the weights' end it asks for lines no one reads.
+template <int NT>
+class NextTile {
+ public:
+  NextTile(const LinearArgs& a, int64_t n0)
+      : w_(a.w + (n0 + NT) * a.row_bytes),
+        row_bytes_(a.row_bytes),
+        group_bytes_(a.group * a.bits / 8),
+        groups_(a.groups),
+        scales_(a.groups > 1 ? a.scales + (n0 + NT) * a.groups : nullptr),
+        zeros_(a.groups > 1 && a.zeros != nullptr ? a.zeros + (n0 + NT) * a.groups : nullptr) {}
+
+  void at(int64_t j) const {
+    for (int u = 0; u < NT; ++u) prefetch_line(w_ + u * row_bytes_ + j);
+    if (scales_ == nullptr) return;
+    const int64_t g = j / group_bytes_;
+    for (int u = 0; u < NT; ++u) prefetch_line(scales_ + u * groups_ + g);
+    if (zeros_ == nullptr) return;
+    for (int u = 0; u < NT; ++u) prefetch_line(zeros_ + u * groups_ + g);
+  }
+
+ private:
+  const uint8_t* w_;
+  int64_t row_bytes_, group_bytes_, groups_;
+  const float* scales_;
+  const int32_t* zeros_;
+};
+
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -162,6 +195,7 @@ template <bool SIGNED, int MT, int NT>
 void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT];
   for (int t = 0; t < MT; ++t) xs[t] = xstream<1>(a, m0 + t, 0);
   __m512 total[MT][NT];
@@ -175,7 +209,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 16) {
-      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+      if ((j & 63) == 0) next.at(j);
       const __mmask16 mask = chunk_mask(b1 - j);
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
@@ -207,6 +241,7 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
                                                 _mm512_set1_epi32((1 << BITS) - 1));
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT][PER];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < PER; ++r) xs[t][r] = xstream<PER>(a, m0 + t, r);
@@ -222,7 +257,7 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
     for (int64_t j = b0; j < b1; j += 16) {
-      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+      if ((j & 63) == 0) next.at(j);
       const __mmask16 mask = chunk_mask(b1 - j);
       __m512i wi[NT];
       for (int u = 0; u < NT; ++u) {
@@ -262,6 +297,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   const __m512 entries = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(3)));
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
@@ -269,7 +305,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.row_bytes; j += 16) {
-    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+    if ((j & 63) == 0) next.at(j);
     const int64_t g0 = j / gb;
     const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
     const __mmask16 mask = chunk_mask(a.row_bytes - j);
@@ -307,6 +343,7 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
                                                 _mm512_set1_epi32((1 << BITS) - 1));
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT];
   for (int t = 0; t < MT; ++t) xs[t] = a.xd + (m0 + t) * VPW * row_words;
   __m512 acc[MT][NT];
@@ -321,7 +358,7 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
     for (int64_t d = w0; d < w1; d += 16) {
-      prefetch_next_tile<NT>(wrow, a.row_bytes, 4 * d);
+      next.at(4 * d);
       const __mmask16 lanes = chunk_mask(w1 - d);
       const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, 16), a.row_bytes - 4 * d);
       const __mmask64 byte_mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
@@ -384,14 +421,14 @@ constexpr float kBf16Offset = BITS == 8 ? 0.0f : 128.0f;
 
 // The dots of one 32-byte load of NT weight rows (bytes [j, j + 32) of each, masked) with the
 // matching bf16 activations of MT rows, added to acc; every other load also asks for the next
-// tile's rows at j (prefetch_next_tile). The kernels of 16- and 8-byte groups went without that at
+// tile's lines at j (NextTile). The kernels of 16- and 8-byte groups went without that at
 // first and streamed 3-5x slower at M = 1 (4096x4096 4-bit g32 1.0 -> 0.33 ms, 2-bit g64
 // 1.1 -> 0.22 ms; 14336x4096 (K x N) 2-bit g32 1.7 -> 0.73 ms).
 template <int BITS, bool SIGNED, int MT, int NT>
-__attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT], int64_t row_bytes,
+__attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT], const NextTile<NT>& next,
                                                              const uint16_t* const (&xs)[MT][8 / BITS], int64_t j,
                                                              __mmask32 mask, __m512 (&acc)[MT][NT]) {
-  if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, row_bytes, j);
+  if ((j & 63) == 0) next.at(j);
   if constexpr (BITS == 8) {
     const auto to_ps = [](__m128i bytes) {
       return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
@@ -467,6 +504,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
   const int64_t gb = a.group / (8 / BITS);
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const Bf16Rows<BITS, MT> x(a, m0);
   __m512 total[MT][NT];
   for (int t = 0; t < MT; ++t)
@@ -477,7 +515,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 32) {
-      block_dots<BITS, SIGNED, MT, NT>(wrow, a.row_bytes, x.xs, j, block_mask(b1, j), acc);
+      block_dots<BITS, SIGNED, MT, NT>(wrow, next, x.xs, j, block_mask(b1, j), acc);
     }
     for (int u = 0; u < NT; ++u) {
       const __m512 sv = _mm512_set1_ps(a.scales[(n0 + u) * a.groups + g]);
@@ -505,6 +543,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
   const __m512 share = _mm512_set1_ps(1.0f / static_cast<float>(lanes));
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const Bf16Rows<BITS, MT> x(a, m0);
   __m512 total[MT][NT];
   for (int t = 0; t < MT; ++t)
@@ -515,7 +554,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    block_dots<BITS, false, MT, NT>(wrow, a.row_bytes, x.xs, j, block_mask(a.row_bytes, j), acc);
+    block_dots<BITS, false, MT, NT>(wrow, next, x.xs, j, block_mask(a.row_bytes, j), acc);
     __m512 xshare[MT];
     for (int t = 0; t < MT; ++t) {
       const __m512 sums = _mm512_maskz_loadu_ps(groups, a.xsum + (m0 + t) * a.groups + g0);
@@ -585,7 +624,7 @@ __attribute__((target("avx512bf16"))) inline __m256i spread32(const uint8_t* byt
 
 // The bf16 dequantization for the GEMM path reads a thread's weight rows as one stream (rows are
 // stored one after another), which the hardware prefetchers did not keep up with, as with the
-// register kernels' tiles (prefetch_next_tile): `upto(p)` asks for every line up to kStreamAhead
+// register kernels' tiles (NextTile): `upto(p)` asks for every line up to kStreamAhead
 // bytes past p, once. Dequantizing a 14336 x 4096 (K x N)
 // weight from DRAM: W8 5.34 -> 1.42 ms, W4 g128 3.95 -> 1.92 ms (1024 bytes ahead did as well but
 // at 8 bits, 1.58 ms). The fp32 dequantization, bound by writing twice the bytes, gained nothing.
@@ -595,7 +634,7 @@ class StreamPrefetch {
  public:
   explicit StreamPrefetch(const uint8_t* start) : next_(start) {}
   void upto(const uint8_t* p) {
-    for (; next_ < p + kStreamAhead; next_ += 64) __builtin_prefetch(next_, /*rw=*/0, /*locality=*/3);
+    for (; next_ < p + kStreamAhead; next_ += 64) prefetch_line(next_);
   }
 
  private:
@@ -683,10 +722,10 @@ inline __m256 load_x(const float* p, __m256i mask) {
 // chunk.template operator()<TAIL>(j) for the 8-byte chunks of bytes [b0, b1): whole ones, then
 // the rest (TAIL), prefetching the next tile's rows.
 template <int NT, typename Chunk>
-inline void chunks(const uint8_t* const* wrow, int64_t row_bytes, int64_t b0, int64_t b1, Chunk&& chunk) {
+inline void chunks(const NextTile<NT>& next, int64_t b0, int64_t b1, Chunk&& chunk) {
   int64_t j = b0;
   for (; j + 8 <= b1; j += 8) {
-    if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, row_bytes, j);
+    if ((j & 63) == 0) next.at(j);
     chunk.template operator()<false>(j);
   }
   if (j < b1) chunk.template operator()<true>(j);
@@ -701,6 +740,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
   const __m256i low_bits = _mm256_set1_epi32((1 << BITS) - 1);
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT][PER];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < PER; ++r) xs[t][r] = xstream<PER>(a, m0 + t, r);
@@ -714,7 +754,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m256 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
-    chunks<NT>(wrow, a.row_bytes, b0, b1, [&]<bool TAIL>(int64_t j) {
+    chunks<NT>(next, b0, b1, [&]<bool TAIL>(int64_t j) {
       const __m256i mask = TAIL ? lane_mask(b1 - j) : __m256i{};
       __m256i wi[NT];
       for (int u = 0; u < NT; ++u) wi[u] = load_bytes<SIGNED, TAIL>(wrow[u] + j, b1 - j);
@@ -750,6 +790,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   const __m256 entries = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
   const float* xs[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
@@ -778,7 +819,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   };
   if (pairs) {  // the second group past the row's end (odd group count) meets zero activations
     for (int64_t j = 0; j < a.row_bytes; j += 8) {
-      if ((j & 63) == 0) prefetch_next_tile<NT>(wrow, a.row_bytes, j);
+      if ((j & 63) == 0) next.at(j);
       const int64_t g = j / 4;
       __m256 tab[NT];
       for (int u = 0; u < NT; ++u) tab[u] = table(u, g, std::min(g + 1, a.groups - 1));
@@ -793,7 +834,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
       const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
       __m256 tab[NT];
       for (int u = 0; u < NT; ++u) tab[u] = table(u, g, g);
-      chunks<NT>(wrow, a.row_bytes, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
+      chunks<NT>(next, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
     }
   }
   store_tile(a, n0, m0, acc);
