@@ -62,18 +62,23 @@ bool any_non_finite(const at::Tensor& y) {
 }
 
 // One weight (a layer's, or one expert's) as the kernels read it, with the tensors holding its
-// scales, zero points in int32 and bias in fp32 kept alive beside the pointers. fp16 / bf16 scales
-// stay as they are (a.scales nullptr): the register kernels' threads convert their own rows
-// (run_register_kernels), and the GEMM paths convert them whole (scales_in_float, called by
-// product_by_gemm and recompute_through_gemm).
+// scales (in their own dtype: the kernels convert each one they read), zero points in int32 and
+// bias in fp32 kept alive beside the pointers.
 struct Weight {
   LinearArgs a;  // the weight's fields; M and the activation / output pointers are set per call
   at::Tensor w, s, z, b;
-
-  void scales_in_float() {
-    if (s.scalar_type() != at::kFloat) a.scales = (s = s.to(at::kFloat)).const_data_ptr<float>();
-  }
 };
+
+ScaleType scale_type_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return ScaleType::bf16;
+    case at::kHalf:
+      return ScaleType::f16;
+    default:
+      return ScaleType::f32;  // check_linear_args allows fp32, fp16 and bf16 scales only
+  }
+}
 
 Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias) {
@@ -91,7 +96,8 @@ Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight,
   a.group = sh.group;
   a.groups = sh.groups;
   a.w = reinterpret_cast<const uint8_t*>(wt.w.const_data_ptr());
-  a.scales = wt.s.scalar_type() == at::kFloat ? wt.s.const_data_ptr<float>() : nullptr;
+  a.scales = wt.s.const_data_ptr();
+  a.scale_type = scale_type_of(wt.s.scalar_type());
   a.zeros = wt.z.defined() ? wt.z.const_data_ptr<int32_t>() : nullptr;
   a.zero_const = sh.symmetric && bits < 8 ? 1 << (bits - 1) : 0;  // stored offset of signed sub-byte values
   a.bias = wt.b.defined() ? wt.b.const_data_ptr<float>() : nullptr;
@@ -177,8 +183,7 @@ at::Tensor gemm_rows(const at::Tensor& x_rows, at::ScalarType dtype) {
 
 // out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias through ATen's GEMM over weight
 // tiles dequantized by wt's format, for the GEMM paths.
-void product_by_gemm(const at::Tensor& x_rows, Path path, Weight& wt, at::Tensor out) {
-  wt.scales_in_float();
+void product_by_gemm(const at::Tensor& x_rows, Path path, const Weight& wt, at::Tensor out) {
   const LinearArgs& a = wt.a;
   const at::Tensor& b = wt.b;
   const LinearKernels& kernels = linear_kernels();
@@ -296,8 +301,7 @@ LinearKernels::GemvFn kernel_for(Path path) {
 // so activations near float's limit (|x| ~ 1e36) overflow there where x @ W_hat.T (tiny scales)
 // does not. Such a product, rare (any_non_finite), is computed again through the dequantized
 // weights: y [M, N] fp32, the register kernels' output for x_rows.
-void recompute_through_gemm(const at::Tensor& x_rows, Weight& wt, at::Tensor y) {
-  wt.scales_in_float();
+void recompute_through_gemm(const at::Tensor& x_rows, const Weight& wt, at::Tensor y) {
   linear_by_gemm(gemm_rows(x_rows, at::kFloat), wt.a, linear_kernels().dequant_rows, y);
   if (wt.b.defined()) y.add_(wt.b);
 }
@@ -306,20 +310,12 @@ void recompute_through_gemm(const at::Tensor& x_rows, Weight& wt, at::Tensor y) 
 // grouped_linear): the weight, the kernel, the activations laid out for it and the fp32 output
 // (out's rows themselves for fp32 x).
 struct RegisterProduct {
-  Weight wt;  // fp16 / bf16 scales (wt.s) are converted per thread (below)
+  Weight wt;
   Path path;  // dot_bf16 or tiles
   int64_t first;  // its first row of x
   Activations act;
   at::Tensor y;
 };
-
-// Rows [n0, n1) of fp16 / bf16 scales [N, G] in fp32, at their own offsets in `out` (N * G floats).
-void scale_rows_to_float(const at::Tensor& scales, int64_t groups, int64_t n0, int64_t n1, float* out) {
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(scales.scalar_type(), "scale_rows_to_float", [&] {
-    const scalar_t* s = scales.const_data_ptr<scalar_t>();
-    for (int64_t i = n0 * groups; i < n1 * groups; ++i) out[i] = static_cast<float>(s[i]);
-  });
-}
 
 // Threads for the register kernels: one per kMicrosPerThread of estimated single-thread work, at
 // the kernels' single-thread rates here (weights streamed from DRAM at ~16 GB/s; ~60 GMAC/s once
@@ -330,9 +326,8 @@ constexpr double kBytesPerMicro = 16e3, kMacsPerMicro = 60e3, kMicrosPerThread =
 
 // Runs every product's register kernels in one parallel loop: a thread takes the same share of
 // each weight's 4-row blocks (so the kernels' 4-row tiles rarely split, and experts of different
-// row counts spread evenly), converting fp16 / bf16 scales for its own rows into a buffer it keeps.
-// Small weights run on the calling thread.
-void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t N, int64_t groups) {
+// row counts spread evenly). Small weights run on the calling thread.
+void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t N) {
   double micros = 0;
   for (const RegisterProduct& p : products) {
     const LinearArgs& a = p.wt.a;
@@ -343,17 +338,8 @@ void run_register_kernels(const std::vector<RegisterProduct>& products, int64_t 
   const int64_t threads = std::clamp<int64_t>(static_cast<int64_t>(micros / kMicrosPerThread), 1,
                                               std::min<int64_t>(blocks, at::get_num_threads()));
   const auto share = [&](int64_t t) {
-    thread_local std::vector<float> scale_buffer;  // this thread's
     const int64_t n0 = t * blocks / threads * 4, n1 = std::min((t + 1) * blocks / threads * 4, N);
-    for (const RegisterProduct& p : products) {
-      LinearArgs a = p.wt.a;
-      if (p.wt.s.scalar_type() != at::kFloat) {
-        scale_buffer.resize(static_cast<size_t>(N * groups));
-        scale_rows_to_float(p.wt.s, groups, n0, n1, scale_buffer.data());
-        a.scales = scale_buffer.data();
-      }
-      kernel_for(p.path)(a, n0, n1);
-    }
+    for (const RegisterProduct& p : products) kernel_for(p.path)(p.wt.a, n0, n1);
   };
   if (threads == 1) {
     share(0);
@@ -408,7 +394,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   }
   std::vector<RegisterProduct> products;
   products.push_back(register_product(std::move(wt), path, x_rows, 0, out));
-  run_register_kernels(products, sh.N, sh.groups);
+  run_register_kernels(products, sh.N);
   finish_register_products(products, x_rows, out);
   return out.view(out_shape);
 }
@@ -437,9 +423,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
   at::Tensor out = at::empty({T, sh.N}, x.options());
   // Each expert's activations and output are allocated on their own, a few rows each, as `linear`
   // allocates them: one layout of all T rows took fresh megabytes per call (page faults), 1.2x
-  // slower at 64 tokens of OLMoE's shapes than one call per expert. For the same reason fp16 /
-  // bf16 scales are converted by each thread for its rows (run_register_kernels), rather than each
-  // expert's whole scales at once.
+  // slower at 64 tokens of OLMoE's shapes than one call per expert.
   std::vector<RegisterProduct> products;
   for (int64_t e = 0, first = 0; e < experts; first += counts[e], ++e) {
     const int64_t m = counts[e];
@@ -454,7 +438,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, at::IntArrayRef counts, const
     }
     products.push_back(register_product(std::move(wt), path, x_rows, first, out.narrow(0, first, m)));
   }
-  run_register_kernels(products, sh.N, sh.groups);
+  run_register_kernels(products, sh.N);
   finish_register_products(products, xc, out);
   return out;
 }

@@ -17,6 +17,10 @@
 
 namespace linquant::cpu {
 
+// The scales' dtype as stored: the kernels convert each scale they read to fp32 (exact from fp16
+// and bf16), where converting them all first cost a write and a read of every scale per call.
+enum class ScaleType : uint8_t { f32, bf16, f16 };
+
 struct LinearArgs {
   int64_t M = 0, N = 0, K = 0;
   int bits = 8;
@@ -25,7 +29,8 @@ struct LinearArgs {
   int64_t group = 0;      // values per group (per-channel: K); a multiple of 8 / bits
   int64_t groups = 0;     // G = ceil(K / group)
   const uint8_t* w = nullptr;       // [N, row_bytes]
-  const float* scales = nullptr;    // [N, G]
+  const void* scales = nullptr;     // [N, G] in scale_type
+  ScaleType scale_type = ScaleType::f32;
   const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)

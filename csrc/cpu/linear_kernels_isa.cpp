@@ -26,22 +26,44 @@ struct RowParams {
   int32_t z;
 };
 
-inline RowParams params(const LinearArgs& a, int64_t n, int64_t g) {
-  const int32_t z = a.zeros != nullptr ? a.zeros[n * a.groups + g] : a.zero_const;
-  return {a.scales[n * a.groups + g], z};
+// Scale i of a's [N, G] scales, stored as S (float, core::bf16_t or core::half_t), in fp32: exact,
+// as c10 converts fp16 and bf16.
+template <typename S>
+inline float scale_at(const LinearArgs& a, int64_t i) {
+  return core::to_float(static_cast<const S*>(a.scales)[i]);
 }
 
-// fn.template operator()<BITS, SIGNED>() for the weight format of `a`: int8 symmetric weights are
-// signed, every other format unsigned.
+template <typename S>
+inline RowParams params(const LinearArgs& a, int64_t n, int64_t g) {
+  const int32_t z = a.zeros != nullptr ? a.zeros[n * a.groups + g] : a.zero_const;
+  return {scale_at<S>(a, n * a.groups + g), z};
+}
+
+// fn.template operator()<BITS, SIGNED, S>() for the weight format of `a`: int8 symmetric weights
+// are signed, every other format unsigned; S is the scales' element type. The kernels are compiled
+// per scale dtype and read fp16 / bf16 scales as they are: converting a thread's scales to fp32
+// first cost a write and a read of each per call (bf16 scales at M = 1 took 1.1-1.25x as long as
+// fp32 ones at 4-bit g16), and a switch on the dtype at each read made the fp32 lookup-table
+// kernels 1.2-1.35x slower at groups of 16 or 32.
 template <typename Fn>
 void for_format(const LinearArgs& a, Fn&& fn) {
-  switch (a.bits) {
-    case 8:
-      return a.signed_q ? fn.template operator()<8, true>() : fn.template operator()<8, false>();
-    case 4:
-      return fn.template operator()<4, false>();
+  const auto with_scales = [&]<typename S>() {
+    switch (a.bits) {
+      case 8:
+        return a.signed_q ? fn.template operator()<8, true, S>() : fn.template operator()<8, false, S>();
+      case 4:
+        return fn.template operator()<4, false, S>();
+      default:
+        return fn.template operator()<2, false, S>();
+    }
+  };
+  switch (a.scale_type) {
+    case ScaleType::bf16:
+      return with_scales.template operator()<core::bf16_t>();
+    case ScaleType::f16:
+      return with_scales.template operator()<core::half_t>();
     default:
-      return fn.template operator()<2, false>();
+      return with_scales.template operator()<float>();
   }
 }
 
@@ -83,13 +105,13 @@ inline int32_t weight_int(const uint8_t* wrow, int64_t j, int r) {
 
 // Weight row `wrow` dequantized into out[r * row_bytes + j] (value r of byte j), s * (q - z) exactly
 // as linquant::dequantize.
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 void dequant_streams(const LinearArgs& a, int64_t n, const uint8_t* wrow, float* out) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
-    const RowParams p = params(a, n, g);
+    const RowParams p = params<S>(a, n, g);
     for (int r = 0; r < PER; ++r) {
       core::dequantize_values(b1 - b0, p.s, p.z, out + r * a.row_bytes + b0,
                               [&](int64_t j) { return weight_int<BITS, SIGNED>(wrow, b0 + j, r); });
@@ -97,12 +119,12 @@ void dequant_streams(const LinearArgs& a, int64_t n, const uint8_t* wrow, float*
   }
 }
 
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 void gemv_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
   const int64_t len = 8 / BITS * a.row_bytes;  // one activation row's streams, and a weight row's
   std::vector<float> wd(static_cast<size_t>(len));
   for (int64_t n = n0; n < n1; ++n) {
-    dequant_streams<BITS, SIGNED>(a, n, a.w + n * a.row_bytes, wd.data());
+    dequant_streams<BITS, SIGNED, S>(a, n, a.w + n * a.row_bytes, wd.data());
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.xd + m * len;
       const float* w = wd.data();
@@ -149,8 +171,9 @@ inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(
 // following 4-8 streams per thread, were found not to on a cloud VM (W4 g128 bf16 at M = 1 from
 // DRAM: 843 -> 192 us per 4096 x 4096 call). The scales and zero points are a stream per row
 // beside the weights', as large as half of them at 4-bit g16 in fp32: without asking for them,
-// fp32 scales at M = 1 took 2-4x as long as bf16 ones (converted per call, which reads them in
-// order) at 4-bit g32 / g16 and 2-bit g32. Past the weights' end it asks for lines no one reads.
+// fp32 scales at M = 1 (bf16 activations) ran 2-4x slower at 4-bit g32 / g16 and 2-bit g32
+// (4096 x 14336, K x N, 4-bit g16: 4.0 -> 0.9 ms). Past the weights' end it asks for lines no one
+// reads.
 template <int NT>
 class NextTile {
  public:
@@ -159,22 +182,23 @@ class NextTile {
         row_bytes_(a.row_bytes),
         group_bytes_(a.group * a.bits / 8),
         groups_(a.groups),
-        scales_(a.groups > 1 ? a.scales + (n0 + NT) * a.groups : nullptr),
+        scale_bytes_(a.scale_type == ScaleType::f32 ? 4 : 2),
+        scales_(a.groups > 1 ? static_cast<const char*>(a.scales) + (n0 + NT) * a.groups * scale_bytes_ : nullptr),
         zeros_(a.groups > 1 && a.zeros != nullptr ? a.zeros + (n0 + NT) * a.groups : nullptr) {}
 
   void at(int64_t j) const {
     for (int u = 0; u < NT; ++u) prefetch_line(w_ + u * row_bytes_ + j);
     if (scales_ == nullptr) return;
     const int64_t g = j / group_bytes_;
-    for (int u = 0; u < NT; ++u) prefetch_line(scales_ + u * groups_ + g);
+    for (int u = 0; u < NT; ++u) prefetch_line(scales_ + (u * groups_ + g) * scale_bytes_);
     if (zeros_ == nullptr) return;
     for (int u = 0; u < NT; ++u) prefetch_line(zeros_ + u * groups_ + g);
   }
 
  private:
   const uint8_t* w_;
-  int64_t row_bytes_, group_bytes_, groups_;
-  const float* scales_;
+  int64_t row_bytes_, group_bytes_, groups_, scale_bytes_;
+  const char* scales_;
   const int32_t* zeros_;
 };
 
@@ -191,7 +215,7 @@ inline __mmask16 chunk_mask(int64_t rem) {
 // 8-bit: products of q - z accumulate per group and are scaled once per group. q - z is taken in
 // fp32, exact while |z| <= 2^24 (choose_qparams keeps zero points within 2^23): in int32 lanes a
 // zero point within 255 of the int32 limits would wrap. So are the tables below.
-template <bool SIGNED, int MT, int NT>
+template <bool SIGNED, typename S, int MT, int NT>
 void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
@@ -204,7 +228,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * a.group, b1 = std::min(b0 + a.group, a.row_bytes);
     __m512 zv[NT];
-    for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_ps(static_cast<float>(params(a, n0 + u, g).z));
+    for (int u = 0; u < NT; ++u) zv[u] = _mm512_set1_ps(static_cast<float>(params<S>(a, n0 + u, g).z));
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
@@ -223,7 +247,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
     for (int u = 0; u < NT; ++u) {
-      const __m512 sv = _mm512_set1_ps(params(a, n0 + u, g).s);
+      const __m512 sv = _mm512_set1_ps(params<S>(a, n0 + u, g).s);
       for (int t = 0; t < MT; ++t) total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
@@ -233,7 +257,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
 // 4 and 2 bits: per group and row, a 16-entry table of the dequantized values s * (i - z) (entry
 // i for the value i & (2^BITS - 1)), so one permute turns packed indices straight into weights
 // (it reads only the low 4 bits of each index: no masking needed).
-template <int BITS, int MT, int NT>
+template <int BITS, typename S, int MT, int NT>
 void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
@@ -252,7 +276,7 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
     __m512 table[NT];
     for (int u = 0; u < NT; ++u) {
-      const RowParams p = params(a, n0 + u, g);
+      const RowParams p = params<S>(a, n0 + u, g);
       table[u] = _mm512_mul_ps(
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
@@ -279,6 +303,21 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
   store_tile(a, n0, m0, acc);
 }
 
+// The scales of the lanes' groups from `first` on in fp32 (scale_at's conversion), zero past them.
+template <typename S>
+inline __m512 load_scales(const LinearArgs& a, __mmask16 lanes, int64_t first) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(a.scales) + first);
+  } else {
+    const __m256i bits = _mm256_maskz_loadu_epi16(lanes, static_cast<const S*>(a.scales) + first);
+    if constexpr (std::is_same_v<S, core::bf16_t>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm512_cvtph_ps(bits);
+    }
+  }
+}
+
 // The zero points of the lanes' groups from `first` on (zero_const for a format without them).
 inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 lanes) {
   return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
@@ -289,7 +328,7 @@ inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 l
 // 128-bit lane in one of them, and vpermilps looks each 128-bit lane's values up in its own four
 // entries (by the low 2 bits of each index). So one table per load and row holds every spanned
 // group's s * (i - z), its scales and zero points spread over the lanes by one permute each.
-template <int MT, int NT>
+template <typename S, int MT, int NT>
 void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / 4, per_load = 16 / gb;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -313,7 +352,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m512i wi[NT];
     for (int u = 0; u < NT; ++u) {
       const int64_t first = (n0 + u) * a.groups + g0;
-      const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, a.scales + first));
+      const __m512 s = _mm512_permutexvar_ps(lane_group, load_scales<S>(a, groups, first));
       const __m512 z = _mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, groups)));
       table[u] = _mm512_mul_ps(_mm512_sub_ps(entries, z), s);
       wi[u] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, wrow[u] + j));
@@ -334,7 +373,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
 // The same lookup with activation streams per 32-bit word (linear_kernels.h): one 64-byte load
 // holds 16 words, and word position p (bits [p*BITS, (p+1)*BITS) of each word) pairs with 16
 // contiguous floats of stream p. No widening shuffle: a shift and a permute per 16 weights.
-template <int BITS, int MT, int NT>
+template <int BITS, typename S, int MT, int NT>
 void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int VPW = 32 / BITS;  // values per word
   const int64_t row_words = (a.row_bytes + 3) / 4;
@@ -353,7 +392,7 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
     const int64_t w0 = g * group_words, w1 = std::min(w0 + group_words, row_words);
     __m512 table[NT];
     for (int u = 0; u < NT; ++u) {
-      const RowParams p = params(a, n0 + u, g);
+      const RowParams p = params<S>(a, n0 + u, g);
       table[u] = _mm512_mul_ps(
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
@@ -387,16 +426,16 @@ bool word_streams(int bits, int64_t group, bool per_channel) {
   return bits == 4 && (per_channel ? group % 8 == 0 : group % 128 == 0);
 }
 
-template <int BITS, bool SIGNED, int MT, int NT>
+template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   if constexpr (BITS == 8) {
-    tile8<SIGNED, MT, NT>(a, n0, m0);
+    tile8<SIGNED, S, MT, NT>(a, n0, m0);
   } else if (a.word_streams) {
-    tile_lut_words<BITS, MT, NT>(a, n0, m0);
+    tile_lut_words<BITS, S, MT, NT>(a, n0, m0);
   } else if (BITS == 2 && (a.group == 16 || a.group == 32) && a.groups > 1) {
-    tile_lut2_split<MT, NT>(a, n0, m0);
+    tile_lut2_split<S, MT, NT>(a, n0, m0);
   } else {
-    tile_lut<BITS, MT, NT>(a, n0, m0);
+    tile_lut<BITS, S, MT, NT>(a, n0, m0);
   }
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
@@ -479,7 +518,7 @@ struct Bf16Rows {
 // sum over the groups of s (offset + z) times the group's activation sum, for weight row n and
 // activation rows m0 .. m0 + MT - 1, 16 groups per vector: the offsets the dot kernel's raw weights
 // carry, taken out once per row rather than with scalar arithmetic beside every group's sums.
-template <int BITS, int MT>
+template <int BITS, typename S, int MT>
 __attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs& a, int64_t n, int64_t m0,
                                                                 float (&out)[MT]) {
   __m512 sum[MT];
@@ -488,7 +527,7 @@ __attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs
     const __mmask16 in = chunk_mask(a.groups - g);
     const int64_t first = n * a.groups + g;
     const __m512 offset = _mm512_mul_ps(
-        _mm512_maskz_loadu_ps(in, a.scales + first),
+        load_scales<S>(a, in, first),
         _mm512_add_ps(_mm512_cvtepi32_ps(group_zero_points(a, first, in)), _mm512_set1_ps(kBf16Offset<BITS>)));
     for (int t = 0; t < MT; ++t) {
       sum[t] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(in, a.xsum + (m0 + t) * a.groups + g), sum[t]);
@@ -499,7 +538,7 @@ __attribute__((target("avx512bf16"))) inline void group_offsets(const LinearArgs
 
 // Groups of whole 32-byte loads (or one per row): each group's sums scaled once, the offsets taken
 // out at the end through the groups' activation sums (group_offsets).
-template <int BITS, bool SIGNED, int MT, int NT>
+template <int BITS, bool SIGNED, typename S, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / (8 / BITS);
   const uint8_t* wrow[NT];
@@ -518,13 +557,13 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
       block_dots<BITS, SIGNED, MT, NT>(wrow, next, x.xs, j, block_mask(b1, j), acc);
     }
     for (int u = 0; u < NT; ++u) {
-      const __m512 sv = _mm512_set1_ps(a.scales[(n0 + u) * a.groups + g]);
+      const __m512 sv = _mm512_set1_ps(scale_at<S>(a, (n0 + u) * a.groups + g));
       for (int t = 0; t < MT; ++t) total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
   for (int u = 0; u < NT; ++u) {
     float corr[MT];
-    group_offsets<BITS, MT>(a, n0 + u, m0, corr);
+    group_offsets<BITS, S, MT>(a, n0 + u, m0, corr);
     const float b = a.bias != nullptr ? a.bias[n0 + u] : 0.0f;
     for (int t = 0; t < MT; ++t) a.y[(m0 + t) * a.N + n0 + u] = (hsum(total[t][u]) - corr[t]) + b;
   }
@@ -535,7 +574,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const LinearArgs& a, int64_
 // scales, the offsets 128 + z and the activation sums (a 16 / GPB-th in each lane of a group, so
 // that the lanes add up to it) are spread over the lanes by one permute each, and every load's
 // sums are corrected and scaled lane by lane.
-template <int BITS, int MT, int NT>
+template <int BITS, typename S, int MT, int NT>
 __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / (8 / BITS), per_load = 32 / gb, lanes = 16 / per_load;
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -562,7 +601,7 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
     }
     for (int u = 0; u < NT; ++u) {
       const int64_t first = (n0 + u) * a.groups + g0;
-      const __m512 sv = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(groups, a.scales + first));
+      const __m512 sv = _mm512_permutexvar_ps(lane_group, load_scales<S>(a, groups, first));
       const __m512 offset =
           _mm512_add_ps(_mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, groups))),
                         _mm512_set1_ps(kBf16Offset<BITS>));
@@ -577,25 +616,25 @@ __attribute__((target("avx512bf16"))) void tile_bf16_split(const LinearArgs& a, 
 // Tiles of MT activation rows x NT weight rows over weight rows [n0, n1), then single rows. For one
 // or two activation rows, 4 weight rows: twice the independent chains of dot products (each waits
 // on the last's latency), 10-25% faster than 2 at M = 1 and 2. From 3 rows the registers run out.
-template <int BITS, bool SIGNED, int MT>
+template <int BITS, bool SIGNED, typename S, int MT>
 void span_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int NT = MT <= 2 ? 4 : 2;
   int64_t n = n0;
   if constexpr (BITS < 8) {
     if (a.group / (8 / BITS) < 32 && a.groups > 1) {
-      for (; n + NT <= n1; n += NT) tile_bf16_split<BITS, MT, NT>(a, n, m0);
-      for (; n < n1; ++n) tile_bf16_split<BITS, MT, 1>(a, n, m0);
+      for (; n + NT <= n1; n += NT) tile_bf16_split<BITS, S, MT, NT>(a, n, m0);
+      for (; n < n1; ++n) tile_bf16_split<BITS, S, MT, 1>(a, n, m0);
       return;
     }
   }
-  for (; n + NT <= n1; n += NT) tile_bf16<BITS, SIGNED, MT, NT>(a, n, m0);
-  for (; n < n1; ++n) tile_bf16<BITS, SIGNED, MT, 1>(a, n, m0);
+  for (; n + NT <= n1; n += NT) tile_bf16<BITS, SIGNED, S, MT, NT>(a, n, m0);
+  for (; n < n1; ++n) tile_bf16<BITS, SIGNED, S, MT, 1>(a, n, m0);
 }
 
 void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
-  for_format(a, [&]<int BITS, bool SIGNED>() {
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() {
     row_tiles(a, n0, n1,
-              [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { span_bf16<BITS, SIGNED, MT>(a, nb, nb1, m); });
+              [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { span_bf16<BITS, SIGNED, S, MT>(a, nb, nb1, m); });
   });
 }
 
@@ -648,7 +687,7 @@ class StreamPrefetch {
 // computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at M = 64
 // (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as long at W4 g128, 0.81-0.99x
 // at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating.
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
                                                         uint16_t* out) {
   constexpr int PER = 8 / BITS;
@@ -658,7 +697,7 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
     const uint8_t* wrow = a.w + n * a.row_bytes;
     uint16_t* o = out + (n - n0) * a.K;
     for (int64_t g = 0; g < a.groups; ++g) {
-      const RowParams p = params(a, n, g);
+      const RowParams p = params<S>(a, n, g);
       const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
       const int64_t k1 = std::min((g + 1) * a.group, a.K);
       if constexpr (BITS == 8) {
@@ -686,7 +725,7 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
 }
 
 void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
-  for_format(a, [&]<int BITS, bool SIGNED>() { dequant_bf16<BITS, SIGNED>(a, n0, n1, out); });
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant_bf16<BITS, SIGNED, S>(a, n0, n1, out); });
 }
 #define LINQUANT_HAVE_BF16_KERNELS 1
 
@@ -733,7 +772,7 @@ inline void chunks(const NextTile<NT>& next, int64_t b0, int64_t b1, Chunk&& chu
 
 // 8 and 4 bits: (q - z) x summed per group, in fp32 as tile8 does (no int32 wrap), and scaled
 // once per group: a shift, a mask, a conversion and a subtraction per 8 weights before the FMAs.
-template <int BITS, bool SIGNED, int MT, int NT>
+template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int PER = 8 / BITS;
   const int64_t gb = a.group / PER;
@@ -750,7 +789,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
     __m256 zv[NT];
-    for (int u = 0; u < NT; ++u) zv[u] = _mm256_set1_ps(static_cast<float>(params(a, n0 + u, g).z));
+    for (int u = 0; u < NT; ++u) zv[u] = _mm256_set1_ps(static_cast<float>(params<S>(a, n0 + u, g).z));
     __m256 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -772,7 +811,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     });
     for (int u = 0; u < NT; ++u) {
-      const __m256 sv = _mm256_set1_ps(params(a, n0 + u, g).s);
+      const __m256 sv = _mm256_set1_ps(params<S>(a, n0 + u, g).s);
       for (int t = 0; t < MT; ++t) total[t][u] = _mm256_fmadd_ps(acc[t][u], sv, total[t][u]);
     }
   }
@@ -783,7 +822,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
 // that vpermilps indexes by the low 2 bits of each lane (no masking), one shift and one permute
 // per 8 weights. Groups of 4 bytes (16 values) are taken two per chunk, the low half's table
 // holding the first's values, the high half's the second's.
-template <int MT, int NT>
+template <typename S, int MT, int NT>
 void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t gb = a.group / 4;
   const bool pairs = gb == 4 && a.groups > 1;
@@ -798,7 +837,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
   const auto table = [&](int u, int64_t g_lo, int64_t g_hi) {
-    const RowParams lo = params(a, n0 + u, g_lo), hi = params(a, n0 + u, g_hi);
+    const RowParams lo = params<S>(a, n0 + u, g_lo), hi = params<S>(a, n0 + u, g_hi);
     const __m256 z = _mm256_setr_m128(_mm_set1_ps(static_cast<float>(lo.z)), _mm_set1_ps(static_cast<float>(hi.z)));
     const __m256 s = _mm256_setr_m128(_mm_set1_ps(lo.s), _mm_set1_ps(hi.s));
     return _mm256_mul_ps(_mm256_sub_ps(entries, z), s);
@@ -840,12 +879,12 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   store_tile(a, n0, m0, acc);
 }
 
-template <int BITS, bool SIGNED, int MT, int NT>
+template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   if constexpr (BITS == 2) {
-    tile_lut2<MT, NT>(a, n0, m0);
+    tile_lut2<S, MT, NT>(a, n0, m0);
   } else {
-    tile_convert<BITS, SIGNED, MT, NT>(a, n0, m0);
+    tile_convert<BITS, SIGNED, S, MT, NT>(a, n0, m0);
   }
 }
 #define LINQUANT_HAVE_SIMD_GEMV 1
@@ -864,31 +903,31 @@ constexpr int tile_rows = MT <= 2 ? 4 : 2;
 #endif
 
 // Register tiles of MT activation rows x NT weight rows over weight rows [n0, n1).
-template <int BITS, bool SIGNED, int MT, int NT>
+template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_span(const LinearArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   int64_t n = n0;
-  for (; n + NT <= n1; n += NT) tile_simd<BITS, SIGNED, MT, NT>(a, n, m0);
-  for (; n < n1; ++n) tile_simd<BITS, SIGNED, MT, 1>(a, n, m0);
+  for (; n + NT <= n1; n += NT) tile_simd<BITS, SIGNED, S, MT, NT>(a, n, m0);
+  for (; n < n1; ++n) tile_simd<BITS, SIGNED, S, MT, 1>(a, n, m0);
 }
 
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 void gemv_simd(const LinearArgs& a, int64_t n0, int64_t n1) {
   row_tiles(a, n0, n1,
-            [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { tile_span<BITS, SIGNED, MT, tile_rows<MT>>(a, nb, nb1, m); });
+            [&]<int MT>(int64_t nb, int64_t nb1, int64_t m) { tile_span<BITS, SIGNED, S, MT, tile_rows<MT>>(a, nb, nb1, m); });
 }
 #endif
 
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 #if defined(LINQUANT_HAVE_SIMD_GEMV)
-  gemv_simd<BITS, SIGNED>(a, n0, n1);
+  gemv_simd<BITS, SIGNED, S>(a, n0, n1);
 #else
-  gemv_scalar<BITS, SIGNED>(a, n0, n1);
+  gemv_scalar<BITS, SIGNED, S>(a, n0, n1);
 #endif
 }
 
 void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
-  for_format(a, [&]<int BITS, bool SIGNED>() { gemv<BITS, SIGNED>(a, n0, n1); });
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { gemv<BITS, SIGNED, S>(a, n0, n1); });
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
@@ -950,7 +989,7 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
 #endif
 }
 
-template <int BITS, bool SIGNED>
+template <int BITS, bool SIGNED, typename S>
 void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   using Q = std::conditional_t<SIGNED, int8_t, uint8_t>;
   std::vector<uint8_t> values(static_cast<size_t>(a.K) + 8);
@@ -961,7 +1000,7 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
       q = values.data();
     }
     for (int64_t g = 0; g < a.groups; ++g) {
-      const RowParams p = params(a, n, g);
+      const RowParams p = params<S>(a, n, g);
       const int64_t k0 = g * a.group, k1 = std::min(k0 + a.group, a.K);
       // Exactly as linquant::dequantize.
       core::dequantize_span(reinterpret_cast<const Q*>(q) + k0, k1 - k0, p.s, p.z, out + (n - n0) * a.K + k0);
@@ -970,7 +1009,7 @@ void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
 }
 
 void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
-  for_format(a, [&]<int BITS, bool SIGNED>() { dequant<BITS, SIGNED>(a, n0, n1, out); });
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant<BITS, SIGNED, S>(a, n0, n1, out); });
 }
 
 #if defined(LINQUANT_HAVE_BF16_KERNELS)
