@@ -116,7 +116,8 @@ enum class Path {
 bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && cpu_has_avx512_bf16(); }
 
 // From how many activation rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized
-// to bf16, instead of the dot kernel (below) on its layouts, or the register tiles on the others.
+// to bf16, instead of the dot kernel (below) on its layouts, or the register tiles on the others;
+// split_group_bytes is a group's bytes (16 or 8) on the dot kernel's split layouts, else 0.
 // Measured alternating (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096 (K x N);
 // 512-row tiles dequantized with software prefetch; the dot kernel's time over the GEMM's):
 //   per channel: 8-bit M = 16 0.96x / 0.98x / 0.98x, M = 20 1.12x / 1.12x / 1.13x; 4-bit M = 32
@@ -125,17 +126,19 @@ bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && c
 //   whole-load groups: 8-bit g128 M = 12 0.84-0.93x, M = 16 0.99x / 1.08x / 1.13x (g64 1.18-1.22x,
 //     g32 from M = 12 1.09-1.17x); 4-bit g128 M = 28 0.87-0.95x, M = 32 1.10x / 1.05x / 1.21x;
 //     2-bit g128 M = 20 0.72-1.20x (two rounds), M = 24 0.86-1.34x, M = 28 1.24-1.44x;
-//   split loads (16- or 8-byte groups, since the dot kernel prefetches them): 4-bit g32 M = 16
-//     0.90-1.35x, M = 20 1.31-1.73x; 4-bit g16 M = 16 0.72-1.00x, M = 20 1.01-1.43x; 2-bit g64 and
-//     g32 M = 20 0.85-1.19x, M = 24 0.96-1.31x (two rounds);
+//   split loads (16- or 8-byte groups; since the dot kernel reads bf16 scales as stored, two or
+//     three rounds): 4-bit g32 M = 16 0.97-1.19x, M = 20 1.04-1.38x; 4-bit g16 M = 24 0.88-1.13x,
+//     M = 28 1.01-1.26x; 2-bit g64 M = 32 0.98-1.29x, M = 36 1.05-1.20x; 2-bit g32 M = 32
+//     0.94-1.05x, M = 36 1.03-1.13x, M = 40 1.07-1.20x;
 //   the register tiles' layouts (2-bit g16): M = 24 0.89-1.23x, M = 28 0.95-1.40x, M = 32 1.03-1.38x.
-int64_t bf16_gemm_min_rows(int bits, bool per_channel, bool whole_loads, bool split_loads) {
+int64_t bf16_gemm_min_rows(int bits, bool per_channel, bool whole_loads, int64_t split_group_bytes) {
   if (whole_loads) {
     if (bits == 8) return per_channel ? 20 : 16;
     if (bits == 4) return per_channel ? 40 : 32;
     return per_channel ? 48 : 24;
   }
-  if (split_loads) return bits == 4 ? 20 : 24;
+  if (split_group_bytes == 16) return bits == 4 ? 20 : 36;
+  if (split_group_bytes == 8) return bits == 4 ? 28 : 36;
   return 32;
 }
 
@@ -151,7 +154,7 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const int64_t group_bytes = a.group * a.bits / 8;
   const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = a.bits < 8 && (group_bytes == 16 || group_bytes == 8);
-  const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, whole_loads, split_loads);
+  const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, whole_loads, split_loads ? group_bytes : 0);
   if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }
