@@ -20,24 +20,21 @@ namespace linquant::cpu {
 namespace {
 
 // Weight rows dequantized per GEMM call: 512, and at most 16 MiB of them. More rows are likely
-// out of cache by the time the GEMM reads them; fewer cost the GEMM more per row. bf16 at M = 64,
-// W8 and W4 g128 over 4096x4096, 4096x11008, 11008x4096, 2048x8192 and 14336x4096, linquant's time
-// over bf16 F.linear's, measured alternating: 1.29-1.71x with tiles of 16 MiB, 1.20-1.53x with 512
-// rows; 256 rows were slower again (4096x4096: 1.32-1.39x). The fp32 GEMM at M = 1024 was unchanged.
+// out of cache by the time the GEMM reads them; fewer cost the GEMM more per row (measured with bf16
+// at M = 64, when this path also took bf16 activations: 256 and 16 MiB tiles were both slower).
 constexpr int64_t kTileRows = 512;
 constexpr int64_t kTileBytes = int64_t{1} << 24;
 
-// y = x2 @ dequantized(weight).T, tile by tile, in x2's dtype (fp32, or bf16 with T = uint16_t
-// holding bf16 bits). The tile buffer is kept per thread: a fresh allocation (up to 16 MiB) per
-// tile costs more in first-touch page faults than the dequantization itself.
-template <typename T>
-void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a,
-                    void (*dequant_rows)(const LinearArgs&, int64_t, int64_t, T*), at::Tensor& y) {
-  const int64_t tile = std::clamp<int64_t>(kTileBytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(a.K, 1), 1, kTileRows);
-  thread_local std::vector<T> buffer;
+// y [M, N] fp32 = x2 @ dequantized(weight).T, tile by tile through ATen's fp32 GEMM. The tile
+// buffer is kept per thread: a fresh allocation (up to 16 MiB) per tile costs more in first-touch
+// page faults than the dequantization itself.
+void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, at::Tensor& y) {
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / static_cast<int64_t>(sizeof(float)) / std::max<int64_t>(a.K, 1), 1, kTileRows);
+  thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(std::min(tile, a.N) * a.K));
   // The workers write through this pointer: inside the lambda `buffer` would name their own copy.
-  T* const base = buffer.data();
+  float* const base = buffer.data();
+  const auto dequant_rows = linear_kernels().dequant_rows;
   for (int64_t n0 = 0; n0 < a.N; n0 += tile) {
     const int64_t len = std::min(tile, a.N - n0);
     at::parallel_for(n0, n0 + len, 4, [&](int64_t r0, int64_t r1) { dequant_rows(a, r0, r1, base + (r0 - n0) * a.K); });
@@ -106,7 +103,7 @@ Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight,
 
 // Which kernel takes M activation rows of a weight.
 enum class Path {
-  gemm_bf16,  // ATen's bf16 GEMM over weight tiles dequantized to bf16
+  gemm_bf16,  // the bf16 GEMM kernel over weight panels dequantized to bf16 (gemm_bf16)
   gemm,       // ATen's fp32 GEMM over weight tiles dequantized to fp32
   dot_bf16,   // the bf16 dot-product register kernel (gemv_bf16)
   tiles,      // the fp32 register kernels (gemv: 8-bit tiles, lookup tables)
@@ -155,7 +152,7 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   const bool whole_loads = per_channel || group_bytes % 32 == 0;
   const bool split_loads = a.bits < 8 && (group_bytes == 16 || group_bytes == 8);
   const int64_t gemm_bf16_min_rows = bf16_gemm_min_rows(a.bits, per_channel, whole_loads, split_loads ? group_bytes : 0);
-  if (bf16_x && kernels.dequant_rows_bf16 != nullptr && M >= gemm_bf16_min_rows) {
+  if (bf16_x && kernels.gemm_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }
   // fp32 GEMM over dequantized tiles from the row count the instruction set's kernels measured.
@@ -174,32 +171,37 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   return dot ? Path::dot_bf16 : Path::tiles;
 }
 
-// x_rows [M, K] in `dtype`, contiguous, at a 64-byte-aligned address. ATen's GEMM picks its kernels
-// by its operands' alignment, and the order of its sums with them (fp32, [7, 67] rows at each
-// 4-byte offset: equal to an aligned copy's product only at 16-byte ones), so rows inside a larger
-// tensor (a slice of a batch, an expert's rows in grouped_linear) are copied to get the same bits
-// as anywhere else.
-at::Tensor gemm_rows(const at::Tensor& x_rows, at::ScalarType dtype) {
-  at::Tensor rows = x_rows.to(dtype).contiguous();
+// x_rows [M, K] in fp32, contiguous, at a 64-byte-aligned address. ATen's GEMM picks its kernels
+// by its operands' alignment, and the order of its sums with them ([7, 67] rows at each 4-byte
+// offset: equal to an aligned copy's product only at 16-byte ones), so rows inside a larger tensor
+// (a slice of a batch, an expert's rows in grouped_linear) are copied to get the same bits as
+// anywhere else.
+at::Tensor gemm_rows(const at::Tensor& x_rows) {
+  at::Tensor rows = x_rows.to(at::kFloat).contiguous();
   return reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 64 == 0 ? rows : rows.clone();
 }
 
-// out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias through ATen's GEMM over weight
-// tiles dequantized by wt's format, for the GEMM paths.
+// out [M, N] (contiguous, bf16) = x_rows (bf16) @ W_hat.T + bias through the bf16 GEMM kernel: the
+// threads take 64-row weight panels, each dequantized once. The sums and the bias are added in
+// fp32 and rounded to bf16 once.
+void product_by_gemm_bf16(const at::Tensor& x_rows, const Weight& wt, at::Tensor& out) {
+  at::Tensor x = x_rows.contiguous();
+  if (wt.a.K % 2 != 0) x = at::constant_pad_nd(x, {0, 1});  // the kernel reads x in pairs
+  LinearArgs a = wt.a;
+  a.M = x.size(0);
+  a.xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  a.yb = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto gemm_bf16 = linear_kernels().gemm_bf16;
+  const int64_t panels = (a.N + 63) / 64;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { gemm_bf16(a, p0 * 64, std::min(a.N, p1 * 64)); });
+}
+
+// out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias for the GEMM paths.
 void product_by_gemm(const at::Tensor& x_rows, Path path, const Weight& wt, at::Tensor out) {
-  const LinearArgs& a = wt.a;
-  const at::Tensor& b = wt.b;
-  const LinearKernels& kernels = linear_kernels();
-  if (path == Path::gemm_bf16) {
-    // The product is rounded to bf16 by the GEMM, then the bias is added in fp32 and the sum
-    // rounded again: F.linear on the dequantized bf16 weight, within one more rounding.
-    linear_by_gemm(gemm_rows(x_rows, at::kBFloat16), a, kernels.dequant_rows_bf16, out);
-    if (b.defined()) out.add_(b);
-    return;
-  }
+  if (path == Path::gemm_bf16) return product_by_gemm_bf16(x_rows, wt, out);
   at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  linear_by_gemm(gemm_rows(x_rows, at::kFloat), a, kernels.dequant_rows, y);
-  if (b.defined()) y.add_(b);
+  linear_by_gemm(gemm_rows(x_rows), wt.a, y);
+  if (wt.b.defined()) y.add_(wt.b);
   if (!y.is_same(out)) out.copy_(y);
 }
 
@@ -305,7 +307,7 @@ LinearKernels::GemvFn kernel_for(Path path) {
 // does not. Such a product, rare (any_non_finite), is computed again through the dequantized
 // weights: y [M, N] fp32, the register kernels' output for x_rows.
 void recompute_through_gemm(const at::Tensor& x_rows, const Weight& wt, at::Tensor y) {
-  linear_by_gemm(gemm_rows(x_rows, at::kFloat), wt.a, linear_kernels().dequant_rows, y);
+  linear_by_gemm(gemm_rows(x_rows), wt.a, y);
   if (wt.b.defined()) y.add_(wt.b);
 }
 

@@ -35,10 +35,12 @@ struct LinearArgs {
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)
   const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
-  const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
+  const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits;
+                                    // gemm_bf16: [M, K rounded up to even] rows
   const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
+  uint16_t* yb = nullptr;           // gemm_bf16: [M, N] bf16 bits
 };
 
 struct LinearKernels {
@@ -56,17 +58,17 @@ struct LinearKernels {
   // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
   // into out[(n - n_begin) * K + k], fp32.
   using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
-  // The same rounded to bf16 (nearest even), as bit patterns; AVX-512 with AVX512-BF16 only.
-  using DequantBf16Fn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, uint16_t* out);
 
   GemvFn gemv;
   WordStreamsFn word_streams;
   GemmMinRowsFn gemm_min_rows;
   DequantFn dequant_rows;
   // The bf16 kernels, or nullptr (this instruction set has none; run them only where
-  // cpu_has_avx512_bf16()): the dequantization above in bf16, and bf16 activations through
-  // AVX512-BF16 dot products.
-  DequantBf16Fn dequant_rows_bf16;
+  // cpu_has_avx512_bf16()), bf16 activations through AVX512-BF16 dot products. gemm_bf16: columns
+  // [n_begin, n_end) (n_begin a multiple of 64) of yb = xb @ W_hat.T + bias in bf16, W_hat the
+  // dequantized weight rounded to bf16 (nearest even), xb the activation rows as they are, each
+  // zero-padded to an even length. gemv_bf16: y from the byte streams and group sums.
+  GemvFn gemm_bf16;
   GemvFn gemv_bf16;
 };
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -689,13 +690,13 @@ class StreamPrefetch {
 // at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating.
 template <int BITS, bool SIGNED, typename S>
 __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
-                                                        uint16_t* out) {
+                                                        uint16_t* out, int64_t ld) {
   constexpr int PER = 8 / BITS;
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
   StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = a.w + n * a.row_bytes;
-    uint16_t* o = out + (n - n0) * a.K;
+    uint16_t* o = out + (n - n0) * ld;
     for (int64_t g = 0; g < a.groups; ++g) {
       const RowParams p = params<S>(a, n, g);
       const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
@@ -724,8 +725,182 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
   }
 }
 
-void dequant_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, uint16_t* out) {
-  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant_bf16<BITS, SIGNED, S>(a, n0, n1, out); });
+// ---- The bf16 GEMM (Path::gemm_bf16 in linear.cpp) --------------------------------------------
+// Once the activation rows are many enough for the arithmetic to rule, each weight panel of 64 rows
+// is dequantized to bf16 once per call into the pair layout vdpbf16ps multiplies: for each pair of
+// k, the 64 rows' two values side by side, a vector per 16 rows. Each activation pair, broadcast,
+// then meets 16 rows in one instruction, and a register tile of 6 activation rows x 4 vectors keeps
+// 24 sums, with the panel's pairs (kPanelPairs at a time, 512 KiB) in L2 and the tile's in L1.
+constexpr int64_t kPanelRows = 64;
+constexpr int64_t kPanelPairs = 2048;
+constexpr int kTileRows = 6;
+
+// The 16 x 16 dwords of r transposed: r[i] holds row i's 16 dwords on entry, dword i of each row on
+// return. Per 128-bit lane, two rounds of unpacks gather 4 rows' dword d; two rounds of 128-bit
+// shuffles gather the 4 lanes.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);      // rows i, i+1: dwords 0, 1 of each lane
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);  // dwords 2, 3
+  }
+  for (int q = 0; q < 4; ++q) {  // rows 4q .. 4q+3: u[4q + d] holds their dword d of each lane
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int d = 0; d < 4; ++d) {
+    const __m512i a_lo = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x44), a_hi = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xEE);
+    const __m512i b_lo = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x44);
+    const __m512i b_hi = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xEE);
+    r[d] = _mm512_shuffle_i32x4(a_lo, b_lo, 0x88);  // lane 0 of each group of 4 rows
+    r[4 + d] = _mm512_shuffle_i32x4(a_lo, b_lo, 0xDD);
+    r[8 + d] = _mm512_shuffle_i32x4(a_hi, b_hi, 0x88);
+    r[12 + d] = _mm512_shuffle_i32x4(a_hi, b_hi, 0xDD);
+  }
+}
+
+// Weight rows [n0, n0 + 64) dequantized (dequant_bf16: the same bits as linquant::dequantize rounded
+// to bf16) into panel[(kp * 64 + c) * 2 + e] = w[n0 + c, 2 kp + e], zero past N and past K up to
+// k32 (K rounded up to 32), through 16 rows at a time of row-major scratch [16, k32].
+template <int BITS, bool SIGNED, typename S>
+__attribute__((target("avx512bf16"))) void dequant_panel(const LinearArgs& a, int64_t n0, int64_t k32,
+                                                         uint16_t* scratch, uint16_t* panel) {
+  for (int64_t s = 0; s < kPanelRows / 16; ++s) {
+    const int64_t r0 = n0 + 16 * s, rows = std::clamp<int64_t>(a.N - r0, 0, 16);
+    if (rows > 0) dequant_bf16<BITS, SIGNED, S>(a, r0, r0 + rows, scratch, k32);
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t from = r < rows ? a.K : 0;
+      std::fill(scratch + r * k32 + from, scratch + (r + 1) * k32, uint16_t{0});
+    }
+    for (int64_t j = 0; j < k32; j += 32) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(scratch + r * k32 + j);
+      transpose16(v);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(panel + ((j / 2 + i) * kPanelRows + 16 * s) * 2, v[i]);
+    }
+  }
+}
+
+// The next panel's weight rows, scales and zero points (each stored as one run of bytes), asked for
+// into L2 while this panel's tiles compute, so that they arrive from DRAM while the arithmetic runs
+// instead of when the next panel's dequantization waits for them: take(n) hands a tile its next n
+// lines (of one run), which it asks for one per pair of k.
+class PanelPrefetch {
+ public:
+  PanelPrefetch(const LinearArgs& a, int64_t n0, int64_t n1) {
+    if (n0 >= n1) return;
+    const int64_t scale_bytes = a.scale_type == ScaleType::f32 ? 4 : 2;
+    add(a.w + n0 * a.row_bytes, (n1 - n0) * a.row_bytes);
+    add(static_cast<const char*>(a.scales) + n0 * a.groups * scale_bytes, (n1 - n0) * a.groups * scale_bytes);
+    if (a.zeros != nullptr) add(a.zeros + n0 * a.groups, (n1 - n0) * a.groups * 4);
+  }
+  int64_t lines() const {
+    int64_t total = 0;
+    for (int r = run_; r < runs_; ++r) total += (end_[r] - next_[r] + 63) / 64;
+    return total;
+  }
+  // Up to n lines from where the last take ended, as a first line and a count.
+  std::pair<const char*, int64_t> take(int64_t n) {
+    while (run_ < runs_ && next_[run_] >= end_[run_]) ++run_;
+    if (run_ == runs_ || n <= 0) return {nullptr, 0};
+    const char* first = next_[run_];
+    const int64_t count = std::min(n, (end_[run_] - first + 63) / 64);
+    next_[run_] += count * 64;
+    return {first, count};
+  }
+
+ private:
+  void add(const void* p, int64_t bytes) {
+    next_[runs_] = static_cast<const char*>(p);
+    end_[runs_] = next_[runs_] + bytes;
+    ++runs_;
+  }
+  const char* next_[3] = {};
+  const char* end_[3] = {};
+  int runs_ = 0, run_ = 0;
+};
+
+// c[t * 64 + col] (+)= sum over pairs [kp0, kp1) of x's row t times the panel's column col, for MT
+// rows of x (bf16, row stride ldx); a pair of x is read as one 32-bit broadcast.
+template <int MT>
+__attribute__((target("avx512bf16"))) void panel_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel,
+                                                      int64_t kp0, int64_t kp1, float* c, bool first,
+                                                      std::pair<const char*, int64_t> ahead) {
+  __m512 acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + t * kPanelRows + 16 * v);
+  const auto [ahead_line, ahead_lines] = ahead;
+  for (int64_t kp = kp0; kp < kp1; ++kp) {
+    if (kp - kp0 < ahead_lines) _mm_prefetch(ahead_line + (kp - kp0) * 64, _MM_HINT_T1);
+    const uint16_t* p = panel + kp * kPanelRows * 2;
+    __m512bh w[4];
+    for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(p + 32 * v);
+    for (int t = 0; t < MT; ++t) {
+      int32_t pair;
+      std::memcpy(&pair, x + t * ldx + 2 * kp, sizeof(pair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], xv, w[v]);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(c + t * kPanelRows + 16 * v, acc[t][v]);
+}
+
+template <int MT = kTileRows>
+void panel_tile_rows(int64_t rows, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t kp0,
+                     int64_t kp1, float* c, bool first, std::pair<const char*, int64_t> ahead) {
+  if constexpr (MT > 0) {
+    if (rows == MT) return panel_tile<MT>(x, ldx, panel, kp0, kp1, c, first, ahead);
+    panel_tile_rows<MT - 1>(rows, x, ldx, panel, kp0, kp1, c, first, ahead);
+  }
+}
+
+// y[m, n] = c[m * 64 + n - n0] + bias[n], rounded to bf16, for columns [n0, n1) of every row.
+__attribute__((target("avx512bf16"))) void store_panel(const LinearArgs& a, int64_t n0, int64_t n1, const float* c) {
+  for (int64_t v = 0; v < kPanelRows / 16 && n0 + 16 * v < n1; ++v) {
+    const int64_t col = n0 + 16 * v;
+    const __mmask16 lanes = chunk_mask(n1 - col);
+    const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, a.bias + col) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < a.M; ++m) {
+      const __m512 y = _mm512_add_ps(_mm512_loadu_ps(c + m * kPanelRows + 16 * v), bias);
+      _mm256_mask_storeu_epi16(a.yb + m * a.N + col, lanes, (__m256i)_mm512_cvtneps_pbh(y));
+    }
+  }
+}
+
+// Each thread's buffers, kept between calls: fresh megabytes per call cost first-touch page faults.
+struct PanelBuffers {
+  std::vector<uint16_t> scratch, panel;
+  std::vector<float> c;
+};
+
+template <int BITS, bool SIGNED, typename S>
+__attribute__((target("avx512bf16"))) void gemm_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
+  const int64_t k32 = (a.K + 31) / 32 * 32, pairs = (a.K + 1) / 2, ldx = 2 * pairs;
+  thread_local PanelBuffers buf;
+  buf.scratch.resize(static_cast<size_t>(16 * k32));
+  buf.panel.resize(static_cast<size_t>(k32 * kPanelRows));
+  buf.c.resize(static_cast<size_t>(a.M * kPanelRows));
+  for (int64_t p = n0; p < n1; p += kPanelRows) {
+    dequant_panel<BITS, SIGNED, S>(a, p, k32, buf.scratch.data(), buf.panel.data());
+    PanelPrefetch next(a, p + kPanelRows, std::min(p + 2 * kPanelRows, n1));
+    const int64_t tiles = (pairs + kPanelPairs - 1) / kPanelPairs * ((a.M + kTileRows - 1) / kTileRows);
+    const int64_t per_tile = (next.lines() + tiles - 1) / tiles;
+    for (int64_t kp0 = 0; kp0 < pairs; kp0 += kPanelPairs) {
+      const int64_t kp1 = std::min(pairs, kp0 + kPanelPairs);
+      for (int64_t m = 0; m < a.M; m += kTileRows) {
+        panel_tile_rows(std::min<int64_t>(kTileRows, a.M - m), a.xb + m * ldx, ldx, buf.panel.data(), kp0, kp1,
+                        buf.c.data() + m * kPanelRows, kp0 == 0, next.take(std::min(per_tile, kp1 - kp0)));
+      }
+    }
+    store_panel(a, p, std::min(p + kPanelRows, n1), buf.c.data());
+  }
+}
+
+void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { gemm_bf16<BITS, SIGNED, S>(a, n0, n1); });
 }
 #define LINQUANT_HAVE_BF16_KERNELS 1
 
@@ -1013,7 +1188,7 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
 }
 
 #if defined(LINQUANT_HAVE_BF16_KERNELS)
-const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, dequant_bf16_dispatch,
+const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, gemm_bf16_dispatch,
                               gemv_bf16};
 #else
 const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, nullptr, nullptr};

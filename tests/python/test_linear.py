@@ -130,20 +130,37 @@ def test_bf16_subnormal_activations(bits, group_size, symmetric, gen):
 def check_bf16_gemm(x, qw, bias, bits, group_size):
     """linear of bf16 x on the CPU's bf16 GEMM path against the float64 product with the reference
     weight rounded to fp32 then to bf16 (as the kernel rounds s * (q - z)), within fp32
-    accumulation and the roundings of the sum before and after the bias: a sharper check than
-    check()'s, which would pass a wrongly rounded weight. Returns y and that bf16 weight."""
+    accumulation and one rounding of the sum plus the bias to bf16. Returns y and that bf16 weight."""
     k = x.shape[-1]
     w = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k).float().bfloat16().double()
     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
     assert y.dtype == torch.bfloat16 and y.shape == (x.shape[0], qw.qweight.shape[0])
     x64 = x.double()
-    pre = x64 @ w.T
-    ref = pre + (bias.double() if bias is not None else 0)
-    bound = ((x64.abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + pre.abs() * 2.0**-8
-             + (ref.abs() * 2.0**-8 if bias is not None else 0) + 1e-30)
+    ref = x64 @ w.T + (bias.double() if bias is not None else 0)
+    bound = (x64.abs() @ w.abs().T) * (k**0.5 + 4) * 2.0**-23 + ref.abs() * 2.0**-8 + 1e-30
     err = (y.double() - ref).abs()
     assert bool((err <= bound).all()), (x.shape[0], float((err / bound).max()))
     return y, w.bfloat16()
+
+
+def gemm_probe(n, k, bits, group_size, signed):
+    """A weight whose product tells the bf16 GEMM path from the register kernels: in each row,
+    w[k1] = s * 3 and w[k2] = s * 2 (k1, k2 in the last group), 0 elsewhere, s = 1 + 2^-7. With
+    x = +1 at k1 and -1 at k2, the register kernels take s (3 - 2) = 1.0078125 exactly, while the
+    GEMM path's weights are rounded to bf16 first: 3.03125 - 2.015625 = 1.015625. int8 symmetric
+    (signed) weights have no zero points; the others are asymmetric with zero points 0."""
+    g = k if group_size is None else group_size
+    k1, k2 = (k - 1) // g * g, k - 1
+    q = torch.zeros(n, k, dtype=torch.int64)
+    q[:, k1], q[:, k2] = 3, 2
+    groups = -(-k // g)
+    scales = torch.full((n, groups), 1 + 2.0**-7)
+    if bits == 8:
+        qweight = q.to(torch.int8 if signed else torch.uint8)
+    else:
+        qweight = lq.pack(q, bits)
+    zeros = None if signed else torch.zeros(n, groups, dtype=torch.int32)
+    return qweight, scales, zeros, k1, k2
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
@@ -152,29 +169,37 @@ def check_bf16_gemm(x, qw, bias, bits, group_size):
                                                       (2, 64, 36), (2, 32, 36), (2, 16, 32)], ids=str)
 def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
     # From min_rows rows, by layout (csrc/cpu/linear.cpp `bf16_gemm_min_rows`), bf16 activations
-    # take ATen's bf16 GEMM over weight tiles dequantized to bf16 (check_bf16_gemm). Without bias it
-    # is bit for bit ATen's GEMM on that weight, so every dequantized value is exact, and min_rows
-    # rows took the GEMM, not the dot kernel.
+    # take the bf16 GEMM over weight panels dequantized to bf16: gemm_probe tells it from the
+    # register kernels on each side of min_rows. One-hot rows read back every dequantized value
+    # of a random weight exactly; random rows, with and without bias, meet check_bf16_gemm.
     # K ends inside a group, N is odd; the bias is bf16 or fp32.
     n, k = 37, 300
+    for signed in ((True, False) if bits == 8 else (False,)):
+        qweight, scales, zeros, k1, k2 = gemm_probe(n, k, bits, group_size, signed)
+        for m, expected in ((min_rows - 1, 1.0078125), (min_rows, 1.015625)):
+            x = torch.zeros(m, k, dtype=torch.bfloat16)
+            x[:, k1], x[:, k2] = 1, -1
+            y = lq.linear(x, qweight, scales, zeros, None, bits, group_size)
+            assert bool((y == expected).all()), (m, y.unique())
     for symmetric in (True, False):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric)
+        y, w = check_bf16_gemm(torch.eye(k, dtype=torch.bfloat16), qw, None, bits, group_size)
+        assert torch.equal(y, w.T)
         for m, bias in ((min_rows, None), (min_rows + 1, torch.randn(n, generator=gen).bfloat16()),
                         (130, torch.randn(n, generator=gen))):
-            x = torch.randn(m, k, generator=gen).bfloat16()
-            y, w = check_bf16_gemm(x, qw, bias, bits, group_size)
-            if bias is None:  # one tile: the same GEMM call as on the reference weight, bit for bit
-                assert torch.equal(y, x @ w.T), m
+            check_bf16_gemm(torch.randn(m, k, generator=gen).bfloat16(), qw, bias, bits, group_size)
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-def test_bf16_activations_gemm_path_tiles(gen):
-    # The weight is dequantized 512 rows at a time (at most 16 MiB of them): 1025 rows make two
-    # whole tiles and a one-row tail; with K = 20000, 16 MiB holds 419 bf16 rows, so 420 make two
-    # tiles. Each tile's product goes into its columns of y (a single tile straight into y).
-    for n, k in ((1025, 300), (420, 20000)):
-        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
-        check_bf16_gemm(torch.randn(64, k, generator=gen).bfloat16(), qw, None, 4, 128)
+def test_bf16_activations_gemm_path_blocks(gen):
+    # The bf16 GEMM's blocking: panels of 64 weight rows (N = 1 and a 16-row tail of 129), pairs
+    # of K 4096 at a time (K = 9001: two full passes, a short one, an odd last value), register
+    # tiles of 6 activation rows (M = 6k + 1 .. 5 leave every tail), one panel per thread or many.
+    for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66)):
+        for bits, group_size in ((4, 128), (8, None), (2, 32)):
+            qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric=False)
+            check_bf16_gemm(torch.randn(m, k, generator=gen).bfloat16(), qw, torch.randn(n, generator=gen),
+                            bits, group_size)
 
 
 def test_non_contiguous_and_empty(gen):
