@@ -112,31 +112,30 @@ enum class Path {
 // Whether the bf16 kernels may take activations of this dtype on this CPU.
 bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && cpu_has_avx512_bf16(); }
 
-// From how many activation rows bf16 activations take ATen's bf16 GEMM over weight tiles dequantized
-// to bf16, instead of the dot kernel (below) on its layouts, or the register tiles on the others;
-// split_group_bytes is a group's bytes (16 or 8) on the dot kernel's split layouts, else 0.
-// Measured alternating (weights streamed from DRAM; 4096x4096, 4096x14336, 14336x4096 (K x N);
-// 512-row tiles dequantized with software prefetch; the dot kernel's time over the GEMM's):
-//   per channel: 8-bit M = 16 0.96x / 0.98x / 0.98x, M = 20 1.12x / 1.12x / 1.13x; 4-bit M = 32
-//     0.99-1.01x, M = 40 1.11-1.14x; 2-bit M = 32 0.71-1.04x (four rounds), M = 40 0.85-1.21x,
-//     M = 48 1.06-1.27x (two rounds);
-//   whole-load groups: 8-bit g128 M = 12 0.84-0.93x, M = 16 0.99x / 1.08x / 1.13x (g64 1.18-1.22x,
-//     g32 from M = 12 1.09-1.17x); 4-bit g128 M = 28 0.87-0.95x, M = 32 1.10x / 1.05x / 1.21x;
-//     2-bit g128 M = 20 0.72-1.20x (two rounds), M = 24 0.86-1.34x, M = 28 1.24-1.44x;
-//   split loads (16- or 8-byte groups; since the dot kernel reads bf16 scales as stored, two or
-//     three rounds): 4-bit g32 M = 16 0.97-1.19x, M = 20 1.04-1.38x; 4-bit g16 M = 24 0.88-1.13x,
-//     M = 28 1.01-1.26x; 2-bit g64 M = 32 0.98-1.29x, M = 36 1.05-1.20x; 2-bit g32 M = 32
-//     0.94-1.05x, M = 36 1.03-1.13x, M = 40 1.07-1.20x;
-//   the register tiles' layouts (2-bit g16): M = 24 0.89-1.23x, M = 28 0.95-1.40x, M = 32 1.03-1.38x.
+// From how many activation rows bf16 activations take the bf16 GEMM (gemm_bf16) instead of the dot
+// kernel (below) on its layouts, or the register tiles on the others; split_group_bytes is a group's
+// bytes (16 or 8) on the dot kernel's split layouts, else 0. Measured with both paths alternating in
+// one process (weights streamed from DRAM: rotated copies over 96 MiB; median of 9 calls, best of
+// 2; 4096x4096, 4096x14336, 14336x4096 (K x N); two sweeps where the first was near 1; the dot
+// kernel's time over the GEMM's):
+//   per channel: 8-bit M = 16 0.98-1.06x, M = 20 1.09-1.16x; 4-bit M = 24 0.95-1.08x, M = 32
+//     1.05-1.19x; 2-bit M = 24 0.96-1.00x, M = 32 1.07-1.12x;
+//   whole-load groups: 8-bit g128 M = 12 0.92-0.95x, M = 16 1.10-1.14x (g32 from M = 12
+//     1.10-1.18x); 4-bit g128 M = 16 0.91-1.06x, M = 24 1.20-1.31x (g64 M = 16 1.15-1.19x); 2-bit
+//     g128 M = 16 0.93-0.97x, M = 20 1.03-1.09x, g256 M = 20 0.91-1.01x, g128 M = 24 1.18-1.26x;
+//   split loads: 4-bit g32 M = 10 0.93-1.04x, M = 12 1.20-1.24x; 4-bit g16 M = 16 0.93-1.03x,
+//     M = 20 1.15-1.20x; 2-bit g64 M = 16 0.93-1.08x, M = 20 1.08-1.17x; 2-bit g32 M = 16
+//     0.89-0.97x, M = 20 0.99-1.11x, M = 24 1.14-1.24x;
+//   the register tiles' layouts (2-bit g16): M = 20 0.88-1.02x, M = 24 1.03-1.21x.
 int64_t bf16_gemm_min_rows(int bits, bool per_channel, bool whole_loads, int64_t split_group_bytes) {
   if (whole_loads) {
     if (bits == 8) return per_channel ? 20 : 16;
-    if (bits == 4) return per_channel ? 40 : 32;
-    return per_channel ? 48 : 24;
+    if (bits == 4) return per_channel ? 32 : 20;
+    return per_channel ? 32 : 24;
   }
-  if (split_group_bytes == 16) return bits == 4 ? 20 : 36;
-  if (split_group_bytes == 8) return bits == 4 ? 28 : 36;
-  return 32;
+  if (split_group_bytes == 16) return bits == 4 ? 12 : 20;
+  if (split_group_bytes == 8) return 20;
+  return 24;
 }
 
 Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {

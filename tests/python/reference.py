@@ -142,8 +142,8 @@ def ref_stored_values(qweight, bits, k):
 
 
 # From this many rows bf16 activations may take the CPU's bf16 GEMM over weights rounded to bf16
-# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 16-48 rows, by layout, on CPUs with AVX512-BF16).
-BF16_GEMM_MIN_ROWS = 16
+# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 12-32 rows, by layout, on CPUs with AVX512-BF16).
+BF16_GEMM_MIN_ROWS = 12
 
 
 def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
@@ -162,8 +162,8 @@ def linear_bound(x64, w, qweight, scales, zeros, bits, group_size, dtype, ref):
     weight w [N, K] of (qweight, scales, zeros), ref = x64 @ w.T + bias: fp32 accumulation over K
     terms (of the larger weights the bf16 dot kernel sums), rounding to the output dtype and, from
     BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16. bf16
-    subnormal activations may count as zero (AVX512-BF16's dot products flush them, as ATen's bf16
-    GEMM does)."""
+    subnormal activations may count as zero (AVX512-BF16's dot products flush them, in the dot kernel
+    and the GEMM)."""
     k = x64.shape[-1]
     w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k)
                        if dtype == torch.bfloat16 else 0)

@@ -600,7 +600,7 @@ def check_linear(x, qweight, scales, zeros, bias, bits, group_size, w64, gpu_arg
                              f"{torch.ops.linquant._cuda_linear_dispatch()[0]}, and while it is on, for fp32 up to M = {GEMV_ROWS}.")
     diff = (yg - y_cpu.double().reshape(m, n)).abs()
     # With bf16 activations the CPU may run its AVX512-BF16 kernel, whose fp32 sums carry an offset,
-    # or from BF16_GEMM_MIN_ROWS rows its bf16 GEMM (weights and the sum before the bias rounded).
+    # or from BF16_GEMM_MIN_ROWS rows its bf16 GEMM (weights rounded to bf16).
     if x.dtype == torch.bfloat16:
         cpu_bound = cpu_bound + (x64.abs() @ dot_kernel_weight(qweight, scales, zeros, bits, group_size, k).T) * (
             (k**0.5 + 4) * 2.0**-23)

@@ -172,8 +172,8 @@ def test_grouped_linear_is_each_experts_linear(gen, bits, group_size, symmetric,
 
 # Rows per expert on both sides of every CPU path's threshold (csrc/cpu/linear.cpp). bf16: 1 and 7
 # rows take the dot kernel (8 bits: tile8; w2g16a: the register tiles), 8 the dot kernel (8 bits
-# from 8 rows), 24 the bf16 GEMM for w8 (from 20), w8g32a (from 16) and w4g32a (from 20) but not w4,
-# w4g16 (from 28) or w2g16a, 33 the GEMM but for w4 (from 40), 70 and 130 the GEMM. With fp32
+# from 8 rows), 24 the bf16 GEMM (w8 from 20, w8g32a from 16, w4g32a from 12, w4g16 from 20, w2g16a
+# from 24) but for w4 (from 32), 33, 70 and 130 the GEMM. With fp32
 # and fp16 activations, 24, 33, 70 and 130 rows of the 2-bit g16 weights and 33, 70 and 130 of the
 # 4-bit g16 ones take the fp32 GEMM (from 16 and 32 rows on AVX-512), the other weights' rows the
 # register kernels (to 255 rows or more: csrc/cpu/linear_kernels_isa.cpp).

@@ -164,9 +164,9 @@ def gemm_probe(n, k, bits, group_size, signed):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 20), (8, 32, 16), (4, None, 40), (4, 128, 32),
-                                                      (2, None, 48), (2, 128, 24), (4, 32, 20), (4, 16, 28),
-                                                      (2, 64, 36), (2, 32, 36), (2, 16, 32)], ids=str)
+@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 20), (8, 32, 16), (4, None, 32), (4, 128, 20),
+                                                      (2, None, 32), (2, 128, 24), (4, 32, 12), (4, 16, 20),
+                                                      (2, 64, 20), (2, 32, 20), (2, 16, 24)], ids=str)
 def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
     # From min_rows rows, by layout (csrc/cpu/linear.cpp `bf16_gemm_min_rows`), bf16 activations
     # take the bf16 GEMM over weight panels dequantized to bf16: gemm_probe tells it from the
