@@ -2,7 +2,8 @@
 // `grouped_linear` (a mixture's experts in one call). Checks, activation layout, and a parallel
 // loop over blocks of output features calling the per-ISA kernels, which dequantize in registers
 // while reading each weight row from memory once; from enough activation rows (compute-bound),
-// ATen's GEMM over dequantized weight tiles instead.
+// a GEMM over dequantized weights instead: the bf16 GEMM kernel for bf16 activations on CPUs with
+// AVX512-BF16, else ATen's fp32 GEMM over dequantized weight tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -681,8 +680,8 @@ class StreamPrefetch {
   const uint8_t* next_;
 };
 
-// Rows [n0, n1) dequantized for the bf16 GEMM: s * (q - z) in fp32 exactly as dequant() computes
-// it, then rounded to bf16 to nearest even (a NaN scale gives a NaN whose payload may differ from
+// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
+// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a NaN whose payload may differ from
 // core::from_float's). No unpacked copy of the row is written. 8 bits: 32 values per convert,
 // subtract, multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take are
 // computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at M = 64
@@ -733,7 +732,7 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
 // 24 sums, with the panel's pairs (kPanelPairs at a time, 512 KiB) in L2 and the tile's in L1.
 constexpr int64_t kPanelRows = 64;
 constexpr int64_t kPanelPairs = 2048;
-constexpr int kTileRows = 6;
+constexpr int kActivationTile = 6;
 
 // The 16 x 16 dwords of r transposed: r[i] holds row i's 16 dwords on entry, dword i of each row on
 // return. Per 128-bit lane, two rounds of unpacks gather 4 rows' dword d; two rounds of 128-bit
@@ -783,57 +782,15 @@ __attribute__((target("avx512bf16"))) void dequant_panel(const LinearArgs& a, in
   }
 }
 
-// The next panel's weight rows, scales and zero points (each stored as one run of bytes), asked for
-// into L2 while this panel's tiles compute, so that they arrive from DRAM while the arithmetic runs
-// instead of when the next panel's dequantization waits for them: take(n) hands a tile its next n
-// lines (of one run), which it asks for one per pair of k.
-class PanelPrefetch {
- public:
-  PanelPrefetch(const LinearArgs& a, int64_t n0, int64_t n1) {
-    if (n0 >= n1) return;
-    const int64_t scale_bytes = a.scale_type == ScaleType::f32 ? 4 : 2;
-    add(a.w + n0 * a.row_bytes, (n1 - n0) * a.row_bytes);
-    add(static_cast<const char*>(a.scales) + n0 * a.groups * scale_bytes, (n1 - n0) * a.groups * scale_bytes);
-    if (a.zeros != nullptr) add(a.zeros + n0 * a.groups, (n1 - n0) * a.groups * 4);
-  }
-  int64_t lines() const {
-    int64_t total = 0;
-    for (int r = run_; r < runs_; ++r) total += (end_[r] - next_[r] + 63) / 64;
-    return total;
-  }
-  // Up to n lines from where the last take ended, as a first line and a count.
-  std::pair<const char*, int64_t> take(int64_t n) {
-    while (run_ < runs_ && next_[run_] >= end_[run_]) ++run_;
-    if (run_ == runs_ || n <= 0) return {nullptr, 0};
-    const char* first = next_[run_];
-    const int64_t count = std::min(n, (end_[run_] - first + 63) / 64);
-    next_[run_] += count * 64;
-    return {first, count};
-  }
-
- private:
-  void add(const void* p, int64_t bytes) {
-    next_[runs_] = static_cast<const char*>(p);
-    end_[runs_] = next_[runs_] + bytes;
-    ++runs_;
-  }
-  const char* next_[3] = {};
-  const char* end_[3] = {};
-  int runs_ = 0, run_ = 0;
-};
-
 // c[t * 64 + col] (+)= sum over pairs [kp0, kp1) of x's row t times the panel's column col, for MT
 // rows of x (bf16, row stride ldx); a pair of x is read as one 32-bit broadcast.
 template <int MT>
 __attribute__((target("avx512bf16"))) void panel_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel,
-                                                      int64_t kp0, int64_t kp1, float* c, bool first,
-                                                      std::pair<const char*, int64_t> ahead) {
+                                                      int64_t kp0, int64_t kp1, float* c, bool first) {
   __m512 acc[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int v = 0; v < 4; ++v) acc[t][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + t * kPanelRows + 16 * v);
-  const auto [ahead_line, ahead_lines] = ahead;
   for (int64_t kp = kp0; kp < kp1; ++kp) {
-    if (kp - kp0 < ahead_lines) _mm_prefetch(ahead_line + (kp - kp0) * 64, _MM_HINT_T1);
     const uint16_t* p = panel + kp * kPanelRows * 2;
     __m512bh w[4];
     for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(p + 32 * v);
@@ -848,12 +805,12 @@ __attribute__((target("avx512bf16"))) void panel_tile(const uint16_t* x, int64_t
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(c + t * kPanelRows + 16 * v, acc[t][v]);
 }
 
-template <int MT = kTileRows>
+template <int MT = kActivationTile>
 void panel_tile_rows(int64_t rows, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t kp0,
-                     int64_t kp1, float* c, bool first, std::pair<const char*, int64_t> ahead) {
+                     int64_t kp1, float* c, bool first) {
   if constexpr (MT > 0) {
-    if (rows == MT) return panel_tile<MT>(x, ldx, panel, kp0, kp1, c, first, ahead);
-    panel_tile_rows<MT - 1>(rows, x, ldx, panel, kp0, kp1, c, first, ahead);
+    if (rows == MT) return panel_tile<MT>(x, ldx, panel, kp0, kp1, c, first);
+    panel_tile_rows<MT - 1>(rows, x, ldx, panel, kp0, kp1, c, first);
   }
 }
 
@@ -870,29 +827,32 @@ __attribute__((target("avx512bf16"))) void store_panel(const LinearArgs& a, int6
   }
 }
 
-// Each thread's buffers, kept between calls: fresh megabytes per call cost first-touch page faults.
+// Each thread's buffers, kept between calls (fresh megabytes per call cost first-touch page faults)
+// and shared by every weight format's instantiation.
 struct PanelBuffers {
   std::vector<uint16_t> scratch, panel;
   std::vector<float> c;
 };
 
+PanelBuffers& panel_buffers() {
+  thread_local PanelBuffers buffers;
+  return buffers;
+}
+
 template <int BITS, bool SIGNED, typename S>
 __attribute__((target("avx512bf16"))) void gemm_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
   const int64_t k32 = (a.K + 31) / 32 * 32, pairs = (a.K + 1) / 2, ldx = 2 * pairs;
-  thread_local PanelBuffers buf;
+  PanelBuffers& buf = panel_buffers();
   buf.scratch.resize(static_cast<size_t>(16 * k32));
   buf.panel.resize(static_cast<size_t>(k32 * kPanelRows));
   buf.c.resize(static_cast<size_t>(a.M * kPanelRows));
   for (int64_t p = n0; p < n1; p += kPanelRows) {
     dequant_panel<BITS, SIGNED, S>(a, p, k32, buf.scratch.data(), buf.panel.data());
-    PanelPrefetch next(a, p + kPanelRows, std::min(p + 2 * kPanelRows, n1));
-    const int64_t tiles = (pairs + kPanelPairs - 1) / kPanelPairs * ((a.M + kTileRows - 1) / kTileRows);
-    const int64_t per_tile = (next.lines() + tiles - 1) / tiles;
     for (int64_t kp0 = 0; kp0 < pairs; kp0 += kPanelPairs) {
       const int64_t kp1 = std::min(pairs, kp0 + kPanelPairs);
-      for (int64_t m = 0; m < a.M; m += kTileRows) {
-        panel_tile_rows(std::min<int64_t>(kTileRows, a.M - m), a.xb + m * ldx, ldx, buf.panel.data(), kp0, kp1,
-                        buf.c.data() + m * kPanelRows, kp0 == 0, next.take(std::min(per_tile, kp1 - kp0)));
+      for (int64_t m = 0; m < a.M; m += kActivationTile) {
+        panel_tile_rows(std::min<int64_t>(kActivationTile, a.M - m), a.xb + m * ldx, ldx, buf.panel.data(), kp0, kp1,
+                        buf.c.data() + m * kPanelRows, kp0 == 0);
       }
     }
     store_panel(a, p, std::min(p + kPanelRows, n1), buf.c.data());
