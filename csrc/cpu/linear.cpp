@@ -30,7 +30,7 @@ constexpr int64_t kTileBytes = int64_t{1} << 24;
 // buffer is kept per thread: a fresh allocation (up to 16 MiB) per tile costs more in first-touch
 // page faults than the dequantization itself.
 void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, at::Tensor& y) {
-  const int64_t tile = std::clamp<int64_t>(kTileBytes / static_cast<int64_t>(sizeof(float)) / std::max<int64_t>(a.K, 1), 1, kTileRows);
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / int64_t{sizeof(float)} / std::max<int64_t>(a.K, 1), 1, kTileRows);
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(std::min(tile, a.N) * a.K));
   // The workers write through this pointer: inside the lambda `buffer` would name their own copy.

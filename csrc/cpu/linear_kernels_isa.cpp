@@ -681,12 +681,13 @@ class StreamPrefetch {
 };
 
 // Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
-// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a NaN whose payload may differ from
-// core::from_float's). No unpacked copy of the row is written. 8 bits: 32 values per convert,
-// subtract, multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take are
-// computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at M = 64
-// (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as long at W4 g128, 0.81-0.99x
-// at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating.
+// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a
+// NaN whose payload may differ from core::from_float's). No unpacked copy of the row is written.
+// 8 bits: 32 values per convert, subtract, multiply and round. 4 and 2 bits: per group, the 16 (or
+// 4) values q can take are computed so and rounded into a table, and each 32 values are one table
+// lookup (vpermw): at M = 64 (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as
+// long at W4 g128, 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating
+// (with ATen's bf16 GEMM, before session 30).
 template <int BITS, bool SIGNED, typename S>
 __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
                                                         uint16_t* out, int64_t ld) {
