@@ -53,7 +53,11 @@ def test_demo_json_and_plots(tmp_path):
         assert lm["int8 per-channel (bf16)"]["greedy"].startswith(" Paris")
         assert lm["int8 per-channel (bf16)"]["perplexity"] < lm["bf16"]["perplexity"] * 1.01
         assert lm["int4 g128 asym (bf16)"]["bytes"] < lm["bf16"]["bytes"] / 2
-        assert lm["int4 g128 asym (bf16)"]["perplexity"] < lm["int4 g128 asym"]["perplexity"] * 1.05
+        # The bf16 4-bit model sits about 5% above the fp32 one on this 76-token paragraph, which
+        # moves by half a percent when a few in 10^4 outputs round the other way: with every layer's
+        # product summed in float64 and rounded once 9.800, through oneDNN's bf16 GEMM 9.794, through
+        # linquant's 9.850 (session 30; each layer as close to the float64 product as oneDNN's).
+        assert lm["int4 g128 asym (bf16)"]["perplexity"] < lm["int4 g128 asym"]["perplexity"] * 1.07
         # The token embedding and its tied head at 8 bits, one shared table: about half the bytes of
         # the 4-bit model that keeps them in float (fp32), at its perplexity.
         for suffix in ("", " (bf16)"):
