@@ -117,25 +117,27 @@ bool bf16_kernels(at::ScalarType x_dtype) { return x_dtype == at::kBFloat16 && c
 // kernel (below) on its layouts, or the register tiles on the others; split_group_bytes is a group's
 // bytes (16 or 8) on the dot kernel's split layouts, else 0. Measured with both paths alternating in
 // one process (weights streamed from DRAM: rotated copies over 96 MiB; median of 9 calls, best of
-// 2; 4096x4096, 4096x14336, 14336x4096 (K x N); two sweeps where the first was near 1; the dot
-// kernel's time over the GEMM's):
-//   per channel: 8-bit M = 16 0.98-1.06x, M = 20 1.09-1.16x; 4-bit M = 24 0.95-1.08x, M = 32
-//     1.05-1.19x; 2-bit M = 24 0.96-1.00x, M = 32 1.07-1.12x;
-//   whole-load groups: 8-bit g128 M = 12 0.92-0.95x, M = 16 1.10-1.14x (g32 from M = 12
-//     1.10-1.18x); 4-bit g128 M = 16 0.91-1.06x, M = 24 1.20-1.31x (g64 M = 16 1.15-1.19x); 2-bit
-//     g128 M = 16 0.93-0.97x, M = 20 1.03-1.09x, g256 M = 20 0.91-1.01x, g128 M = 24 1.18-1.26x;
-//   split loads: 4-bit g32 M = 10 0.93-1.04x, M = 12 1.20-1.24x; 4-bit g16 M = 16 0.93-1.03x,
-//     M = 20 1.15-1.20x; 2-bit g64 M = 16 0.93-1.08x, M = 20 1.08-1.17x; 2-bit g32 M = 16
-//     0.89-0.97x, M = 20 0.99-1.11x, M = 24 1.14-1.24x;
-//   the register tiles' layouts (2-bit g16): M = 20 0.88-1.02x, M = 24 1.03-1.21x.
+// 2; 4096x4096, 4096x14336, 14336x4096 (K x N); the dot kernel's time over the GEMM's; two sweeps,
+// the second below). The GEMM multiplies activation rows 16 at a time, so 17-31 rows cost it as
+// much as 32, and M = 20 can be slower than M = 16 against the dot kernel:
+//   per channel: 8-bit M = 12 0.99-1.03x, M = 16 1.32-1.39x; 4-bit M = 16 1.06-1.15x, M = 20
+//     0.93-1.04x, M = 24 1.12-1.22x; 2-bit M = 16 1.00-1.16x, M = 20 0.92-1.05x, M = 24 1.09-1.24x;
+//   whole-load groups: 8-bit g128 M = 10 0.99-1.08x, M = 12 1.11-1.25x (g32 from M = 10
+//     1.28-1.32x); 4-bit g128 M = 12 0.93-1.02x, M = 16 1.23-1.35x, g256 M = 16 1.10-1.23x, M = 20
+//     1.02-1.15x (g64 M = 12 1.06-1.15x); 2-bit g128 M = 12 0.91-1.02x, M = 16 1.22-1.37x, g256
+//     M = 16 1.08-1.18x, M = 20 0.98-1.12x;
+//   split loads: 4-bit g32 M = 10 1.01-1.06x, M = 12 1.19-1.30x; 4-bit g16 M = 12 0.81-0.88x, M = 16
+//     1.09-1.16x; 2-bit g64 M = 12 0.94-1.02x, M = 16 1.26-1.33x; 2-bit g32 M = 16 1.04-1.15x, M = 20
+//     1.05-1.14x;
+//   the register tiles' layouts (2-bit g16): M = 16 0.89-1.07x, M = 20 0.95-1.13x, M = 24
+//     1.14-1.35x.
 int64_t bf16_gemm_min_rows(int bits, bool per_channel, bool whole_loads, int64_t split_group_bytes) {
   if (whole_loads) {
-    if (bits == 8) return per_channel ? 20 : 16;
-    if (bits == 4) return per_channel ? 32 : 20;
-    return per_channel ? 32 : 24;
+    if (bits == 8) return per_channel ? 16 : 12;
+    return per_channel ? 24 : 16;
   }
-  if (split_group_bytes == 16) return bits == 4 ? 12 : 20;
-  if (split_group_bytes == 8) return 20;
+  if (split_group_bytes == 16) return bits == 4 ? 12 : 16;
+  if (split_group_bytes == 8) return 16;
   return 24;
 }
 
@@ -182,18 +184,25 @@ at::Tensor gemm_rows(const at::Tensor& x_rows) {
 }
 
 // out [M, N] (contiguous, bf16) = x_rows (bf16) @ W_hat.T + bias through the bf16 GEMM kernel: the
-// threads take 64-row weight panels, each dequantized once. The sums and the bias are added in
-// fp32 and rounded to bf16 once.
+// activations transposed by pairs of k (transpose_pairs), then the threads take 64-row weight
+// panels, each dequantized once. The sums and the bias are added in fp32 and rounded to bf16 once.
 void product_by_gemm_bf16(const at::Tensor& x_rows, const Weight& wt, at::Tensor& out) {
-  at::Tensor x = x_rows.contiguous();
-  if (wt.a.K % 2 != 0) x = at::constant_pad_nd(x, {0, 1});  // the kernel reads x in pairs
+  const at::Tensor x = x_rows.contiguous();
+  const LinearKernels& kernels = linear_kernels();
   LinearArgs a = wt.a;
   a.M = x.size(0);
-  a.xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  const int64_t pairs = (a.K + 1) / 2, blocks = (pairs + 15) / 16;
+  const at::Tensor xt = at::empty({pairs, (a.M + 15) / 16 * 16}, x.options().dtype(at::kInt));
+  const auto x16 = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  const auto xt32 = reinterpret_cast<uint32_t*>(xt.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.M));  // 64K pairs or more a task
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    kernels.transpose_pairs(x16, a.M, a.K, b0 * 16, std::min(pairs, b1 * 16), xt32);
+  });
+  a.xb = reinterpret_cast<const uint16_t*>(xt32);
   a.yb = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const auto gemm_bf16 = linear_kernels().gemm_bf16;
   const int64_t panels = (a.N + 63) / 64;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { gemm_bf16(a, p0 * 64, std::min(a.N, p1 * 64)); });
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { kernels.gemm_bf16(a, p0 * 64, std::min(a.N, p1 * 64)); });
 }
 
 // out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias for the GEMM paths.

@@ -36,7 +36,7 @@ struct LinearArgs {
   bool word_streams = false;        // xd holds per-word streams (see above)
   const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
   const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits;
-                                    // gemm_bf16: [M, K rounded up to even] rows
+                                    // gemm_bf16: pairs of k transposed (transpose_pairs)
   const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
@@ -70,6 +70,12 @@ struct LinearKernels {
   // zero-padded to an even length. gemv_bf16: y from the byte streams and group sums.
   GemvFn gemm_bf16;
   GemvFn gemv_bf16;
+  // gemm_bf16's activations (xb) from bf16 rows x [M, K] (contiguous): pairs [kp_begin, kp_end) of
+  // xt[kp * ldx + m] = x[m, 2 kp] | x[m, 2 kp + 1] << 16, zero past K and for m in [M, ldx), ldx
+  // being M rounded up to 16; kp_begin a multiple of 16.
+  using TransposePairsFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t kp_begin, int64_t kp_end,
+                                    uint32_t* xt);
+  TransposePairsFn transpose_pairs;
 };
 
 const LinearKernels& linear_kernels_baseline();

@@ -164,9 +164,9 @@ def gemm_probe(n, k, bits, group_size, signed):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
-@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 20), (8, 32, 16), (4, None, 32), (4, 128, 20),
-                                                      (2, None, 32), (2, 128, 24), (4, 32, 12), (4, 16, 20),
-                                                      (2, 64, 20), (2, 32, 20), (2, 16, 24)], ids=str)
+@pytest.mark.parametrize("bits,group_size,min_rows", [(8, None, 16), (8, 32, 12), (4, None, 24), (4, 128, 16),
+                                                      (2, None, 24), (2, 128, 16), (4, 32, 12), (4, 16, 16),
+                                                      (2, 64, 16), (2, 32, 16), (2, 16, 24)], ids=str)
 def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
     # From min_rows rows, by layout (csrc/cpu/linear.cpp `bf16_gemm_min_rows`), bf16 activations
     # take the bf16 GEMM over weight panels dequantized to bf16: gemm_probe tells it from the
@@ -192,10 +192,13 @@ def test_bf16_activations_gemm_path(bits, group_size, min_rows, gen):
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the bf16 GEMM path needs a CPU with AVX512-BF16")
 def test_bf16_activations_gemm_path_blocks(gen):
-    # The bf16 GEMM's blocking: panels of 64 weight rows (N = 1 and a 16-row tail of 129), pairs
-    # of K 4096 at a time (K = 9001: two full passes, a short one, an odd last value), register
-    # tiles of 6 activation rows (M = 6k + 1 .. 5 leave every tail), one panel per thread or many.
-    for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66)):
+    # The bf16 GEMM's blocking: panels of 64 weight rows (N = 1, a 1-row tail of 129, 37 < 64),
+    # register tiles of 12, 8, 8 or 6 weight rows for 1-4 vectors of 16 activation rows (M = 16,
+    # 20, 41, 47 and 64 take each; 66 = 64 + 2 two blocks of rows; every tile's remainder of rows
+    # among N = 37, 64, 100, 129, 700), pairs of K 512 at a time (K = 9001: eight full passes, a
+    # short one, an odd last value; 1030 one pass and 3 pairs), activations transposed 16 pairs at a
+    # time (K = 300, 1030, 4097: a part block), one panel per thread or many.
+    for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66), (37, 1030, 16), (100, 333, 20)):
         for bits, group_size in ((4, 128), (8, None), (2, 32)):
             qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric=False)
             check_bf16_gemm(torch.randn(m, k, generator=gen).bfloat16(), qw, torch.randn(n, generator=gen),
