@@ -142,7 +142,7 @@ def ref_stored_values(qweight, bits, k):
 
 
 # From this many rows bf16 activations may take the CPU's bf16 GEMM over weights rounded to bf16
-# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 12-32 rows, by layout, on CPUs with AVX512-BF16).
+# (csrc/cpu/linear.cpp `bf16_gemm_min_rows`: from 12-24 rows, by layout, on CPUs with AVX512-BF16).
 BF16_GEMM_MIN_ROWS = 12
 
 

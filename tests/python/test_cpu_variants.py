@@ -50,7 +50,7 @@ for bits in (8, 4, 2):
                     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)
                     assert torch.allclose(y.double(), x.double() @ ref.T + bias.double(), rtol=1e-5, atol=1e-4)
                 # bf16 activations: the AVX512-BF16 kernels where the variant and the CPU have them
-                # (the dot kernel, the bf16 GEMM from 16-48 rows), the fp32 ones elsewhere; bf16
+                # (the dot kernel, the bf16 GEMM from 12-24 rows), the fp32 ones elsewhere; bf16
                 # roundings only.
                 for m in (3, 70):
                     x = torch.randn(m, k, generator=g).bfloat16()

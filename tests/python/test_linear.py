@@ -115,7 +115,7 @@ def test_bf16_subnormal_activations(bits, group_size, symmetric, gen):
     # groups and rows: the AVX512-BF16 dot products read subnormals as zero, and the kernel's
     # group-offset term (128 + z) sum x must read them alike, or it subtracts what the products
     # never added (100-1000x the product, sign flipped). M covers the dot kernel's tiles, the
-    # 8-bit dot kernel (from 8 rows) and the bf16 GEMM (from 16-48 rows by layout).
+    # 8-bit dot kernel (from 8 rows) and the bf16 GEMM (from 12-24 rows by layout).
     n, k = 13, 300
     w = torch.randn(n, k, generator=gen) * 1e30
     qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=torch.bfloat16)
