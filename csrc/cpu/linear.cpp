@@ -192,7 +192,7 @@ void product_by_gemm_bf16(const at::Tensor& x_rows, const Weight& wt, at::Tensor
   LinearArgs a = wt.a;
   a.M = x.size(0);
   const int64_t pairs = (a.K + 1) / 2, blocks = (pairs + 15) / 16;
-  const at::Tensor xt = at::empty({pairs, (a.M + 15) / 16 * 16}, x.options().dtype(at::kInt));
+  const at::Tensor xt = at::empty({pairs, pair_rows(a.M)}, x.options().dtype(at::kInt));
   const auto x16 = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
   const auto xt32 = reinterpret_cast<uint32_t*>(xt.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.M));  // 64K pairs or more a task

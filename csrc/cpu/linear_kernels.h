@@ -65,18 +65,21 @@ struct LinearKernels {
   DequantFn dequant_rows;
   // The bf16 kernels, or nullptr (this instruction set has none; run them only where
   // cpu_has_avx512_bf16()), bf16 activations through AVX512-BF16 dot products. gemm_bf16: columns
-  // [n_begin, n_end) (n_begin a multiple of 64) of yb = xb @ W_hat.T + bias in bf16, W_hat the
-  // dequantized weight rounded to bf16 (nearest even), xb the activation rows as they are, each
-  // zero-padded to an even length. gemv_bf16: y from the byte streams and group sums.
+  // [n_begin, n_end) (n_begin a multiple of 64) of yb = x @ W_hat.T + bias in bf16, W_hat the
+  // dequantized weight rounded to bf16 (nearest even), xb the activations x as transpose_pairs
+  // lays them out. gemv_bf16: y from the byte streams and group sums.
   GemvFn gemm_bf16;
   GemvFn gemv_bf16;
   // gemm_bf16's activations (xb) from bf16 rows x [M, K] (contiguous): pairs [kp_begin, kp_end) of
   // xt[kp * ldx + m] = x[m, 2 kp] | x[m, 2 kp + 1] << 16, zero past K and for m in [M, ldx), ldx
-  // being M rounded up to 16; kp_begin a multiple of 16.
+  // being pair_rows(M); kp_begin a multiple of 16.
   using TransposePairsFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t kp_begin, int64_t kp_end,
                                     uint32_t* xt);
   TransposePairsFn transpose_pairs;
 };
+
+// The activation rows of transpose_pairs' layout: M rounded up to the 16 rows a vector holds.
+inline int64_t pair_rows(int64_t M) { return (M + 15) / 16 * 16; }
 
 const LinearKernels& linear_kernels_baseline();
 const LinearKernels& linear_kernels_avx2();
