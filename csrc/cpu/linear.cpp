@@ -2,8 +2,9 @@
 // `grouped_linear` (a mixture's experts in one call). Checks, activation layout, and a parallel
 // loop over blocks of output features calling the per-ISA kernels, which dequantize in registers
 // while reading each weight row from memory once; from enough activation rows (compute-bound),
-// a GEMM over dequantized weights instead: the bf16 GEMM kernel for bf16 activations on CPUs with
-// AVX512-BF16, else ATen's fp32 GEMM over dequantized weight tiles.
+// a GEMM over dequantized weights instead: on AVX-512 CPUs linquant's panel GEMMs (in bf16 for
+// bf16 activations on CPUs with AVX512-BF16, else in fp32), elsewhere ATen's fp32 GEMM over
+// dequantized weight tiles.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,7 +27,8 @@ namespace {
 constexpr int64_t kTileRows = 512;
 constexpr int64_t kTileBytes = int64_t{1} << 24;
 
-// y [M, N] fp32 = x2 @ dequantized(weight).T, tile by tile through ATen's fp32 GEMM. The tile
+// y [M, N] fp32 = x2 @ dequantized(weight).T, tile by tile through ATen's fp32 GEMM (instruction
+// sets without the panel GEMMs). The tile
 // buffer is kept per thread: a fresh allocation (up to 16 MiB) per tile costs more in first-touch
 // page faults than the dequantization itself.
 void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, at::Tensor& y) {
@@ -105,7 +107,7 @@ Weight weight_of(const LinearShape& sh, int64_t bits, const at::Tensor& qweight,
 // Which kernel takes M activation rows of a weight.
 enum class Path {
   gemm_bf16,  // the bf16 GEMM kernel over weight panels dequantized to bf16 (gemm_bf16)
-  gemm,       // ATen's fp32 GEMM over weight tiles dequantized to fp32
+  gemm,       // an fp32 GEMM over dequantized weights: gemm_f32's panels, else ATen's over tiles
   dot_bf16,   // the bf16 dot-product register kernel (gemv_bf16)
   tiles,      // the fp32 register kernels (gemv: 8-bit tiles, lookup tables)
 };
@@ -157,7 +159,7 @@ Path path_for(const LinearArgs& a, int64_t M, at::ScalarType x_dtype) {
   if (bf16_x && kernels.gemm_bf16 != nullptr && M >= gemm_bf16_min_rows) {
     return Path::gemm_bf16;
   }
-  // fp32 GEMM over dequantized tiles from the row count the instruction set's kernels measured.
+  // The fp32 GEMM from the row count the instruction set's kernels measured.
   if (M >= kernels.gemm_min_rows(a.bits, a.group, per_channel)) return Path::gemm;
   // bf16 activations on a CPU with AVX512-BF16: the dot-product kernel, on the byte streams kept in
   // bf16 and each row's sums over each group, for its layouts (whole or split loads). At 8 bits it
@@ -183,34 +185,57 @@ at::Tensor gemm_rows(const at::Tensor& x_rows) {
   return reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 64 == 0 ? rows : rows.clone();
 }
 
-// out [M, N] (contiguous, bf16) = x_rows (bf16) @ W_hat.T + bias through the bf16 GEMM kernel: the
-// activations transposed by pairs of k (transpose_pairs), then the threads take 64-row weight
-// panels, each dequantized once. The sums and the bias are added in fp32 and rounded to bf16 once.
-void product_by_gemm_bf16(const at::Tensor& x_rows, const Weight& wt, at::Tensor& out) {
-  const at::Tensor x = x_rows.contiguous();
-  const LinearKernels& kernels = linear_kernels();
-  LinearArgs a = wt.a;
-  a.M = x.size(0);
-  const int64_t pairs = (a.K + 1) / 2, blocks = (pairs + 15) / 16;
-  const at::Tensor xt = at::empty({pairs, pair_rows(a.M)}, x.options().dtype(at::kInt));
+// x [M, K] (contiguous, bf16 or fp32) as the panel GEMMs read it (transpose_dwords: the dwords of
+// each row, a pair of bf16 values or one fp32 value, transposed), in parallel over blocks of 16.
+at::Tensor transposed_dwords(const at::Tensor& x) {
+  const int64_t M = x.size(0), halves = x.size(1) * (x.element_size() / 2);
+  const int64_t dwords = (halves + 1) / 2, blocks = (dwords + 15) / 16;
+  at::Tensor xt = at::empty({dwords, pair_rows(M)}, x.options().dtype(at::kInt));
   const auto x16 = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
   const auto xt32 = reinterpret_cast<uint32_t*>(xt.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.M));  // 64K pairs or more a task
+  const auto transpose = linear_kernels().transpose_dwords;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M));  // 64K dwords or more a task
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    kernels.transpose_pairs(x16, a.M, a.K, b0 * 16, std::min(pairs, b1 * 16), xt32);
+    transpose(x16, M, halves, b0 * 16, std::min(dwords, b1 * 16), xt32);
   });
-  a.xb = reinterpret_cast<const uint16_t*>(xt32);
-  a.yb = reinterpret_cast<uint16_t*>(out.data_ptr());
+  return xt;
+}
+
+// One panel GEMM (gemm_bf16 or gemm_f32) of a with the activations xt, the threads taking 64-row
+// weight panels, each dequantized once. The sums and the bias are added in fp32 and rounded to the
+// output once.
+void run_panel_gemm(LinearKernels::GemvFn gemm, LinearArgs& a, const at::Tensor& xt) {
+  a.xt = reinterpret_cast<const uint32_t*>(xt.const_data_ptr());
   const int64_t panels = (a.N + 63) / 64;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { kernels.gemm_bf16(a, p0 * 64, std::min(a.N, p1 * 64)); });
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { gemm(a, p0 * 64, std::min(a.N, p1 * 64)); });
+}
+
+// y [M, N] (contiguous, fp32) = x_rows @ W_hat.T + bias in fp32: gemm_f32 where the instruction set
+// has it, else ATen's fp32 GEMM over dequantized tiles. Also the register kernels' recomputation
+// (finish_register_products), whose result is inf or NaN only where F.linear's is.
+void product_f32(const at::Tensor& x_rows, const Weight& wt, at::Tensor& y) {
+  const LinearKernels& kernels = linear_kernels();
+  if (kernels.gemm_f32 == nullptr) {
+    linear_by_gemm(gemm_rows(x_rows), wt.a, y);
+    if (wt.b.defined()) y.add_(wt.b);
+    return;
+  }
+  LinearArgs a = wt.a;
+  a.M = x_rows.size(0);
+  a.y = y.data_ptr<float>();
+  run_panel_gemm(kernels.gemm_f32, a, transposed_dwords(x_rows.to(at::kFloat).contiguous()));
 }
 
 // out [M, N] (contiguous, x's dtype) = x_rows @ W_hat.T + bias for the GEMM paths.
 void product_by_gemm(const at::Tensor& x_rows, Path path, const Weight& wt, at::Tensor out) {
-  if (path == Path::gemm_bf16) return product_by_gemm_bf16(x_rows, wt, out);
+  if (path == Path::gemm_bf16) {
+    LinearArgs a = wt.a;
+    a.M = x_rows.size(0);
+    a.yb = reinterpret_cast<uint16_t*>(out.data_ptr());
+    return run_panel_gemm(linear_kernels().gemm_bf16, a, transposed_dwords(x_rows.contiguous()));
+  }
   at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  linear_by_gemm(gemm_rows(x_rows), wt.a, y);
-  if (wt.b.defined()) y.add_(wt.b);
+  product_f32(x_rows, wt, y);
   if (!y.is_same(out)) out.copy_(y);
 }
 
@@ -311,15 +336,6 @@ LinearKernels::GemvFn kernel_for(Path path) {
   return path == Path::dot_bf16 ? linear_kernels().gemv_bf16 : linear_kernels().gemv;
 }
 
-// The register kernels sum (q - z) x, |q - z| up to 255, and sums of x before applying the scale,
-// so activations near float's limit (|x| ~ 1e36) overflow there where x @ W_hat.T (tiny scales)
-// does not. Such a product, rare (any_non_finite), is computed again through the dequantized
-// weights: y [M, N] fp32, the register kernels' output for x_rows.
-void recompute_through_gemm(const at::Tensor& x_rows, const Weight& wt, at::Tensor y) {
-  linear_by_gemm(gemm_rows(x_rows), wt.a, y);
-  if (wt.b.defined()) y.add_(wt.b);
-}
-
 // One weight's product through the register kernels (a layer's, or one expert's rows in
 // grouped_linear): the weight, the kernel, the activations laid out for it and the fp32 output
 // (out's rows themselves for fp32 x).
@@ -376,13 +392,16 @@ RegisterProduct register_product(Weight wt, Path path, const at::Tensor& x_rows,
   return {std::move(wt), path, first, std::move(act), std::move(y)};
 }
 
-// After run_register_kernels: a product that overflowed is computed again (recompute_through_gemm),
-// and each is written to out's rows in x's dtype.
+// After run_register_kernels: a product that overflowed is computed again, and each is written to
+// out's rows in x's dtype. The register kernels sum (q - z) x, |q - z| up to 255, and sums of x
+// before applying the scale, so activations near float's limit (|x| ~ 1e36) overflow there where
+// x @ W_hat.T (tiny scales) does not: such a product, rare (any_non_finite), goes again through the
+// dequantized weights (product_f32).
 void finish_register_products(std::vector<RegisterProduct>& products, const at::Tensor& x, at::Tensor& out) {
   for (RegisterProduct& p : products) {
     const at::Tensor out_rows = out.narrow(0, p.first, p.wt.a.M);
     if (any_non_finite(p.y)) {
-      recompute_through_gemm(x.narrow(0, p.first, p.wt.a.M), p.wt, p.y);
+      product_f32(x.narrow(0, p.first, p.wt.a.M), p.wt, p.y);
     }
     if (!p.y.is_same(out_rows)) out_rows.copy_(p.y);
   }

@@ -35,8 +35,8 @@ struct LinearArgs {
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)
   const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
-  const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits;
-                                    // gemm_bf16: pairs of k transposed (transpose_pairs)
+  const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
+  const uint32_t* xt = nullptr;     // gemm_bf16 / gemm_f32: the rows' dwords transposed (transpose_dwords)
   const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
@@ -50,9 +50,9 @@ struct LinearKernels {
   // Whether gemv wants per-word activation streams for this format.
   using WordStreamsFn = bool (*)(int bits, int64_t group, bool per_channel);
 
-  // The fewest activation rows from which ATen's fp32 GEMM over weight tiles dequantized by
-  // dequant_rows is faster than gemv, for weights of `bits` in groups of `group` values (or one
-  // group per row).
+  // The fewest activation rows from which the fp32 GEMM over dequantized weights (gemm_f32 where
+  // this instruction set has it, else ATen's over weight tiles dequantized by dequant_rows) is
+  // faster than gemv, for weights of `bits` in groups of `group` values (or one group per row).
   using GemmMinRowsFn = int64_t (*)(int bits, int64_t group, bool per_channel);
 
   // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
@@ -63,22 +63,25 @@ struct LinearKernels {
   WordStreamsFn word_streams;
   GemmMinRowsFn gemm_min_rows;
   DequantFn dequant_rows;
-  // The bf16 kernels, or nullptr (this instruction set has none; run them only where
-  // cpu_has_avx512_bf16()), bf16 activations through AVX512-BF16 dot products. gemm_bf16: columns
-  // [n_begin, n_end) (n_begin a multiple of 64) of yb = x @ W_hat.T + bias in bf16, W_hat the
-  // dequantized weight rounded to bf16 (nearest even), xb the activations x as transpose_pairs
-  // lays them out. gemv_bf16: y from the byte streams and group sums.
+  // The panel GEMMs, or nullptr (this instruction set has none): columns [n_begin, n_end) (n_begin a
+  // multiple of 64) of x @ W_hat.T + bias, W_hat the dequantized weight, x as transpose_dwords lays
+  // it out (xt). gemm_f32: fp32 x and W_hat, into y. gemm_bf16 (run it only where
+  // cpu_has_avx512_bf16()): bf16 x, W_hat rounded to bf16 (nearest even), sums in fp32, into yb.
+  GemvFn gemm_f32;
   GemvFn gemm_bf16;
+  // bf16 activations through AVX512-BF16 dot products (y from the byte streams and group sums), or
+  // nullptr; run it only where cpu_has_avx512_bf16().
   GemvFn gemv_bf16;
-  // gemm_bf16's activations (xb) from bf16 rows x [M, K] (contiguous): pairs [kp_begin, kp_end) of
-  // xt[kp * ldx + m] = x[m, 2 kp] | x[m, 2 kp + 1] << 16, zero past K and for m in [M, ldx), ldx
-  // being pair_rows(M); kp_begin a multiple of 16.
-  using TransposePairsFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t kp_begin, int64_t kp_end,
-                                    uint32_t* xt);
-  TransposePairsFn transpose_pairs;
+  // The panel GEMMs' activations (xt) from rows x [M, K] of 16-bit values (contiguous; fp32 rows
+  // as their 16-bit halves, K doubled): dwords [d_begin, d_end) of xt[d * ldx + m] = x[m, 2 d] |
+  // x[m, 2 d + 1] << 16, zero past K and for m in [M, ldx), ldx being pair_rows(M); d_begin a
+  // multiple of 16.
+  using TransposeDwordsFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t d_begin, int64_t d_end,
+                                     uint32_t* xt);
+  TransposeDwordsFn transpose_dwords;
 };
 
-// The activation rows of transpose_pairs' layout: M rounded up to the 16 rows a vector holds.
+// The activation rows of transpose_dwords' layout: M rounded up to the 16 rows a vector holds.
 inline int64_t pair_rows(int64_t M) { return (M + 15) / 16 * 16; }
 
 const LinearKernels& linear_kernels_baseline();

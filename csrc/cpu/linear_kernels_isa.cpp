@@ -672,85 +672,162 @@ __attribute__((target("avx512bf16"))) inline __m512i dequant32_8bit(const uint8_
   return (__m512i)_mm512_cvtne2ps_pbh(vhi, vlo);
 }
 
-// The bf16 dequantization for the GEMM path reads a thread's weight rows as one stream (rows are
-// stored one after another), which the hardware prefetchers did not keep up with, as with the
-// register kernels' tiles (NextTile): `upto(p)` asks for every line up to kStreamAhead
-// bytes past p, once. Dequantizing a 14336 x 4096 (K x N)
-// weight from DRAM: W8 5.34 -> 1.42 ms, W4 g128 3.95 -> 1.92 ms (1024 bytes ahead did as well but
-// at 8 bits, 1.58 ms). The fp32 dequantization, bound by writing twice the bytes, gained nothing.
-constexpr int64_t kStreamAhead = 4096;
+// The panel GEMMs below dequantize a panel of kPanelRows weight rows kPanelDwords dwords of
+// activations at a time (1024 values for bf16 pairs, 512 for fp32): a block of 128 KiB, written
+// and then read from L2.
+constexpr int64_t kPanelRows = 64;
+constexpr int64_t kPanelDwords = 512;
 
-class StreamPrefetch {
- public:
-  explicit StreamPrefetch(const uint8_t* start) : next_(start) {}
-  void upto(const uint8_t* p) {
-    for (; next_ < p + kStreamAhead; next_ += 64) prefetch_line(next_);
+// fn(p, src, count, out) for the parts of weight row n within values [k0, k1) (k0 on a byte), group
+// by group: p the group's scale and zero point, src its first byte there, count its values there,
+// out their offset from k0. First it asks for the lines of the block after this one ([k1, 2 k1 - k0)
+// of the row, or past K the first block of the row one panel down) and their scales and zero
+// points, which arrive while this block is multiplied: hardware prefetchers did not follow a
+// thread's rows (dequantizing a 14336 x 4096 (K x N) weight from DRAM, whole rows at a time with a
+// stream ahead of them: W8 5.34 -> 1.42 ms, W4 g128 3.95 -> 1.92 ms).
+template <int BITS, typename S, typename Fn>
+inline void for_block_groups(const LinearArgs& a, int64_t n, int64_t k0, int64_t k1, Fn&& fn) {
+  constexpr int PER = 8 / BITS;
+  const uint8_t* wrow = a.w + n * a.row_bytes;
+  const bool last = k1 >= a.K;
+  const int64_t next_n = last ? n + kPanelRows : n, next_k = last ? 0 : k1;
+  const uint8_t* ahead = a.w + next_n * a.row_bytes + next_k / PER;
+  for (int64_t b = 0; b < (k1 - k0 + PER - 1) / PER; b += 64) prefetch_line(ahead + b);
+  if (a.groups > 1) {  // (one group per row: each panel's scales are 64 in a row)
+    const int64_t i = next_n * a.groups + next_k / a.group;
+    prefetch_line(static_cast<const S*>(a.scales) + i);
+    if (a.zeros != nullptr) prefetch_line(a.zeros + i);
   }
+  for (int64_t g = k0 / a.group; g * a.group < k1; ++g) {
+    const int64_t begin = std::max(k0, g * a.group), end = std::min({k1, (g + 1) * a.group, a.K});
+    fn(params<S>(a, n, g), wrow + begin / PER, end - begin, begin - k0);
+  }
+}
 
- private:
-  const uint8_t* next_;
-};
-
-// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
-// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a
-// NaN whose payload may differ from core::from_float's). No unpacked copy of the row is written.
-// 8 bits: 32 values per convert, subtract, multiply and round. 4 and 2 bits: per group, the 16 (or
-// 4) values q can take are computed so and rounded into a table, and each 32 values are one table
-// lookup (vpermw): at M = 64 (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as
-// long at W4 g128, 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating
-// (with ATen's bf16 GEMM, before session 30).
+// Values [k0, k1) of rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k - k0]:
+// s * (q - z) in fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN
+// scale gives a NaN whose payload may differ from core::from_float's). 8 bits: 32 values per
+// convert, subtract, multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take
+// are computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at
+// M = 64 (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as long at W4 g128,
+// 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating (with ATen's bf16
+// GEMM, before session 30).
 template <int BITS, bool SIGNED, typename S>
-__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
-                                                        uint16_t* out, int64_t ld) {
+__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0,
+                                                        int64_t k1, uint16_t* out, int64_t ld) {
   constexpr int PER = 8 / BITS;
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(  // table lane i: code i mod 2^BITS
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((1 << BITS) - 1)));
-  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = a.w + n * a.row_bytes;
     uint16_t* o = out + (n - n0) * ld;
-    for (int64_t g = 0; g < a.groups; ++g) {
-      const RowParams p = params<S>(a, n, g);
+    for_block_groups<BITS, S>(a, n, k0, k1, [&](RowParams p, const uint8_t* src, int64_t left, int64_t at)
+                                                  __attribute__((target("avx512bf16"))) {
       const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
-      const int64_t k0 = g * a.group;
-      const uint8_t* src = wrow + k0 / PER;  // a group starts on a byte (group % PER == 0)
-      uint16_t* dst = o + k0;
-      int64_t left = std::min(a.group, a.K - k0);
-      prefetch.upto(src);
+      uint16_t* dst = o + at;
       if constexpr (BITS == 8) {
-        for (; left >= 32; left -= 32, src += 32, dst += 32) {
-          prefetch.upto(src);
-          _mm512_storeu_si512(dst, dequant32_8bit<SIGNED>(src, 32, s, z));
-        }
+        for (; left >= 32; left -= 32, src += 32, dst += 32) _mm512_storeu_si512(dst, dequant32_8bit<SIGNED>(src, 32, s, z));
         if (left > 0) _mm512_mask_storeu_epi16(dst, block_mask(left, 0), dequant32_8bit<SIGNED>(src, left, s, z));
       } else {
         const __m512 values = _mm512_mul_ps(s, _mm512_sub_ps(codes, z));
         const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(values, values);  // lanes i, i + 16: code i
         for (; left >= 32; left -= 32, src += 32 / PER, dst += 32) {
-          prefetch.upto(src);
           _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(table_indices<BITS>(src, 32), table));
         }
         if (left > 0) {
           _mm512_mask_storeu_epi16(dst, block_mask(left, 0), _mm512_permutexvar_epi16(table_indices<BITS>(src, left), table));
         }
       }
-    }
+    });
   }
 }
 
-// ---- The bf16 GEMM (Path::gemm_bf16 in linear.cpp) --------------------------------------------
+// The bytes of the 16 values of BITS from src on, repeated in every 128-bit lane: a broadcast load
+// of the whole 16 / PER bytes where rem = 16 values are wanted, else a masked load of the first
+// ones (no byte past them is read), broadcast.
+template <int BITS>
+inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
+  constexpr int PER = 8 / BITS;
+  if (rem == 16) {
+    if constexpr (BITS == 8) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    if constexpr (BITS == 4) {
+      int64_t bytes;
+      std::memcpy(&bytes, src, sizeof(bytes));
+      return _mm512_set1_epi64(bytes);
+    }
+    int32_t bytes;
+    std::memcpy(&bytes, src, sizeof(bytes));
+    return _mm512_set1_epi32(bytes);
+  }
+  const __m128i b = _mm_maskz_loadu_epi8(chunk_mask((rem + PER - 1) / PER), src);
+  if constexpr (BITS == 8) return _mm512_broadcast_i32x4(b);
+  if constexpr (BITS == 4) return _mm512_broadcastq_epi64(b);
+  return _mm512_broadcastd_epi32(b);
+}
+
+// Values [k0, k1) of rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k - k0],
+// with linquant::dequantize's bits: s * (q - z), q - z taken in int32 lanes where the zero point
+// allows (zero_point_fits_int32), else element by element in 64 bits. Only in-lane shuffles take
+// the bytes apart (lane_bytes' broadcast, vpshufb, variable shifts): with the cross-lane vpmovzx /
+// vpermd in their place the dequantization took 1.75x as long at 4 bits (4096x4096 g128). 8 bits:
+// 16 values per shuffle, conversion, subtraction and multiplication. 4 and 2 bits: per group a
+// table of the 16 (or 4) values q can take, looked up by vpermps (low 4 bits of each index) or, at
+// 2 bits, by vpermilps within each 128-bit lane (low 2 bits).
+template <int BITS, bool SIGNED, typename S>
+void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out, int64_t ld) {
+  constexpr int PER = 8 / BITS;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i codes = _mm512_and_si512(lane, _mm512_set1_epi32((1 << BITS) - 1));  // table lane i: code i mod 2^BITS
+  // vpshufb's byte for dword i (0x80: a zero byte): byte i at the bottom (8 bits unsigned) or the
+  // top (signed, then shifted down arithmetically); at 4 bits byte i / 2, shifted by 4 (i % 2).
+  const __m512i zero_bytes = _mm512_set1_epi32(static_cast<int32_t>(0x80808000u));
+  const __m512i pick = BITS == 8 ? (SIGNED ? _mm512_or_si512(_mm512_slli_epi32(lane, 24), _mm512_set1_epi32(0x808080))
+                                           : _mm512_or_si512(lane, zero_bytes))
+                                 : _mm512_or_si512(_mm512_srli_epi32(lane, 1), zero_bytes);
+  const __m512i shifts = BITS == 4 ? _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 2)
+                                   : _mm512_and_si512(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(31));
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * ld;
+    for_block_groups<BITS, S>(a, n, k0, k1, [&](RowParams p, const uint8_t* src, int64_t left, int64_t at) {
+      float* dst = o + at;
+      if (!core::zero_point_fits_int32(p.z)) {
+        core::dequantize_values(left, p.s, p.z, dst, [&](int64_t i) {
+          return weight_int<BITS, SIGNED>(src, i / PER, static_cast<int>(i % PER));
+        });
+        return;
+      }
+      const __m512 s = _mm512_set1_ps(p.s);
+      const __m512i z = _mm512_set1_epi32(p.z);
+      const __m512 table = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, z)));
+      const auto values = [&](int64_t rem) {
+        const __m512i bytes = lane_bytes<BITS>(src, rem);
+        if constexpr (BITS == 8) {
+          const __m512i b = _mm512_shuffle_epi8(bytes, pick);
+          const __m512i q = SIGNED ? _mm512_srai_epi32(b, 24) : b;
+          return _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)));
+        } else if constexpr (BITS == 4) {
+          return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, pick), shifts), table);
+        } else {
+          return _mm512_permutevar_ps(table, _mm512_srlv_epi32(bytes, shifts));
+        }
+      };
+      for (; left >= 16; left -= 16, src += 16 / PER, dst += 16) _mm512_storeu_ps(dst, values(16));
+      if (left > 0) _mm512_mask_storeu_ps(dst, chunk_mask(left), values(left));
+    });
+  }
+}
+
+// ---- The panel GEMMs (Path::gemm_bf16 and Path::gemm in linear.cpp) -----------------------------
 // Once the activation rows are many enough for the arithmetic to rule, each panel of 64 weight rows
-// is dequantized to bf16 once per call, row-major as dequant_bf16 writes it. The activations come
-// transposed by pairs (a.xb: for each pair of k, the pairs of 16-row blocks of activation rows side
-// by side), so vdpbf16ps multiplies a weight pair, broadcast, by 16 activation rows at once: the
-// weights are read as dequantized, with no transposition (transposing each panel into rows-in-lanes
-// pairs had cost 11% of the call at M = 64); the activations are transposed once per call and the
-// sums once per panel. Register tiles of NT weight rows x MV vectors of 16 activation rows hold
-// 16-24 fp32 sums, walking the pairs kPanelPairs at a time: 128 KiB of the panel and 128 KiB of 64
-// activation rows stay in L2 (2048 pairs, 512 KiB each, were about 25% slower at M = 256:
-// 4096x4096 W4 g128, 11.5 against 9.2 ms).
-constexpr int64_t kPanelRows = 64;
-constexpr int64_t kPanelPairs = 512;
+// is dequantized once per call, row-major (dequant_bf16, dequant_f32). The activations come
+// transposed by dwords (a.xt: for each dword of k, a pair of bf16 values or one fp32 value, the
+// dwords of 16-row blocks of activation rows side by side), so one instruction multiplies a weight
+// dword, broadcast, by 16 activation rows at once (vdpbf16ps for bf16 pairs, an FMA for fp32): the
+// weights are read as dequantized, with no transposition (transposing each bf16 panel into
+// rows-in-lanes pairs had cost 11% of the call at M = 64); the activations are transposed once per
+// call and the sums once per panel. Register tiles of NT weight rows x MV vectors of 16 activation
+// rows hold 16-24 fp32 sums, walking the dwords kPanelDwords at a time: 128 KiB of the panel and
+// 128 KiB of 64 activation rows stay in L2 (bf16: 2048 pairs, 512 KiB each, were about 25% slower
+// at M = 256: 4096x4096 W4 g128, 11.5 against 9.2 ms).
 
 // The 16 x 16 dwords of r transposed: r[i] holds row i's 16 dwords on entry, dword i of each row on
 // return. Per 128-bit lane, two rounds of unpacks gather 4 rows' dword d; two rounds of 128-bit
@@ -778,57 +855,132 @@ inline void transpose16(__m512i (&r)[16]) {
   }
 }
 
-// c[n * ldc + 16 v + i] (+)= the sum over pairs [kp0, kp1) of weight row n (w, bf16, row stride ldw)
-// times activation row 16 v + i (xt: pair kp of row m at dword kp * ldx + m), for NT weight rows and
-// MV vectors of 16 activation rows; each weight pair is read as one 32-bit broadcast.
+// A register tile's sums: zero for the first dwords, else as c holds them (n * ldc + 16 v), and back.
 template <int NT, int MV>
-__attribute__((target("avx512bf16"))) void panel_tile(const uint16_t* w, int64_t ldw, const uint32_t* xt, int64_t ldx,
-                                                      int64_t kp0, int64_t kp1, float* c, int64_t ldc, bool first) {
-  __m512 acc[NT][MV];
+inline void load_sums(__m512 (&acc)[NT][MV], const float* c, int64_t ldc, bool first) {
   for (int n = 0; n < NT; ++n)
     for (int v = 0; v < MV; ++v) acc[n][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + n * ldc + 16 * v);
-  for (int64_t kp = kp0; kp < kp1; ++kp) {
-    __m512bh xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + kp * ldx + 16 * v);
-    for (int n = 0; n < NT; ++n) {
-      int32_t pair;
-      std::memcpy(&pair, w + n * ldw + 2 * kp, sizeof(pair));
-      const __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_dpbf16_ps(acc[n][v], wv, xv[v]);
-    }
-  }
+}
+
+template <int NT, int MV>
+inline void store_sums(const __m512 (&acc)[NT][MV], float* c, int64_t ldc) {
   for (int n = 0; n < NT; ++n)
     for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c + n * ldc + 16 * v, acc[n][v]);
 }
 
+// The two panels' element types. tile<NT, MV>: c[n * ldc + 16 v + i] (+)= the sum over dwords
+// [0, dn) of weight row n (w, row stride ldw elements) times activation row 16 v + i (xt: dword d
+// of row m at d * ldx + m), for NT weight rows and MV vectors of 16 activation rows; each weight
+// dword is read as one 32-bit broadcast.
+struct Bf16Pairs {  // a dword: two bf16 values, multiplied and added in pairs by vdpbf16ps
+  using Weight = uint16_t;
+  static constexpr int64_t kPerDword = 2;
+
+  template <int NT, int MV>
+  __attribute__((target("avx512bf16"))) static void tile(const uint16_t* w, int64_t ldw, const uint32_t* xt,
+                                                         int64_t ldx, int64_t dn, float* c, int64_t ldc, bool first) {
+    __m512 acc[NT][MV];
+    load_sums(acc, c, ldc, first);
+    for (int64_t d = 0; d < dn; ++d) {
+      __m512bh xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + d * ldx + 16 * v);
+      for (int n = 0; n < NT; ++n) {
+        int32_t pair;
+        std::memcpy(&pair, w + n * ldw + 2 * d, sizeof(pair));
+        const __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_dpbf16_ps(acc[n][v], wv, xv[v]);
+      }
+    }
+    store_sums(acc, c, ldc);
+  }
+};
+
+struct F32Values {  // a dword: one fp32 value, multiplied and added by an FMA
+  using Weight = float;
+  static constexpr int64_t kPerDword = 1;
+
+  template <int NT, int MV>
+  static void tile(const float* w, int64_t ldw, const uint32_t* xt, int64_t ldx, int64_t dn, float* c, int64_t ldc,
+                   bool first) {
+    __m512 acc[NT][MV];
+    load_sums(acc, c, ldc, first);
+    const auto x = reinterpret_cast<const float*>(xt);
+    for (int64_t d = 0; d < dn; ++d) {
+      __m512 xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(x + d * ldx + 16 * v);
+      for (int n = 0; n < NT; ++n) {
+        const __m512 wv = _mm512_set1_ps(w[n * ldw + d]);
+        for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_fmadd_ps(wv, xv[v], acc[n][v]);
+      }
+    }
+    store_sums(acc, c, ldc);
+  }
+};
+
 // Weight rows [0, rows) of the panel through tiles of NT rows (the last one fewer). Tiles stay at 16
-// or more sums while the broadcasts (one per weight row and pair) stay under the loads the core
+// or more sums while the broadcasts (one per weight row and dword) stay under the loads the core
 // issues alongside the products: 12 rows for one vector, 8 for two or three, 6 for four.
-template <int MV, int NT = MV == 1 ? 12 : MV == 4 ? 6 : 8>
-void panel_rows(int64_t rows, const uint16_t* w, int64_t ldw, const uint32_t* xt, int64_t ldx, int64_t kp0,
-                int64_t kp1, float* c, int64_t ldc, bool first) {
+template <typename Values, int MV, int NT = MV == 1 ? 12 : MV == 4 ? 6 : 8>
+void panel_rows(int64_t rows, const typename Values::Weight* w, int64_t ldw, const uint32_t* xt, int64_t ldx,
+                int64_t dn, float* c, int64_t ldc, bool first) {
   int64_t n = 0;
-  for (; n + NT <= rows; n += NT) panel_tile<NT, MV>(w + n * ldw, ldw, xt, ldx, kp0, kp1, c + n * ldc, ldc, first);
+  for (; n + NT <= rows; n += NT) Values::template tile<NT, MV>(w + n * ldw, ldw, xt, ldx, dn, c + n * ldc, ldc, first);
   if constexpr (NT > 1) {
-    if (n < rows) panel_rows<MV, NT - 1>(rows - n, w + n * ldw, ldw, xt, ldx, kp0, kp1, c + n * ldc, ldc, first);
+    if (n < rows) panel_rows<Values, MV, NT - 1>(rows - n, w + n * ldw, ldw, xt, ldx, dn, c + n * ldc, ldc, first);
   }
 }
 
-// y[m, n] = c[(n - n0) * ldc + m] + bias[n], rounded to bf16, for columns [n0, n1) of every row:
-// 16 x 16 blocks of sums transposed back to rows.
-__attribute__((target("avx512bf16"))) void store_panel(const LinearArgs& a, int64_t n0, int64_t n1, const float* c,
-                                                       int64_t ldc) {
+// c[n * ldx + m] (+)= the product of a block of the panel's weight rows n < rows (w, row stride ldw
+// elements, dn dwords) with activation row m < ldx (xt: the block's dwords), 64 rows at a time.
+template <typename Values>
+void multiply_block(int64_t rows, const typename Values::Weight* w, int64_t ldw, const uint32_t* xt, int64_t ldx,
+                    int64_t dn, float* c, bool first) {
+  for (int64_t m = 0; m < ldx; m += 64) {
+    const auto run = [&]<int MV>() { panel_rows<Values, MV>(rows, w, ldw, xt + m, ldx, dn, c + m, ldx, first); };
+    switch (std::min<int64_t>(4, (ldx - m) / 16)) {
+      case 1: run.template operator()<1>(); break;
+      case 2: run.template operator()<2>(); break;
+      case 3: run.template operator()<3>(); break;
+      default: run.template operator()<4>(); break;
+    }
+  }
+}
+
+// The sums of output columns [col, col + 16) for activation rows [m0, m0 + 16), out of a panel's
+// c (column n at (n - n0) * ldc) transposed back: r[i] holds row m0 + i's 16 columns plus the bias.
+// Columns past the panel's are sums of rows it does not have: loaded, never stored.
+inline void output_block(const LinearArgs& a, int64_t n0, int64_t col, int64_t m0, __mmask16 lanes, const float* c,
+                         int64_t ldc, __m512 (&out)[16]) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + (col - n0 + i) * ldc + m0);
+  transpose16(r);
+  const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, a.bias + col) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) out[i] = _mm512_add_ps(_mm512_castsi512_ps(r[i]), bias);
+}
+
+// y[m, n] = c[(n - n0) * ldc + m] + bias[n] for columns [n0, n1) of every row: in bf16 (yb, rounded
+// once) or fp32 (y).
+__attribute__((target("avx512bf16"))) void store_panel_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
+                                                            const float* c, int64_t ldc) {
   for (int64_t col = n0; col < n1; col += 16) {
     const __mmask16 lanes = chunk_mask(n1 - col);
-    const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, a.bias + col) : _mm512_setzero_ps();
     for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
-      __m512i r[16];  // rows past n1 are sums of rows this panel does not have: loaded, never stored
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + (col - n0 + i) * ldc + m0);
-      transpose16(r);
+      __m512 y[16];
+      output_block(a, n0, col, m0, lanes, c, ldc, y);
       for (int64_t m = m0; m < std::min(a.M, m0 + 16); ++m) {
-        const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(r[m - m0]), bias);
-        _mm256_mask_storeu_epi16(a.yb + m * a.N + col, lanes, (__m256i)_mm512_cvtneps_pbh(y));
+        _mm256_mask_storeu_epi16(a.yb + m * a.N + col, lanes, (__m256i)_mm512_cvtneps_pbh(y[m - m0]));
       }
+    }
+  }
+}
+
+void store_panel_f32(const LinearArgs& a, int64_t n0, int64_t n1, const float* c, int64_t ldc) {
+  for (int64_t col = n0; col < n1; col += 16) {
+    const __mmask16 lanes = chunk_mask(n1 - col);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
+      __m512 y[16];
+      output_block(a, n0, col, m0, lanes, c, ldc, y);
+      for (int64_t m = m0; m < std::min(a.M, m0 + 16); ++m) _mm512_mask_storeu_ps(a.y + m * a.N + col, lanes, y[m - m0]);
     }
   }
 }
@@ -836,7 +988,8 @@ __attribute__((target("avx512bf16"))) void store_panel(const LinearArgs& a, int6
 // Each thread's buffers, kept between calls (fresh megabytes per call cost first-touch page faults)
 // and shared by every weight format's instantiation.
 struct PanelBuffers {
-  std::vector<uint16_t> panel;
+  std::vector<uint16_t> bf16;
+  std::vector<float> f32;
   std::vector<float> c;
 };
 
@@ -845,45 +998,63 @@ PanelBuffers& panel_buffers() {
   return buffers;
 }
 
-template <int BITS, bool SIGNED, typename S>
-__attribute__((target("avx512bf16"))) void gemm_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
-  const int64_t pairs = (a.K + 1) / 2, ldw = 2 * pairs, ldx = pair_rows(a.M);
-  PanelBuffers& buf = panel_buffers();
-  buf.panel.resize(static_cast<size_t>(kPanelRows * ldw));
-  buf.c.resize(static_cast<size_t>(kPanelRows * ldx));
-  const auto xt = reinterpret_cast<const uint32_t*>(a.xb);
+// Columns [n0, n1) (n0 a multiple of 64) of the product with a.xt (`dwords` per activation row):
+// for each panel of weight rows [p, p1) and block of dwords [d0, d1), dequant(p, p1, d0, d1, panel)
+// writes the block's weights (row stride kPanelDwords dwords) and multiply_block multiplies them;
+// then store(p, p1, c) writes the panel's output columns.
+template <typename Values, typename Dequant, typename Store>
+void gemm_panels(const LinearArgs& a, int64_t n0, int64_t n1, int64_t dwords, std::vector<typename Values::Weight>& panel,
+                 Dequant&& dequant, Store&& store) {
+  const int64_t ldx = pair_rows(a.M), ldw = kPanelDwords * Values::kPerDword;
+  std::vector<float>& c = panel_buffers().c;
+  panel.resize(static_cast<size_t>(kPanelRows * ldw));
+  c.resize(static_cast<size_t>(kPanelRows * ldx));
   for (int64_t p = n0; p < n1; p += kPanelRows) {
-    const int64_t rows = std::min(kPanelRows, a.N - p);
-    dequant_bf16<BITS, SIGNED, S>(a, p, p + rows, buf.panel.data(), ldw);
-    if (ldw > a.K) {  // odd K: the activations' padding pair half is zero, and so must its weight be
-      for (int64_t r = 0; r < rows; ++r) buf.panel[r * ldw + a.K] = 0;
+    const int64_t p1 = std::min(p + kPanelRows, a.N);
+    for (int64_t d0 = 0; d0 < dwords; d0 += kPanelDwords) {
+      const int64_t d1 = std::min(dwords, d0 + kPanelDwords);
+      dequant(p, p1, d0, d1, panel.data());
+      multiply_block<Values>(p1 - p, panel.data(), ldw, a.xt + d0 * ldx, ldx, d1 - d0, c.data(), d0 == 0);
     }
-    for (int64_t kp0 = 0; kp0 < pairs; kp0 += kPanelPairs) {
-      const int64_t kp1 = std::min(pairs, kp0 + kPanelPairs);
-      for (int64_t m = 0; m < ldx; m += 64) {
-        const auto run = [&]<int MV>() {
-          panel_rows<MV>(rows, buf.panel.data(), ldw, xt + m, ldx, kp0, kp1, buf.c.data() + m, ldx, kp0 == 0);
-        };
-        switch (std::min<int64_t>(4, (ldx - m) / 16)) {
-          case 1: run.template operator()<1>(); break;
-          case 2: run.template operator()<2>(); break;
-          case 3: run.template operator()<3>(); break;
-          default: run.template operator()<4>(); break;
-        }
-      }
-    }
-    store_panel(a, p, p + rows, buf.c.data(), ldx);
+    store(p, p1, c.data());
   }
 }
 
-// xt[kp * ldx + m] = the pair (x[m, 2 kp], x[m, 2 kp + 1]) of bf16 rows x [M, K] for pairs
-// [kp0, kp1) (kp0 a multiple of 16), zero past K and for rows M .. ldx - 1 (ldx = pair_rows(M)),
-// in 16 x 16 blocks of pairs (ATen's copy of the transposed view took 0.36 ms of a 2.6 ms call at
-// M = 64, K = 4096).
-void transpose_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t kp0, int64_t kp1, uint32_t* xt) {
+void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
+  constexpr int64_t ldw = kPanelDwords * Bf16Pairs::kPerDword;
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() {
+    gemm_panels<Bf16Pairs>(
+        a, n0, n1, (a.K + 1) / 2, panel_buffers().bf16,
+        [&](int64_t p, int64_t p1, int64_t d0, int64_t d1, uint16_t* panel) {
+          const int64_t k0 = 2 * d0, k1 = std::min(2 * d1, a.K);
+          dequant_bf16<BITS, SIGNED, S>(a, p, p1, k0, k1, panel, ldw);
+          if (2 * d1 > a.K) {  // odd K: the activations' padding half is zero, and so must its weight be
+            for (int64_t r = 0; r < p1 - p; ++r) panel[r * ldw + a.K - k0] = 0;
+          }
+        },
+        [&](int64_t p, int64_t p1, const float* c) { store_panel_bf16(a, p, p1, c, pair_rows(a.M)); });
+  });
+}
+
+void gemm_f32_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
+  for_format(a, [&]<int BITS, bool SIGNED, typename S>() {
+    gemm_panels<F32Values>(
+        a, n0, n1, a.K, panel_buffers().f32,
+        [&](int64_t p, int64_t p1, int64_t d0, int64_t d1, float* panel) {
+          dequant_f32<BITS, SIGNED, S>(a, p, p1, d0, d1, panel, kPanelDwords);
+        },
+        [&](int64_t p, int64_t p1, const float* c) { store_panel_f32(a, p, p1, c, pair_rows(a.M)); });
+  });
+}
+
+// xt[d * ldx + m] = dword d of row m of x (M rows of K 16-bit values, contiguous: a pair of bf16
+// values, or one fp32 value with K counting its halves) for dwords [d0, d1) (d0 a multiple of 16),
+// zero past K and for rows M .. ldx - 1 (ldx = pair_rows(M)), in 16 x 16 blocks of dwords (ATen's
+// copy of the transposed view took 0.36 ms of a 2.6 ms bf16 call at M = 64, K = 4096).
+void transpose_dwords(const uint16_t* x, int64_t M, int64_t K, int64_t d0, int64_t d1, uint32_t* xt) {
   const int64_t ldx = pair_rows(M);
-  for (int64_t kp = kp0; kp < kp1; kp += 16) {
-    const int64_t k = 2 * kp;
+  for (int64_t d = d0; d < d1; d += 16) {
+    const int64_t k = 2 * d;
     const __mmask32 mask = block_mask(K, k);
     for (int64_t m0 = 0; m0 < ldx; m0 += 16) {
       __m512i r[16];
@@ -891,15 +1062,11 @@ void transpose_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t kp0, int64
         r[i] = m0 + i < M ? _mm512_maskz_loadu_epi16(mask, x + (m0 + i) * K + k) : _mm512_setzero_si512();
       }
       transpose16(r);
-      for (int64_t i = 0; i < std::min<int64_t>(16, kp1 - kp); ++i) _mm512_storeu_si512(xt + (kp + i) * ldx + m0, r[i]);
+      for (int64_t i = 0; i < std::min<int64_t>(16, d1 - d); ++i) _mm512_storeu_si512(xt + (d + i) * ldx + m0, r[i]);
     }
   }
 }
-
-void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
-  for_format(a, [&]<int BITS, bool SIGNED, typename S>() { gemm_bf16<BITS, SIGNED, S>(a, n0, n1); });
-}
-#define LINQUANT_HAVE_BF16_KERNELS 1
+#define LINQUANT_HAVE_PANEL_GEMMS 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
 // ---- AVX2: the same tiling with 8-byte chunks ---------------------------------------------------
@@ -1106,37 +1273,43 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 bool word_streams(int, int64_t, bool) { return false; }
 #endif
 
-// The fewest activation rows from which ATen's fp32 GEMM over weight tiles dequantized by
-// dequant_rows (Path::gemm in linear.cpp) beats gemv, by weight layout: gemv's time over the GEMM
-// path's, fp32 activations, 4096x4096 (and 1536x576, 4096x14336 where given) from memory, each copy
-// picked by LINQUANT_CPU_ISA on the development machine (AMD EPYC Zen 5, 2 cores; the same MKL
-// GEMM in every run, 180 GFLOP/s). The SIMD kernels load 16 (AVX-512) or 8 (AVX2) weight bytes at
-// a time, so groups of fewer bytes leave lanes empty and pay a group's setup (scales, lookup
-// tables) every few weights. A CPU with half-width vector units (Zen 4, client Intel) runs the
-// AVX-512 register tiles at half this speed, and would gain from the GEMM earlier.
+// The fewest activation rows from which the fp32 GEMM path (Path::gemm in linear.cpp) beats gemv,
+// by weight layout: on AVX-512 linquant's gemm_f32, elsewhere ATen's fp32 GEMM over weight tiles
+// dequantized by dequant_rows. Measured on the development machine (AMD EPYC Zen 5, 2 cores) with
+// both paths alternating in one process, fp32 activations and scales, weights streamed from
+// DRAM (rotated copies over 100 MB; median of 9 calls, best of 2): gemv's time over the GEMM
+// path's. The SIMD kernels load 16 (AVX-512) or 8 (AVX2) weight bytes at a time, so groups of few
+// bytes leave lanes empty and pay a group's setup (scales, lookup tables) every few weights.
 int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
-  const int64_t group_bytes = group * bits / 8;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  // 2-bit g16 and g32 (tile_lut2_split, full lanes), measured alternating as AVX2's below:
-  // 0.76-0.87 at 256-768, as the wider groups at the end.
-  if (bits == 2 && (group == 16 || group == 32)) return 768;
-  // 4-byte groups (2-bit g16 before tile_lut2_split): 0.67-0.78 at M = 8, 1.15-1.34 at 16; 8-bit
-  // g8 1.23-1.31 at 16.
-  if (group_bytes <= 4 || group <= 8) return 16;
-  // 8-byte groups (4-bit g16, and 2-bit g32 before tile_lut2_split): 0.74-0.83 at 16, 1.09-1.23
-  // at 32; 4-bit g16 measured alternating 0.79 at 16, 1.18 at 32.
-  if (group_bytes <= 8) return 32;
-  // 8-bit g16: 0.95-1.03 at 32, 1.29-1.39 at 64.
-  if (group <= 16) return 64;
-  // 32-value groups (8-bit g32, 4-bit g32): 0.97-1.00 at 256, 1.13-1.20 at 512.
-  if (group <= 32) return 256;
-  // Per channel: 0.47-0.75 at 512 and 0.83-0.85 at 1024, 0.82-1.03 at 2048. Wider groups
-  // (2-bit g64 and g128, 4-bit g64 and g128, 8-bit g64): 0.45-0.77 at 128-512, 0.89-1.07 at 768,
-  // 1.18-1.41 at 1024.
-  return per_channel ? 2048 : 768;
+  // 4096x4096 and 4096x14336 (K x N). gemm_f32 multiplies activation rows 16 at a time, so 17-31
+  // rows cost it as much as 32, and M = 24 measured no better than M = 16. From 64 rows it ran at
+  // 440-465 GFLOP/s, where the lookup-table kernels make 220-270 and tile8 about 360.
+  // Per channel (the register kernels' fastest layouts): 8-bit M = 24 0.81-0.85, M = 32 1.10-1.15;
+  // 4-bit M = 16 0.93-1.04, M = 24 0.88-0.99, M = 32 1.16-1.30; 2-bit M = 24 0.84-0.95, M = 32
+  // 1.13-1.25.
+  if (per_channel) return 32;
+  // Groups of 8 values: 2-bit M = 4 0.81-1.09, M = 6 1.39-1.69; 4-bit M = 6 0.92, M = 8 1.18-1.20;
+  // 8-bit M = 8 1.00-1.01, M = 12 1.46-1.51.
+  if (group <= 8) return bits == 2 ? 6 : bits == 4 ? 8 : 12;
+  // 2-bit g16 and g32 (tile_lut2_split, full lanes): g16 M = 48 1.00-1.20, M = 64 1.08-1.33; g32
+  // M = 24 0.93-1.04, M = 32 1.24-1.39.
+  if (bits == 2 && group <= 32) return group == 16 ? 64 : 32;
+  // 256-value groups: 8-bit M = 24 0.97-1.01, M = 32 1.29-1.30; 2-bit M = 24 0.95-1.04, M = 32
+  // 1.26-1.38; 4-bit M = 16 1.16-1.21.
+  if (group >= 256) return bits == 4 ? 16 : 32;
+  // 32-value groups and 4-bit g16: 8-bit g32 M = 8 0.72-0.74, M = 12 1.09-1.10; 4-bit g32 M = 12
+  // 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
+  if (group == 32 || (bits == 4 && group == 16)) return 12;
+  // The others: 8-bit g16 M = 12 0.84-0.98, M = 16 1.11-1.32; g64 M = 12 0.97-1.04 (8 and 4
+  // bits), 0.88-1.00 (2 bits), M = 16 1.17-1.36; g128 M = 12 0.79-1.06, M = 16 1.06-1.42 (2-bit
+  // M = 24 1.01-1.12).
+  return 16;
 #elif defined(__AVX2__) && defined(__FMA__)
-  // Measured as above, but with both paths alternating in one process (4096x4096; on 4096x14336
-  // the GEMM path was slower, and gemv's share 0.5-0.8 of these).
+  // Measured as above against ATen's GEMM (MKL, about 180 GFLOP/s here), each copy picked by
+  // LINQUANT_CPU_ISA, 4096x4096 (on 4096x14336 the GEMM path was slower, and gemv's share 0.5-0.8
+  // of these).
+  const int64_t group_bytes = group * bits / 8;
   // Per channel: 8-bit 0.95 at 256, 0.99 at 512; 4-bit 0.92 at 128, 1.02 at 256.
   if (per_channel) return 512;
   // Groups of 8 values or fewer pay a group's setup every 1-4 bytes: 2-bit g4 1.30 at M = 1,
@@ -1157,7 +1330,7 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // where the kernel's did not. 2-bit g16 (4-byte groups: the kernel's loops run 4 bytes long): 1.88
   // at M = 1.
   (void)per_channel;
-  return group_bytes <= 4 ? 1 : 4;
+  return group * bits / 8 <= 4 ? 1 : 4;
 #endif
 }
 
@@ -1184,11 +1357,12 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant<BITS, SIGNED, S>(a, n0, n1, out); });
 }
 
-#if defined(LINQUANT_HAVE_BF16_KERNELS)
-const LinearKernels kTable = {gemv_dispatch,      word_streams, gemm_min_rows, dequant_dispatch,
-                              gemm_bf16_dispatch, gemv_bf16,    transpose_pairs};
+#if defined(LINQUANT_HAVE_PANEL_GEMMS)
+const LinearKernels kTable = {gemv_dispatch,     word_streams,       gemm_min_rows, dequant_dispatch,
+                              gemm_f32_dispatch, gemm_bf16_dispatch, gemv_bf16,     transpose_dwords};
 #else
-const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch, nullptr, nullptr, nullptr};
+const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch,
+                              nullptr,       nullptr,      nullptr,       nullptr};
 #endif
 
 }  // namespace
