@@ -672,40 +672,49 @@ __attribute__((target("avx512bf16"))) inline __m512i dequant32_8bit(const uint8_
   return (__m512i)_mm512_cvtne2ps_pbh(vhi, vlo);
 }
 
-// The panel GEMMs below dequantize a panel of kPanelRows weight rows kPanelDwords dwords of
-// activations at a time (1024 values for bf16 pairs, 512 for fp32): a block of 128 KiB, written
-// and then read from L2.
-constexpr int64_t kPanelRows = 64;
-constexpr int64_t kPanelDwords = 512;
+// The panel GEMMs' dequantization reads a thread's weight rows as one stream (rows are stored one
+// after another), which the hardware prefetchers did not keep up with, as with the register
+// kernels' tiles (NextTile): `upto(p)` asks for every line up to kStreamAhead bytes past p, once.
+// Dequantizing a 14336 x 4096 (K x N) weight from DRAM to bf16: W8 5.34 -> 1.42 ms, W4 g128 3.95
+// -> 1.92 ms (1024 bytes ahead did as well but at 8 bits, 1.58 ms). Dequantizing block by block
+// (64 rows x 512 dwords, each row's next block asked for ahead) instead took the bf16 GEMM 1.2x as
+// long at 2-bit g128 M = 16 (4096x4096), and the fp32 GEMM 0.85-0.95x as long at M = 16 (8-, 4-
+// and 2-bit g128; as long from M = 64): one way for both.
+constexpr int64_t kStreamAhead = 4096;
 
-// fn(p, src, count, out) for the parts of weight row n within values [k0, k1) (k0 on a byte), group
-// by group: p the group's scale and zero point, src its first byte there, count its values there,
-// out their offset from k0. First it asks for the lines of the block after this one ([k1, 2 k1 - k0)
-// of the row, or past K the first block of the row one panel down) and their scales and zero
-// points, which arrive while this block is multiplied: hardware prefetchers did not follow a
-// thread's rows (dequantizing a 14336 x 4096 (K x N) weight from DRAM, whole rows at a time with a
-// stream ahead of them: W8 5.34 -> 1.42 ms, W4 g128 3.95 -> 1.92 ms).
-template <int BITS, typename S, typename Fn>
-inline void for_block_groups(const LinearArgs& a, int64_t n, int64_t k0, int64_t k1, Fn&& fn) {
-  constexpr int PER = 8 / BITS;
-  const uint8_t* wrow = a.w + n * a.row_bytes;
-  const bool last = k1 >= a.K;
-  const int64_t next_n = last ? n + kPanelRows : n, next_k = last ? 0 : k1;
-  const uint8_t* ahead = a.w + next_n * a.row_bytes + next_k / PER;
-  for (int64_t b = 0; b < (k1 - k0 + PER - 1) / PER; b += 64) prefetch_line(ahead + b);
-  if (a.groups > 1) {  // (one group per row: each panel's scales are 64 in a row)
-    const int64_t i = next_n * a.groups + next_k / a.group;
-    prefetch_line(static_cast<const S*>(a.scales) + i);
-    if (a.zeros != nullptr) prefetch_line(a.zeros + i);
+class StreamPrefetch {
+ public:
+  explicit StreamPrefetch(const uint8_t* start) : next_(start) {}
+  void upto(const uint8_t* p) {
+    for (; next_ < p + kStreamAhead; next_ += 64) prefetch_line(next_);
   }
-  for (int64_t g = k0 / a.group; g * a.group < k1; ++g) {
-    const int64_t begin = std::max(k0, g * a.group), end = std::min({k1, (g + 1) * a.group, a.K});
-    fn(params<S>(a, n, g), wrow + begin / PER, end - begin, begin - k0);
+
+ private:
+  const uint8_t* next_;
+};
+
+// fn(r, p, src, count, k) for each group of weight rows [n0, n1), r = n - n0: p the group's scale
+// and zero point, src its first byte, count its values, k its first value; fn asks `prefetch` for
+// the stream up to each byte it reads. Always inlined, so that fn is inlined too where the caller
+// is compiled for AVX512-BF16 and fn with it (dequant_bf16): GCC will not inline it into this
+// function, compiled without, and called it once per group (the bf16 GEMM ran 5-10% slower at
+// M = 16).
+template <int BITS, typename S, typename Fn>
+[[gnu::always_inline]] inline void for_row_groups(const LinearArgs& a, int64_t n0, int64_t n1, StreamPrefetch& prefetch,
+                                                  Fn&& fn) {
+  constexpr int PER = 8 / BITS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = a.w + n * a.row_bytes;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t k = g * a.group;
+      const uint8_t* src = wrow + k / PER;  // a group starts on a byte (group % PER == 0)
+      prefetch.upto(src);
+      fn(n - n0, params<S>(a, n, g), src, std::min(a.group, a.K - k), k);
+    }
   }
 }
 
-// Values [k0, k1) of rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k - k0]:
-// s * (q - z) in fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN
+// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN
 // scale gives a NaN whose payload may differ from core::from_float's). 8 bits: 32 values per
 // convert, subtract, multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take
 // are computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at
@@ -713,24 +722,28 @@ inline void for_block_groups(const LinearArgs& a, int64_t n, int64_t k0, int64_t
 // 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating (with ATen's bf16
 // GEMM, before session 30).
 template <int BITS, bool SIGNED, typename S>
-__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0,
-                                                        int64_t k1, uint16_t* out, int64_t ld) {
+__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
+                                                        uint16_t* out, int64_t ld) {
   constexpr int PER = 8 / BITS;
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(  // table lane i: code i mod 2^BITS
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((1 << BITS) - 1)));
-  for (int64_t n = n0; n < n1; ++n) {
-    uint16_t* o = out + (n - n0) * ld;
-    for_block_groups<BITS, S>(a, n, k0, k1, [&](RowParams p, const uint8_t* src, int64_t left, int64_t at)
-                                                  __attribute__((target("avx512bf16"))) {
+  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
+  for_row_groups<BITS, S>(
+      a, n0, n1, prefetch,
+      [&](int64_t r, RowParams p, const uint8_t* src, int64_t left, int64_t k) __attribute__((target("avx512bf16"))) {
       const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
-      uint16_t* dst = o + at;
+      uint16_t* dst = out + r * ld + k;
       if constexpr (BITS == 8) {
-        for (; left >= 32; left -= 32, src += 32, dst += 32) _mm512_storeu_si512(dst, dequant32_8bit<SIGNED>(src, 32, s, z));
+        for (; left >= 32; left -= 32, src += 32, dst += 32) {
+          prefetch.upto(src);
+          _mm512_storeu_si512(dst, dequant32_8bit<SIGNED>(src, 32, s, z));
+        }
         if (left > 0) _mm512_mask_storeu_epi16(dst, block_mask(left, 0), dequant32_8bit<SIGNED>(src, left, s, z));
       } else {
         const __m512 values = _mm512_mul_ps(s, _mm512_sub_ps(codes, z));
         const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(values, values);  // lanes i, i + 16: code i
         for (; left >= 32; left -= 32, src += 32 / PER, dst += 32) {
+          prefetch.upto(src);
           _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(table_indices<BITS>(src, 32), table));
         }
         if (left > 0) {
@@ -738,7 +751,6 @@ __attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int
         }
       }
     });
-  }
 }
 
 // The bytes of the 16 values of BITS from src on, repeated in every 128-bit lane: a broadcast load
@@ -764,8 +776,7 @@ inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
   return _mm512_broadcastd_epi32(b);
 }
 
-// Values [k0, k1) of rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k - k0],
-// with linquant::dequantize's bits: s * (q - z), q - z taken in int32 lanes where the zero point
+// Rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k], k < K, with linquant::dequantize's bits: s * (q - z), q - z taken in int32 lanes where the zero point
 // allows (zero_point_fits_int32), else element by element in 64 bits. Only in-lane shuffles take
 // the bytes apart (lane_bytes' broadcast, vpshufb, variable shifts): with the cross-lane vpmovzx /
 // vpermd in their place the dequantization took 1.75x as long at 4 bits (4096x4096 g128). 8 bits:
@@ -773,7 +784,7 @@ inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
 // table of the 16 (or 4) values q can take, looked up by vpermps (low 4 bits of each index) or, at
 // 2 bits, by vpermilps within each 128-bit lane (low 2 bits).
 template <int BITS, bool SIGNED, typename S>
-void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out, int64_t ld) {
+void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
   constexpr int PER = 8 / BITS;
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i codes = _mm512_and_si512(lane, _mm512_set1_epi32((1 << BITS) - 1));  // table lane i: code i mod 2^BITS
@@ -785,10 +796,9 @@ void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_
                                  : _mm512_or_si512(_mm512_srli_epi32(lane, 1), zero_bytes);
   const __m512i shifts = BITS == 4 ? _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 2)
                                    : _mm512_and_si512(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(31));
-  for (int64_t n = n0; n < n1; ++n) {
-    float* o = out + (n - n0) * ld;
-    for_block_groups<BITS, S>(a, n, k0, k1, [&](RowParams p, const uint8_t* src, int64_t left, int64_t at) {
-      float* dst = o + at;
+  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
+  for_row_groups<BITS, S>(a, n0, n1, prefetch, [&](int64_t r, RowParams p, const uint8_t* src, int64_t left, int64_t k) {
+      float* dst = out + r * ld + k;
       if (!core::zero_point_fits_int32(p.z)) {
         core::dequantize_values(left, p.s, p.z, dst, [&](int64_t i) {
           return weight_int<BITS, SIGNED>(src, i / PER, static_cast<int>(i % PER));
@@ -810,10 +820,12 @@ void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_
           return _mm512_permutevar_ps(table, _mm512_srlv_epi32(bytes, shifts));
         }
       };
-      for (; left >= 16; left -= 16, src += 16 / PER, dst += 16) _mm512_storeu_ps(dst, values(16));
+      for (; left >= 16; left -= 16, src += 16 / PER, dst += 16) {
+        prefetch.upto(src);
+        _mm512_storeu_ps(dst, values(16));
+      }
       if (left > 0) _mm512_mask_storeu_ps(dst, chunk_mask(left), values(left));
     });
-  }
 }
 
 // ---- The panel GEMMs (Path::gemm_bf16 and Path::gemm in linear.cpp) -----------------------------
@@ -828,6 +840,8 @@ void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, int64_t k0, int64_
 // rows hold 16-24 fp32 sums, walking the dwords kPanelDwords at a time: 128 KiB of the panel and
 // 128 KiB of 64 activation rows stay in L2 (bf16: 2048 pairs, 512 KiB each, were about 25% slower
 // at M = 256: 4096x4096 W4 g128, 11.5 against 9.2 ms).
+constexpr int64_t kPanelRows = 64;
+constexpr int64_t kPanelDwords = 512;
 
 // The 16 x 16 dwords of r transposed: r[i] holds row i's 16 dwords on entry, dword i of each row on
 // return. Per 128-bit lane, two rounds of unpacks gather 4 rows' dword d; two rounds of 128-bit
@@ -999,37 +1013,37 @@ PanelBuffers& panel_buffers() {
 }
 
 // Columns [n0, n1) (n0 a multiple of 64) of the product with a.xt (`dwords` per activation row):
-// for each panel of weight rows [p, p1) and block of dwords [d0, d1), dequant(p, p1, d0, d1, panel)
-// writes the block's weights (row stride kPanelDwords dwords) and multiply_block multiplies them;
-// then store(p, p1, c) writes the panel's output columns.
+// for each panel of weight rows [p, p1), dequant(p, p1, panel) writes its weights (row stride ldw
+// elements), multiply_block multiplies them kPanelDwords dwords at a time and store(p, p1, c)
+// writes the panel's output columns.
 template <typename Values, typename Dequant, typename Store>
-void gemm_panels(const LinearArgs& a, int64_t n0, int64_t n1, int64_t dwords, std::vector<typename Values::Weight>& panel,
-                 Dequant&& dequant, Store&& store) {
-  const int64_t ldx = pair_rows(a.M), ldw = kPanelDwords * Values::kPerDword;
+void gemm_panels(const LinearArgs& a, int64_t n0, int64_t n1, int64_t dwords, int64_t ldw,
+                 std::vector<typename Values::Weight>& panel, Dequant&& dequant, Store&& store) {
+  const int64_t ldx = pair_rows(a.M);
   std::vector<float>& c = panel_buffers().c;
   panel.resize(static_cast<size_t>(kPanelRows * ldw));
   c.resize(static_cast<size_t>(kPanelRows * ldx));
   for (int64_t p = n0; p < n1; p += kPanelRows) {
     const int64_t p1 = std::min(p + kPanelRows, a.N);
+    dequant(p, p1, panel.data());
     for (int64_t d0 = 0; d0 < dwords; d0 += kPanelDwords) {
       const int64_t d1 = std::min(dwords, d0 + kPanelDwords);
-      dequant(p, p1, d0, d1, panel.data());
-      multiply_block<Values>(p1 - p, panel.data(), ldw, a.xt + d0 * ldx, ldx, d1 - d0, c.data(), d0 == 0);
+      multiply_block<Values>(p1 - p, panel.data() + d0 * Values::kPerDword, ldw, a.xt + d0 * ldx, ldx, d1 - d0,
+                             c.data(), d0 == 0);
     }
     store(p, p1, c.data());
   }
 }
 
 void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
-  constexpr int64_t ldw = kPanelDwords * Bf16Pairs::kPerDword;
+  const int64_t pairs = (a.K + 1) / 2, ldw = 2 * pairs;
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() {
     gemm_panels<Bf16Pairs>(
-        a, n0, n1, (a.K + 1) / 2, panel_buffers().bf16,
-        [&](int64_t p, int64_t p1, int64_t d0, int64_t d1, uint16_t* panel) {
-          const int64_t k0 = 2 * d0, k1 = std::min(2 * d1, a.K);
-          dequant_bf16<BITS, SIGNED, S>(a, p, p1, k0, k1, panel, ldw);
-          if (2 * d1 > a.K) {  // odd K: the activations' padding half is zero, and so must its weight be
-            for (int64_t r = 0; r < p1 - p; ++r) panel[r * ldw + a.K - k0] = 0;
+        a, n0, n1, pairs, ldw, panel_buffers().bf16,
+        [&](int64_t p, int64_t p1, uint16_t* panel) {
+          dequant_bf16<BITS, SIGNED, S>(a, p, p1, panel, ldw);
+          if (ldw > a.K) {  // odd K: the activations' padding half is zero, and so must its weight be
+            for (int64_t r = 0; r < p1 - p; ++r) panel[r * ldw + a.K] = 0;
           }
         },
         [&](int64_t p, int64_t p1, const float* c) { store_panel_bf16(a, p, p1, c, pair_rows(a.M)); });
@@ -1039,10 +1053,8 @@ void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 void gemm_f32_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() {
     gemm_panels<F32Values>(
-        a, n0, n1, a.K, panel_buffers().f32,
-        [&](int64_t p, int64_t p1, int64_t d0, int64_t d1, float* panel) {
-          dequant_f32<BITS, SIGNED, S>(a, p, p1, d0, d1, panel, kPanelDwords);
-        },
+        a, n0, n1, a.K, a.K, panel_buffers().f32,
+        [&](int64_t p, int64_t p1, float* panel) { dequant_f32<BITS, SIGNED, S>(a, p, p1, panel, a.K); },
         [&](int64_t p, int64_t p1, const float* c) { store_panel_f32(a, p, p1, c, pair_rows(a.M)); });
   });
 }
@@ -1284,7 +1296,9 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   // 4096x4096 and 4096x14336 (K x N). gemm_f32 multiplies activation rows 16 at a time, so 17-31
   // rows cost it as much as 32, and M = 24 measured no better than M = 16. From 64 rows it ran at
-  // 440-465 GFLOP/s, where the lookup-table kernels make 220-270 and tile8 about 360.
+  // 440-465 GFLOP/s, where the lookup-table kernels make 220-270 and tile8 about 360. Measured
+  // while gemm_f32 dequantized block by block (0.85-0.95x its time at M = 16, see StreamPrefetch);
+  // the layouts near 1 at their threshold measured again as it is (marked "now").
   // Per channel (the register kernels' fastest layouts): 8-bit M = 24 0.81-0.85, M = 32 1.10-1.15;
   // 4-bit M = 16 0.93-1.04, M = 24 0.88-0.99, M = 32 1.16-1.30; 2-bit M = 24 0.84-0.95, M = 32
   // 1.13-1.25.
@@ -1296,14 +1310,15 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // M = 24 0.93-1.04, M = 32 1.24-1.39.
   if (bits == 2 && group <= 32) return group == 16 ? 64 : 32;
   // 256-value groups: 8-bit M = 24 0.97-1.01, M = 32 1.29-1.30; 2-bit M = 24 0.95-1.04, M = 32
-  // 1.26-1.38; 4-bit M = 16 1.16-1.21.
-  if (group >= 256) return bits == 4 ? 16 : 32;
-  // 32-value groups and 4-bit g16: 8-bit g32 M = 8 0.72-0.74, M = 12 1.09-1.10; 4-bit g32 M = 12
+  // 1.26-1.38; 4-bit M = 16 now 1.02-1.14. 2-bit g128: now M = 16 0.94-1.06, M = 24 0.98-1.10,
+  // M = 32 1.29-1.46.
+  if (group >= 256 || (bits == 2 && group >= 128)) return bits == 4 ? 16 : 32;
+  // 32-value groups and 4-bit g16: 8-bit g32 M = 8 0.72-0.74, M = 12 now 1.03-1.04; 4-bit g32 M = 12
   // 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
   if (group == 32 || (bits == 4 && group == 16)) return 12;
-  // The others: 8-bit g16 M = 12 0.84-0.98, M = 16 1.11-1.32; g64 M = 12 0.97-1.04 (8 and 4
-  // bits), 0.88-1.00 (2 bits), M = 16 1.17-1.36; g128 M = 12 0.79-1.06, M = 16 1.06-1.42 (2-bit
-  // M = 24 1.01-1.12).
+  // The others: 8-bit g16 M = 12 0.84-0.98, M = 16 1.11-1.32; g64 M = 12 0.91-0.95 (8 and 4 bits,
+  // now), 0.88-1.00 (2 bits), M = 16 1.17-1.27; g128 M = 12 0.81-0.93, M = 16 now 1.06-1.09 (8
+  // bits), 1.16-1.28 (4 bits).
   return 16;
 #elif defined(__AVX2__) && defined(__FMA__)
   // Measured as above against ATen's GEMM (MKL, about 180 GFLOP/s here), each copy picked by

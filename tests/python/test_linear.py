@@ -205,6 +205,53 @@ def test_bf16_activations_gemm_path_blocks(gen):
                             bits, group_size)
 
 
+def fp32_gemm_is_linquants():
+    """Whether the fp32 GEMM path is linquant's own (gemm_f32, the AVX-512 kernels'), not ATen's."""
+    return torch.ops.linquant._cpu_isa() == "avx512"
+
+
+@pytest.mark.skipif(not fp32_gemm_is_linquants(), reason="linquant's fp32 GEMM runs with the AVX-512 kernels")
+@pytest.mark.parametrize("group_size,min_rows", [(None, 32), (128, 16), (64, 16), (32, 12)], ids=str)
+def test_fp32_activations_gemm_path(group_size, min_rows, gen):
+    # From min_rows rows, by layout (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp), fp32
+    # activations take the fp32 GEMM over dequantized weights. At 8 bits a probe tells it from the
+    # register kernel: with scale s = 1 + 2^-23, q = 3 at k = 0 and 2 at k = 16 (one lane of tile8's
+    # sums) and x = 1, -1 there, tile8 scales the lane's sum of (q - z) x once, s (3 - 2) = 1 + 2^-23,
+    # while the GEMM adds the dequantized weights rounded to fp32: fl(3 s) - fl(2 s) = 1 + 2^-22.
+    # Then random rows meet the float64 reference's bound on both sides of the threshold; K ends
+    # inside a group, N is odd.
+    n, k = 37, 300
+    groups = 1 if group_size is None else -(-k // group_size)
+    q = torch.zeros(n, k, dtype=torch.int64)
+    q[:, 0], q[:, 16] = 3, 2
+    scales = torch.full((n, groups), 1 + 2.0**-23)
+    for signed in (True, False):
+        qweight = q.to(torch.int8 if signed else torch.uint8)
+        zeros = None if signed else torch.zeros(n, groups, dtype=torch.int32)
+        for m, expected in ((min_rows - 1, 1 + 2.0**-23), (min_rows, 1 + 2.0**-22)):
+            x = torch.zeros(m, k)
+            x[:, 0], x[:, 16] = 1, -1
+            y = lq.linear(x, qweight, scales, zeros, None, 8, group_size)
+            assert bool((y == expected).all()), (m, y.unique())
+        qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 8, group_size, signed)
+        for m in (min_rows - 1, min_rows, 130):
+            check(torch.randn(m, k, generator=gen), qw, torch.randn(n, generator=gen), 8, group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fp32_activations_gemm_path_blocks(dtype, gen):
+    # The fp32 GEMM's blocking (AVX-512: gemm_f32, as the bf16 GEMM's; ATen's elsewhere): panels of
+    # 64 weight rows (N = 1, a 1-row tail of 129, 37 < 64), register tiles of 12, 8, 8 or 6 weight
+    # rows for 1-4 vectors of 16 activation rows (M = 16, 20, 41, 47, 64; 66 = 64 + 2), 512 values
+    # of K at a time (K = 9001: 17 full passes and a short one; 1030: two and 6 values), activations
+    # transposed 16 values at a time (K = 300, 333, 4097: a part block). Layouts whose threshold is
+    # at most 16 rows there (4-bit g128, 8-bit g32, 2-bit g64), fp16 activations converted to fp32.
+    for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66), (37, 1030, 16), (100, 333, 20)):
+        for bits, group_size in ((4, 128), (8, 32), (2, 64)):
+            qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric=False)
+            check(torch.randn(m, k, generator=gen).to(dtype), qw, torch.randn(n, generator=gen), bits, group_size)
+
+
 def test_non_contiguous_and_empty(gen):
     w = torch.randn(20, 64, generator=gen)
     qw = lq.quantize_weight(w, 4, 32)
@@ -234,10 +281,10 @@ def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
             check(x, nc, bias, bits, group_size)
 
 
-# Row counts on both sides of every instruction set's switch from the register kernels to ATen's
-# fp32 GEMM over dequantized tiles (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
-# the bits and the group's length, from 1 row to 2048).
-SWITCH_ROWS = [1, 2, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 767, 768, 2047, 2048]
+# Row counts on both sides of every instruction set's switch from the register kernels to the fp32
+# GEMM over dequantized weights (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
+# the bits and the group's length, from 6 to 64 rows with AVX-512, from 1 to 512 elsewhere).
+SWITCH_ROWS = [1, 2, 5, 6, 7, 8, 11, 12, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512]
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (4, None), (4, 16), (4, 32),
@@ -252,12 +299,13 @@ def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
 
 
 def test_gemm_path_tiles(gen):
-    # fp32 activations from 2048 rows take the GEMM on every instruction set (gemm_min_rows), which
-    # dequantizes 512 weight rows at a time (at most 16 MiB of them): 1025 rows make two whole tiles
-    # and a one-row tail; with K = 9000, 16 MiB holds 466 fp32 rows, so 467 make two tiles.
+    # fp32 activations from 512 rows take the GEMM on every instruction set (gemm_min_rows). ATen's
+    # (without AVX-512) dequantizes 512 weight rows at a time (at most 16 MiB of them): 1025 rows
+    # make two whole tiles and a one-row tail; with K = 9000, 16 MiB holds 466 fp32 rows, so 467
+    # make two tiles. linquant's (AVX-512) takes 64-row panels: 1025 = 16 panels and a 1-row one.
     for n, k in ((1025, 300), (467, 9000)):
         qw = lq.quantize_weight(torch.randn(n, k, generator=gen), 4, 128, symmetric=False)
-        check(torch.randn(2048, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
+        check(torch.randn(512, k, generator=gen), qw, torch.randn(n, generator=gen), 4, 128)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
