@@ -714,9 +714,10 @@ template <int BITS, typename S, typename Fn>
   }
 }
 
-// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN
-// scale gives a NaN whose payload may differ from core::from_float's). 8 bits: 32 values per
-// convert, subtract, multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take
+// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
+// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a
+// NaN whose payload may differ from core::from_float's). 8 bits: 32 values per convert, subtract,
+// multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take
 // are computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at
 // M = 64 (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as long at W4 g128,
 // 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating (with ATen's bf16
@@ -776,13 +777,15 @@ inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
   return _mm512_broadcastd_epi32(b);
 }
 
-// Rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k], k < K, with linquant::dequantize's bits: s * (q - z), q - z taken in int32 lanes where the zero point
-// allows (zero_point_fits_int32), else element by element in 64 bits. Only in-lane shuffles take
-// the bytes apart (lane_bytes' broadcast, vpshufb, variable shifts): with the cross-lane vpmovzx /
-// vpermd in their place the dequantization took 1.75x as long at 4 bits (4096x4096 g128). 8 bits:
-// 16 values per shuffle, conversion, subtraction and multiplication. 4 and 2 bits: per group a
-// table of the 16 (or 4) values q can take, looked up by vpermps (low 4 bits of each index) or, at
-// 2 bits, by vpermilps within each 128-bit lane (low 2 bits).
+// Rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k], k < K, with
+// linquant::dequantize's bits: s * (q - z), q - z taken in int32 lanes where the zero point allows
+// (zero_point_fits_int32), else element by element in 64 bits. Only in-lane shuffles take the
+// bytes apart (lane_bytes' broadcast, vpshufb, variable shifts): with the cross-lane vpmovzx /
+// vpermd in their place the dequantization took 1.7-1.75x as long at 4 bits (4096x4096 g128 and
+// per channel, measured alternating in one process). 8 bits: 16 values per shuffle, conversion,
+// subtraction and multiplication. 4 and 2 bits: per group a table of the 16 (or 4) values q can
+// take, looked up by vpermps (low 4 bits of each index) or, at 2 bits, by vpermilps within each
+// 128-bit lane (low 2 bits).
 template <int BITS, bool SIGNED, typename S>
 void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, float* out, int64_t ld) {
   constexpr int PER = 8 / BITS;
@@ -1014,8 +1017,8 @@ PanelBuffers& panel_buffers() {
 
 // Columns [n0, n1) (n0 a multiple of 64) of the product with a.xt (`dwords` per activation row):
 // for each panel of weight rows [p, p1), dequant(p, p1, panel) writes its weights (row stride ldw
-// elements), multiply_block multiplies them kPanelDwords dwords at a time and store(p, p1, c)
-// writes the panel's output columns.
+// elements), multiply_block multiplies them kPanelDwords dwords at a time into c (row stride ldx)
+// and store(p, p1, c, ldx) writes the panel's output columns.
 template <typename Values, typename Dequant, typename Store>
 void gemm_panels(const LinearArgs& a, int64_t n0, int64_t n1, int64_t dwords, int64_t ldw,
                  std::vector<typename Values::Weight>& panel, Dequant&& dequant, Store&& store) {
@@ -1031,7 +1034,7 @@ void gemm_panels(const LinearArgs& a, int64_t n0, int64_t n1, int64_t dwords, in
       multiply_block<Values>(p1 - p, panel.data() + d0 * Values::kPerDword, ldw, a.xt + d0 * ldx, ldx, d1 - d0,
                              c.data(), d0 == 0);
     }
-    store(p, p1, c.data());
+    store(p, p1, c.data(), ldx);
   }
 }
 
@@ -1046,7 +1049,7 @@ void gemm_bf16_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
             for (int64_t r = 0; r < p1 - p; ++r) panel[r * ldw + a.K] = 0;
           }
         },
-        [&](int64_t p, int64_t p1, const float* c) { store_panel_bf16(a, p, p1, c, pair_rows(a.M)); });
+        [&](int64_t p, int64_t p1, const float* c, int64_t ldc) { store_panel_bf16(a, p, p1, c, ldc); });
   });
 }
 
@@ -1055,7 +1058,7 @@ void gemm_f32_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
     gemm_panels<F32Values>(
         a, n0, n1, a.K, a.K, panel_buffers().f32,
         [&](int64_t p, int64_t p1, float* panel) { dequant_f32<BITS, SIGNED, S>(a, p, p1, panel, a.K); },
-        [&](int64_t p, int64_t p1, const float* c) { store_panel_f32(a, p, p1, c, pair_rows(a.M)); });
+        [&](int64_t p, int64_t p1, const float* c, int64_t ldc) { store_panel_f32(a, p, p1, c, ldc); });
   });
 }
 
