@@ -638,27 +638,6 @@ void gemv_bf16(const LinearArgs& a, int64_t n0, int64_t n1) {
   });
 }
 
-// vpermw's indices for the 32 values of BITS < 8 packed from `bytes` on (32 / PER bytes; the first
-// `rem` values are wanted, at most 32, and no byte past them is read): a 16-bit lane per value in
-// value order. vpermw reads only an index's low 5 bits, so each lane holds its value's bits at the
-// bottom and whatever bits of its neighbours lie above them; the table holds its 2^BITS entries
-// 32 / 2^BITS times (lane i: entry i mod 2^BITS). At 4 bits byte b's dword is b | b << 12 (words
-// b and b >> 4), at 2 bits its qword b | b << 14 | b << 28 | b << 42: two to four instructions
-// where masking each value out took seven to ten.
-template <int BITS>
-__attribute__((target("avx512bf16"))) inline __m512i table_indices(const uint8_t* bytes, int64_t rem) {
-  constexpr int PER = 8 / BITS;
-  const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>(block_mask((rem + PER - 1) / PER, 0)), bytes);
-  if constexpr (BITS == 4) {
-    const __m512i d = _mm512_cvtepu8_epi32(b);
-    return _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
-  } else {
-    const __m512i d = _mm512_cvtepu8_epi64(b);
-    return _mm512_ternarylogic_epi64(d, _mm512_slli_epi64(d, 14),
-                                     _mm512_or_si512(_mm512_slli_epi64(d, 28), _mm512_slli_epi64(d, 42)), 0xFE);
-  }
-}
-
 // s * (q - z) rounded to bf16 for the 32 8-bit values from q on (the first `rem` are wanted, and
 // no byte past them is read), in fp32 as dequant() computes it.
 template <bool SIGNED>
@@ -714,55 +693,14 @@ template <int BITS, typename S, typename Fn>
   }
 }
 
-// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
-// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a
-// NaN whose payload may differ from core::from_float's). 8 bits: 32 values per convert, subtract,
-// multiply and round. 4 and 2 bits: per group, the 16 (or 4) values q can take
-// are computed so and rounded into a table, and each 32 values are one table lookup (vpermw): at
-// M = 64 (4096x4096, 14336x4096, 4096x14336) the whole call took 0.95-1.05x as long at W4 g128,
-// 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured alternating (with ATen's bf16
-// GEMM, before session 30).
-template <int BITS, bool SIGNED, typename S>
-__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
-                                                        uint16_t* out, int64_t ld) {
-  constexpr int PER = 8 / BITS;
-  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(  // table lane i: code i mod 2^BITS
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((1 << BITS) - 1)));
-  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
-  for_row_groups<BITS, S>(
-      a, n0, n1, prefetch,
-      [&](int64_t r, RowParams p, const uint8_t* src, int64_t left, int64_t k) __attribute__((target("avx512bf16"))) {
-      const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
-      uint16_t* dst = out + r * ld + k;
-      if constexpr (BITS == 8) {
-        for (; left >= 32; left -= 32, src += 32, dst += 32) {
-          prefetch.upto(src);
-          _mm512_storeu_si512(dst, dequant32_8bit<SIGNED>(src, 32, s, z));
-        }
-        if (left > 0) _mm512_mask_storeu_epi16(dst, block_mask(left, 0), dequant32_8bit<SIGNED>(src, left, s, z));
-      } else {
-        const __m512 values = _mm512_mul_ps(s, _mm512_sub_ps(codes, z));
-        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(values, values);  // lanes i, i + 16: code i
-        for (; left >= 32; left -= 32, src += 32 / PER, dst += 32) {
-          prefetch.upto(src);
-          _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(table_indices<BITS>(src, 32), table));
-        }
-        if (left > 0) {
-          _mm512_mask_storeu_epi16(dst, block_mask(left, 0), _mm512_permutexvar_epi16(table_indices<BITS>(src, left), table));
-        }
-      }
-    });
-}
-
-// The bytes of the 16 values of BITS from src on, repeated in every 128-bit lane: a broadcast load
-// of the whole 16 / PER bytes where rem = 16 values are wanted, else a masked load of the first
-// ones (no byte past them is read), broadcast.
-template <int BITS>
-inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
-  constexpr int PER = 8 / BITS;
-  if (rem == 16) {
-    if constexpr (BITS == 8) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-    if constexpr (BITS == 4) {
+// BYTES (16, 8 or 4) bytes from src on, repeated in every 128-bit lane, so that in-lane shuffles
+// (vpshufb) can take them apart: one broadcast load where all BYTES are wanted, else a masked load
+// of the first `count` (no byte past them is read), broadcast.
+template <int BYTES>
+inline __m512i lane_bytes(const uint8_t* src, int64_t count) {
+  if (count == BYTES) {
+    if constexpr (BYTES == 16) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    if constexpr (BYTES == 8) {
       int64_t bytes;
       std::memcpy(&bytes, src, sizeof(bytes));
       return _mm512_set1_epi64(bytes);
@@ -771,10 +709,65 @@ inline __m512i lane_bytes(const uint8_t* src, int64_t rem) {
     std::memcpy(&bytes, src, sizeof(bytes));
     return _mm512_set1_epi32(bytes);
   }
-  const __m128i b = _mm_maskz_loadu_epi8(chunk_mask((rem + PER - 1) / PER), src);
-  if constexpr (BITS == 8) return _mm512_broadcast_i32x4(b);
-  if constexpr (BITS == 4) return _mm512_broadcastq_epi64(b);
+  const __m128i b = _mm_maskz_loadu_epi8(chunk_mask(count), src);
+  if constexpr (BYTES == 16) return _mm512_broadcast_i32x4(b);
+  if constexpr (BYTES == 8) return _mm512_broadcastq_epi64(b);
   return _mm512_broadcastd_epi32(b);
+}
+
+// Rows [n0, n1) dequantized for the bf16 GEMM into out[(n - n0) * ld + k], k < K: s * (q - z) in
+// fp32 exactly as dequant() computes it, then rounded to bf16 to nearest even (a NaN scale gives a
+// NaN whose payload may differ from core::from_float's). 8 bits: 32 values per convert, subtract,
+// multiply and round (dequant32_8bit; taking the bytes apart in-lane, 16 at a time, took the bf16
+// GEMM 1.01-1.05x as long, W8 per channel 4096x4096). 4 and 2 bits: per group, the 16 (or 4) values
+// q can take are computed so and rounded into a table; each 32 values are one vpshufb (a byte per
+// 16-bit lane), one vpsrlvw and one table lookup (vpermw, which reads an index's low 5 bits: the
+// table holds its entries 32 / 2^BITS times). Against building the indices with the cross-lane
+// vpmovzx, the bf16 GEMM took 0.94-0.98x as long at M = 16 (W4 g128, W4 g32, W2 g128; 4096x4096 and
+// 4096x14336) and 0.97-1.0x from M = 64, each build in its own process, three rounds. The table
+// against the arithmetic, at M = 64 (4096x4096, 14336x4096, 4096x14336): the whole call took
+// 0.95-1.05x as long at W4 g128, 0.81-0.99x at W4 g32 and 0.77-0.83x at W2 g128 and g32, measured
+// alternating (with ATen's bf16 GEMM, before session 30).
+template <int BITS, bool SIGNED, typename S>
+__attribute__((target("avx512bf16"))) void dequant_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
+                                                        uint16_t* out, int64_t ld) {
+  constexpr int PER = 8 / BITS;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(lane, _mm512_set1_epi32((1 << BITS) - 1)));  // lane i: code i mod 2^BITS
+  // Below 8 bits dword d holds the 16-bit lanes of values 2d and 2d + 1: vpshufb puts byte
+  // value / PER at the bottom of each (0x80: a zero byte), vpsrlvw shifts it down by
+  // BITS * (value % PER).
+  const __m512i first = _mm512_slli_epi32(lane, 1), second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
+  const auto words = [](__m512i low, __m512i high) { return _mm512_or_si512(low, _mm512_slli_epi32(high, 16)); };
+  const auto byte_of = [](__m512i value) { return _mm512_srli_epi32(value, BITS == 4 ? 1 : 2); };
+  const auto shift_of = [](__m512i value) {
+    return _mm512_mullo_epi32(_mm512_and_si512(value, _mm512_set1_epi32(PER - 1)), _mm512_set1_epi32(BITS));
+  };
+  const __m512i picks =
+      _mm512_or_si512(words(byte_of(first), byte_of(second)), _mm512_set1_epi32(static_cast<int32_t>(0x80008000u)));
+  const __m512i shifts = words(shift_of(first), shift_of(second));
+  StreamPrefetch prefetch(a.w + n0 * a.row_bytes);
+  for_row_groups<BITS, S>(
+      a, n0, n1, prefetch,
+      [&](int64_t r, RowParams p, const uint8_t* src, int64_t left, int64_t k) __attribute__((target("avx512bf16"))) {
+      const __m512 s = _mm512_set1_ps(p.s), z = _mm512_set1_ps(static_cast<float>(p.z));
+      uint16_t* dst = out + r * ld + k;
+      const __m512 entries = _mm512_mul_ps(s, _mm512_sub_ps(codes, z));         // below 8 bits
+      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(entries, entries);  // 16-bit lanes i, i + 16: code i
+      const auto values = [&](int64_t rem) __attribute__((target("avx512bf16"))) {
+        if constexpr (BITS == 8) {
+          return dequant32_8bit<SIGNED>(src, rem, s, z);
+        } else {
+          const __m512i bytes = lane_bytes<32 / PER>(src, (rem + PER - 1) / PER);
+          return _mm512_permutexvar_epi16(_mm512_srlv_epi16(_mm512_shuffle_epi8(bytes, picks), shifts), table);
+        }
+      };
+      for (; left >= 32; left -= 32, src += 32 / PER, dst += 32) {
+        prefetch.upto(src);
+        _mm512_storeu_si512(dst, values(32));
+      }
+      if (left > 0) _mm512_mask_storeu_epi16(dst, block_mask(left, 0), values(left));
+    });
 }
 
 // Rows [n0, n1) dequantized for the fp32 GEMM into out[(n - n0) * ld + k], k < K, with
@@ -812,7 +805,7 @@ void dequant_f32(const LinearArgs& a, int64_t n0, int64_t n1, float* out, int64_
       const __m512i z = _mm512_set1_epi32(p.z);
       const __m512 table = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, z)));
       const auto values = [&](int64_t rem) {
-        const __m512i bytes = lane_bytes<BITS>(src, rem);
+        const __m512i bytes = lane_bytes<16 / PER>(src, (rem + PER - 1) / PER);
         if constexpr (BITS == 8) {
           const __m512i b = _mm512_shuffle_epi8(bytes, pick);
           const __m512i q = SIGNED ? _mm512_srai_epi32(b, 24) : b;
