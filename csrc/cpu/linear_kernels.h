@@ -56,7 +56,8 @@ struct LinearKernels {
   using GemmMinRowsFn = int64_t (*)(int bits, int64_t group, bool per_channel);
 
   // Rows [n_begin, n_end) of the weight dequantized, s * (q - z) exactly as linquant::dequantize,
-  // into out[(n - n_begin) * K + k], fp32.
+  // into out[(n - n_begin) * K + k], fp32; nullptr where gemm_f32 is set (it dequantizes its own
+  // panels, and ATen's GEMM over tiles never runs).
   using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
 
   GemvFn gemv;

@@ -1345,6 +1345,11 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
 #endif
 }
 
+#if defined(LINQUANT_HAVE_PANEL_GEMMS)
+const LinearKernels kTable = {gemv_dispatch,     word_streams,       gemm_min_rows, nullptr,
+                              gemm_f32_dispatch, gemm_bf16_dispatch, gemv_bf16,     transpose_dwords};
+#else
+// ATen's fp32 GEMM path's weight tiles (gemm_f32 dequantizes its own panels).
 template <int BITS, bool SIGNED, typename S>
 void dequant(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   using Q = std::conditional_t<SIGNED, int8_t, uint8_t>;
@@ -1368,10 +1373,6 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant<BITS, SIGNED, S>(a, n0, n1, out); });
 }
 
-#if defined(LINQUANT_HAVE_PANEL_GEMMS)
-const LinearKernels kTable = {gemv_dispatch,     word_streams,       gemm_min_rows, dequant_dispatch,
-                              gemm_f32_dispatch, gemm_bf16_dispatch, gemv_bf16,     transpose_dwords};
-#else
 const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch,
                               nullptr,       nullptr,      nullptr,       nullptr};
 #endif
