@@ -186,6 +186,12 @@ class NextTile {
         scales_(a.groups > 1 ? static_cast<const char*>(a.scales) + (n0 + NT) * a.groups * scale_bytes_ : nullptr),
         zeros_(a.groups > 1 && a.zeros != nullptr ? a.zeros + (n0 + NT) * a.groups : nullptr) {}
 
+  // at(j) where byte j starts a cache line: the kernels, loading 16 or 32 bytes at a time, ask at
+  // every load.
+  void at_line_start(int64_t j) const {
+    if ((j & 63) == 0) at(j);
+  }
+
   void at(int64_t j) const {
     for (int u = 0; u < NT; ++u) prefetch_line(w_ + u * row_bytes_ + j);
     if (scales_ == nullptr) return;
@@ -233,7 +239,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
     for (int64_t j = b0; j < b1; j += 16) {
-      if ((j & 63) == 0) next.at(j);
+      next.at_line_start(j);
       const __mmask16 mask = chunk_mask(b1 - j);
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
@@ -281,7 +287,7 @@ void tile_lut(const LinearArgs& a, int64_t n0, int64_t m0) {
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
     for (int64_t j = b0; j < b1; j += 16) {
-      if ((j & 63) == 0) next.at(j);
+      next.at_line_start(j);
       const __mmask16 mask = chunk_mask(b1 - j);
       __m512i wi[NT];
       for (int u = 0; u < NT; ++u) {
@@ -344,7 +350,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int t = 0; t < MT; ++t)
     for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.row_bytes; j += 16) {
-    if ((j & 63) == 0) next.at(j);
+    next.at_line_start(j);
     const int64_t g0 = j / gb;
     const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
     const __mmask16 mask = chunk_mask(a.row_bytes - j);
@@ -467,7 +473,7 @@ template <int BITS, bool SIGNED, int MT, int NT>
 __attribute__((target("avx512bf16"))) inline void block_dots(const uint8_t* const (&wrow)[NT], const NextTile<NT>& next,
                                                              const uint16_t* const (&xs)[MT][8 / BITS], int64_t j,
                                                              __mmask32 mask, __m512 (&acc)[MT][NT]) {
-  if ((j & 63) == 0) next.at(j);
+  next.at_line_start(j);
   if constexpr (BITS == 8) {
     const auto to_ps = [](__m128i bytes) {
       return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
@@ -1111,7 +1117,7 @@ template <int NT, typename Chunk>
 inline void chunks(const NextTile<NT>& next, int64_t b0, int64_t b1, Chunk&& chunk) {
   int64_t j = b0;
   for (; j + 8 <= b1; j += 8) {
-    if ((j & 63) == 0) next.at(j);
+    next.at_line_start(j);
     chunk.template operator()<false>(j);
   }
   if (j < b1) chunk.template operator()<true>(j);
@@ -1205,7 +1211,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   };
   if (pairs) {  // the second group past the row's end (odd group count) meets zero activations
     for (int64_t j = 0; j < a.row_bytes; j += 8) {
-      if ((j & 63) == 0) next.at(j);
+      next.at_line_start(j);
       const int64_t g = j / 4;
       __m256 tab[NT];
       for (int u = 0; u < NT; ++u) tab[u] = table(u, g, std::min(g + 1, a.groups - 1));
