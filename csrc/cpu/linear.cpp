@@ -28,9 +28,8 @@ constexpr int64_t kTileRows = 512;
 constexpr int64_t kTileBytes = int64_t{1} << 24;
 
 // y [M, N] fp32 = x2 @ dequantized(weight).T, tile by tile through ATen's fp32 GEMM (instruction
-// sets without the panel GEMMs). The tile
-// buffer is kept per thread: a fresh allocation (up to 16 MiB) per tile costs more in first-touch
-// page faults than the dequantization itself.
+// sets without the panel GEMMs). The tile buffer is kept per thread: a fresh allocation (up to
+// 16 MiB) per tile costs more in first-touch page faults than the dequantization itself.
 void linear_by_gemm(const at::Tensor& x2, const LinearArgs& a, at::Tensor& y) {
   const int64_t tile = std::clamp<int64_t>(kTileBytes / int64_t{sizeof(float)} / std::max<int64_t>(a.K, 1), 1, kTileRows);
   thread_local std::vector<float> buffer;

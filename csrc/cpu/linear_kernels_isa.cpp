@@ -962,43 +962,34 @@ void multiply_block(int64_t rows, const typename Values::Weight* w, int64_t ldw,
   }
 }
 
-// The sums of output columns [col, col + 16) for activation rows [m0, m0 + 16), out of a panel's
-// c (column n at (n - n0) * ldc) transposed back: r[i] holds row m0 + i's 16 columns plus the bias.
-// Columns past the panel's are sums of rows it does not have: loaded, never stored.
-inline void output_block(const LinearArgs& a, int64_t n0, int64_t col, int64_t m0, __mmask16 lanes, const float* c,
-                         int64_t ldc, __m512 (&out)[16]) {
-  __m512i r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + (col - n0 + i) * ldc + m0);
-  transpose16(r);
-  const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, a.bias + col) : _mm512_setzero_ps();
-  for (int i = 0; i < 16; ++i) out[i] = _mm512_add_ps(_mm512_castsi512_ps(r[i]), bias);
-}
-
-// y[m, n] = c[(n - n0) * ldc + m] + bias[n] for columns [n0, n1) of every row: in bf16 (yb, rounded
-// once) or fp32 (y).
-__attribute__((target("avx512bf16"))) void store_panel_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
-                                                            const float* c, int64_t ldc) {
+// y[m, n] = c[(n - n0) * ldc + m] + bias[n] for columns [n0, n1) of every row: 16 x 16 blocks of
+// sums transposed back to rows, each row's 16 columns handed to store(m, col, lanes, sums). Columns
+// past the panel's are sums of rows it does not have: loaded, never stored. Always inlined, as
+// for_row_groups, so that a store compiled for AVX512-BF16 is inlined into store_panel_bf16.
+template <typename Store>
+[[gnu::always_inline]] inline void store_panel(const LinearArgs& a, int64_t n0, int64_t n1, const float* c,
+                                               int64_t ldc, Store&& store) {
   for (int64_t col = n0; col < n1; col += 16) {
     const __mmask16 lanes = chunk_mask(n1 - col);
+    const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, a.bias + col) : _mm512_setzero_ps();
     for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
-      __m512 y[16];
-      output_block(a, n0, col, m0, lanes, c, ldc, y);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + (col - n0 + i) * ldc + m0);
+      transpose16(r);
       for (int64_t m = m0; m < std::min(a.M, m0 + 16); ++m) {
-        _mm256_mask_storeu_epi16(a.yb + m * a.N + col, lanes, (__m256i)_mm512_cvtneps_pbh(y[m - m0]));
+        store(m, col, lanes, _mm512_add_ps(_mm512_castsi512_ps(r[m - m0]), bias));
       }
     }
   }
 }
 
-void store_panel_f32(const LinearArgs& a, int64_t n0, int64_t n1, const float* c, int64_t ldc) {
-  for (int64_t col = n0; col < n1; col += 16) {
-    const __mmask16 lanes = chunk_mask(n1 - col);
-    for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
-      __m512 y[16];
-      output_block(a, n0, col, m0, lanes, c, ldc, y);
-      for (int64_t m = m0; m < std::min(a.M, m0 + 16); ++m) _mm512_mask_storeu_ps(a.y + m * a.N + col, lanes, y[m - m0]);
-    }
-  }
+// store_panel into yb, each sum rounded to bf16 once.
+__attribute__((target("avx512bf16"))) void store_panel_bf16(const LinearArgs& a, int64_t n0, int64_t n1,
+                                                            const float* c, int64_t ldc) {
+  store_panel(a, n0, n1, c, ldc,
+              [&](int64_t m, int64_t col, __mmask16 lanes, __m512 y) __attribute__((target("avx512bf16"))) {
+                _mm256_mask_storeu_epi16(a.yb + m * a.N + col, lanes, (__m256i)_mm512_cvtneps_pbh(y));
+              });
 }
 
 // Each thread's buffers, kept between calls (fresh megabytes per call cost first-touch page faults)
@@ -1057,7 +1048,11 @@ void gemm_f32_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
     gemm_panels<F32Values>(
         a, n0, n1, a.K, a.K, panel_buffers().f32,
         [&](int64_t p, int64_t p1, float* panel) { dequant_f32<BITS, SIGNED, S>(a, p, p1, panel, a.K); },
-        [&](int64_t p, int64_t p1, const float* c, int64_t ldc) { store_panel_f32(a, p, p1, c, ldc); });
+        [&](int64_t p, int64_t p1, const float* c, int64_t ldc) {
+          store_panel(a, p, p1, c, ldc, [&](int64_t m, int64_t col, __mmask16 lanes, __m512 y) {
+            _mm512_mask_storeu_ps(a.y + m * a.N + col, lanes, y);
+          });
+        });
   });
 }
 
