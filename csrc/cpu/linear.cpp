@@ -238,17 +238,23 @@ void product_by_gemm(const at::Tensor& x_rows, Path path, const Weight& wt, at::
   if (!y.is_same(out)) out.copy_(y);
 }
 
-// out[m, p, u] = x[m, u * unit_values + p] (zero past K) for `units` units of `unit_values` values:
-// each row of x [M, K] (contiguous) split by position within a byte (or word) of weights.
+// out[((u / block) * M + m) * unit_values * block + p * block + u % block] = x[m, u * unit_values + p]
+// (zero past K) for `units` units of `unit_values` values: each row of x [M, K] (contiguous) split
+// by position p within a byte (or word) of weights, in blocks of `block` units (units a multiple of
+// block): the byte streams take one block per row, the word streams kWordBlock (linear_kernels.h).
 template <typename In, typename Out, typename Convert>
-void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_values, Out* out, Convert convert) {
+void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_values, int64_t block, Out* out,
+                Convert convert) {
   for (int64_t m = 0; m < M; ++m) {
     const In* row = x + m * K;
-    for (int64_t p = 0; p < unit_values; ++p) {
-      Out* stream = out + (m * unit_values + p) * units;
-      const int64_t filled = K > p ? (K - p + unit_values - 1) / unit_values : 0;  // units with a value at p
-      for (int64_t u = 0; u < filled; ++u) stream[u] = convert(row[u * unit_values + p]);
-      std::fill(stream + filled, stream + units, Out{});
+    for (int64_t b = 0; b < units; b += block) {
+      for (int64_t p = 0; p < unit_values; ++p) {
+        Out* stream = out + ((b / block) * M + m) * unit_values * block + p * block;
+        const int64_t first = b * unit_values + p;  // x's index at the block's first unit
+        const int64_t filled = K > first ? std::min(block, (K - first + unit_values - 1) / unit_values) : 0;
+        for (int64_t u = 0; u < filled; ++u) stream[u] = convert(row[first + u * unit_values]);
+        std::fill(stream + filled, stream + block, Out{});
+      }
     }
   }
 }
@@ -298,7 +304,7 @@ struct Activations {
         streams = x;  // bf16 rows as they are
       } else {
         streams = at::empty({M, per_byte * a.row_bytes}, x.options());
-        split_rows(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, K, a.row_bytes, per_byte,
+        split_rows(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, K, a.row_bytes, per_byte, a.row_bytes,
                    reinterpret_cast<uint16_t*>(streams.data_ptr()), [](uint16_t v) { return v; });
       }
       sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
@@ -311,10 +317,12 @@ struct Activations {
       streams = x;  // fp32 rows as they are
       return;
     }
-    const int64_t units = word_streams ? (a.row_bytes + 3) / 4 : a.row_bytes;
+    const int64_t row_words = (a.row_bytes + 3) / 4;
+    const int64_t units = word_streams ? (row_words + kWordBlock - 1) / kWordBlock * kWordBlock : a.row_bytes;
+    const int64_t block = word_streams ? kWordBlock : units;
     streams = at::empty({M, unit_values * units}, x.options().dtype(at::kFloat));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linquant_activation_streams", [&] {
-      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, streams.data_ptr<float>(),
+      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, block, streams.data_ptr<float>(),
                  [](scalar_t v) { return static_cast<float>(v); });
     });
   }

@@ -6,7 +6,9 @@
 // read both sides contiguously: for bits < 8 a byte holds PER = 8 / bits values, and `xd` holds
 // PER streams per activation row, stream r being x[j * PER + r] for byte j (zero past K). Kernels
 // that read weights a 32-bit word at a time instead take VPW = 32 / bits streams, stream p being
-// x[w * VPW + p] for word w (`word_streams`). The bf16 kernel (`gemv_bf16`) takes the byte
+// x[w * VPW + p] for word w (`word_streams`), cut into blocks of kWordBlock words: block b of every
+// row, then the next, [ceil(words / kWordBlock)][M][VPW][kWordBlock], so that a tile of rows finds
+// a block's activations at constant offsets from one address. The bf16 kernel (`gemv_bf16`) takes the byte
 // streams in bf16 (`xb`), with each activation row's sum over each group (`xsum`). Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
@@ -21,6 +23,9 @@ namespace linquant::cpu {
 // and bf16), where converting them all first cost a write and a read of every scale per call.
 enum class ScaleType : uint8_t { f32, bf16, f16 };
 
+// Words per block of the word streams (one 64-byte weight load).
+constexpr int64_t kWordBlock = 16;
+
 struct LinearArgs {
   int64_t M = 0, N = 0, K = 0;
   int bits = 8;
@@ -34,7 +39,7 @@ struct LinearArgs {
   const int32_t* zeros = nullptr;   // [N, G], or nullptr: every zero point is zero_const
   int32_t zero_const = 0;           // 2^(bits-1) for symmetric sub-byte weights (stored offset)
   bool word_streams = false;        // xd holds per-word streams (see above)
-  const float* xd = nullptr;        // [M, PER, row_bytes] (or [M, VPW, ceil(row_bytes / 4)]) streams
+  const float* xd = nullptr;        // [M, PER, row_bytes] (or blocked word) streams
   const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
   const uint32_t* xt = nullptr;     // gemm_bf16 / gemm_f32: the rows' dwords transposed (transpose_dwords)
   const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group

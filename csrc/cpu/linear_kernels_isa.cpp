@@ -413,8 +413,6 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
   const NextTile<NT> next(a, n0);
-  const float* xs[MT];
-  for (int t = 0; t < MT; ++t) xs[t] = a.xd + (m0 + t) * VPW * row_words;
   TileSums<MT, NT> acc;
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t w0 = g * group_words, w1 = std::min(w0 + group_words, row_words);
@@ -426,7 +424,10 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
     }
     for (int64_t d = w0; d < w1; d += 16) {
       next.at(4 * d);
-      const __mmask16 lanes = chunk_mask(w1 - d);
+      // This block of the activation rows' word streams: one base address, the loads at constant
+      // offsets from it (with a stream per row and position, the 32 addresses of a 4-row tile were
+      // spilled and reloaded, and the FMAs ran at half their rate).
+      const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
       const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, 16), a.row_bytes - 4 * d);
       const __mmask64 byte_mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
       __m512i wi[NT];
@@ -438,7 +439,7 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
           wv[u] = _mm512_permutexvar_ps(p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS), table[u]);
         }
         for (int t = 0; t < MT; ++t) {
-          const __m512 xv = _mm512_maskz_loadu_ps(lanes, xs[t] + p * row_words + d);
+          const __m512 xv = _mm512_loadu_ps(xblock + (t * VPW + p) * kWordBlock);
           for (int u = 0; u < NT; ++u) acc.fma(p, t, u, wv[u], xv);
         }
       }
@@ -1321,7 +1322,13 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // Per channel (the register kernels' fastest layouts): 8-bit M = 24 0.81-0.85, M = 32 1.10-1.15;
   // 4-bit M = 16 0.93-1.04, M = 24 0.88-0.99, M = 32 1.16-1.30; 2-bit M = 24 0.84-0.95, M = 32
   // 1.13-1.25.
+  // 4-bit per channel with K a multiple of 8 (tile_lut_words, with its blocked streams since
+  // session 34): M = 24 0.85-0.94, M = 28 1.02-1.03, M = 32 1.16-1.26.
   if (per_channel) return 32;
+  // 4-bit groups of a multiple of 128 values (tile_lut_words, session 34): g128 M = 24 0.94-1.04,
+  // M = 28 1.05-1.11, M = 32 1.29-1.38; g256 M = 24 0.93-1.00, M = 32 1.23-1.33. Before the blocked
+  // streams the GEMM took g128 from M = 16.
+  if (bits == 4 && group % 128 == 0) return 28;
   // Groups of 8 values: 2-bit M = 4 0.81-1.09, M = 6 1.39-1.69; 4-bit M = 6 0.92, M = 8 1.18-1.20;
   // 8-bit M = 8 1.00-1.01, M = 12 1.46-1.51.
   if (group <= 8) return bits == 2 ? 6 : bits == 4 ? 8 : 12;
@@ -1329,15 +1336,13 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // M = 24 0.93-1.04, M = 32 1.24-1.39.
   if (bits == 2 && group <= 32) return group == 16 ? 64 : 32;
   // 256-value groups: 8-bit M = 24 0.97-1.01, M = 32 1.29-1.30; 2-bit M = 24 0.95-1.04, M = 32
-  // 1.26-1.38; 4-bit M = 16 now 1.02-1.14. 2-bit g128: now M = 16 0.94-1.06, M = 24 0.98-1.10,
-  // M = 32 1.29-1.46.
-  if (group >= 256 || (bits == 2 && group >= 128)) return bits == 4 ? 16 : 32;
+  // 1.26-1.38. 2-bit g128: now M = 16 0.94-1.06, M = 24 0.98-1.10, M = 32 1.29-1.46.
+  if (group >= 256 || (bits == 2 && group >= 128)) return 32;
   // 32-value groups and 4-bit g16: 8-bit g32 M = 8 0.72-0.74, M = 12 now 1.03-1.04; 4-bit g32 M = 12
   // 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
   if (group == 32 || (bits == 4 && group == 16)) return 12;
   // The others: 8-bit g16 M = 12 0.84-0.98, M = 16 1.11-1.32; g64 M = 12 0.91-0.95 (8 and 4 bits,
-  // now), 0.88-1.00 (2 bits), M = 16 1.17-1.27; g128 M = 12 0.81-0.93, M = 16 now 1.06-1.09 (8
-  // bits), 1.16-1.28 (4 bits).
+  // now), 0.88-1.00 (2 bits), M = 16 1.17-1.27; 8-bit g128 M = 12 0.81-0.93, M = 16 now 1.06-1.09.
   return 16;
 #elif defined(__AVX2__) && defined(__FMA__)
   // Measured as above against ATen's GEMM (MKL, about 180 GFLOP/s here), each copy picked by
