@@ -8,8 +8,8 @@
 // that read weights a 32-bit word at a time instead take VPW = 32 / bits streams, stream p being
 // x[w * VPW + p] for word w (`word_streams`), cut into blocks of kWordBlock words: block b of every
 // row, then the next, [ceil(words / kWordBlock)][M][VPW][kWordBlock], so that a tile of rows finds
-// a block's activations at constant offsets from one address. The bf16 kernel (`gemv_bf16`) takes the byte
-// streams in bf16 (`xb`), with each activation row's sum over each group (`xsum`). Then
+// a block's activations at constant offsets from one address. The bf16 kernel (`gemv_bf16`) takes
+// the byte streams in bf16 (`xb`), with each activation row's sum over each group (`xsum`). Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
 

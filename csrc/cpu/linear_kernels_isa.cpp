@@ -1320,10 +1320,8 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // while gemm_f32 dequantized block by block (0.85-0.95x its time at M = 16, see StreamPrefetch);
   // the layouts near 1 at their threshold measured again as it is (marked "now").
   // Per channel (the register kernels' fastest layouts): 8-bit M = 24 0.81-0.85, M = 32 1.10-1.15;
-  // 4-bit M = 16 0.93-1.04, M = 24 0.88-0.99, M = 32 1.16-1.30; 2-bit M = 24 0.84-0.95, M = 32
-  // 1.13-1.25.
-  // 4-bit per channel with K a multiple of 8 (tile_lut_words, with its blocked streams since
-  // session 34): M = 24 0.85-0.94, M = 28 1.02-1.03, M = 32 1.16-1.26.
+  // 2-bit M = 24 0.84-0.95, M = 32 1.13-1.25; 4-bit with K a multiple of 8 (tile_lut_words, its
+  // streams blocked since session 34) M = 24 0.85-0.94, M = 28 1.02-1.03, M = 32 1.16-1.26.
   if (per_channel) return 32;
   // 4-bit groups of a multiple of 128 values (tile_lut_words, session 34): g128 M = 24 0.94-1.04,
   // M = 28 1.05-1.11, M = 32 1.29-1.38; g256 M = 24 0.93-1.00, M = 32 1.23-1.33. Before the blocked
