@@ -422,13 +422,13 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
       table[u] = _mm512_mul_ps(
           _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
     }
-    for (int64_t d = w0; d < w1; d += 16) {
+    for (int64_t d = w0; d < w1; d += kWordBlock) {  // one 64-byte load per row, one block of x
       next.at(4 * d);
       // This block of the activation rows' word streams: one base address, the loads at constant
       // offsets from it (with a stream per row and position, the 32 addresses of a 4-row tile were
       // spilled and reloaded, and the FMAs ran at half their rate).
       const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
-      const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, 16), a.row_bytes - 4 * d);
+      const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, kWordBlock), a.row_bytes - 4 * d);
       const __mmask64 byte_mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
       __m512i wi[NT];
       for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
