@@ -400,59 +400,102 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   acc.store(a, n0, m0);
 }
 
+// The lookup tables of the word-stream kernel below for weight row n and the word block whose first
+// group is g. 4 bits: the 16 entries s * (i - z) of the block's group, looked up by vpermps. 2 bits:
+// each 128-bit lane (4 words, 64 values) holds the 4 entries of its own group, looked up by
+// vpermilps (the low 2 bits of each index, within the lane), so that a block may span groups of 64
+// or 128 values: the lanes' scales and zero points spread over them by one permute each.
+template <int BITS, typename S>
+inline __m512 word_table(const LinearArgs& a, int64_t n, int64_t g, int64_t group_words) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if constexpr (BITS == 4) {
+    const RowParams p = params<S>(a, n, g);
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(iota), _mm512_set1_ps(static_cast<float>(p.z))),
+                         _mm512_set1_ps(p.s));
+  } else {
+    const __m512 entries = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(3)));
+    // Lane l's group, g + l / (group_words / 4): group_words is 4, 8, or a multiple of 16 (one
+    // group for the block).
+    const __m512i lane_group = group_words == 4   ? _mm512_srli_epi32(iota, 2)
+                               : group_words == 8 ? _mm512_srli_epi32(iota, 3)
+                                                  : _mm512_setzero_si512();
+    const int64_t spanned = group_words == 4 ? 4 : group_words == 8 ? 2 : 1;
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(spanned, a.groups - g)) - 1);
+    const int64_t first = n * a.groups + g;
+    const __m512 s = _mm512_permutexvar_ps(lane_group, load_scales<S>(a, lanes, first));
+    const __m512 z = _mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, lanes)));
+    return _mm512_mul_ps(_mm512_sub_ps(entries, z), s);
+  }
+}
+
 // The same lookup with activation streams per 32-bit word (linear_kernels.h): one 64-byte load
 // holds 16 words, and word position p (bits [p*BITS, (p+1)*BITS) of each word) pairs with 16
-// contiguous floats of stream p. No widening shuffle: a shift and a permute per 16 weights.
+// contiguous floats of stream p. No widening shuffle and no masked activation loads: a shift and a
+// permute per 16 weights. At 2 bits, against the byte-stream kernels (M = 1, K = 2048, from L2, one
+// thread; cycles per 16 weights): per channel 1.18 -> 0.84, g128 1.32 -> 1.08, g64 1.57 -> 1.11;
+// M = 4 g128 0.74 -> 0.60.
 template <int BITS, typename S, int MT, int NT>
 void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int VPW = 32 / BITS;  // values per word
   const int64_t row_words = (a.row_bytes + 3) / 4;
-  const int64_t group_words = a.group * BITS / 32;
-  const __m512i entry_values = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32((1 << BITS) - 1));
+  // Per channel, one group of whole blocks longer than the row.
+  const int64_t group_words = a.groups == 1 ? (row_words / kWordBlock + 1) * kWordBlock : a.group * BITS / 32;
+  // Tables last a group of whole blocks; 2-bit groups of 64 or 128 values build them per block.
+  // (Counted, not divided: a 64-bit division per block cost 4-bit g128 1.32 -> 1.45 cycles per 16
+  // weights at M = 1.)
+  const bool table_per_block = group_words % kWordBlock != 0;
+  const int64_t table_words = table_per_block ? kWordBlock : group_words;
+  const int64_t table_groups = table_per_block ? kWordBlock / group_words : 1;
+  int64_t table_end = 0, g = 0;  // where the tables end, the next tables' first group
   const uint8_t* wrow[NT];
   for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
   const NextTile<NT> next(a, n0);
   TileSums<MT, NT> acc;
-  for (int64_t g = 0; g < a.groups; ++g) {
-    const int64_t w0 = g * group_words, w1 = std::min(w0 + group_words, row_words);
-    __m512 table[NT];
-    for (int u = 0; u < NT; ++u) {
-      const RowParams p = params<S>(a, n0 + u, g);
-      table[u] = _mm512_mul_ps(
-          _mm512_sub_ps(_mm512_cvtepi32_ps(entry_values), _mm512_set1_ps(static_cast<float>(p.z))), _mm512_set1_ps(p.s));
+  __m512 table[NT];
+  for (int64_t d = 0; d < row_words; d += kWordBlock) {  // one 64-byte load per row, one block of x
+    next.at(4 * d);
+    if (d == table_end) {
+      for (int u = 0; u < NT; ++u) table[u] = word_table<BITS, S>(a, n0 + u, g, group_words);
+      table_end += table_words;
+      g += table_groups;
     }
-    for (int64_t d = w0; d < w1; d += kWordBlock) {  // one 64-byte load per row, one block of x
-      next.at(4 * d);
-      // This block of the activation rows' word streams: one base address, the loads at constant
-      // offsets from it (with a stream per row and position, the 32 addresses of a 4-row tile were
-      // spilled and reloaded, and the FMAs ran at half their rate).
-      const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
-      const int64_t bytes = std::min<int64_t>(4 * std::min<int64_t>(w1 - d, kWordBlock), a.row_bytes - 4 * d);
-      const __mmask64 byte_mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
-      __m512i wi[NT];
+    // This block of the activation rows' word streams: one base address, the loads at constant
+    // offsets from it (with a stream per row and position, the 32 addresses of a 4-row tile were
+    // spilled and reloaded, and the FMAs ran at half their rate).
+    const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
+    // Masked only in the row's last block: with a mask in every block (all ones but the last),
+    // 4-bit per channel took 0.88 -> 1.12 cycles per 16 weights at M = 1.
+    const int64_t bytes = a.row_bytes - 4 * d;
+    __m512i wi[NT];
+    if (bytes >= 64) {
+      for (int u = 0; u < NT; ++u) wi[u] = _mm512_loadu_si512(wrow[u] + 4 * d);
+    } else {
+      const __mmask64 byte_mask = (__mmask64{1} << bytes) - 1;
       for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
+    }
 #pragma GCC unroll 16
-      for (int p = 0; p < VPW; ++p) {
-        __m512 wv[NT];
-        for (int u = 0; u < NT; ++u) {
-          wv[u] = _mm512_permutexvar_ps(p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS), table[u]);
-        }
-        for (int t = 0; t < MT; ++t) {
-          const __m512 xv = _mm512_loadu_ps(xblock + (t * VPW + p) * kWordBlock);
-          for (int u = 0; u < NT; ++u) acc.fma(p, t, u, wv[u], xv);
-        }
+    for (int p = 0; p < VPW; ++p) {
+      __m512 wv[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m512i index = p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS);
+        wv[u] = BITS == 4 ? _mm512_permutexvar_ps(index, table[u]) : _mm512_permutevar_ps(table[u], index);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xv = _mm512_loadu_ps(xblock + (t * VPW + p) * kWordBlock);
+        for (int u = 0; u < NT; ++u) acc.fma(p, t, u, wv[u], xv);
       }
     }
   }
   acc.store(a, n0, m0);
 }
 
-// 4-bit only (at 2 bits a word holds 16 positions, and the unrolled loop spills registers), and
-// only for groups of whole 64-byte loads (128 values), or per-channel: a group of 32 values would
-// fill 4 of the 16 lanes.
+// 4 bits in groups of whole 64-byte loads (128 values) or per channel (a group of 32 values would
+// fill 4 of the 16 lanes); 2 bits in groups of one or two 128-bit lanes (64 or 128 values), of
+// whole loads (256), or per channel. Per channel, K a whole number of words.
 bool word_streams(int bits, int64_t group, bool per_channel) {
-  return bits == 4 && (per_channel ? group % 8 == 0 : group % 128 == 0);
+  if (bits == 4) return per_channel ? group % 8 == 0 : group % 128 == 0;
+  if (bits == 2) return per_channel ? group % 16 == 0 : group == 64 || group == 128 || group % 256 == 0;
+  return false;
 }
 
 template <int BITS, bool SIGNED, typename S, int MT, int NT>
