@@ -208,6 +208,20 @@ class NextTile {
   const int32_t* zeros_;
 };
 
+// chunk.template operator()<TAIL>(j) for the BYTES-byte chunks of bytes [b0, b1): whole ones, then
+// the rest (TAIL: its loads masked), prefetching the next tile's rows. Only the last chunk's loads
+// are masked: AVX-512 loads masked in every chunk (all lanes but the last chunk's) cost the
+// lookup-table kernels up to a quarter of their time at M = 1 (see tile_lut_words).
+template <int BYTES, int NT, typename Chunk>
+inline void chunks(const NextTile<NT>& next, int64_t b0, int64_t b1, Chunk&& chunk) {
+  int64_t j = b0;
+  for (; j + BYTES <= b1; j += BYTES) {
+    next.at_line_start(j);
+    chunk.template operator()<false>(j);
+  }
+  if (j < b1) chunk.template operator()<true>(j);
+}
+
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -238,9 +252,8 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m512 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_setzero_ps();
-    for (int64_t j = b0; j < b1; j += 16) {
-      next.at_line_start(j);
-      const __mmask16 mask = chunk_mask(b1 - j);
+    chunks<16>(next, b0, b1, [&]<bool TAIL>(int64_t j) {
+      const __mmask16 mask = TAIL ? chunk_mask(b1 - j) : chunk_mask(16);
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
         const __m128i wb = _mm_maskz_loadu_epi8(mask, wrow[u] + j);
@@ -251,7 +264,7 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t] + j);
         for (int u = 0; u < NT; ++u) acc[t][u] = _mm512_fmadd_ps(wv[u], xv, acc[t][u]);
       }
-    }
+    });
     for (int u = 0; u < NT; ++u) {
       const __m512 sv = _mm512_set1_ps(params<S>(a, n0 + u, g).s);
       for (int t = 0; t < MT; ++t) total[t][u] = _mm512_fmadd_ps(acc[t][u], sv, total[t][u]);
@@ -373,11 +386,13 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
   TileSums<MT, NT> acc;
-  for (int64_t j = 0; j < a.row_bytes; j += 16) {
-    next.at_line_start(j);
-    const int64_t g0 = j / gb;
-    const __mmask16 groups = static_cast<__mmask16>((1u << std::min<int64_t>(per_load, a.groups - g0)) - 1);
-    const __mmask16 mask = chunk_mask(a.row_bytes - j);
+  const int group_shift = gb == 4 ? 2 : 3;  // bytes per group, 4 or 8, as a shift
+  chunks<16>(next, 0, a.row_bytes, [&]<bool TAIL>(int64_t j) {
+    const int64_t g0 = j >> group_shift;
+    // A whole chunk's groups all exist (each starts before the row's end).
+    const __mmask16 groups =
+        static_cast<__mmask16>((1u << (TAIL ? std::min<int64_t>(per_load, a.groups - g0) : per_load)) - 1);
+    const __mmask16 mask = TAIL ? chunk_mask(a.row_bytes - j) : chunk_mask(16);
     __m512 table[NT];
     __m512i wi[NT];
     for (int u = 0; u < NT; ++u) {
@@ -396,7 +411,7 @@ void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
         for (int u = 0; u < NT; ++u) acc.fma(r, t, u, wv[u], xv);
       }
     }
-  }
+  });
   acc.store(a, n0, m0);
 }
 
@@ -1172,18 +1187,6 @@ inline __m256 load_x(const float* p, __m256i mask) {
   return TAIL ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
 }
 
-// chunk.template operator()<TAIL>(j) for the 8-byte chunks of bytes [b0, b1): whole ones, then
-// the rest (TAIL), prefetching the next tile's rows.
-template <int NT, typename Chunk>
-inline void chunks(const NextTile<NT>& next, int64_t b0, int64_t b1, Chunk&& chunk) {
-  int64_t j = b0;
-  for (; j + 8 <= b1; j += 8) {
-    next.at_line_start(j);
-    chunk.template operator()<false>(j);
-  }
-  if (j < b1) chunk.template operator()<true>(j);
-}
-
 // 8 and 4 bits: (q - z) x summed per group, in fp32 as tile8 does (no int32 wrap), and scaled
 // once per group: a shift, a mask, a conversion and a subtraction per 8 weights before the FMAs.
 template <int BITS, bool SIGNED, typename S, int MT, int NT>
@@ -1207,7 +1210,7 @@ void tile_convert(const LinearArgs& a, int64_t n0, int64_t m0) {
     __m256 acc[MT][NT];
     for (int t = 0; t < MT; ++t)
       for (int u = 0; u < NT; ++u) acc[t][u] = _mm256_setzero_ps();
-    chunks<NT>(next, b0, b1, [&]<bool TAIL>(int64_t j) {
+    chunks<8>(next, b0, b1, [&]<bool TAIL>(int64_t j) {
       const __m256i mask = TAIL ? lane_mask(b1 - j) : __m256i{};
       __m256i wi[NT];
       for (int u = 0; u < NT; ++u) wi[u] = load_bytes<SIGNED, TAIL>(wrow[u] + j, b1 - j);
@@ -1287,7 +1290,7 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
       const int64_t b0 = g * gb, b1 = std::min(b0 + gb, a.row_bytes);
       __m256 tab[NT];
       for (int u = 0; u < NT; ++u) tab[u] = table(u, g, g);
-      chunks<NT>(next, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
+      chunks<8>(next, b0, b1, [&]<bool TAIL>(int64_t j) { chunk.template operator()<TAIL>(j, b1, tab); });
     }
   }
   store_tile(a, n0, m0, acc);
