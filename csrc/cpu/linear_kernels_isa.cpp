@@ -1369,9 +1369,10 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // 440-465 GFLOP/s, where the lookup-table kernels make 220-270 and tile8 about 360. Measured
   // while gemm_f32 dequantized block by block (0.85-0.95x its time at M = 16, see StreamPrefetch);
   // the layouts near 1 at their threshold measured again as it is (marked "now").
-  // Per channel (the register kernels' fastest layouts): 8-bit M = 24 0.81-0.85, M = 32 1.10-1.15;
-  // 2-bit M = 24 0.84-0.95, M = 32 1.13-1.25; 4-bit with K a multiple of 8 (tile_lut_words, its
-  // streams blocked since session 34) M = 24 0.85-0.94, M = 28 1.02-1.03, M = 32 1.16-1.26.
+  // Per channel (the register kernels' fastest layouts): 8-bit (session 35) M = 24 0.74-0.80, M = 32
+  // 0.95-1.06; 2-bit (word streams, session 35) M = 24 0.77-0.78, M = 32 1.04; 4-bit with K a
+  // multiple of 8 (tile_lut_words, its streams blocked since session 34) M = 24 0.85-0.94, M = 28
+  // 1.02-1.03, M = 32 1.16-1.26.
   if (per_channel) return 32;
   // 4-bit groups of a multiple of 128 values (tile_lut_words, session 34): g128 M = 24 0.94-1.04,
   // M = 28 1.05-1.11, M = 32 1.29-1.38; g256 M = 24 0.93-1.00, M = 32 1.23-1.33. Before the blocked
@@ -1383,14 +1384,19 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // 2-bit g16 and g32 (tile_lut2_split, full lanes): g16 M = 48 1.00-1.20, M = 64 1.08-1.33; g32
   // M = 24 0.93-1.04, M = 32 1.24-1.39.
   if (bits == 2 && group <= 32) return group == 16 ? 64 : 32;
-  // 256-value groups: 8-bit M = 24 0.97-1.01, M = 32 1.29-1.30; 2-bit M = 24 0.95-1.04, M = 32
-  // 1.26-1.38. 2-bit g128: now M = 16 0.94-1.06, M = 24 0.98-1.10, M = 32 1.29-1.46.
-  if (group >= 256 || (bits == 2 && group >= 128)) return 32;
-  // 32-value groups and 4-bit g16: 8-bit g32 M = 8 0.72-0.74, M = 12 now 1.03-1.04; 4-bit g32 M = 12
-  // 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
-  if (group == 32 || (bits == 4 && group == 16)) return 12;
-  // The others: 8-bit g16 M = 12 0.84-0.98, M = 16 1.11-1.32; g64 M = 12 0.91-0.95 (8 and 4 bits,
-  // now), 0.88-1.00 (2 bits), M = 16 1.17-1.27; 8-bit g128 M = 12 0.81-0.93, M = 16 now 1.06-1.09.
+  // 2-bit groups of 64 values or more (word streams from session 35, as per channel): g64 M = 24
+  // 0.75-0.77, M = 32 1.01-1.03; g128 M = 24 0.77-0.80, M = 32 1.04-1.05; g256 M = 24 0.79-0.80,
+  // M = 32 1.06-1.09 (and 0.89-0.94 at M = 40, which the GEMM multiplies as 48). 8-bit g256 M = 24
+  // 0.79-0.80, M = 32 1.04-1.07.
+  if ((bits == 2 && group >= 64) || group >= 256) return 32;
+  // 8-bit (tile8's loads unmasked but in a group's last chunk since session 35): g64 M = 24
+  // 0.95-0.97, M = 28 1.10-1.14; g128 M = 24 0.86-0.87, M = 28 1.01; g32 M = 12 0.81, M = 16
+  // 1.07-1.09; g16 M = 10 0.92-0.95, M = 12 1.08-1.11.
+  if (bits == 8 && group >= 64) return 28;
+  if (bits == 8 && group == 32) return 16;
+  // 4-bit g32 M = 12 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
+  if (group == 32 || group == 16) return 12;
+  // The others: 4-bit g64 M = 12 0.91-0.95, M = 16 1.17-1.27.
   return 16;
 #elif defined(__AVX2__) && defined(__FMA__)
   // Measured as above against ATen's GEMM (MKL, about 180 GFLOP/s here), each copy picked by

@@ -211,7 +211,7 @@ def fp32_gemm_is_linquants():
 
 
 @pytest.mark.skipif(not fp32_gemm_is_linquants(), reason="linquant's fp32 GEMM runs with the AVX-512 kernels")
-@pytest.mark.parametrize("group_size,min_rows", [(None, 32), (128, 16), (64, 16), (32, 12)], ids=str)
+@pytest.mark.parametrize("group_size,min_rows", [(None, 32), (128, 28), (64, 28), (32, 16)], ids=str)
 def test_fp32_activations_gemm_path(group_size, min_rows, gen):
     # From min_rows rows, by layout (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp), fp32
     # activations take the fp32 GEMM over dequantized weights. At 8 bits a probe tells it from the
@@ -245,9 +245,9 @@ def test_fp32_activations_gemm_path_blocks(dtype, gen):
     # rows for 1-4 vectors of 16 activation rows (M = 16, 20, 41, 47, 64; 66 = 64 + 2), 512 values
     # of K at a time (K = 9001: 17 full passes and a short one; 1030: two and 6 values), activations
     # transposed 16 values at a time (K = 300, 333, 4097: a part block). Layouts whose threshold is
-    # at most 16 rows there (4-bit g128, 8-bit g32, 2-bit g64), fp16 activations converted to fp32.
+    # at most 16 rows there (4-bit g64, 8-bit g32, 2-bit g8), fp16 activations converted to fp32.
     for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66), (37, 1030, 16), (100, 333, 20)):
-        for bits, group_size in ((4, 128), (8, 32), (2, 64)):
+        for bits, group_size in ((4, 64), (8, 32), (2, 8)):
             qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric=False)
             check(torch.randn(m, k, generator=gen).to(dtype), qw, torch.randn(n, generator=gen), bits, group_size)
 
@@ -284,11 +284,11 @@ def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
 # Row counts on both sides of every instruction set's switch from the register kernels to the fp32
 # GEMM over dequantized weights (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
 # the bits and the group's length, from 6 to 64 rows with AVX-512, from 1 to 512 elsewhere).
-SWITCH_ROWS = [1, 2, 5, 6, 7, 8, 11, 12, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512]
+SWITCH_ROWS = [1, 2, 5, 6, 7, 8, 11, 12, 15, 16, 27, 28, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512]
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (4, None), (4, 16), (4, 32),
-                                             (4, 128), (2, None), (2, 16), (2, 32), (2, 64)], ids=str)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (8, 128), (4, None), (4, 16),
+                                             (4, 32), (4, 128), (2, None), (2, 16), (2, 32), (2, 64), (2, 128)], ids=str)
 def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
     w = torch.randn(40, 200, generator=gen)
     qw = lq.quantize_weight(w, bits, group_size, symmetric=bits != 8)
