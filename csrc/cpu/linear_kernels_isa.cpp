@@ -458,8 +458,6 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   // Per channel, one group of whole blocks longer than the row.
   const int64_t group_words = a.groups == 1 ? (row_words / kWordBlock + 1) * kWordBlock : a.group * BITS / 32;
   // Tables last a group of whole blocks; 2-bit groups of 64 or 128 values build them per block.
-  // (Counted, not divided: a 64-bit division per block cost 4-bit g128 1.32 -> 1.45 cycles per 16
-  // weights at M = 1.)
   const bool table_per_block = group_words % kWordBlock != 0;
   const int64_t table_words = table_per_block ? kWordBlock : group_words;
   const int64_t table_groups = table_per_block ? kWordBlock / group_words : 1;
