@@ -264,21 +264,22 @@ void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_v
 // never added (1e-39 activations against 1e30 weights came out 100x the product, sign flipped).
 inline float as_dot_reads(c10::BFloat16 v) { return (v.x & 0x7f80) == 0 ? 0.0f : static_cast<float>(v); }
 
-// sum[m, g] = the sum of x[m, k] over group g's k (x [M, K] bf16, contiguous; as_dot_reads), added
-// in double and rounded to fp32 once, whatever the group's length. Eight running sums keep the
-// additions from waiting on each other (one chain of them cost 30 us at M = 16, K = 1536).
-void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int64_t groups, float* sum) {
+// sum[m, g] = the sum of read(x[m, k]) over group g's k (x [M, K] contiguous), added in double and
+// rounded to fp32 once, whatever the group's length. Eight running sums keep the additions from
+// waiting on each other (one chain of them cost 30 us at M = 16, K = 1536).
+template <typename T, typename Read>
+void group_sums(const T* x, int64_t M, int64_t K, int64_t group, int64_t groups, float* sum, Read read) {
   constexpr int kLanes = 8;
   for (int64_t m = 0; m < M; ++m) {
-    const c10::BFloat16* row = x + m * K;
+    const T* row = x + m * K;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t end = std::min(K, (g + 1) * group);
       double lanes[kLanes] = {};
       int64_t k = g * group;
       for (; k + kLanes <= end; k += kLanes) {
-        for (int j = 0; j < kLanes; ++j) lanes[j] += as_dot_reads(row[k + j]);
+        for (int j = 0; j < kLanes; ++j) lanes[j] += read(row[k + j]);
       }
-      for (; k < end; ++k) lanes[0] += as_dot_reads(row[k]);
+      for (; k < end; ++k) lanes[0] += read(row[k]);
       double total = 0;
       for (double lane : lanes) total += lane;
       sum[m * groups + g] = static_cast<float>(total);
@@ -287,18 +288,21 @@ void group_sums(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group, int
 }
 
 // The register kernels' activations for x_rows [M, K] (M > 0): for Path::dot_bf16 the bf16 byte
-// streams and each row's sums over each group, for Path::tiles the fp32 byte (or word) streams;
-// see linear_kernels.h. Written by plain loops into one allocation: the chain of ATen ops it
+// streams and each row's sums over each group, for Path::tiles the fp32 byte (or word) streams,
+// with the group sums where the kernels ask for them (Streams::words_and_sums); see
+// linear_kernels.h. Written by plain loops into one allocation: the chain of ATen ops it
 // replaced (convert, pad, view, transpose, copy, sum) cost several microseconds a call, a third of
 // a small layer's time at M = 1.
 struct Activations {
-  at::Tensor streams, sums;  // sums: dot_bf16 only
+  at::Tensor streams, sums;  // sums: dot_bf16 and Streams::words_and_sums only
   bool word_streams = false;
+  bool bf16_streams = false;  // dot_bf16's
 
   Activations(const at::Tensor& x_rows, Path path, const LinearArgs& a) {
     const int64_t M = x_rows.size(0), K = a.K;
     const at::Tensor x = x_rows.contiguous();
     if (path == Path::dot_bf16) {  // x is bf16 here (bf16_kernels)
+      bf16_streams = true;
       const int64_t per_byte = 8 / a.bits;
       if (per_byte == 1) {
         streams = x;  // bf16 rows as they are
@@ -308,10 +312,11 @@ struct Activations {
                    reinterpret_cast<uint16_t*>(streams.data_ptr()), [](uint16_t v) { return v; });
       }
       sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
-      group_sums(x.const_data_ptr<c10::BFloat16>(), M, K, a.group, a.groups, sums.data_ptr<float>());
+      group_sums(x.const_data_ptr<c10::BFloat16>(), M, K, a.group, a.groups, sums.data_ptr<float>(), as_dot_reads);
       return;
     }
-    word_streams = linear_kernels().word_streams(a.bits, a.group, a.groups == 1);
+    const Streams layout = linear_kernels().streams(a.bits, a.group, a.groups == 1, a.zeros != nullptr);
+    word_streams = layout != Streams::bytes;
     const int64_t unit_values = word_streams ? 32 / a.bits : 8 / a.bits;
     if (unit_values == 1 && x.scalar_type() == at::kFloat) {
       streams = x;  // fp32 rows as they are
@@ -321,21 +326,23 @@ struct Activations {
     const int64_t units = word_streams ? (row_words + kWordBlock - 1) / kWordBlock * kWordBlock : a.row_bytes;
     const int64_t block = word_streams ? kWordBlock : units;
     streams = at::empty({M, unit_values * units}, x.options().dtype(at::kFloat));
+    if (layout == Streams::words_and_sums) sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linquant_activation_streams", [&] {
-      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, block, streams.data_ptr<float>(),
-                 [](scalar_t v) { return static_cast<float>(v); });
+      const auto read = [](scalar_t v) { return static_cast<float>(v); };
+      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, block, streams.data_ptr<float>(), read);
+      if (sums.defined()) group_sums(x.const_data_ptr<scalar_t>(), M, K, a.group, a.groups, sums.data_ptr<float>(), read);
     });
   }
 
   // Points the kernels' arguments at these activations.
   void point(LinearArgs& a) const {
     a.word_streams = word_streams;
-    if (sums.defined()) {
+    if (bf16_streams) {
       a.xb = reinterpret_cast<const uint16_t*>(streams.const_data_ptr());
-      a.xsum = sums.const_data_ptr<float>();
     } else {
       a.xd = streams.const_data_ptr<float>();
     }
+    if (sums.defined()) a.xsum = sums.const_data_ptr<float>();
   }
 };
 

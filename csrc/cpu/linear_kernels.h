@@ -8,8 +8,9 @@
 // that read weights a 32-bit word at a time instead take VPW = 32 / bits streams, stream p being
 // x[w * VPW + p] for word w (`word_streams`), cut into blocks of kWordBlock words: block b of every
 // row, then the next, [ceil(words / kWordBlock)][M][VPW][kWordBlock], so that a tile of rows finds
-// a block's activations at constant offsets from one address. The bf16 kernel (`gemv_bf16`) takes
-// the byte streams in bf16 (`xb`), with each activation row's sum over each group (`xsum`). Then
+// a block's activations at constant offsets from one address, and for some formats (Streams::
+// words_and_sums) each activation row's sum over each group (`xsum`). The bf16 kernel (`gemv_bf16`)
+// takes the byte streams in bf16 (`xb`), with the group sums too. Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
 
@@ -42,18 +43,22 @@ struct LinearArgs {
   const float* xd = nullptr;        // [M, PER, row_bytes] (or blocked word) streams
   const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
   const uint32_t* xt = nullptr;     // gemm_bf16 / gemm_f32: the rows' dwords transposed (transpose_dwords)
-  const float* xsum = nullptr;      // gemv_bf16: [M, G] sums of x over each group
+  const float* xsum = nullptr;      // gemv_bf16, Streams::words_and_sums: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
   uint16_t* yb = nullptr;           // gemm_bf16: [M, N] bf16 bits
 };
 
+// How gemv takes a format's fp32 activations: byte streams, word streams, or word streams and each
+// row's sums over each group.
+enum class Streams : uint8_t { bytes, words, words_and_sums };
+
 struct LinearKernels {
   // Columns [n_begin, n_end) of y for every activation row, reading each weight row from memory once.
   using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
 
-  // Whether gemv wants per-word activation streams for this format.
-  using WordStreamsFn = bool (*)(int bits, int64_t group, bool per_channel);
+  // How gemv wants the activations of this format (zero_points: the weight stores them).
+  using StreamsFn = Streams (*)(int bits, int64_t group, bool per_channel, bool zero_points);
 
   // The fewest activation rows from which the fp32 GEMM over dequantized weights (gemm_f32 where
   // this instruction set has it, else ATen's over weight tiles dequantized by dequant_rows) is
@@ -66,7 +71,7 @@ struct LinearKernels {
   using DequantFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end, float* out);
 
   GemvFn gemv;
-  WordStreamsFn word_streams;
+  StreamsFn streams;
   GemmMinRowsFn gemm_min_rows;
   DequantFn dequant_rows;
   // The panel GEMMs, or nullptr (this instruction set has none): columns [n_begin, n_end) (n_begin a

@@ -3,6 +3,7 @@
 // streaming each weight row once, tiled over weight and activation rows; the baseline copy is
 // plain C++.
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -278,9 +279,9 @@ void tile8(const LinearArgs& a, int64_t n0, int64_t m0) {
 // on Zen 5) held to 1 FMA a cycle: so then each sum is split over two chains, which the kernels
 // alternate between by value position, and added once at the end (4096x2048 W4 g128 from L2, one
 // thread: 1.70 -> 1.49 cycles per 16 weights; from DRAM, 14336x4096 at M = 1: 0.85 -> 0.75 ms).
-template <int MT, int NT>
+template <int MT, int NT, int CHAINS = MT == 1 ? 2 : 1>
 struct TileSums {
-  static constexpr int kChains = MT == 1 ? 2 : 1;
+  static constexpr int kChains = CHAINS;
   __m512 v[kChains][MT][NT];
 
   TileSums() {
@@ -293,11 +294,19 @@ struct TileSums {
     __m512& sum = v[position % kChains][t][u];
     sum = _mm512_fmadd_ps(w, x, sum);
   }
-  void store(const LinearArgs& a, int64_t n0, int64_t m0) {
+  // Inlined always: out of line (which GCC chose once a fourth kernel used these sums) the sums
+  // lived in memory, and the kernels ran 1.4-1.6x slower.
+  [[gnu::always_inline]] void store(const LinearArgs& a, int64_t n0, int64_t m0) {
     for (int c = 1; c < kChains; ++c)
       for (int t = 0; t < MT; ++t)
         for (int u = 0; u < NT; ++u) v[0][t][u] = _mm512_add_ps(v[0][t][u], v[c][t][u]);
     store_tile(a, n0, m0, v[0]);
+  }
+  // sums[t][u] += block[t][u] * scale[u], chain by chain.
+  void add_scaled(const TileSums& block, const __m512 (&scale)[NT]) {
+    for (int c = 0; c < kChains; ++c)
+      for (int t = 0; t < MT; ++t)
+        for (int u = 0; u < NT; ++u) v[c][t][u] = _mm512_fmadd_ps(block.v[c][t][u], scale[u], v[c][t][u]);
   }
 };
 
@@ -368,53 +377,6 @@ inline __m512 load_scales(const LinearArgs& a, __mmask16 lanes, int64_t first) {
 // The zero points of the lanes' groups from `first` on (zero_const for a format without them).
 inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 lanes) {
   return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
-}
-
-// 2 bits in groups of 4 or 8 bytes (16 or 32 values), where the one-group tables above fill a
-// quarter or half of a 16-byte load's lanes: a load spans GPL = 4 or 2 groups, all four bytes of a
-// 128-bit lane in one of them, and vpermilps looks each 128-bit lane's values up in its own four
-// entries (by the low 2 bits of each index). So one table per load and row holds every spanned
-// group's s * (i - z), its scales and zero points spread over the lanes by one permute each.
-template <typename S, int MT, int NT>
-void tile_lut2_split(const LinearArgs& a, int64_t n0, int64_t m0) {
-  const int64_t gb = a.group / 4, per_load = 16 / gb;
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i lane_group = _mm512_srli_epi32(iota, gb == 4 ? 2 : 3);
-  const __m512 entries = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(3)));
-  const uint8_t* wrow[NT];
-  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
-  const NextTile<NT> next(a, n0);
-  const float* xs[MT][4];
-  for (int t = 0; t < MT; ++t)
-    for (int r = 0; r < 4; ++r) xs[t][r] = xstream<4>(a, m0 + t, r);
-  TileSums<MT, NT> acc;
-  const int group_shift = gb == 4 ? 2 : 3;  // bytes per group, 4 or 8, as a shift
-  chunks<16>(next, 0, a.row_bytes, [&]<bool TAIL>(int64_t j) {
-    const int64_t g0 = j >> group_shift;
-    // A whole chunk's groups all exist (each starts before the row's end).
-    const __mmask16 groups =
-        static_cast<__mmask16>((1u << (TAIL ? std::min<int64_t>(per_load, a.groups - g0) : per_load)) - 1);
-    const __mmask16 mask = TAIL ? chunk_mask(a.row_bytes - j) : chunk_mask(16);
-    __m512 table[NT];
-    __m512i wi[NT];
-    for (int u = 0; u < NT; ++u) {
-      const int64_t first = (n0 + u) * a.groups + g0;
-      const __m512 s = _mm512_permutexvar_ps(lane_group, load_scales<S>(a, groups, first));
-      const __m512 z = _mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(group_zero_points(a, first, groups)));
-      table[u] = _mm512_mul_ps(_mm512_sub_ps(entries, z), s);
-      wi[u] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, wrow[u] + j));
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      __m512 wv[NT];
-      for (int u = 0; u < NT; ++u) wv[u] = _mm512_permutevar_ps(table[u], r == 0 ? wi[u] : _mm512_srli_epi32(wi[u], 2 * r));
-      for (int t = 0; t < MT; ++t) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mask, xs[t][r] + j);
-        for (int u = 0; u < NT; ++u) acc.fma(r, t, u, wv[u], xv);
-      }
-    }
-  });
-  acc.store(a, n0, m0);
 }
 
 // The lookup tables of the word-stream kernel below for weight row n and the word block whose first
@@ -504,23 +466,128 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   acc.store(a, n0, m0);
 }
 
-// 4 bits in groups of whole 64-byte loads (128 values) or per channel (a group of 32 values would
-// fill 4 of the 16 lanes); 2 bits in groups of one or two 128-bit lanes (64 or 128 values), of
-// whole loads (256), or per channel. Per channel, K a whole number of words.
-bool word_streams(int bits, int64_t group, bool per_channel) {
-  if (bits == 4) return per_channel ? group % 8 == 0 : group % 128 == 0;
-  if (bits == 2) return per_channel ? group % 16 == 0 : group == 64 || group == 128 || group % 256 == 0;
-  return false;
+// 4 and 2 bits in groups of 1, 2, 4 or 8 words (4-bit groups of 8 to 64 values, 2-bit of 16 to
+// 128), 16 to 2 of them per 64-byte load: too many groups for the tables above. So every group's
+// values are looked up in one table, i - c (c = 2^(BITS-1), the symmetric formats' zero point),
+// and scaled by the scale of their word's group (a lane of 16 words):
+//   sum_k x s (q - z) = s sum_k x (q - c) - s (z - c) sum_k x,
+// the last term from each activation row's sum over each group (xsum), where zero points are
+// stored, once the row's products are summed. With one or two activation rows each lane's products are summed over the block and
+// scaled once per block (a second set of sums); with three or four (too few registers for two
+// sets) the looked-up values are scaled, one product per 16 weights that the rows share.
+template <int BITS, typename S, int MT, int NT>
+void tile_lut_lanes(const LinearArgs& a, int64_t n0, int64_t m0) {
+  constexpr int VPW = 32 / BITS;  // values per word
+  constexpr int kOffset = 1 << (BITS - 1);
+  constexpr bool kBlockSums = MT <= 2;
+  const int64_t row_words = (a.row_bytes + 3) / 4;
+  const int group_shift = std::countr_zero(static_cast<uint64_t>(a.group * BITS / 32));  // log2 group words
+  const int64_t block_groups = kWordBlock >> group_shift;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_group = _mm512_srl_epi32(iota, _mm_cvtsi32_si128(group_shift));
+  // vpermps reads the low 4 bits of each index, vpermilps the low 2 (within a 128-bit lane).
+  const __m512 table = _mm512_sub_ps(_mm512_cvtepi32_ps(BITS == 4 ? iota : _mm512_and_si512(iota, _mm512_set1_epi32(3))),
+                                     _mm512_set1_ps(kOffset));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
+  // One chain per sum (TileSums' two at M = 1 pushed sums out to memory): the block sums start
+  // afresh each block, so consecutive blocks' FMAs overlap without a second.
+  using Sums = TileSums<MT, NT, 1>;
+  Sums acc;
+  for (int64_t d = 0, g0 = 0; d < row_words; d += kWordBlock, g0 += block_groups) {
+    next.at(4 * d);
+    const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
+    const int64_t bytes = a.row_bytes - 4 * d;
+    __m512i wi[NT];
+    if (bytes >= 64) {  // masked only in the row's last block, as in tile_lut_words
+      for (int u = 0; u < NT; ++u) wi[u] = _mm512_loadu_si512(wrow[u] + 4 * d);
+    } else {
+      const __mmask64 byte_mask = (__mmask64{1} << bytes) - 1;
+      for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
+    }
+    // Row u's scales of the block's groups (zero past the row's last group), and spread over their
+    // words. Loaded where they are used: kept in registers across the products, they pushed the
+    // sums out to memory.
+    const __mmask16 groups = static_cast<__mmask16>((1u << std::min(block_groups, a.groups - g0)) - 1);
+    const auto group_scales = [&](int u) { return load_scales<S>(a, groups, (n0 + u) * a.groups + g0); };
+    __m512 lane_scale[NT];
+    const auto spread_scales = [&] {
+      for (int u = 0; u < NT; ++u) lane_scale[u] = _mm512_permutexvar_ps(lane_group, group_scales(u));
+    };
+    // The block's products added to `sums`, each looked-up value scaled first where !kBlockSums.
+    const auto add_products = [&](Sums& sums) {
+#pragma GCC unroll 16
+      for (int p = 0; p < VPW; ++p) {
+        __m512 wv[NT];
+        for (int u = 0; u < NT; ++u) {
+          const __m512i index = p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS);
+          wv[u] = BITS == 4 ? _mm512_permutexvar_ps(index, table) : _mm512_permutevar_ps(table, index);
+          if constexpr (!kBlockSums) wv[u] = _mm512_mul_ps(wv[u], lane_scale[u]);
+        }
+        for (int t = 0; t < MT; ++t) {
+          const __m512 xv = _mm512_loadu_ps(xblock + (t * VPW + p) * kWordBlock);
+          for (int u = 0; u < NT; ++u) sums.fma(p, t, u, wv[u], xv);
+        }
+      }
+    };
+    if constexpr (kBlockSums) {
+      Sums block_sums;
+      add_products(block_sums);
+      spread_scales();
+      acc.add_scaled(block_sums, lane_scale);
+    } else {
+      spread_scales();
+      add_products(acc);
+    }
+  }
+  // The zero points' term, s (z - c) sum_k x, 16 groups at a time after the row's products: per
+  // block, with 2-8 of a block's 16 lanes, it cost M = 4 4-bit g32 0.71 -> 1.08 cycles per 16
+  // weights.
+  if (a.zeros != nullptr) {
+    for (int64_t g = 0; g < a.groups; g += 16) {
+      const __mmask16 lanes = chunk_mask(a.groups - g);
+      __m512 xsum[MT];
+      for (int t = 0; t < MT; ++t) xsum[t] = _mm512_maskz_loadu_ps(lanes, a.xsum + (m0 + t) * a.groups + g);
+      for (int u = 0; u < NT; ++u) {
+        const int64_t first = (n0 + u) * a.groups + g;
+        // z - c in fp32, as tile8 takes q - z: in int32 lanes a zero point near INT32_MIN wraps.
+        const __m512 offset = _mm512_sub_ps(_mm512_cvtepi32_ps(group_zero_points(a, first, lanes)), _mm512_set1_ps(kOffset));
+        const __m512 offset_scale = _mm512_mul_ps(load_scales<S>(a, lanes, first), offset);
+        for (int t = 0; t < MT; ++t) acc.v[0][t][u] = _mm512_fnmadd_ps(offset_scale, xsum[t], acc.v[0][t][u]);
+      }
+    }
+  }
+  acc.store(a, n0, m0);
+}
+
+// The word-stream kernels' layouts. tile_lut_words: 4 bits in groups of whole 64-byte loads (128
+// values) or per channel; 2 bits in groups of one or two 128-bit lanes (64 or 128 values), of
+// whole loads (256), or per channel; per channel, K a whole number of words. tile_lut_lanes: 4
+// bits in groups of 8 to 64 values, 2 bits of 16 and 32 (with each row's group sums where zero
+// points are stored).
+bool lane_groups(int bits, int64_t group) {
+  return (bits == 4 && (group == 8 || group == 16 || group == 32 || group == 64)) ||
+         (bits == 2 && (group == 16 || group == 32));
+}
+
+Streams streams(int bits, int64_t group, bool per_channel, bool zero_points) {
+  if (bits == 4 && (per_channel ? group % 8 == 0 : group % 128 == 0)) return Streams::words;
+  if (bits == 2 && (per_channel ? group % 16 == 0 : group == 64 || group == 128 || group % 256 == 0)) {
+    return Streams::words;
+  }
+  if (!per_channel && lane_groups(bits, group)) return zero_points ? Streams::words_and_sums : Streams::words;
+  return Streams::bytes;
 }
 
 template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
   if constexpr (BITS == 8) {
     tile8<SIGNED, S, MT, NT>(a, n0, m0);
+  } else if (a.word_streams && a.groups > 1 && lane_groups(BITS, a.group)) {
+    tile_lut_lanes<BITS, S, MT, NT>(a, n0, m0);
   } else if (a.word_streams) {
     tile_lut_words<BITS, S, MT, NT>(a, n0, m0);
-  } else if (BITS == 2 && (a.group == 16 || a.group == 32) && a.groups > 1) {
-    tile_lut2_split<S, MT, NT>(a, n0, m0);
   } else {
     tile_lut<BITS, S, MT, NT>(a, n0, m0);
   }
@@ -1350,7 +1417,7 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
 }
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
-bool word_streams(int, int64_t, bool) { return false; }
+Streams streams(int, int64_t, bool, bool) { return Streams::bytes; }
 #endif
 
 // The fewest activation rows from which the fp32 GEMM path (Path::gemm in linear.cpp) beats gemv,
@@ -1426,7 +1493,7 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
 }
 
 #if defined(LINQUANT_HAVE_PANEL_GEMMS)
-const LinearKernels kTable = {gemv_dispatch,     word_streams,       gemm_min_rows, nullptr,
+const LinearKernels kTable = {gemv_dispatch,     streams,            gemm_min_rows, nullptr,
                               gemm_f32_dispatch, gemm_bf16_dispatch, gemv_bf16,     transpose_dwords};
 #else
 // ATen's fp32 GEMM path's weight tiles (gemm_f32 dequantizes its own panels).
@@ -1453,7 +1520,7 @@ void dequant_dispatch(const LinearArgs& a, int64_t n0, int64_t n1, float* out) {
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() { dequant<BITS, SIGNED, S>(a, n0, n1, out); });
 }
 
-const LinearKernels kTable = {gemv_dispatch, word_streams, gemm_min_rows, dequant_dispatch,
+const LinearKernels kTable = {gemv_dispatch, streams,      gemm_min_rows, dequant_dispatch,
                               nullptr,       nullptr,      nullptr,       nullptr};
 #endif
 
