@@ -1441,14 +1441,21 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   if (per_channel) return 32;
   // 4-bit groups of a multiple of 128 values (tile_lut_words, session 34): g128 M = 24 0.94-1.04,
   // M = 28 1.05-1.11, M = 32 1.29-1.38; g256 M = 24 0.93-1.00, M = 32 1.23-1.33. Before the blocked
-  // streams the GEMM took g128 from M = 16.
-  if (bits == 4 && group % 128 == 0) return 28;
-  // Groups of 8 values: 2-bit M = 4 0.81-1.09, M = 6 1.39-1.69; 4-bit M = 6 0.92, M = 8 1.18-1.20;
-  // 8-bit M = 8 1.00-1.01, M = 12 1.46-1.51.
+  // streams the GEMM took g128 from M = 16. Groups of 8-64 values (tile_lut_lanes, session 36;
+  // 4096x4096 and 14336x4096): g64 M = 24 0.87-0.97, M = 28 1.07-1.12; g32 M = 24 0.85-0.87, M = 28
+  // 0.99-1.03, M = 32 1.15-1.18; g16 M = 28 0.88-0.91, M = 32 0.98-1.04, M = 40 0.97-1.02, M = 48
+  // 1.18-1.21; g8 M = 48 0.94-0.96, M = 64 1.07 (before, the GEMM took g64 from 16 rows, g32 and
+  // g16 from 12, g8 from 8).
+  if (bits == 4 && (group % 128 == 0 || group == 64 || group == 32)) return 28;
+  if (bits == 4 && (group == 16 || group == 8)) return group == 16 ? 32 : 64;
+  // Groups of fewer than 8 values, and 8-bit and 2-bit groups of 8: 2-bit M = 4 0.81-1.09, M = 6
+  // 1.39-1.69; 4-bit M = 6 0.92, M = 8 1.18-1.20 (g8, before tile_lut_lanes); 8-bit M = 8
+  // 1.00-1.01, M = 12 1.46-1.51.
   if (group <= 8) return bits == 2 ? 6 : bits == 4 ? 8 : 12;
-  // 2-bit g16 and g32 (tile_lut2_split, full lanes): g16 M = 48 1.00-1.20, M = 64 1.08-1.33; g32
-  // M = 24 0.93-1.04, M = 32 1.24-1.39.
-  if (bits == 2 && group <= 32) return group == 16 ? 64 : 32;
+  // 2-bit g16 and g32 (tile_lut_lanes, session 36): g16 M = 32 0.94-0.96, M = 40 0.90-0.95, M = 48
+  // 1.09-1.13; g32 M = 24 0.75-0.79, M = 32 1.06-1.07 (before, with tile_lut2_split, g16 M = 48
+  // 1.00-1.20, M = 64 1.08-1.33).
+  if (bits == 2 && group <= 32) return group == 16 ? 48 : 32;
   // 2-bit groups of 64 values or more (word streams from session 35, as per channel): g64 M = 24
   // 0.75-0.77, M = 32 1.01-1.03; g128 M = 24 0.77-0.80, M = 32 1.04-1.05; g256 M = 24 0.79-0.80,
   // M = 32 1.06-1.09 (and 0.89-0.94 at M = 40, which the GEMM multiplies as 48). 8-bit g256 M = 24
@@ -1459,9 +1466,9 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   // 1.07-1.09; g16 M = 10 0.92-0.95, M = 12 1.08-1.11.
   if (bits == 8 && group >= 64) return 28;
   if (bits == 8 && group == 32) return 16;
-  // 4-bit g32 M = 12 1.11-1.13; 4-bit g16 M = 8 0.77-0.93, M = 12 1.14-1.36.
-  if (group == 32 || group == 16) return 12;
-  // The others: 4-bit g64 M = 12 0.91-0.95, M = 16 1.17-1.27.
+  if (bits == 8 && group == 16) return 12;
+  // The others (4-bit groups such as 48 or 96 values, on the byte streams), as 4-bit g64 measured
+  // there (before tile_lut_lanes): M = 12 0.91-0.95, M = 16 1.17-1.27.
   return 16;
 #elif defined(__AVX2__) && defined(__FMA__)
   // Measured as above against ATen's GEMM (MKL, about 180 GFLOP/s here), each copy picked by

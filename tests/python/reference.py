@@ -157,16 +157,34 @@ def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
     return ref_weight(torch.zeros_like(qweight), scales.abs(), -(c + zeros.to(torch.int64).abs()), bits, group_size, k)
 
 
+# The layouts whose fp32 and fp16 activations the AVX-512 lookup kernel takes in word lanes
+# (tile_lut_lanes in csrc/cpu/linear_kernels_isa.cpp), bits and group size.
+LANE_LAYOUTS = {(4, 8), (4, 16), (4, 32), (4, 64), (2, 16), (2, 32)}
+
+
+def lane_kernel_weight(qweight, scales, zeros, bits, group_size, k):
+    """|s| (|q - c| + |z - c|) per weight, c = 2^(bits-1), on LANE_LAYOUTS with more than one group
+    (else 0): what the AVX-512 lookup kernel sums there in place of |s (q - z)|, taking s (z - c)
+    sum x out after (architecture.md), so fp32 rounding of its sums is relative to that. z is the
+    stored zero point, c itself for symmetric weights."""
+    if (bits, group_size) not in LANE_LAYOUTS or k <= group_size:
+        return 0
+    c = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.int32)
+    z = c if zeros is None else zeros.to(torch.int64)
+    return (ref_weight(qweight, scales.abs(), c, bits, group_size, k).abs()
+            + ref_weight(torch.zeros_like(qweight), scales.abs(), -(z - c).abs(), bits, group_size, k))
+
+
 def linear_bound(x64, w, qweight, scales, zeros, bits, group_size, dtype, ref):
     """Bound on |linear(x) - ref| for x (float64 copy x64 [M, K]) in `dtype` over the float64
     weight w [N, K] of (qweight, scales, zeros), ref = x64 @ w.T + bias: fp32 accumulation over K
-    terms (of the larger weights the bf16 dot kernel sums), rounding to the output dtype and, from
+    terms (of the larger weights the bf16 dot kernel and the lane kernel sum), rounding to the output dtype and, from
     BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16. bf16
     subnormal activations may count as zero (AVX512-BF16's dot products flush them, in the dot kernel
     and the GEMM)."""
     k = x64.shape[-1]
-    w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k)
-                       if dtype == torch.bfloat16 else 0)
+    w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k) if dtype == torch.bfloat16
+                       else lane_kernel_weight(qweight, scales, zeros, bits, group_size, k))
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * torch.finfo(dtype).eps + 1e-30
     if dtype == torch.bfloat16:
         subnormal = torch.where(x64.abs() < torch.finfo(torch.bfloat16).tiny, x64, 0).abs()

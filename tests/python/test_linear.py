@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import linquant as lq
-from reference import column_major, linear_bound, ref_weight, strided_view
+from reference import LANE_LAYOUTS, column_major, linear_bound, ref_weight, strided_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -245,9 +245,9 @@ def test_fp32_activations_gemm_path_blocks(dtype, gen):
     # rows for 1-4 vectors of 16 activation rows (M = 16, 20, 41, 47, 64; 66 = 64 + 2), 512 values
     # of K at a time (K = 9001: 17 full passes and a short one; 1030: two and 6 values), activations
     # transposed 16 values at a time (K = 300, 333, 4097: a part block). Layouts whose threshold is
-    # at most 16 rows there (4-bit g64, 8-bit g32, 2-bit g8), fp16 activations converted to fp32.
+    # at most 16 rows there (4-bit g48, 8-bit g32, 2-bit g8), fp16 activations converted to fp32.
     for n, k, m in ((1, 300, 64), (129, 9001, 41), (700, 64, 47), (64, 4097, 66), (37, 1030, 16), (100, 333, 20)):
-        for bits, group_size in ((4, 64), (8, 32), (2, 8)):
+        for bits, group_size in ((4, 48), (8, 32), (2, 8)):
             qw = lq.quantize_weight(torch.randn(n, k, generator=gen), bits, group_size, symmetric=False)
             check(torch.randn(m, k, generator=gen).to(dtype), qw, torch.randn(n, generator=gen), bits, group_size)
 
@@ -284,18 +284,43 @@ def test_non_contiguous_weight_tensors(view, bits, group_size, symmetric, gen):
 # Row counts on both sides of every instruction set's switch from the register kernels to the fp32
 # GEMM over dequantized weights (gemm_min_rows in csrc/cpu/linear_kernels_isa.cpp: it depends on
 # the bits and the group's length, from 6 to 64 rows with AVX-512, from 1 to 512 elsewhere).
-SWITCH_ROWS = [1, 2, 5, 6, 7, 8, 11, 12, 15, 16, 27, 28, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512]
+SWITCH_ROWS = [1, 2, 5, 6, 7, 8, 11, 12, 15, 16, 27, 28, 31, 32, 47, 48, 63, 64, 127, 128, 255, 256, 511, 512]
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (8, 128), (4, None), (4, 16),
-                                             (4, 32), (4, 128), (2, None), (2, 16), (2, 32), (2, 64), (2, 128)], ids=str)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 8), (8, 16), (8, 32), (8, 64), (8, 128), (4, None), (4, 8),
+                                             (4, 16), (4, 32), (4, 64), (4, 128), (2, None), (2, 16), (2, 32), (2, 64),
+                                             (2, 128)], ids=str)
 def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
     w = torch.randn(40, 200, generator=gen)
-    qw = lq.quantize_weight(w, bits, group_size, symmetric=bits != 8)
     bias = torch.randn(40, generator=gen)
     x = torch.randn(max(SWITCH_ROWS), 200, generator=gen)
-    for m in SWITCH_ROWS:
-        check(x[:m], qw, bias, bits, group_size)
+    for symmetric in (True, False):
+        qw = lq.quantize_weight(w, bits, group_size, symmetric)
+        for m in SWITCH_ROWS:
+            check(x[:m], qw, bias, bits, group_size)
+
+
+@pytest.mark.parametrize("bits,group_size", sorted(LANE_LAYOUTS), ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_word_lane_layouts(bits, group_size, symmetric, gen):
+    # 4-bit groups of 8-64 values and 2-bit of 16 and 32 (AVX-512: tile_lut_lanes, 2-16 groups per
+    # 64-byte load, every group's values looked up in one table of q - c and each word's sums
+    # scaled by its group's scale; the zero points through each row's group sums): K of two
+    # groups, over several loads ending inside a word, a load and a group, and 1000; every
+    # activation-row tile (1-4 rows, and 7 = 4 + 3); fp32 / fp16 / bf16 scales; fp32 and fp16
+    # activations. Small weights with one outlier per group put most q at z (asymmetric), where
+    # |q - c| is largest against |q - z|, and activations of mean 3 keep the sums from cancelling:
+    # there the kernel's rounding exceeds a bound on |s (q - z)| alone (2.9x at 4-bit g64, K = 128).
+    n = 13
+    for k in (2 * group_size, 3 * 512 // bits + group_size // 2 + 3, 1000):
+        w = torch.randn(n, k, generator=gen) * 0.01
+        w[:, ::group_size] = 1.0
+        for scale_dtype in DTYPES:
+            qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=scale_dtype)
+            for m in (1, 2, 3, 4, 7):
+                for dtype in (torch.float32, torch.float16):
+                    x = torch.randn(m, k, generator=gen) + 3
+                    check(x.to(dtype), qw, torch.randn(n, generator=gen), bits, group_size)
 
 
 def test_gemm_path_tiles(gen):
