@@ -472,9 +472,10 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
 // and scaled by the scale of their word's group (a lane of 16 words):
 //   sum_k x s (q - z) = s sum_k x (q - c) - s (z - c) sum_k x,
 // the last term from each activation row's sum over each group (xsum), where zero points are
-// stored, once the row's products are summed. With one or two activation rows each lane's products are summed over the block and
-// scaled once per block (a second set of sums); with three or four (too few registers for two
-// sets) the looked-up values are scaled, one product per 16 weights that the rows share.
+// stored, once the row's products are summed. With one or two activation rows each lane's
+// products are summed over the block and scaled once per block (a second set of sums); with three
+// or four (too few registers for two sets) the looked-up values are scaled, one product per 16
+// weights that the rows share.
 template <int BITS, typename S, int MT, int NT>
 void tile_lut_lanes(const LinearArgs& a, int64_t n0, int64_t m0) {
   constexpr int VPW = 32 / BITS;  // values per word
