@@ -296,13 +296,11 @@ void group_sums(const T* x, int64_t M, int64_t K, int64_t group, int64_t groups,
 struct Activations {
   at::Tensor streams, sums;  // sums: dot_bf16 and Streams::words_and_sums only
   bool word_streams = false;
-  bool bf16_streams = false;  // dot_bf16's
 
   Activations(const at::Tensor& x_rows, Path path, const LinearArgs& a) {
     const int64_t M = x_rows.size(0), K = a.K;
     const at::Tensor x = x_rows.contiguous();
     if (path == Path::dot_bf16) {  // x is bf16 here (bf16_kernels)
-      bf16_streams = true;
       const int64_t per_byte = 8 / a.bits;
       if (per_byte == 1) {
         streams = x;  // bf16 rows as they are
@@ -337,7 +335,7 @@ struct Activations {
   // Points the kernels' arguments at these activations.
   void point(LinearArgs& a) const {
     a.word_streams = word_streams;
-    if (bf16_streams) {
+    if (streams.scalar_type() == at::kBFloat16) {  // dot_bf16's (the register tiles' are fp32)
       a.xb = reinterpret_cast<const uint16_t*>(streams.const_data_ptr());
     } else {
       a.xd = streams.const_data_ptr<float>();

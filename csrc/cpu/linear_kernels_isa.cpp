@@ -379,6 +379,28 @@ inline __m512i group_zero_points(const LinearArgs& a, int64_t first, __mmask16 l
   return a.zeros != nullptr ? _mm512_maskz_loadu_epi32(lanes, a.zeros + first) : _mm512_set1_epi32(a.zero_const);
 }
 
+// The word-stream kernels' 64-byte load of each tile row at word d: masked only in the row's last
+// block (with a mask in every block, all ones but the last, 4-bit per channel took 0.88 -> 1.12
+// cycles per 16 weights at M = 1).
+template <int NT>
+[[gnu::always_inline]] inline void load_word_block(const uint8_t* const (&wrow)[NT], int64_t row_bytes, int64_t d,
+                                                   __m512i (&wi)[NT]) {
+  const int64_t bytes = row_bytes - 4 * d;
+  if (bytes >= 64) {
+    for (int u = 0; u < NT; ++u) wi[u] = _mm512_loadu_si512(wrow[u] + 4 * d);
+  } else {
+    const __mmask64 byte_mask = (__mmask64{1} << bytes) - 1;
+    for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
+  }
+}
+
+// The entries of `table` that BITS-bit indices (each 32-bit lane's low bits) name: vpermps reads
+// the low 4 bits of each index, vpermilps the low 2, within the index's 128-bit lane.
+template <int BITS>
+[[gnu::always_inline]] inline __m512 lookup(__m512i index, __m512 table) {
+  return BITS == 4 ? _mm512_permutexvar_ps(index, table) : _mm512_permutevar_ps(table, index);
+}
+
 // The lookup tables of the word-stream kernel below for weight row n and the word block whose first
 // group is g. 4 bits: the 16 entries s * (i - z) of the block's group, looked up by vpermps. 2 bits:
 // each 128-bit lane (4 words, 64 values) holds the 4 entries of its own group, looked up by
@@ -440,22 +462,14 @@ void tile_lut_words(const LinearArgs& a, int64_t n0, int64_t m0) {
     // offsets from it (with a stream per row and position, the 32 addresses of a 4-row tile were
     // spilled and reloaded, and the FMAs ran at half their rate).
     const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
-    // Masked only in the row's last block: with a mask in every block (all ones but the last),
-    // 4-bit per channel took 0.88 -> 1.12 cycles per 16 weights at M = 1.
-    const int64_t bytes = a.row_bytes - 4 * d;
     __m512i wi[NT];
-    if (bytes >= 64) {
-      for (int u = 0; u < NT; ++u) wi[u] = _mm512_loadu_si512(wrow[u] + 4 * d);
-    } else {
-      const __mmask64 byte_mask = (__mmask64{1} << bytes) - 1;
-      for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
-    }
+    load_word_block(wrow, a.row_bytes, d, wi);
 #pragma GCC unroll 16
     for (int p = 0; p < VPW; ++p) {
       __m512 wv[NT];
       for (int u = 0; u < NT; ++u) {
         const __m512i index = p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS);
-        wv[u] = BITS == 4 ? _mm512_permutexvar_ps(index, table[u]) : _mm512_permutevar_ps(table[u], index);
+        wv[u] = lookup<BITS>(index, table[u]);
       }
       for (int t = 0; t < MT; ++t) {
         const __m512 xv = _mm512_loadu_ps(xblock + (t * VPW + p) * kWordBlock);
@@ -486,7 +500,7 @@ void tile_lut_lanes(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t block_groups = kWordBlock >> group_shift;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i lane_group = _mm512_srl_epi32(iota, _mm_cvtsi32_si128(group_shift));
-  // vpermps reads the low 4 bits of each index, vpermilps the low 2 (within a 128-bit lane).
+  // i - c for every index i (lookup reads the low BITS bits of each).
   const __m512 table = _mm512_sub_ps(_mm512_cvtepi32_ps(BITS == 4 ? iota : _mm512_and_si512(iota, _mm512_set1_epi32(3))),
                                      _mm512_set1_ps(kOffset));
   const uint8_t* wrow[NT];
@@ -499,14 +513,8 @@ void tile_lut_lanes(const LinearArgs& a, int64_t n0, int64_t m0) {
   for (int64_t d = 0, g0 = 0; d < row_words; d += kWordBlock, g0 += block_groups) {
     next.at(4 * d);
     const float* xblock = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock;
-    const int64_t bytes = a.row_bytes - 4 * d;
     __m512i wi[NT];
-    if (bytes >= 64) {  // masked only in the row's last block, as in tile_lut_words
-      for (int u = 0; u < NT; ++u) wi[u] = _mm512_loadu_si512(wrow[u] + 4 * d);
-    } else {
-      const __mmask64 byte_mask = (__mmask64{1} << bytes) - 1;
-      for (int u = 0; u < NT; ++u) wi[u] = _mm512_maskz_loadu_epi8(byte_mask, wrow[u] + 4 * d);
-    }
+    load_word_block(wrow, a.row_bytes, d, wi);
     // Row u's scales of the block's groups (zero past the row's last group), and spread over their
     // words. Loaded where they are used: kept in registers across the products, they pushed the
     // sums out to memory.
@@ -523,7 +531,7 @@ void tile_lut_lanes(const LinearArgs& a, int64_t n0, int64_t m0) {
         __m512 wv[NT];
         for (int u = 0; u < NT; ++u) {
           const __m512i index = p == 0 ? wi[u] : _mm512_srli_epi32(wi[u], p * BITS);
-          wv[u] = BITS == 4 ? _mm512_permutexvar_ps(index, table) : _mm512_permutevar_ps(table, index);
+          wv[u] = lookup<BITS>(index, table);
           if constexpr (!kBlockSums) wv[u] = _mm512_mul_ps(wv[u], lane_scale[u]);
         }
         for (int t = 0; t < MT; ++t) {
