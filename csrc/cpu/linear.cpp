@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -238,10 +239,11 @@ void product_by_gemm(const at::Tensor& x_rows, Path path, const Weight& wt, at::
   if (!y.is_same(out)) out.copy_(y);
 }
 
-// out[((u / block) * M + m) * unit_values * block + p * block + u % block] = x[m, u * unit_values + p]
-// (zero past K) for `units` units of `unit_values` values: each row of x [M, K] (contiguous) split
-// by position p within a byte (or word) of weights, in blocks of `block` units (units a multiple of
-// block): the byte streams take one block per row, the word streams kWordBlock (linear_kernels.h).
+// out[((u / block) * M + m) * unit_values * block + p * block + u % block] = convert(x[m, u *
+// unit_values + p], p) (zero past K) for `units` units of `unit_values` values: each row of x [M, K]
+// (contiguous) split by position p within a byte (or word) of weights, in blocks of `block` units
+// (units a multiple of block): the byte streams take one block per row, the word streams
+// kWordBlock (linear_kernels.h).
 template <typename In, typename Out, typename Convert>
 void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_values, int64_t block, Out* out,
                 Convert convert) {
@@ -252,7 +254,7 @@ void split_rows(const In* x, int64_t M, int64_t K, int64_t units, int64_t unit_v
         Out* stream = out + ((b / block) * M + m) * unit_values * block + p * block;
         const int64_t first = b * unit_values + p;  // x's index at the block's first unit
         const int64_t filled = K > first ? std::min(block, (K - first + unit_values - 1) / unit_values) : 0;
-        for (int64_t u = 0; u < filled; ++u) stream[u] = convert(row[first + u * unit_values]);
+        for (int64_t u = 0; u < filled; ++u) stream[u] = convert(row[first + u * unit_values], p);
         std::fill(stream + filled, stream + block, Out{});
       }
     }
@@ -289,12 +291,12 @@ void group_sums(const T* x, int64_t M, int64_t K, int64_t group, int64_t groups,
 
 // The register kernels' activations for x_rows [M, K] (M > 0): for Path::dot_bf16 the bf16 byte
 // streams and each row's sums over each group, for Path::tiles the fp32 byte (or word) streams,
-// with the group sums where the kernels ask for them (Streams::words_and_sums); see
+// with the group sums where the kernels ask for them (Streams::*_and_sums); see
 // linear_kernels.h. Written by plain loops into one allocation: the chain of ATen ops it
 // replaced (convert, pad, view, transpose, copy, sum) cost several microseconds a call, a third of
 // a small layer's time at M = 1.
 struct Activations {
-  at::Tensor streams, sums;  // sums: dot_bf16 and Streams::words_and_sums only
+  at::Tensor streams, sums;  // sums: dot_bf16 and Streams::*_and_sums only
   bool word_streams = false;
 
   Activations(const at::Tensor& x_rows, Path path, const LinearArgs& a) {
@@ -307,13 +309,13 @@ struct Activations {
       } else {
         streams = at::empty({M, per_byte * a.row_bytes}, x.options());
         split_rows(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, K, a.row_bytes, per_byte, a.row_bytes,
-                   reinterpret_cast<uint16_t*>(streams.data_ptr()), [](uint16_t v) { return v; });
+                   reinterpret_cast<uint16_t*>(streams.data_ptr()), [](uint16_t v, int64_t) { return v; });
       }
       sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
       group_sums(x.const_data_ptr<c10::BFloat16>(), M, K, a.group, a.groups, sums.data_ptr<float>(), as_dot_reads);
       return;
     }
-    const Streams layout = linear_kernels().streams(a.bits, a.group, a.groups == 1, a.zeros != nullptr);
+    const Streams layout = linear_kernels().streams(a.bits, a.group, a.groups == 1, a.zeros != nullptr, M);
     word_streams = layout != Streams::bytes;
     const int64_t unit_values = word_streams ? 32 / a.bits : 8 / a.bits;
     if (unit_values == 1 && x.scalar_type() == at::kFloat) {
@@ -324,10 +326,19 @@ struct Activations {
     const int64_t units = word_streams ? (row_words + kWordBlock - 1) / kWordBlock * kWordBlock : a.row_bytes;
     const int64_t block = word_streams ? kWordBlock : units;
     streams = at::empty({M, unit_values * units}, x.options().dtype(at::kFloat));
-    if (layout == Streams::words_and_sums) sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
+    if (layout == Streams::words_and_sums || layout == Streams::scaled_words_and_sums) {
+      sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
+    }
+    // Stream p's factor: 2^(-bits p) below the last position where scaled (exact), else 1.
+    float factor[32];
+    for (int64_t p = 0; p < unit_values; ++p) {
+      const bool scaled = layout == Streams::scaled_words_and_sums && p < unit_values - 1;
+      factor[p] = scaled ? std::ldexp(1.0f, static_cast<int>(-a.bits * p)) : 1.0f;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linquant_activation_streams", [&] {
       const auto read = [](scalar_t v) { return static_cast<float>(v); };
-      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, block, streams.data_ptr<float>(), read);
+      split_rows(x.const_data_ptr<scalar_t>(), M, K, units, unit_values, block, streams.data_ptr<float>(),
+                 [&](scalar_t v, int64_t p) { return read(v) * factor[p]; });
       if (sums.defined()) group_sums(x.const_data_ptr<scalar_t>(), M, K, a.group, a.groups, sums.data_ptr<float>(), read);
     });
   }

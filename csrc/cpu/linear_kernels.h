@@ -9,7 +9,9 @@
 // x[w * VPW + p] for word w (`word_streams`), cut into blocks of kWordBlock words: block b of every
 // row, then the next, [ceil(words / kWordBlock)][M][VPW][kWordBlock], so that a tile of rows finds
 // a block's activations at constant offsets from one address, and for some formats (Streams::
-// words_and_sums) each activation row's sum over each group (`xsum`). The bf16 kernel (`gemv_bf16`)
+// words_and_sums) each activation row's sum over each group (`xsum`); Streams::scaled_words_and_sums
+// multiplies stream p < VPW - 1 by 2^(-bits p), so that a kernel may take the value at position p
+// in place, q 2^(bits p), without shifting it down. The bf16 kernel (`gemv_bf16`)
 // takes the byte streams in bf16 (`xb`), with the group sums too. Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once
@@ -43,22 +45,22 @@ struct LinearArgs {
   const float* xd = nullptr;        // [M, PER, row_bytes] (or blocked word) streams
   const uint16_t* xb = nullptr;     // gemv_bf16: [M, PER, row_bytes] streams of bf16 bits
   const uint32_t* xt = nullptr;     // gemm_bf16 / gemm_f32: the rows' dwords transposed (transpose_dwords)
-  const float* xsum = nullptr;      // gemv_bf16, Streams::words_and_sums: [M, G] sums of x over each group
+  const float* xsum = nullptr;      // gemv_bf16, Streams::*_and_sums: [M, G] sums of x over each group
   const float* bias = nullptr;      // [N] or nullptr
   float* y = nullptr;               // [M, N]
   uint16_t* yb = nullptr;           // gemm_bf16: [M, N] bf16 bits
 };
 
-// How gemv takes a format's fp32 activations: byte streams, word streams, or word streams and each
-// row's sums over each group.
-enum class Streams : uint8_t { bytes, words, words_and_sums };
+// How gemv takes a format's fp32 activations: byte streams, word streams, word streams and each
+// row's sums over each group, or word streams scaled by position (see above) and the group sums.
+enum class Streams : uint8_t { bytes, words, words_and_sums, scaled_words_and_sums };
 
 struct LinearKernels {
   // Columns [n_begin, n_end) of y for every activation row, reading each weight row from memory once.
   using GemvFn = void (*)(const LinearArgs& a, int64_t n_begin, int64_t n_end);
 
-  // How gemv wants the activations of this format (zero_points: the weight stores them).
-  using StreamsFn = Streams (*)(int bits, int64_t group, bool per_channel, bool zero_points);
+  // How gemv wants `rows` activation rows for this format (zero_points: the weight stores them).
+  using StreamsFn = Streams (*)(int bits, int64_t group, bool per_channel, bool zero_points, int64_t rows);
 
   // The fewest activation rows from which the fp32 GEMM over dequantized weights (gemm_f32 where
   // this instruction set has it, else ATen's over weight tiles dequantized by dequant_rows) is

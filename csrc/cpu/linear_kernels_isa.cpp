@@ -580,7 +580,7 @@ bool lane_groups(int bits, int64_t group) {
          (bits == 2 && (group == 16 || group == 32));
 }
 
-Streams streams(int bits, int64_t group, bool per_channel, bool zero_points) {
+Streams streams(int bits, int64_t group, bool per_channel, bool zero_points, int64_t) {
   if (bits == 4 && (per_channel ? group % 8 == 0 : group % 128 == 0)) return Streams::words;
   if (bits == 2 && (per_channel ? group % 16 == 0 : group == 64 || group == 128 || group % 256 == 0)) {
     return Streams::words;
@@ -1374,9 +1374,212 @@ void tile_lut2(const LinearArgs& a, int64_t n0, int64_t m0) {
   store_tile(a, n0, m0, acc);
 }
 
+// ---- AVX2 word streams ----
+// The `count` <= 8 scales of a's [N, G] scales from `first` on in fp32 (scale_at's conversion), zero
+// past them; counts of 1, 2, 4 and 8 in one load of their size (written to a vector in memory and
+// read back whole, 2 or 4 scales waited for the store to retire: 4-bit g16 and g32 ran 2.5x slower).
+template <typename S>
+inline __m256 load_scales8(const LinearArgs& a, int64_t first, int64_t count) {
+  const S* p = static_cast<const S*>(a.scales) + first;
+  const auto scalar = [&]<typename T>() {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+  };
+  __m256i bits;
+  switch (count * static_cast<int64_t>(sizeof(S))) {
+    case 32: bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); break;
+    case 16: bits = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); break;
+    case 8: bits = _mm256_zextsi128_si256(_mm_cvtsi64_si128(scalar.template operator()<int64_t>())); break;
+    case 4: bits = _mm256_zextsi128_si256(_mm_cvtsi32_si128(scalar.template operator()<int32_t>())); break;
+    case 2: bits = _mm256_zextsi128_si256(_mm_cvtsi32_si128(scalar.template operator()<uint16_t>())); break;
+    default: {  // a row's last few groups
+      bits = _mm256_setzero_si256();
+      std::memcpy(&bits, p, static_cast<size_t>(count) * sizeof(S));
+    }
+  }
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_castsi256_ps(bits);
+  } else if constexpr (std::is_same_v<S, core::bf16_t>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits)), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(bits));
+  }
+}
+
+// How tile_words scales its sums: per row (one group per row: the sums, scaled once at the end),
+// per period (a second set of sums, over each group or over 8 words of shorter groups, scaled as
+// the period ends) or per value (each value scaled before its products, where two sets of sums do
+// not fit in AVX2's 16 registers).
+enum class Scaling { per_row, per_period, per_value };
+
+// 4 and 2 bits on the word streams (linear_kernels.h), 8 words (one 32-byte load per weight row) at
+// a time: value position p of the words pairs with 8 contiguous floats of stream p; no widening
+// shuffle and no masked activation loads. 4 bits take the streams scaled by position: the value at
+// position p masked in place and converted, q 2^(4 p) (the last position shifted down), two
+// instructions per 8 weights where shifting each down and subtracting its offset took three
+// (M = 1, from L2: 4-bit g128 3.0 -> 2.1-2.2 cycles per 16 weights), with the offset c = 0. 2 bits
+// look their values up in a constant table of q - c, c = 2 (vpermilps reads each index's low 2
+// bits). Then
+//   sum_k x s (q - z) = s sum_k x (q - c) - s (z - c) sum_k x,
+// the last term from each activation row's sum over each group (xsum) after the row's products,
+// where z differs from c. Groups shorter than 8 words scale each word's lane by its group's scale.
+// Per period, sums start afresh each period (8 words per channel), so consecutive periods' FMAs
+// overlap where a single activation row gives few chains of sums.
+template <int BITS, typename S, int MT, int NT, Scaling SCALING>
+void tile_words(const LinearArgs& a, int64_t n0, int64_t m0) {
+  constexpr int VPW = 32 / BITS;  // values per word
+  constexpr int kOffset = BITS == 4 ? 0 : 2;
+  const int64_t row_words = (a.row_bytes + 3) / 4;
+  const bool per_channel = a.groups == 1;
+  const int64_t group_words = per_channel ? row_words : a.group * BITS / 32;
+  const int64_t period = SCALING == Scaling::per_row ? row_words : per_channel ? 8 : std::max<int64_t>(group_words, 8);
+  const int64_t period_groups = per_channel ? 0 : std::max<int64_t>(8 / group_words, 1);
+  // Each word's lane's group within its load, for groups of 1, 2 or 4 words.
+  const __m256i lane_group = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(std::countr_zero(static_cast<uint64_t>(group_words))));
+  const uint8_t* wrow[NT];
+  for (int u = 0; u < NT; ++u) wrow[u] = a.w + (n0 + u) * a.row_bytes;
+  const NextTile<NT> next(a, n0);
+  // Row u's scales for the period from group g: its group's, or each word's group's.
+  const auto period_scale = [&](int u, int64_t g) {
+    const int64_t first = (n0 + u) * a.groups + g;
+    if (group_words >= 8) return _mm256_set1_ps(scale_at<S>(a, first));
+    return _mm256_permutevar8x32_ps(load_scales8<S>(a, first, std::min(period_groups, a.groups - g)), lane_group);
+  };
+  __m256 total[MT][NT];
+  for (auto& row : total)
+    for (auto& sum : row) sum = _mm256_setzero_ps();
+  // The products of the 8 words from word d into sums, each value scaled first per value.
+  const auto add_products = [&]<bool TAIL>(int64_t d, __m256 (&sums)[MT][NT], const __m256 (&scale)[NT]) {
+    if ((d & (kWordBlock - 1)) == 0) next.at(4 * d);
+    __m256i wi[NT];
+    for (int u = 0; u < NT; ++u) {
+      if constexpr (TAIL) {  // the row's last bytes, zero past them (the activations there are zero)
+        wi[u] = _mm256_setzero_si256();
+        std::memcpy(&wi[u], wrow[u] + 4 * d, static_cast<size_t>(a.row_bytes - 4 * d));
+      } else {
+        wi[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[u] + 4 * d));
+      }
+    }
+    // These 8 words' activations: half of block d / 16 of each row's streams.
+    const float* xs = a.xd + ((d / kWordBlock) * a.M + m0) * VPW * kWordBlock + (d & (kWordBlock - 1));
+    const auto value = [&](int u, int p) {
+      __m256 wv;
+      if constexpr (BITS == 4) {
+        const __m256i in_place = _mm256_and_si256(wi[u], _mm256_set1_epi32(15 << (4 * p)));
+        wv = _mm256_cvtepi32_ps(p == VPW - 1 ? _mm256_srli_epi32(wi[u], 28) : in_place);
+      } else {
+        wv = _mm256_permutevar_ps(_mm256_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1), p == 0 ? wi[u] : _mm256_srli_epi32(wi[u], 2 * p));
+      }
+      return SCALING == Scaling::per_value ? _mm256_mul_ps(wv, scale[u]) : wv;
+    };
+#pragma GCC unroll 16
+    for (int p = 0; p < VPW; ++p) {
+      if constexpr (NT > 2) {
+        __m256 xv[MT];
+        for (int t = 0; t < MT; ++t) xv[t] = _mm256_loadu_ps(xs + (t * VPW + p) * kWordBlock);
+        for (int u = 0; u < NT; ++u) {
+          const __m256 wv = value(u, p);
+          for (int t = 0; t < MT; ++t) sums[t][u] = _mm256_fmadd_ps(wv, xv[t], sums[t][u]);
+        }
+      } else {
+        __m256 wv[NT];
+        for (int u = 0; u < NT; ++u) wv[u] = value(u, p);
+        for (int t = 0; t < MT; ++t) {
+          const __m256 xv = _mm256_loadu_ps(xs + (t * VPW + p) * kWordBlock);
+          for (int u = 0; u < NT; ++u) sums[t][u] = _mm256_fmadd_ps(wv[u], xv, sums[t][u]);
+        }
+      }
+    }
+  };
+  // The products of words [d0, d1) into sums.
+  const auto add_span = [&](int64_t d0, int64_t d1, __m256 (&sums)[MT][NT], const __m256 (&scale)[NT]) {
+    int64_t d = d0;
+    for (; d + 8 <= d1 && 4 * d + 32 <= a.row_bytes; d += 8) add_products.template operator()<false>(d, sums, scale);
+    if (d < d1) add_products.template operator()<true>(d, sums, scale);
+  };
+  const __m256 no_scale[NT] = {};
+  if constexpr (SCALING == Scaling::per_row) {
+    add_span(0, row_words, total, no_scale);
+  } else {
+    for (int64_t d0 = 0, g = 0; d0 < row_words; d0 += period, g += period_groups) {
+      const int64_t d1 = std::min(d0 + period, row_words);
+      if constexpr (SCALING == Scaling::per_value) {
+        __m256 scale[NT];
+        for (int u = 0; u < NT; ++u) scale[u] = period_scale(u, g);
+        add_span(d0, d1, total, scale);
+      } else {
+        __m256 period_sums[MT][NT];
+        for (auto& row : period_sums)
+          for (auto& sum : row) sum = _mm256_setzero_ps();
+        add_span(d0, d1, period_sums, no_scale);
+        for (int u = 0; u < NT; ++u) {
+          if (per_channel) {
+            for (int t = 0; t < MT; ++t) total[t][u] = _mm256_add_ps(total[t][u], period_sums[t][u]);
+          } else {
+            const __m256 s = period_scale(u, g);
+            for (int t = 0; t < MT; ++t) total[t][u] = _mm256_fmadd_ps(period_sums[t][u], s, total[t][u]);
+          }
+        }
+      }
+    }
+  }
+  if (per_channel) {  // the row's one scale
+    for (int u = 0; u < NT; ++u) {
+      const __m256 s = _mm256_set1_ps(scale_at<S>(a, n0 + u));
+      for (int t = 0; t < MT; ++t) total[t][u] = _mm256_mul_ps(total[t][u], s);
+    }
+  }
+  // The zero points' term, s (z - c) sum_k x, 8 groups at a time.
+  if (a.zeros != nullptr || a.zero_const != kOffset) {
+    for (int64_t g = 0; g < a.groups; g += 8) {
+      const int64_t count = std::min<int64_t>(a.groups - g, 8);
+      const __m256i lanes = lane_mask(count);
+      __m256 xsum[MT];
+      for (int t = 0; t < MT; ++t) xsum[t] = _mm256_maskload_ps(a.xsum + (m0 + t) * a.groups + g, lanes);
+      for (int u = 0; u < NT; ++u) {
+        const int64_t first = (n0 + u) * a.groups + g;
+        const __m256i z = a.zeros != nullptr ? _mm256_maskload_epi32(a.zeros + first, lanes) : _mm256_set1_epi32(a.zero_const);
+        // z - c in fp32: in int32 lanes a zero point near INT32_MIN wraps.
+        const __m256 offset = _mm256_sub_ps(_mm256_cvtepi32_ps(z), _mm256_set1_ps(kOffset));
+        const __m256 offset_scale = _mm256_mul_ps(load_scales8<S>(a, first, count), offset);
+        for (int t = 0; t < MT; ++t) total[t][u] = _mm256_fnmadd_ps(offset_scale, xsum[t], total[t][u]);
+      }
+    }
+  }
+  store_tile(a, n0, m0, total);
+}
+
+// The word-stream layouts of tile_words: groups of 1, 2 or 4 words (4 bits: 8, 16 or 32 values; 2
+// bits: 16, 32 or 64), and below 3 activation rows groups of a multiple of 8 words (4 bits: 64
+// values; 2 bits: 128) and one group per row. From 3 rows the byte-stream kernels took those in
+// less time (4096x2048 from L2, one thread, cycles per 16 weights and activation row, bytes /
+// words: M = 3 4-bit g128 1.53 / 1.82, per channel 1.56 / 1.74, M = 4 1.46 / 1.62 and 1.23 / 1.47,
+// 2-bit per channel 1.21 / 1.30), tile_convert's 4 x 2 tiles near two FMAs per cycle where
+// tile_words's, with as many FMAs, were not.
+Streams streams(int bits, int64_t group, bool per_channel, bool zero_points, int64_t rows) {
+  if (bits == 8) return Streams::bytes;
+  const int64_t group_words = group * bits / 32;
+  const bool lanes = !per_channel && group * bits % 32 == 0 && group_words <= 4 &&
+                     std::has_single_bit(static_cast<uint64_t>(group_words));
+  const bool whole = per_channel || (group * bits % 256 == 0);
+  if (!(lanes || (whole && rows <= 2))) return Streams::bytes;
+  if (bits == 4) return Streams::scaled_words_and_sums;
+  return zero_points ? Streams::words_and_sums : Streams::words;
+}
+
 template <int BITS, bool SIGNED, typename S, int MT, int NT>
 void tile_simd(const LinearArgs& a, int64_t n0, int64_t m0) {
-  if constexpr (BITS == 2) {
+  if constexpr (BITS == 8) {
+    tile_convert<BITS, SIGNED, S, MT, NT>(a, n0, m0);
+  } else if (a.word_streams && a.groups == 1 && MT >= 2) {
+    tile_words<BITS, S, MT, NT, Scaling::per_row>(a, n0, m0);
+  } else if (a.word_streams && MT <= 2) {
+    tile_words<BITS, S, MT, NT, Scaling::per_period>(a, n0, m0);
+  } else if (a.word_streams) {
+    tile_words<BITS, S, MT, NT, Scaling::per_value>(a, n0, m0);
+  } else if constexpr (BITS == 2) {
     tile_lut2<S, MT, NT>(a, n0, m0);
   } else {
     tile_convert<BITS, SIGNED, S, MT, NT>(a, n0, m0);
@@ -1425,8 +1628,8 @@ void gemv_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   for_format(a, [&]<int BITS, bool SIGNED, typename S>() { gemv<BITS, SIGNED, S>(a, n0, n1); });
 }
 
-#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
-Streams streams(int, int64_t, bool, bool) { return Streams::bytes; }
+#if !defined(LINQUANT_HAVE_SIMD_GEMV)
+Streams streams(int, int64_t, bool, bool, int64_t) { return Streams::bytes; }
 #endif
 
 // The fewest activation rows from which the fp32 GEMM path (Path::gemm in linear.cpp) beats gemv,

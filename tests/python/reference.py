@@ -162,15 +162,36 @@ def dot_kernel_weight(qweight, scales, zeros, bits, group_size, k):
 LANE_LAYOUTS = {(4, 8), (4, 16), (4, 32), (4, 64), (2, 16), (2, 32)}
 
 
-def lane_kernel_weight(qweight, scales, zeros, bits, group_size, k):
-    """|s| (|q - c| + |z - c|) per weight, c = 2^(bits-1), on LANE_LAYOUTS with more than one group
-    (else 0): what the AVX-512 lookup kernel sums there in place of |s (q - z)|, taking s (z - c)
-    sum x out after (architecture.md), so fp32 rounding of its sums is relative to that. z is the
-    stored zero point, c itself for symmetric weights."""
-    if (bits, group_size) not in LANE_LAYOUTS or k <= group_size:
+def offset_kernel_offset(bits, group_size, k, rows):
+    """The offset c of the values q - c that the CPU's word-stream kernels multiply fp32 (and fp16)
+    activations by before taking s (z - c) sum x back out (architecture.md), or None where the
+    kernel that runs sums s (q - z) itself. With AVX-512, tile_lut_lanes (LANE_LAYOUTS with more
+    than one group): c = 2^(bits-1). With AVX2, tile_words: 4-bit values in place (c = 0) and 2-bit
+    q - 2, on groups of 1, 2 or 4 words, and below 3 activation rows on groups of a multiple of 8
+    words and per channel (the `streams` choice)."""
+    isa = torch.ops.linquant._cpu_isa()
+    per_channel = group_size is None or k <= group_size
+    if isa == "avx512":
+        return 2 ** (bits - 1) if (bits, group_size) in LANE_LAYOUTS and not per_channel else None
+    if isa != "avx2" or bits == 8:
+        return None
+    words = 1 if per_channel else group_size * bits / 32
+    lanes = not per_channel and words in (1, 2, 4)
+    whole = per_channel or words % 8 == 0
+    if lanes or (whole and rows <= 2):
+        return 0 if bits == 4 else 2
+    return None
+
+
+def offset_kernel_weight(qweight, scales, zeros, bits, group_size, k, rows):
+    """|s| (|q - c| + |z - c|) per weight, c = offset_kernel_offset (else 0): what a word-stream
+    kernel sums in place of |s (q - z)|, so fp32 rounding of its sums is relative to that. z is the
+    stored zero point, 2^(bits-1) for symmetric weights."""
+    c = offset_kernel_offset(bits, group_size, k, rows)
+    if c is None:
         return 0
-    c = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.int32)
-    z = c if zeros is None else zeros.to(torch.int64)
+    c = torch.full_like(scales, c, dtype=torch.int32)
+    z = torch.full_like(c, 2 ** (bits - 1)) if zeros is None else zeros.to(torch.int64)
     return (ref_weight(qweight, scales.abs(), c, bits, group_size, k).abs()
             + ref_weight(torch.zeros_like(qweight), scales.abs(), -(z - c).abs(), bits, group_size, k))
 
@@ -178,13 +199,13 @@ def lane_kernel_weight(qweight, scales, zeros, bits, group_size, k):
 def linear_bound(x64, w, qweight, scales, zeros, bits, group_size, dtype, ref):
     """Bound on |linear(x) - ref| for x (float64 copy x64 [M, K]) in `dtype` over the float64
     weight w [N, K] of (qweight, scales, zeros), ref = x64 @ w.T + bias: fp32 accumulation over K
-    terms (of the larger weights the bf16 dot kernel and the lane kernel sum), rounding to the output dtype and, from
+    terms (of the larger weights the bf16 dot kernel and the word-stream kernels sum), rounding to the output dtype and, from
     BF16_GEMM_MIN_ROWS bf16 rows, the bf16 GEMM path's weights and sum rounded to bf16. bf16
     subnormal activations may count as zero (AVX512-BF16's dot products flush them, in the dot kernel
     and the GEMM)."""
     k = x64.shape[-1]
     w_acc = w.abs() + (dot_kernel_weight(qweight, scales, zeros, bits, group_size, k) if dtype == torch.bfloat16
-                       else lane_kernel_weight(qweight, scales, zeros, bits, group_size, k))
+                       else offset_kernel_weight(qweight, scales, zeros, bits, group_size, k, x64.shape[0]))
     bound = (x64.abs() @ w_acc.T) * (k ** 0.5 + 4) * 2.0**-23 + ref.abs() * torch.finfo(dtype).eps + 1e-30
     if dtype == torch.bfloat16:
         subnormal = torch.where(x64.abs() < torch.finfo(torch.bfloat16).tiny, x64, 0).abs()

@@ -110,3 +110,16 @@ def test_isa_variant_matches_reference(isa, best_isa, gen):
 def test_misspelt_isa_is_an_error():
     out = run_python("import torch, linquant as lq; lq.quantize(torch.ones(3), torch.tensor(1.0), None, 8)", "avx-512")
     assert out.returncode != 0 and "LINQUANT_CPU_ISA must be baseline, avx2 or avx512 (or unset), got 'avx-512'" in out.stderr
+
+
+@pytest.mark.parametrize("module", ["test_linear.py", "test_experts.py"])
+def test_avx2_kernels_pass_the_linear_tests(module, best_isa):
+    """The AVX2 kernels (word streams and byte streams, and ATen's GEMM path) through the linear
+    ops' whole test modules, where the CPU has AVX2: on a CPU with AVX-512 the other tests run the
+    AVX-512 kernels only. reference.py's bound follows the variant that runs (linear_bound)."""
+    if ISAS.index(best_isa) < ISAS.index("avx2"):
+        pytest.skip("the CPU has no AVX2")
+    env = dict(os.environ, LINQUANT_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / module)],
+                         env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
