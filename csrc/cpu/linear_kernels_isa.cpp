@@ -1689,15 +1689,21 @@ int64_t gemm_min_rows(int bits, int64_t group, bool per_channel) {
   const int64_t group_bytes = group * bits / 8;
   // Per channel: 8-bit 0.95 at 256, 0.99 at 512; 4-bit 0.92 at 128, 1.02 at 256.
   if (per_channel) return 512;
-  // Groups of 8 values or fewer pay a group's setup every 1-4 bytes: 2-bit g4 1.30 at M = 1,
-  // 2-bit g8 0.76 at 4 and 1.38 at 8, 4-bit g8 0.87 at 4 and 1.60 at 8, 8-bit g8 0.95 at 16.
+  // The word-stream kernel's groups of 1, 2 or 4 words (tile_words, session 37; 4096x4096 and
+  // 14336x4096): 4-bit g8 0.95-0.98 at 36, 1.08 at 40; g16 0.96-0.97 at 28, 1.08 at 32; 2-bit g16
+  // 0.96-0.99 at 48, 1.03-1.06 at 56; g32 0.91-0.94 at 40, 1.01-1.05 at 48; g64 0.86-0.87 at 32,
+  // 0.99-1.01 at 48 (before, on the byte streams: 4-bit g8 1.60 at 8, 2-bit g32 1.21 at 32). For
+  // a while later the GEMM path ran 1.5x slower (the kernel as fast), putting these near 0.6.
+  if (bits == 4 && (group == 8 || group == 16)) return group == 8 ? 40 : 32;
+  if (bits == 2 && (group == 16 || group == 32 || group == 64)) return group == 16 ? 56 : 48;
+  // Other groups of 8 values or fewer pay a group's setup every 1-4 bytes: 2-bit g4 1.30 at M = 1,
+  // 2-bit g8 0.76 at 4 and 1.38 at 8, 8-bit g8 0.95 at 16.
   if (group <= 8) return bits == 8 ? 16 : group_bytes <= 1 ? 1 : 8;
-  // 2 bits: g16 (two groups per chunk) 0.90 at 32, 1.21 at 64; g32 0.86 at 16, 1.21 at 32; g64
-  // 0.96 at 32, 1.24 at 64; g128 and g256 0.81-0.84 at 32, 1.01-1.09 at 64.
-  if (bits == 2) return group == 32 ? 32 : 64;
-  // 8 and 4 bits, about the group size: 4-bit g16 0.99 at 16, g32 1.03 at 32, g64 1.04 at 64,
-  // g128 1.04 at 128, g256 0.98 at 128 and 1.08 at 256; 8-bit g16 0.84 at 16 and 1.19 at 32, g32
-  // 0.98 at 32, g64 1.03 at 64, g128 1.06 at 128.
+  // Other 2-bit groups: g128 and g256 0.81-0.84 at 32, 1.01-1.09 at 64.
+  if (bits == 2) return 64;
+  // 8 and 4 bits, about the group size: 4-bit g32 1.03 at 32 (tile_words: 0.97 at 28, 1.07-1.09
+  // at 32), g64 1.04 at 64, g128 1.04 at 128, g256 0.98 at 128 and 1.08 at 256; 8-bit g16 0.84 at
+  // 16 and 1.19 at 32, g32 0.98 at 32, g64 1.03 at 64, g128 1.06 at 128.
   return std::clamp<int64_t>(group, bits == 8 ? 32 : 16, 512);
 #else
   // Plain C++ (measured as the SSE2 copy, against MKL's AVX-512 GEMM: where the GEMM has lanes no

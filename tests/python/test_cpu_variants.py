@@ -44,8 +44,8 @@ for bits in (8, 4, 2):
                 ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
                 bias = torch.randn(n, generator=g) * 10
                 # 3 rows: the plain C++ kernel's widest, and AVX2's 2-weight-row tiles; 6 and 40:
-                # the fp32 GEMM over dequantized weights from 4 (plain C++), 8-32 (AVX2, grouped) or
-                # 6-32 (AVX-512's own GEMM; 2-bit g16 from 64) rows on.
+                # the fp32 GEMM over dequantized weights from 4 (plain C++), 8-56 (AVX2, grouped) or
+                # 6-64 (AVX-512's own GEMM) rows on, by layout (gemm_min_rows).
                 for m in (1, 3, 6, 40):
                     x = torch.randn(m, k, generator=g)
                     y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)
