@@ -329,11 +329,11 @@ struct Activations {
     if (layout == Streams::words_and_sums || layout == Streams::scaled_words_and_sums) {
       sums = at::empty({M, a.groups}, x.options().dtype(at::kFloat));
     }
-    // Stream p's factor: 2^(-bits p) below the last position where scaled (exact), else 1.
+    // Stream p's factor where scaled (linear_kernels.h; a power of two, exact), else 1.
     float factor[32];
     for (int64_t p = 0; p < unit_values; ++p) {
-      const bool scaled = layout == Streams::scaled_words_and_sums && p < unit_values - 1;
-      factor[p] = scaled ? std::ldexp(1.0f, static_cast<int>(-a.bits * p)) : 1.0f;
+      const int64_t exponent = a.bits * (unit_values - 2 - (p < unit_values - 1 ? p : 0));
+      factor[p] = layout == Streams::scaled_words_and_sums ? std::ldexp(1.0f, static_cast<int>(exponent)) : 1.0f;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linquant_activation_streams", [&] {
       const auto read = [](scalar_t v) { return static_cast<float>(v); };

@@ -10,8 +10,11 @@
 // row, then the next, [ceil(words / kWordBlock)][M][VPW][kWordBlock], so that a tile of rows finds
 // a block's activations at constant offsets from one address, and for some formats (Streams::
 // words_and_sums) each activation row's sum over each group (`xsum`); Streams::scaled_words_and_sums
-// multiplies stream p < VPW - 1 by 2^(-bits p), so that a kernel may take the value at position p
-// in place, q 2^(bits p), without shifting it down. The bf16 kernel (`gemv_bf16`)
+// multiplies stream p < VPW - 1 by 2^(bits (VPW - 2 - p)) and the last by 2^(bits (VPW - 2)), so
+// that a kernel may take the value at position p in place, q 2^(bits p), without shifting it down
+// (the last shifted down), each product then 2^(bits (VPW - 2)) x q. Scaled up, not down: activations
+// above 2^104 (4 bits) overflow, and the call is computed again through the dequantized weights,
+// where scaled down those below 2^-102 would lose bits as subnormals. The bf16 kernel (`gemv_bf16`)
 // takes the byte streams in bf16 (`xb`), with the group sums too. Then
 // y[m, n] = sum_k x[m, k] * s[n, g(k)] * (q[n, k] - z[n, g(k)]) + bias[n].
 #pragma once

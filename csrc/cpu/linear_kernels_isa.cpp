@@ -1418,7 +1418,8 @@ enum class Scaling { per_row, per_period, per_value };
 // shuffle and no masked activation loads. 4 bits take the streams scaled by position: the value at
 // position p masked in place and converted, q 2^(4 p) (the last position shifted down), two
 // instructions per 8 weights where shifting each down and subtracting its offset took three
-// (M = 1, from L2: 4-bit g128 3.0 -> 2.1-2.2 cycles per 16 weights), with the offset c = 0. 2 bits
+// (M = 1, from L2: 4-bit g128 3.0 -> 2.1-2.2 cycles per 16 weights), with the offset c = 0; the
+// products, 2^24 x q, are scaled back once the row's are summed. 2 bits
 // look their values up in a constant table of q - c, c = 2 (vpermilps reads each index's low 2
 // bits). Then
 //   sum_k x s (q - z) = s sum_k x (q - c) - s (z - c) sum_k x,
@@ -1530,6 +1531,10 @@ void tile_words(const LinearArgs& a, int64_t n0, int64_t m0) {
       const __m256 s = _mm256_set1_ps(scale_at<S>(a, n0 + u));
       for (int t = 0; t < MT; ++t) total[t][u] = _mm256_mul_ps(total[t][u], s);
     }
+  }
+  if constexpr (BITS == 4) {  // the streams' 2^24 (linear_kernels.h)
+    for (auto& row : total)
+      for (auto& sum : row) sum = _mm256_mul_ps(sum, _mm256_set1_ps(0x1p-24f));
   }
   // The zero points' term, s (z - c) sum_k x, 8 groups at a time.
   if (a.zeros != nullptr || a.zero_const != kOffset) {

@@ -66,6 +66,25 @@ def test_activations_near_floats_limit_stay_finite(dtype, bits, group_size, symm
         assert torch.isfinite(lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 32), (4, 128), (4, None), (4, 16), (2, 64), (2, None)],
+                         ids=str)
+def test_power_of_two_activation_scales_scale_the_output_exactly(dtype, bits, group_size, gen):
+    """linear(x 2^e) = linear(x) 2^e bit for bit, for e = -100 and 60: the kernels' sums only
+    multiply and add, so no intermediate may underflow to a subnormal or overflow there (the AVX2
+    word-stream kernel scales its 4-bit streams up by 2^24 for this: scaled down, activations near
+    2^-100 were subnormals and lost bits). Every activation-row tile, symmetric and asymmetric."""
+    k = 300
+    for symmetric in (True, False):
+        qw = lq.quantize_weight(torch.randn(37, k, generator=gen), bits, group_size, symmetric)
+        for m in (1, 2, 3, 4, 7):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)
+            for e in (-100, 60):
+                scaled = lq.linear(x * 2.0**e, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)
+                assert torch.equal(scaled, y * 2.0**e), (symmetric, m, e)
+
+
 @pytest.mark.parametrize("bits,largest", [(2, 40000.0), (4, 60000.0)], ids=str)
 @pytest.mark.parametrize("group_size", [None, 32], ids=str)
 def test_fp16_weights_near_the_fp16_limit_with_k_inside_a_chunk(bits, largest, group_size, gen):
