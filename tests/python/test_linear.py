@@ -324,7 +324,8 @@ def test_both_sides_of_the_gemm_switch(bits, group_size, gen):
 def test_word_lane_layouts(bits, group_size, symmetric, gen):
     # 4-bit groups of 8-64 values and 2-bit of 16 and 32 (AVX-512: tile_lut_lanes, 2-16 groups per
     # 64-byte load, every group's values looked up in one table of q - c and each word's sums
-    # scaled by its group's scale; the zero points through each row's group sums): K of two
+    # scaled by its group's scale; the zero points through each row's group sums; AVX2's
+    # tile_words alike, 4-bit values in place with c = 0, under test_cpu_variants): K of two
     # groups, over several loads ending inside a word, a load and a group, and 1000; every
     # activation-row tile (1-4 rows, and 7 = 4 + 3); fp32 / fp16 / bf16 scales; fp32 and fp16
     # activations. Small weights with one outlier per group put most q at z (asymmetric), where
