@@ -1434,7 +1434,7 @@ void tile_words(const LinearArgs& a, int64_t n0, int64_t m0) {
   const int64_t row_words = (a.row_bytes + 3) / 4;
   const bool per_channel = a.groups == 1;
   const int64_t group_words = per_channel ? row_words : a.group * BITS / 32;
-  const int64_t period = SCALING == Scaling::per_row ? row_words : per_channel ? 8 : std::max<int64_t>(group_words, 8);
+  const int64_t period = per_channel ? 8 : std::max<int64_t>(group_words, 8);  // per_period and per_value
   const int64_t period_groups = per_channel ? 0 : std::max<int64_t>(8 / group_words, 1);
   // Each word's lane's group within its load, for groups of 1, 2 or 4 words.
   const __m256i lane_group = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -1453,7 +1453,6 @@ void tile_words(const LinearArgs& a, int64_t n0, int64_t m0) {
     for (auto& sum : row) sum = _mm256_setzero_ps();
   // The products of the 8 words from word d into sums, each value scaled first per value.
   const auto add_products = [&]<bool TAIL>(int64_t d, __m256 (&sums)[MT][NT], const __m256 (&scale)[NT]) {
-    if ((d & (kWordBlock - 1)) == 0) next.at(4 * d);
     __m256i wi[NT];
     for (int u = 0; u < NT; ++u) {
       if constexpr (TAIL) {  // the row's last bytes, zero past them (the activations there are zero)
@@ -1494,11 +1493,10 @@ void tile_words(const LinearArgs& a, int64_t n0, int64_t m0) {
       }
     }
   };
-  // The products of words [d0, d1) into sums.
+  // The products of words [d0, d1) into sums: 32-byte chunks, the row's last one copied.
   const auto add_span = [&](int64_t d0, int64_t d1, __m256 (&sums)[MT][NT], const __m256 (&scale)[NT]) {
-    int64_t d = d0;
-    for (; d + 8 <= d1 && 4 * d + 32 <= a.row_bytes; d += 8) add_products.template operator()<false>(d, sums, scale);
-    if (d < d1) add_products.template operator()<true>(d, sums, scale);
+    chunks<32>(next, 4 * d0, std::min(4 * d1, a.row_bytes),
+               [&]<bool TAIL>(int64_t j) { add_products.template operator()<TAIL>(j / 4, sums, scale); });
   };
   const __m256 no_scale[NT] = {};
   if constexpr (SCALING == Scaling::per_row) {
