@@ -12,9 +12,15 @@ HERE = Path(__file__).resolve().parent
 
 SCRIPT = """
 import torch, linquant as lq
-from reference import ref_qparams, ref_quantize, ref_dequantize, ref_weight, ref_stored_values
+from reference import linear_bound, ref_qparams, ref_quantize, ref_dequantize, ref_weight, ref_stored_values
 from test_pack import ref_pack as lq_ref_pack
 g = torch.Generator().manual_seed(SEED)
+# linear(x) + b within the float64 reference's bound, ref being qw's float64 weight.
+def check(x, b, qw, ref, bits, gs):
+    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, b, bits, gs).double()
+    want = x.double() @ ref.T + b.double()
+    bound = linear_bound(x.double(), ref, qw.qweight, qw.scales, qw.zeros, bits, gs, x.dtype, want)
+    assert bool(((y - want).abs() <= bound).all()), (bits, gs, list(ref.shape), qw.scales.dtype, x.dtype, x.shape[0])
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     x = (torch.randn(9, 203, generator=g) * 3 + 1).to(dtype)
     for bits in (2, 4, 8):
@@ -40,25 +46,23 @@ for bits in (8, 4, 2):
             # groups of 16 two per load.
             for n, k in ((13, 100), (7, 37)):
                 w = torch.randn(n, k, generator=g)
-                qw = lq.quantize_weight(w, bits, gs, sym)
-                ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
                 bias = torch.randn(n, generator=g) * 10
-                # 3 rows: the plain C++ kernel's widest, and AVX2's 2-weight-row tiles; 6 and 40:
-                # the fp32 GEMM over dequantized weights from 4 (plain C++), 8-56 (AVX2, grouped) or
-                # 6-64 (AVX-512's own GEMM) rows on, by layout (gemm_min_rows).
-                for m in (1, 3, 6, 40):
-                    x = torch.randn(m, k, generator=g)
-                    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, gs)
-                    assert torch.allclose(y.double(), x.double() @ ref.T + bias.double(), rtol=1e-5, atol=1e-4)
-                # bf16 activations: the AVX512-BF16 kernels where the variant and the CPU have them
-                # (the dot kernel, the bf16 GEMM from 12-24 rows), the fp32 ones elsewhere; bf16
-                # roundings only.
-                for m in (3, 70):
-                    x = torch.randn(m, k, generator=g).bfloat16()
-                    b16 = bias.bfloat16()
-                    y = lq.linear(x, qw.qweight, qw.scales, qw.zeros, b16, bits, gs).double()
-                    err = (y - x.double() @ ref.T - b16.double()).abs()
-                    assert bool((err <= (x.double().abs() @ ref.abs().T + b16.double().abs()) * 2.0**-6).all())
+                # Scales stored in each dtype: the kernels are compiled per scale dtype.
+                for scale_dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    qw = lq.quantize_weight(w, bits, gs, sym, dtype=scale_dtype)
+                    ref = ref_weight(qw.qweight, qw.scales, qw.zeros, bits, gs, k)
+                    # 3 rows: the plain C++ kernel's widest, and AVX2's 2-weight-row tiles; 6 and 40:
+                    # the fp32 GEMM over dequantized weights from 4 (plain C++), 8-56 (AVX2, grouped)
+                    # or 6-64 (AVX-512's own GEMM) rows on, by layout (gemm_min_rows). fp16
+                    # activations take the fp32 kernels; bf16 ones the AVX512-BF16 kernels where the
+                    # variant and the CPU have them (the dot kernel, the bf16 GEMM from 12-24 rows),
+                    # the fp32 ones elsewhere.
+                    for m in (1, 3, 6, 40):
+                        x = torch.randn(m, k, generator=g)
+                        check(x, bias, qw, ref, bits, gs)
+                        check(x.half(), bias, qw, ref, bits, gs)
+                    for m in (3, 70):
+                        check(torch.randn(m, k, generator=g).bfloat16(), bias.bfloat16(), qw, ref, bits, gs)
 # Zero points on both sides of 2^30, where q - z stops being taken in int32 lanes (and at the
 # int32 limits): the same bits as the difference taken exactly, rounded once to fp32.
 LIMITS = (-(2**31), -(2**30) - 1, -(2**30), 2**30, 2**30 + 1, 2**31 - 1)
@@ -113,13 +117,15 @@ def test_misspelt_isa_is_an_error():
 
 
 @pytest.mark.parametrize("module", ["test_linear.py", "test_experts.py"])
-def test_avx2_kernels_pass_the_linear_tests(module, best_isa):
-    """The AVX2 kernels (word streams and byte streams, and ATen's GEMM path) through the linear
-    ops' whole test modules, where the CPU has AVX2: on a CPU with AVX-512 the other tests run the
-    AVX-512 kernels only. reference.py's bound follows the variant that runs (linear_bound)."""
-    if ISAS.index(best_isa) < ISAS.index("avx2"):
-        pytest.skip("the CPU has no AVX2")
-    env = dict(os.environ, LINQUANT_CPU_ISA="avx2")
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_narrower_kernels_pass_the_linear_tests(isa, module, best_isa):
+    """The plain C++ kernels (other architectures' only ones) and the AVX2 kernels (word streams and
+    byte streams), with ATen's GEMM path after them, through the linear ops' whole test modules: on
+    a CPU with AVX-512 the other tests run the AVX-512 kernels only. reference.py's bound follows
+    the variant that runs (linear_bound)."""
+    if ISAS.index(best_isa) < ISAS.index(isa):
+        pytest.skip(f"the CPU has no {isa}")
+    env = dict(os.environ, LINQUANT_CPU_ISA=isa)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / module)],
                          env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -23,7 +23,10 @@ from reference import linear_bound, ref_stored_weight, ref_weight, ref_weight_fo
 transformers = pytest.importorskip("transformers")
 moe = pytest.importorskip("transformers.integrations.moe")
 
-DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# Relative error of a whole forward (both projections, the activation between them rounded to the
+# dtype): twice the worst of 12 seeds over test_experts_match_the_float64_reference's cases (bf16
+# 7.4e-3, fp16 9.9e-4), where one expert's down_proj scales 2% off gave bf16 1.0e-2 to 2.3e-2.
+DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
 def reference_weight(w, bits, group_size, symmetric):

@@ -1,5 +1,8 @@
 """choose_qparams / quantize / dequantize against the independent reference (reference.py),
-bit for bit, on fresh random inputs across dtypes, shapes, bits and granularities."""
+bit for bit, on fresh random inputs across dtypes, shapes, bits and granularities; metrics against
+their float64 formulas."""
+
+import math
 
 import pytest
 import torch
@@ -27,7 +30,7 @@ CASES = [(shape, axis, g) for shape in SHAPES for axis, g in granularities(shape
 
 
 def random_input(shape, dtype, gen):
-    # Mixed scales, a shifted mean (asymmetric ranges) and a few exact ties (k + 0.5 steps).
+    # Mixed scales and a shifted mean (asymmetric ranges); test_rounding_ties_with_zero_points plants ties.
     x = torch.randn(shape, generator=gen) * torch.rand((), generator=gen) * 10 + torch.randn((), generator=gen)
     return x.to(dtype)
 
@@ -250,3 +253,26 @@ def test_no_gradients(gen):
         with torch.no_grad():
             assert torch.equal(lq.dequantize(q, learned, zp, group_size=group_size),
                                lq.dequantize(q, scale, zp, group_size=group_size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_metrics_match_their_formulas(dtype, gen):
+    """mse, max_error, mean_error and snr_db of a reconstruction (x on a grid of step 1/4, and x
+    off by one in a few elements) against float64 formulas written out here; inf and -inf where
+    there is no error or no signal."""
+    x = random_input((6, 45), dtype, gen)
+    for x_hat in ((x * 4).round() / 4, x + (torch.rand(6, 45, generator=gen) < 0.1).to(dtype)):
+        got = lq.metrics(x, x_hat)
+        e = [float(a) - float(b) for a, b in zip(x.flatten().tolist(), x_hat.flatten().tolist())]
+        signal = sum(float(v) ** 2 for v in x.flatten().tolist())
+        want = {"mse": sum(d * d for d in e) / len(e), "max_error": max(abs(d) for d in e),
+                "mean_error": sum(abs(d) for d in e) / len(e),
+                "snr_db": 10 * math.log10(signal / sum(d * d for d in e))}
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-12), name
+    assert lq.metrics(x.clone(), x) == {"mse": 0.0, "max_error": 0.0, "mean_error": 0.0, "snr_db": math.inf}
+    assert lq.metrics(torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))["snr_db"] == -math.inf
+    with pytest.raises(ValueError, match="linquant.metrics: x is empty"):
+        lq.metrics(torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
+
