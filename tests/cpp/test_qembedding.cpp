@@ -85,8 +85,10 @@ TEST(QEmbeddingCpp, ATiedHeadSharesTheTablesMemory) {
 
 TEST(QEmbeddingCpp, BadIdsAndOptionsRaiseSayingWhich) {
   QEmbedding table(10, 8, QLinearOptions{8, std::nullopt, true});
-  EXPECT_THROW(table->forward(torch::tensor({0, 10})), c10::IndexError);
-  EXPECT_THROW(table->forward(torch::tensor({-1})), c10::IndexError);
+  EXPECT_TRUE(throws<c10::IndexError>([&] { table->forward(torch::tensor({0, 10})); },
+                                      "linquant::QEmbedding: ids must be in [0, 10), got values from 0 to 10"));
+  EXPECT_TRUE(throws<c10::IndexError>([&] { table->forward(torch::tensor({-1})); },
+                                      "linquant::QEmbedding: ids must be in [0, 10), got values from -1 to -1"));
   EXPECT_NE(error_of([&] { table->forward(torch::tensor({3, 10, -1})); })
                 .find("linquant::QEmbedding: ids must be in [0, 10), got values from -1 to 10"),
             std::string::npos);
@@ -95,8 +97,10 @@ TEST(QEmbeddingCpp, BadIdsAndOptionsRaiseSayingWhich) {
                 .find("linquant::QEmbedding: ids must be in [0, 10), got values from 3 to 10"),
             std::string::npos);
   EXPECT_NO_THROW(table->forward(torch::tensor({0, 9})));
-  EXPECT_THROW(table->forward(torch::tensor({1.0f})), c10::TypeError);
-  EXPECT_THROW(table->forward(at::Tensor()), c10::TypeError);
+  EXPECT_TRUE(throws<c10::TypeError>([&] { table->forward(torch::tensor({1.0f})); },
+                                     "linquant::QEmbedding: ids must be int64 or int32 indices, got Float"));
+  EXPECT_TRUE(throws<c10::TypeError>([&] { table->forward(at::Tensor()); },
+                                     "linquant: ids must be a tensor, got None (an undefined tensor)"));
   EXPECT_NE(error_of([] { QEmbedding(10, 8, QLinearOptions{3, std::nullopt, true}); })
                 .find("linquant::QEmbedding: bits must be 8, 4 or 2, got 3"),
             std::string::npos);
@@ -107,7 +111,8 @@ TEST(QEmbeddingCpp, BadIdsAndOptionsRaiseSayingWhich) {
             std::string::npos);
   EXPECT_NE(error_of([] { QEmbedding(10, 8, QLinearOptions{}, 10); }).find("padding_idx must be within num_embeddings = 10"),
             std::string::npos);
-  EXPECT_THROW(QEmbedding(10, 8, QLinearOptions{}, std::nullopt, at::kDouble), c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>([&] { QEmbedding(10, 8, QLinearOptions{}, std::nullopt, at::kDouble); },
+                                      "linquant::QEmbedding: dtype must be float32, float16 or bfloat16, got Double"));
   torch::nn::Embedding renorm(torch::nn::EmbeddingOptions(10, 8).max_norm(1.0));
   EXPECT_NE(error_of([&] { QEmbeddingImpl::from_embedding(renorm, {}); }).find("max_norm"), std::string::npos);
 }
@@ -124,7 +129,8 @@ TEST(QEmbeddingCpp, PrintsConvertsSavesAndClones) {
   EXPECT_EQ(table->scales.scalar_type(), at::kBFloat16);
   EXPECT_EQ(table->qweight.scalar_type(), at::kByte);
   EXPECT_EQ(table->zeros.scalar_type(), at::kInt);
-  EXPECT_THROW(table->to(at::kDouble), c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>([&] { table->to(at::kDouble); },
+                                      "linquant::QEmbedding: dtype must be float32, float16 or bfloat16, got Double"));
   const at::Tensor ids = torch::tensor({3, 0, 19});
   // An archive loads into a table of the same format, and is refused by another.
   std::stringstream archive;

@@ -6,6 +6,7 @@
 
 #include <sstream>
 
+#include "error_of.h"
 #include "linquant/ops.h"
 #include "linquant/qlinear.h"
 #include "reference_weight.h"
@@ -115,9 +116,12 @@ TEST(QLinearCpp, QuantizeWeightGivesTheFormat) {
                             reference_weight(w, bits, 16, symmetric)));
     }
   }
-  EXPECT_THROW(linquant::quantize_weight(w.flatten(), {}), c10::ValueError);
-  EXPECT_THROW(linquant::quantize_weight(w, {3, std::nullopt, true}), c10::ValueError);
-  EXPECT_THROW(linquant::quantize_weight(at::Tensor(), {}), c10::TypeError);
+  EXPECT_TRUE(throws<c10::ValueError>([&] { linquant::quantize_weight(w.flatten(), {}); },
+                                      "linquant::quantize_weight: w must be a 2-D weight [out, in], got shape [768]"));
+  EXPECT_TRUE(throws<c10::ValueError>([&] { linquant::quantize_weight(w, {3, std::nullopt, true}); },
+                                      "linquant::quantize_weight: bits must be 8, 4 or 2, got 3"));
+  EXPECT_TRUE(throws<c10::TypeError>([&] { linquant::quantize_weight(at::Tensor(), {}); },
+                                     "linquant: w must be a tensor, got None (an undefined tensor)"));
 }
 
 TEST(QLinearCpp, AsymmetricWeightsComeBackWithinHalfAStoredStep) {
@@ -171,13 +175,17 @@ TEST(QLinearCpp, PrintsItsFormat) {
 }
 
 TEST(QLinearCpp, BadOptionsRaise) {
-  EXPECT_THROW(linquant::QLinear(16, 8, true, linquant::QLinearOptions{3, std::nullopt, true}), c10::ValueError);
-  EXPECT_THROW(linquant::QLinear(16, 8, true, linquant::QLinearOptions{2, 6, true}), c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>(
+      [&] { linquant::QLinear(16, 8, true, linquant::QLinearOptions{3, std::nullopt, true}); },
+      "linquant::QLinear: bits must be 8, 4 or 2, got 3"));
+  EXPECT_TRUE(throws<c10::ValueError>([&] { linquant::QLinear(16, 8, true, linquant::QLinearOptions{2, 6, true}); },
+                                      "linquant::QLinear: group_size must be a positive multiple of 4 at 2 bits"));
 }
 
 TEST(QLinearCpp, TooManyInFeaturesRaise) {
-  EXPECT_THROW(linquant::QLinear(std::numeric_limits<int64_t>::max() / 4, 1, false, linquant::QLinearOptions{}),
-               c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>(
+      [&] { linquant::QLinear(std::numeric_limits<int64_t>::max() / 4, 1, false, linquant::QLinearOptions{}); },
+      "linquant::QLinear: a row of 2305843009213693951 values is too large for 8 bits"));
 }
 
 TEST(QLinearCpp, ToDtypeConvertsOnlyTheFloatBuffers) {
@@ -205,7 +213,8 @@ TEST(QLinearCpp, ToDtypeConvertsOnlyTheFloatBuffers) {
   model->to(torch::Device(torch::kCPU), torch::kHalf);
   EXPECT_EQ(layer->qweight.scalar_type(), at::kByte);
   EXPECT_EQ(layer->scales.scalar_type(), at::kHalf);
-  EXPECT_THROW(model->to(torch::kDouble), c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>([&] { model->to(torch::kDouble); },
+                                      "linquant::QLinear: dtype must be float32, float16 or bfloat16, got Double"));
 }
 
 TEST(QLinearCpp, LoadChecksTheFormatItWasSavedWith) {
@@ -277,7 +286,9 @@ TEST(QLinearCpp, CloneDeepCopiesModelsHoldingIt) {
 TEST(QLinearCpp, InFeaturesChecked) {
   // 7 and 8 values pack into the same 4 bytes at 4 bits: only the layer can tell them apart.
   linquant::QLinear layer(8, 3, true, linquant::QLinearOptions{4, std::nullopt, false});
-  EXPECT_THROW(layer->forward(at::randn({2, 7})), c10::ValueError);
+  EXPECT_TRUE(throws<c10::ValueError>(
+      [&] { layer->forward(at::randn({2, 7})); },
+      "linquant::QLinear: x must have in_features=8 in its last dim, got shape [2, 7]"));
   EXPECT_EQ(layer->forward(at::randn({2, 8})).sizes(), at::IntArrayRef({2, 3}));
 }
 
@@ -296,7 +307,9 @@ TEST(QLinearCpp, BackwardGivesXAndBiasTheirGradients) {
     EXPECT_TRUE(at::allclose(x.grad(), at::matmul(dy, w_hat), 1e-5, 1e-5));
     EXPECT_TRUE(at::allclose(q->bias.grad(), dy.sum(at::IntArrayRef{0, 1}), 1e-5, 1e-5));
     q->scales.requires_grad_(true);  // the weight is frozen: a gradient for it is refused
-    EXPECT_THROW(q->forward(x).sum().backward(), c10::NotImplementedError);
+    EXPECT_TRUE(throws<c10::NotImplementedError>(
+        [&] { q->forward(x).sum().backward(); },
+        "linquant: linear has no gradient for scales (the quantized weight is frozen)"));
   }
 }
 
@@ -332,20 +345,29 @@ TEST(OpsCpp, DequantizeWeightIsTheFormatsFloatWeight) {
 
 TEST(OpsCpp, DequantizeWeightChecksItsArguments) {
   const at::Tensor q8 = at::zeros({2, 16}, at::kChar), s = at::ones({2, 1});
-  EXPECT_THROW(linquant::dequantize_weight(q8, s, std::nullopt, 12, std::nullopt, 16, at::kFloat), c10::ValueError);
-  EXPECT_THROW(linquant::dequantize_weight(q8, s, std::nullopt, 8, std::nullopt, 999, at::kFloat), c10::ValueError);
-  EXPECT_THROW(linquant::dequantize_weight(at::Tensor(), s, std::nullopt, 8, std::nullopt, 16, at::kFloat),
-               c10::TypeError);
+  EXPECT_TRUE(throws<c10::ValueError>(
+      [&] { linquant::dequantize_weight(q8, s, std::nullopt, 12, std::nullopt, 16, at::kFloat); },
+      "linquant: bits must be 8, 4 or 2, got 12"));
+  EXPECT_TRUE(throws<c10::ValueError>(
+      [&] { linquant::dequantize_weight(q8, s, std::nullopt, 8, std::nullopt, 999, at::kFloat); },
+      "linquant: an 8-bit qweight must be [N, in_features=999], got shape [2, 16]"));
+  EXPECT_TRUE(throws<c10::TypeError>(
+      [&] { linquant::dequantize_weight(at::Tensor(), s, std::nullopt, 8, std::nullopt, 16, at::kFloat); },
+      "linquant: qweight must be a tensor, got None (an undefined tensor)"));
   EXPECT_EQ(linquant::dequantize_weight(q8, s, std::nullopt, 8, std::nullopt, 16, at::kFloat).sizes(),
             at::IntArrayRef({2, 16}));
 }
 
 TEST(OpsCpp, AnUndefinedTensorIsATypeError) {
   // The dispatcher itself would say "no tensor arguments" for ops whose only tensor is missing.
-  EXPECT_THROW(linquant::choose_qparams(at::Tensor(), 4, true), c10::TypeError);
-  EXPECT_THROW(linquant::pack(at::Tensor(), 4), c10::TypeError);
-  EXPECT_THROW(linquant::unpack(at::Tensor(), 4, 8), c10::TypeError);
-  EXPECT_THROW(linquant::quantize(at::Tensor(), at::ones({1}), std::nullopt, 8), c10::TypeError);
+  EXPECT_TRUE(throws<c10::TypeError>([&] { linquant::choose_qparams(at::Tensor(), 4, true); },
+                                     "linquant: x must be a tensor, got None (an undefined tensor)"));
+  EXPECT_TRUE(throws<c10::TypeError>([&] { linquant::pack(at::Tensor(), 4); },
+                                     "linquant: q must be a tensor, got None (an undefined tensor)"));
+  EXPECT_TRUE(throws<c10::TypeError>([&] { linquant::unpack(at::Tensor(), 4, 8); },
+                                     "linquant: packed must be a tensor, got None (an undefined tensor)"));
+  EXPECT_TRUE(throws<c10::TypeError>([&] { linquant::quantize(at::Tensor(), at::ones({1}), std::nullopt, 8); },
+                                     "linquant: x must be a tensor, got None (an undefined tensor)"));
 }
 
 TEST(OpsCpp, PackRoundTrip) {

@@ -341,7 +341,12 @@ def test_a_bias_in_another_float_dtype_than_the_scales_loads(tmp_path):
     damaged = _damaged_copy(tmp_path / "ok", tmp_path / "half", edit_tensors=lambda t: t.update(
         {"2.bias": t["2.bias"].half()}))
     model = lq.load_quantized(damaged, _small)
-    assert model[2].bias.dtype == torch.float16 and model(torch.randn(3, 16)).dtype == torch.float32
+    ok = lq.load_quantized(str(tmp_path / "ok"), _small)
+    x = torch.randn(3, 16)
+    assert model[2].bias.dtype == torch.float16 and torch.equal(model[2].bias, ok[2].bias.half())
+    l2 = ok[2]
+    want = lq.linear(ok[1](ok[0](x)), l2.qweight, l2.scales, l2.zeros, l2.bias.half(), 4, 8)
+    assert want.dtype == torch.float32 and torch.equal(model(x), want)
 
 
 def test_a_bare_linear_is_quantized_saved_and_loaded(tmp_path):

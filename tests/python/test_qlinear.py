@@ -209,10 +209,13 @@ def test_conv1d_transposed_weight(gen):
 def test_repr_and_to_dtype():
     q = lq.QLinear.from_linear(nn.Linear(64, 32), 4, 32, symmetric=False)
     assert "bits=4, group_size=32, asymmetric" in repr(q)
-    h = q.to(torch.float16)
-    assert h.scales.dtype == torch.float16 and h.bias.dtype == torch.float16
-    assert h.qweight.dtype == torch.uint8 and h.zeros.dtype == torch.int32
-    assert h(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
+    before = {name: t.clone() for name, t in q.named_buffers()}
+    h = q.to(torch.float16)  # the float buffers converted, the integer ones kept
+    assert torch.equal(h.scales, before["scales"].half()) and torch.equal(h.bias, before["bias"].half())
+    assert torch.equal(h.qweight, before["qweight"]) and torch.equal(h.zeros, before["zeros"])
+    x = torch.randn(2, 64, dtype=torch.float16)
+    assert torch.equal(h(x), lq.linear(x, before["qweight"], before["scales"].half(), before["zeros"],
+                                       before["bias"].half(), 4, 32))
 
 
 def test_float64_is_refused_when_converting_not_at_forward():
