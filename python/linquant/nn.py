@@ -41,6 +41,18 @@ def _check_format_record(record: dict, module, state_dict, prefix, local_metadat
                              f"{saved[key]!r}, this layer has {value!r}")
 
 
+def _check_scales(module, state_dict, prefix, *_) -> None:
+    """Refuses scales that are not finite and positive, as quantize, dequantize and load_quantized
+    do: the linear kernels take the scales as they are (checking every scale at each call would add
+    a pass over them), and would return NaN, inf, zero or sign-flipped outputs."""
+    scales = state_dict.get(prefix + "scales")
+    if (isinstance(scales, torch.Tensor) and scales.numel() and scales.device.type != "meta"
+            and not bool(torch.isfinite(scales).logical_and_(scales > 0).all())):
+        where = f" at {prefix[:-1]!r}" if prefix else ""
+        raise ValueError(f"linquant.{type(module).__name__}: the state_dict{where} holds scales that are not finite "
+                         "and positive")
+
+
 def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int, group_size: Optional[int],
                 symmetric: bool, device, dtype, stacked: tuple = ()) -> None:
     """A quantized layer's constructor (QLinear, QEmbedding, QExpertsWeight): checks its `sizes`
@@ -66,6 +78,7 @@ def init_format(module: nn.Module, sizes: dict, rows: int, cols: int, bits: int,
     record = {"bits": bits, "group_size": group_size, "symmetric": symmetric, **sizes}
     module.register_state_dict_post_hook(functools.partial(_write_format_record, record))
     module.register_load_state_dict_pre_hook(functools.partial(_check_format_record, record))
+    module.register_load_state_dict_pre_hook(_check_scales)
 
 
 def check_conversion(module: nn.Module, fn) -> None:

@@ -361,6 +361,28 @@ def test_a_state_dict_of_another_embedding_or_experts_format_is_refused():
         lq.QExpertsWeight(3, 15, 4, bits=4).load_state_dict(experts.state_dict())
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")], ids=str)
+def test_a_state_dict_with_scales_linear_cannot_use_is_refused(bad, gen):
+    # linear takes scales as they are (no check at each call): zero, negative or non-finite ones
+    # gave zero, sign-flipped or NaN outputs. Refused at loading, the layer's buffers unchanged,
+    # for every quantized module (they share the format's hooks).
+    source = lq.QLinear.from_linear(nn.Linear(64, 8), bits=4, group_size=32, symmetric=False)
+    state = source.state_dict()
+    state["scales"] = state["scales"].clone()
+    state["scales"][5, 1] = bad
+    layer = lq.QLinear(64, 8, bits=4, group_size=32, symmetric=False)
+    with pytest.raises(ValueError, match="linquant.QLinear: the state_dict holds scales that are not finite and positive"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.scales, torch.ones(8, 2))
+    with pytest.raises(ValueError, match="the state_dict at '1' holds scales that are not finite and positive"):
+        nn.Sequential(nn.ReLU(), layer).load_state_dict({"1." + k: v for k, v in state.items()})
+    table = lq.QEmbedding.from_embedding(nn.Embedding(10, 16), bits=8)
+    state = table.state_dict()
+    state["scales"] = -state["scales"]
+    with pytest.raises(ValueError, match="linquant.QEmbedding: the state_dict holds scales that are not finite"):
+        lq.QEmbedding(10, 16, bits=8).load_state_dict(state)
+
+
 def test_torchscript(gen):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     lq.quantize_model(model, bits=4, group_size=32, exclude=())
