@@ -84,12 +84,12 @@ namespace {
 
 constexpr const char* kGrouped = "linquant::grouped_linear";
 
-// `t` (zeros or bias) holds one entry per expert: [E, ...] with E = experts.
-void check_stacked(const std::optional<at::Tensor>& t, const char* name, int64_t experts, int64_t dims) {
+// `t` (zeros or bias) holds one entry per expert of N rows: [E, N, ...] with E = experts.
+void check_stacked(const std::optional<at::Tensor>& t, const char* name, int64_t experts, int64_t n, int64_t dims) {
   if (!t.has_value()) return;
   check_defined(*t, name);
-  TORCH_CHECK_VALUE(t->dim() == dims && t->size(0) == experts, kGrouped, ": ", name, " must be [", experts,
-                    dims == 2 ? ", N" : ", N, G", "] (one per expert), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->dim() == dims && t->size(0) == experts && t->size(1) == n, kGrouped, ": ", name, " must be [",
+                    experts, ", ", n, dims == 2 ? "" : ", G", "] (one per expert), got shape ", t->sizes());
 }
 
 }  // namespace
@@ -105,8 +105,8 @@ void check_grouped_linear_args(const at::Tensor& x, at::IntArrayRef counts, cons
                     ": qweight and scales must be stacked per expert, [E, N, ...], got shapes ", qweight.sizes(),
                     " and ", scales.sizes());
   const int64_t experts = qweight.size(0);
-  check_stacked(zeros, "zeros", experts, 3);
-  check_stacked(bias, "bias", experts, 2);
+  check_stacked(zeros, "zeros", experts, qweight.size(1), 3);
+  check_stacked(bias, "bias", experts, qweight.size(1), 2);
   TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == experts, kGrouped,
                     ": counts must hold one row count per expert (", experts, "), got ", counts.size());
   // The first bad count is named, not the whole list (hundreds of experts in large MoE models).

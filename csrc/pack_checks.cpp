@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <sstream>
+#include <string>
 #include <vector>
 
 #include "core/pack_span.h"
@@ -31,15 +32,26 @@ int64_t leading_rows(const at::Tensor& t) {
   return rows;
 }
 
+// q's values in a type ATen compares: uint16 / uint32 / uint64 have no min, max or lt, so those as
+// int64, which holds every uint16 and uint32 value (a uint64 one from 2^63 up reads as negative).
+at::Tensor comparable(const at::Tensor& q) {
+  const bool wide_unsigned = q.scalar_type() == at::kUInt16 || q.scalar_type() == at::kUInt32 ||
+                             q.scalar_type() == at::kUInt64;
+  return wide_unsigned ? q.to(at::kLong) : q;
+}
+
 }  // namespace
 
 void report_out_of_range(const at::Tensor& q, int64_t bits) {
   const int64_t hi = (int64_t{1} << bits) - 1;
-  const at::Tensor flat = q.reshape({-1});
+  const at::Tensor flat = comparable(q).reshape({-1});
   const at::Tensor bad = flat.lt(0).logical_or_(flat.gt(hi)).nonzero();
   const int64_t first = bad[0][0].item<int64_t>();
-  TORCH_CHECK_VALUE(false, "linquant: q[", index_str(first, q.sizes()), "] = ", flat[first].item<int64_t>(),
-                    " is out of range for ", bits, "-bit packing (expected values in [0, ", hi, "])");
+  const int64_t v = flat[first].item<int64_t>();
+  const std::string value =
+      q.scalar_type() == at::kUInt64 ? std::to_string(static_cast<uint64_t>(v)) : std::to_string(v);
+  TORCH_CHECK_VALUE(false, "linquant: q[", index_str(first, q.sizes()), "] = ", value, " is out of range for ", bits,
+                    "-bit packing (expected values in [0, ", hi, "])");
 }
 
 PackJob prepare_pack(const at::Tensor& q, int64_t bits) {
@@ -51,14 +63,10 @@ PackJob prepare_pack(const at::Tensor& q, int64_t bits) {
   at::Tensor values = q;
   if (q.scalar_type() != at::kByte) {
     // Other integer types may hold negatives or values >= 256 that a cast would wrap: check first.
-    // ATen has no min / max for uint16 / uint32 / uint64: their values are checked as int64, which
-    // holds every uint16 and uint32 one (a uint64 one past int64's range reads as negative there).
-    const bool wide_unsigned = q.scalar_type() == at::kUInt16 || q.scalar_type() == at::kUInt32 ||
-                               q.scalar_type() == at::kUInt64;
-    const at::Tensor ints = wide_unsigned ? q.to(at::kLong) : q;
+    const at::Tensor ints = comparable(q);
     const int64_t hi = (int64_t{1} << bits) - 1;
     if (q.numel() > 0 && (ints.min().item<int64_t>() < 0 || ints.max().item<int64_t>() > hi)) {
-      report_out_of_range(ints, bits);
+      report_out_of_range(q, bits);
     }
     values = ints.to(at::kByte);
   }

@@ -198,10 +198,10 @@ def _grouped_linear_fake(x, counts, qweight, scales, zeros=None, bias=None, bits
     if qweight.dim() != 3 or scales.dim() != 3 or scales.shape[0] != qweight.shape[0]:
         raise ValueError(f"{who}: qweight and scales must be stacked per expert, [E, N, ...], got shapes "
                          f"{list(qweight.shape)} and {list(scales.shape)}")
-    experts = qweight.shape[0]
+    experts, n = qweight.shape[0], qweight.shape[1]
     for t, name, dims in ((zeros, "zeros", 3), (bias, "bias", 2)):
-        if t is not None and (t.dim() != dims or t.shape[0] != experts):
-            raise ValueError(f"{who}: {name} must be [{experts}, {'N' if dims == 2 else 'N, G'}] (one per expert), "
+        if t is not None and (t.dim() != dims or t.shape[0] != experts or t.shape[1] != n):
+            raise ValueError(f"{who}: {name} must be [{experts}, {n}{'' if dims == 2 else ', G'}] (one per expert), "
                              f"got shape {list(t.shape)}")
     if len(counts) != experts:
         raise ValueError(f"{who}: counts must hold one row count per expert ({experts}), got {len(counts)}")

@@ -162,6 +162,8 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     who = "linquant.quantize_weight"
     if weight.dim() != 2:
         raise ValueError(f"linquant: weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{who}: weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.device.type == "meta":  # its scales would be meta too, and checking them needs values
         raise ValueError(f"{who}: cannot quantize a weight on the meta device: it holds no values (quantize the model "
                          "built with its weights). A model built on meta is a skeleton to load into: "

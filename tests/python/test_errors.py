@@ -320,6 +320,10 @@ def test_quantize_weight_dtype_is_checked():
             lq.quantize_weight(torch.randn(4, 16), 4, 8, dtype=dtype)
     with pytest.raises(TypeError, match="linquant.quantize_weight: dtype must be a torch.dtype or None, got str"):
         lq.quantize_weight(torch.randn(4, 16), 4, 8, dtype="float16")
+    # The weight's own dtype, named as such (choose_qparams' message named its argument x).
+    for dtype in (torch.float64, torch.int64):
+        with raises(re.escape(f"linquant.quantize_weight: weight must be float32, float16 or bfloat16, got {dtype}")):
+            lq.quantize_weight(torch.ones(4, 16, dtype=dtype), 4, 8)
 
 
 def test_expert_indices_are_checked():

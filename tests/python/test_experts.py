@@ -168,7 +168,10 @@ def test_grouped_linear_is_each_experts_linear(gen, bits, group_size, symmetric,
                         r"counts must sum to x's 9 rows, got more from counts\[3\] = 2 on \(the counts before it add up to 8\)"),
                        ((x[None], *args[1:]), r"x must be \[T, K\]"),
                        ((*args[:2], q.qweight[0], *args[3:]), r"qweight and scales must be stacked per expert"),
-                       ((*args[:5], torch.zeros(3, 24).to(dtype), *args[6:]), r"bias must be \[4, N\]")]:
+                       ((*args[:5], torch.zeros(3, 24).to(dtype), *args[6:]), r"bias must be \[4, 24\]"),
+                       # Each expert's N, named as grouped_linear's (not linear's [out_features]).
+                       ((*args[:5], torch.zeros(4, 25).to(dtype), *args[6:]),
+                        r"bias must be \[4, 24\] \(one per expert\), got shape \[4, 25\]")]:
         with pytest.raises(ValueError, match="linquant::grouped_linear: " + match):
             torch.ops.linquant.grouped_linear(*bad)
 

@@ -96,6 +96,12 @@ def test_out_of_range_names_the_first_bad_index(dtype):
         lq.pack(q, 4)
 
 
+def test_uint64_values_from_2_to_the_63_are_named_as_they_are():
+    # ATen compares them as int64s, where they read as negative.
+    with pytest.raises(ValueError, match=re.escape("q[[1]] = 9223372036854775808 is out of range for 8-bit packing")):
+        lq.pack(torch.tensor([1, 2**63], dtype=torch.uint64), 8)
+
+
 def test_negative_values():
     with pytest.raises(ValueError, match=re.escape("q[[2]] = -1 is out of range for 2-bit packing")):
         lq.pack(torch.tensor([0, 1, -1, 3], dtype=torch.int8), 2)
