@@ -41,13 +41,17 @@ def _check_format_record(record: dict, module, state_dict, prefix, local_metadat
                              f"{saved[key]!r}, this layer has {value!r}")
 
 
+def scales_usable(scales: torch.Tensor) -> bool:
+    """Whether every scale is finite and positive (quantize and dequantize refuse others): the linear
+    kernels take the scales as they are (checking every scale at each call would add a pass over
+    them), and would return NaN, inf, zero or sign-flipped outputs."""
+    return not scales.numel() or bool(torch.isfinite(scales).logical_and_(scales > 0).all())
+
+
 def _check_scales(module, state_dict, prefix, *_) -> None:
-    """Refuses scales that are not finite and positive, as quantize, dequantize and load_quantized
-    do: the linear kernels take the scales as they are (checking every scale at each call would add
-    a pass over them), and would return NaN, inf, zero or sign-flipped outputs."""
+    """Refuses a state_dict whose scales are not usable (scales_usable), as load_quantized does."""
     scales = state_dict.get(prefix + "scales")
-    if (isinstance(scales, torch.Tensor) and scales.numel() and scales.device.type != "meta"
-            and not bool(torch.isfinite(scales).logical_and_(scales > 0).all())):
+    if isinstance(scales, torch.Tensor) and scales.device.type != "meta" and not scales_usable(scales):
         where = f" at {prefix[:-1]!r}" if prefix else ""
         raise ValueError(f"linquant.{type(module).__name__}: the state_dict{where} holds scales that are not finite "
                          "and positive")

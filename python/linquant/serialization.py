@@ -14,7 +14,7 @@ from ._files import atomic_write, make_directory, write_text
 from ._ops import _FLOAT_DTYPES
 from .embedding import QEmbedding
 from .experts import QExpertsWeight, expert_projections, install_projection
-from .nn import QLinear
+from .nn import QLinear, scales_usable
 from .weights import check_format
 
 WEIGHTS_NAME = "model.safetensors"
@@ -388,7 +388,7 @@ def load_quantized(path: str, model_or_factory: Union[nn.Module, Callable[[], nn
             raise ValueError(f"linquant.load_quantized: {prefix + 'bias'!r} is {bias.dtype} in the file but the "
                              "layer's format needs float32, float16 or bfloat16")
         # damaged scales: NaN or inf outputs, silently
-        if scales.numel() and not bool(torch.isfinite(scales).logical_and_(scales > 0).all()):
+        if not scales_usable(scales):
             raise ValueError(f"linquant.load_quantized: the scales of {name or 'the model'!r} hold values that are "
                              "not finite and positive (a damaged file?)")
     model.load_state_dict(state, assign=True, strict=True)
