@@ -8,6 +8,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "core/quant_math.h"
 #include "linquant/ops.h"
@@ -25,6 +26,13 @@ double smallest_subnormal(at::ScalarType t) {
   if (t == at::kHalf) return std::ldexp(1.0, -24);
   if (t == at::kBFloat16) return std::ldexp(1.0, -133);
   return std::numeric_limits<float>::denorm_min();
+}
+
+// The largest finite value of a float dtype.
+double largest_value(at::ScalarType t) {
+  if (t == at::kHalf) return 65504.0;
+  if (t == at::kBFloat16) return std::ldexp(255.0, 120);  // 0x7F7F
+  return std::numeric_limits<float>::max();
 }
 
 }  // namespace
@@ -79,22 +87,93 @@ std::pair<at::Tensor, at::Tensor> spanning_asymmetric(const at::Tensor& w, at::T
   return {stored, at::round(mn.neg().div(stored.to(at::kFloat))).to(at::kInt)};
 }
 
+// Per group, the least and the greatest value q whose weight s (q - z) is within +-top; whether any
+// group's grid reaches past it (else no weight can).
+struct CodesWithin {
+  at::Tensor lo, hi;
+  bool reaches;
+};
+CodesWithin codes_within(const at::Tensor& stored, const std::optional<at::Tensor>& zp, int bits, double top) {
+  const at::Tensor s64 = stored.to(at::kDouble);
+  const at::Tensor reach = at::floor(at::full_like(s64, top) / s64);  // steps from z
+  const at::Tensor z = zp.has_value() ? zp->to(at::kDouble) : at::zeros_like(reach);
+  const core::QRange r = core::q_range(bits, !zp.has_value());
+  const at::Tensor lo = (z - reach).clamp_min(r.qmin), hi = (z + reach).clamp_max(r.qmax);
+  return {lo, hi, lo.gt(r.qmin).logical_or(hi.lt(r.qmax)).any().item<bool>()};
+}
+
+// Per group, the grid points s (q - z) that its min and its max quantize to, [2, ...] in float64
+// (exact: s (q - z) fits it).
+at::Tensor end_points(const at::Tensor& mn, const at::Tensor& mx, const at::Tensor& stored,
+                      const std::optional<at::Tensor>& zp, int bits) {
+  const at::Tensor s = stored.to(at::kFloat);
+  const at::Tensor z = zp.has_value() ? zp->to(at::kFloat) : at::zeros_like(s);
+  const core::QRange r = core::q_range(bits, !zp.has_value());
+  std::vector<at::Tensor> points;
+  for (const at::Tensor& end : {mn, mx}) {
+    points.push_back(s.to(at::kDouble) * ((at::round(end.div(s)) + z).clamp(r.qmin, r.qmax) - z).to(at::kDouble));
+  }
+  return at::stack(points);
+}
+
+// Stored scales (and zero points) one step down where the chosen scale puts the grid point of a
+// group's min or max beyond w's dtype's largest value and one step down (its zero point chosen
+// again, within the kernels' exact range) brings both within it and within half a step of them
+// (weights.py's _within_dtype_max: fp16 weights at 65504 stored the 8-bit symmetric scale 515.8 as
+// 516, and 127 x 516 came back inf; 515.5 spans).
+std::pair<at::Tensor, std::optional<at::Tensor>> within_dtype_max(const at::Tensor& w, const at::Tensor& stored,
+                                                                  std::optional<at::Tensor> zp, const QLinearOptions& o) {
+  const double top = largest_value(w.scalar_type());
+  if (!codes_within(stored, zp, o.bits, top).reaches) return {stored, zp};
+  auto [mn, mx] = group_range(w, o);
+  mn = mn.reshape(stored.sizes()), mx = mx.reshape(stored.sizes());
+  const at::Tensor over = end_points(mn, mx, stored, zp, o.bits).abs().gt(top).any(0);
+  const at::Tensor down = at::nextafter(stored, at::zeros_like(stored));
+  std::optional<at::Tensor> zd;
+  if (zp.has_value()) zd = at::round(mn.neg().div(down.to(at::kFloat))).to(at::kInt);
+  const at::Tensor points = end_points(mn, mx, down, zd, o.bits);
+  const at::Tensor spans = (points - at::stack({mn, mx}).to(at::kDouble)).abs().le(down.to(at::kDouble) / 2);
+  at::Tensor take = over.logical_and(points.abs().le(top).logical_and(spans).all(0));
+  if (zp.has_value()) {
+    take = take.logical_and(zd->abs().le(core::kZeroPointLimit - static_cast<double>(int64_t{1} << o.bits)));
+    zp = at::where(take, *zd, *zp);
+  }
+  return {at::where(take, down, stored), zp};
+}
+
 // choose_qparams' scale and zero point for w, the scale as stored (in w's dtype, as the Python side
 // does): one that rounds to 0 there becomes the dtype's smallest subnormal (as weights.py does);
-// asymmetric ones in fp16 / bf16 through spanning_asymmetric.
+// asymmetric ones in fp16 / bf16 through spanning_asymmetric; groups at the dtype's limit through
+// within_dtype_max.
 std::tuple<at::Tensor, std::optional<at::Tensor>> stored_qparams(const at::Tensor& w, const QLinearOptions& o) {
   auto [scale, zp] = choose_qparams(w, o.bits, o.symmetric, axis_of(o), o.group_size);
   at::Tensor stored = scale.to(w.scalar_type());
   if (!o.symmetric && w.scalar_type() != at::kFloat) std::tie(stored, zp) = spanning_asymmetric(w, stored, o);
-  stored = stored.clamp_min(smallest_subnormal(w.scalar_type()));
-  return {stored, o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp)};
+  std::optional<at::Tensor> z = o.symmetric ? std::nullopt : std::optional<at::Tensor>(zp);
+  std::tie(stored, z) = within_dtype_max(w, stored, z, o);
+  return {stored.clamp_min(smallest_subnormal(w.scalar_type())), z};
+}
+
+// quantize(w), each group's values kept to those whose weight s (q - z) is within w's dtype's
+// largest value: where within_dtype_max kept a scale that puts a group's end beyond it, that
+// weight takes the grid point one step in (weights.py's _values_within_dtype).
+at::Tensor values_within_dtype(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zp,
+                               const QLinearOptions& o) {
+  const at::Tensor q = quantize(w, scale, zp, o.bits, axis_of(o), o.group_size);
+  auto [lo, hi, reaches] = codes_within(scale, zp, o.bits, largest_value(w.scalar_type()));
+  if (!reaches) return q;
+  if (o.group_size.has_value()) {
+    lo = lo.repeat_interleave(*o.group_size, 1).slice(1, 0, w.size(1));
+    hi = hi.repeat_interleave(*o.group_size, 1).slice(1, 0, w.size(1));
+  }
+  return at::clamp(q.to(at::kInt), lo.to(at::kInt), hi.to(at::kInt)).to(q.scalar_type());
 }
 
 // Each group's (or row's) squared error after quantizing w, summed in float64, shaped like scale.
 at::Tensor group_errors(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zp,
                         const QLinearOptions& o) {
-  at::Tensor err = (dequantize(quantize(w, scale, zp, o.bits, axis_of(o), o.group_size), scale, zp, axis_of(o),
-                               o.group_size, at::kFloat) - w).square();
+  at::Tensor err = (dequantize(values_within_dtype(w, scale, zp, o), scale, zp, axis_of(o), o.group_size,
+                               at::kFloat) - w).square();
   if (o.group_size.has_value()) err = by_group(err, *o.group_size);
   return err.sum(-1, /*keepdim=*/false, at::kDouble).reshape(scale.sizes());
 }
@@ -121,7 +200,7 @@ QuantizedWeight quantize_weight(const at::Tensor& w, QLinearOptions options, Sca
                     "linquant::quantize_weight: bits must be 8, 4 or 2, got ", options.bits);
   auto [scale, zp] = stored_qparams(w, options);
   if (method == ScaleMethod::kMse) search_qparams(w, options, scale, zp);
-  at::Tensor values = quantize(w, scale, zp, options.bits, axis_of(options), options.group_size);
+  at::Tensor values = values_within_dtype(w, scale, zp, options);
   if (options.bits < 8) {
     if (options.symmetric) values = (values.to(at::kShort) + (1 << (options.bits - 1))).to(at::kByte);
     values = pack(values, options.bits);

@@ -110,24 +110,89 @@ def _spanning_asymmetric(w: torch.Tensor, stored: torch.Tensor, bits: int, gran:
     return stored, torch.round(-mn / stored.float()).to(torch.int32)
 
 
+def _q_range(bits: int, symmetric: bool):
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+
+
+def _codes_within(stored: torch.Tensor, zp, bits: int, top: float):
+    """Per group, the least and the greatest value q whose weight s (q - z) is within +-top, and
+    whether any group's grid reaches past it (else no weight can)."""
+    reach = torch.floor(top / stored.double())  # steps from z
+    z = 0 if zp is None else zp.double()
+    qmin, qmax = _q_range(bits, zp is None)
+    lo, hi = (z - reach).clamp(min=qmin), (z + reach).clamp(max=qmax)
+    return lo, hi, bool(((lo > qmin) | (hi < qmax)).any())
+
+
+def _end_points(mn: torch.Tensor, mx: torch.Tensor, stored: torch.Tensor, zp, bits: int) -> torch.Tensor:
+    """Per group, the grid points s (q - z) that its min and its max quantize to, [2, ...] in float64
+    (exact: s (q - z) fits it)."""
+    s = stored.float()
+    z = torch.zeros_like(s) if zp is None else zp.float()
+    qmin, qmax = _q_range(bits, zp is None)
+    return torch.stack([s.double() * ((torch.round(end / s) + z).clamp(qmin, qmax) - z).double() for end in (mn, mx)])
+
+
+def _within_dtype_max(w: torch.Tensor, stored: torch.Tensor, zp, bits: int, gran: dict):
+    """Stored scales (and zero points) with the scale one step down where the one chosen puts the
+    grid point of the group's min or max beyond w's dtype's largest value, and one step down
+    (its zero point chosen again, within the kernels' exact range) brings both within it and
+    within half a step of them. A scale rounded up to its stored dtype does that to groups that
+    reach the limit: fp16 weights at 65504 store the 8-bit symmetric scale 65504 / 127 = 515.8 as
+    516, and 127 x 516 = 65532 came back inf (4-bit asymmetric: 15 x 4432); 515.5 spans. Groups
+    one step down does not serve keep the scale, and _values_within_dtype keeps their values
+    within the limit."""
+    top = torch.finfo(w.dtype).max
+    if not _codes_within(stored, zp, bits, top)[2]:
+        return stored, zp
+    mn, mx = (t.reshape(stored.shape) for t in _group_range(w, gran))
+    over = (_end_points(mn, mx, stored, zp, bits).abs() > top).any(0)
+    down = torch.nextafter(stored, torch.zeros_like(stored))
+    zd = None if zp is None else torch.round(-mn / down.float()).to(torch.int32)
+    points = _end_points(mn, mx, down, zd, bits)
+    spans = (points - torch.stack([mn, mx]).double()).abs() <= down.double() / 2
+    take = over & ((points.abs() <= top) & spans).all(0)
+    if zp is not None:
+        take &= zd.abs() <= ZERO_POINT_LIMIT - (1 << bits)
+        zp = torch.where(take, zd, zp)
+    return torch.where(take, down, stored), zp
+
+
 def _stored_qparams(w: torch.Tensor, bits: int, symmetric: bool, gran: dict, dtype: torch.dtype):
     """choose_qparams' scale and zero point, the scale as stored in `dtype`. A scale that rounds to
     0 there becomes its smallest subnormal. Not its smallest normal: fp16's (6.1e-5) would give
     every group with max|w| under 127 * 6.1e-5 = 7.8e-3 a coarser scale than it needs at 8 bits,
-    where the subnormals keep it. Asymmetric scales in fp16 / bf16: _spanning_asymmetric. (A
-    symmetric scale rounded down clips its largest weight by at most qmax * 2^-8 of a step (bf16), under
-    half of one.)"""
+    where the subnormals keep it. Asymmetric scales in fp16 / bf16: _spanning_asymmetric; groups
+    at w's dtype's limit: _within_dtype_max. (A symmetric scale rounded down clips its largest
+    weight by at most qmax * 2^-8 of a step (bf16), under half of one.)"""
     scale, zp = choose_qparams(w, bits=bits, symmetric=symmetric, **gran)
     stored = scale.to(dtype)
     if zp is not None and dtype != torch.float32:
         stored, zp = _spanning_asymmetric(w, stored, bits, gran)
+    stored, zp = _within_dtype_max(w, stored, zp, bits, gran)
     return stored.clamp_min(smallest_subnormal(dtype)), zp
+
+
+def _values_within_dtype(w: torch.Tensor, scale: torch.Tensor, zp, bits: int, gran: dict) -> torch.Tensor:
+    """quantize(w), each group's values kept to those whose weight s (q - z) is within w's dtype's
+    largest value. A scale rounded up to its stored dtype can put the grid point of a group's end
+    just past it, and that weight came back inf in w's dtype: fp16 weights at 65504 store the 8-bit
+    symmetric scale 65504 / 127 = 515.8 as 516, and 127 x 516 = 65532 (_within_dtype_max lowers most
+    such scales). A weight whose grid point is still beyond it takes the one a step in, within a
+    step of it."""
+    q = quantize(w, scale, zp, bits=bits, **gran)
+    lo, hi, reaches = _codes_within(scale, zp, bits, torch.finfo(w.dtype).max)
+    if not reaches:
+        return q
+    if "group_size" in gran:
+        lo, hi = (t.repeat_interleave(gran["group_size"], 1)[:, :w.shape[1]] for t in (lo, hi))
+    return torch.clamp(q.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32)).to(q.dtype)
 
 
 def _group_errors(w: torch.Tensor, scale: torch.Tensor, zp, bits: int, gran: dict) -> torch.Tensor:
     """Each group's (or row's) sum of squared errors after quantizing w (summed in float64, so that
     near-equal candidates compare alike whatever the order of the sum), shaped like scale."""
-    err = (dequantize(quantize(w, scale, zp, bits=bits, **gran), scale, zp, **gran) - w).square()
+    err = (dequantize(_values_within_dtype(w, scale, zp, bits, gran), scale, zp, **gran) - w).square()
     if "group_size" in gran:
         err = _by_group(err, gran["group_size"])
     return err.sum(-1, dtype=torch.float64).reshape(scale.shape)
@@ -178,10 +243,11 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[in
     scale, zp = _stored_qparams(w, bits, symmetric, gran, dtype)
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"{who}: the weight's range needs scales above {dtype}'s largest value "
-                         f"({torch.finfo(dtype).max:g}); store the scales in float32 or bfloat16 (dtype=...)")
+                         f"({torch.finfo(dtype).max:g}); store the scales in "
+                         f"{'float32 or bfloat16' if dtype == torch.float16 else 'float32'} (dtype=...)")
     if method == "mse":
         scale, zp = _mse_qparams(w, scale, zp, bits, symmetric, gran, dtype)
-    q = quantize(w, scale, zp, bits=bits, **gran)
+    q = _values_within_dtype(w, scale, zp, bits, gran)
     if bits < 8:
         if symmetric:  # signed values are stored offset by 2^(bits-1)
             q = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)

@@ -142,6 +142,46 @@ TEST(QLinearCpp, AsymmetricWeightsComeBackWithinHalfAStoredStep) {
   }
 }
 
+TEST(QLinearCpp, WeightsAtTheirDtypesLargestValueComeBackFinite) {
+  // fp16 weights at 65504: the 8-bit symmetric scale 65504 / 127 = 515.8 stored as 516 put the
+  // weight's grid point at 127 x 516 = 65532, inf in fp16. One step down, 515.5, spans the row;
+  // where no step down spans ([-1000, 65504] at 4 bits asymmetric: 4432), the weight takes the
+  // grid point a step in (14 x 4432). Every format of fp16 / bf16 weights at their largest value:
+  // finite, within a stored step. The numbers are weights.py's.
+  const at::Tensor w16 =
+      at::tensor({65504.0, 1.0, -3.0, 0.5, 2.0, 7.0, -1.0, 0.0, 65504.0, -1000.0, 3.0, 5.0, 2.0, 7.0, -1.0, 0.0})
+          .view({2, 8}).to(at::kHalf);
+  const linquant::QuantizedWeight sym8 = linquant::quantize_weight(w16, {8, std::nullopt, true});
+  EXPECT_EQ(sym8.scales[0][0].item<double>(), 515.5);
+  EXPECT_EQ(linquant::dequantize_weight(sym8.qweight, sym8.scales, std::nullopt, 8, std::nullopt, 8, at::kHalf)[0][0]
+                .item<double>(), 65472.0);
+  const linquant::QuantizedWeight asym4 = linquant::quantize_weight(w16, {4, std::nullopt, false});
+  EXPECT_EQ(asym4.scales[1][0].item<double>(), 4432.0);
+  EXPECT_EQ(linquant::dequantize_weight(asym4.qweight, asym4.scales, asym4.zeros, 4, std::nullopt, 8, at::kHalf)[1][0]
+                .item<double>(), 62048.0);
+  torch::manual_seed(8);
+  for (const at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    const double top = dtype == at::kHalf ? 65504.0 : std::ldexp(255.0, 120);
+    at::Tensor w = torch::randn({4, 32}, at::kDouble);
+    w[0][3] = top, w[1][20] = -top;
+    w[2] = top * (1 - torch::rand({32}, at::kDouble) * std::ldexp(1.0, -6));
+    w = w.to(dtype);
+    for (int64_t bits : {8, 4, 2}) {
+      for (bool symmetric : {true, false}) {
+        for (const std::optional<int64_t> g : {std::optional<int64_t>(16), std::optional<int64_t>()}) {
+          const linquant::QuantizedWeight qw = linquant::quantize_weight(w, {bits, g, symmetric});
+          const std::optional<at::Tensor> z = symmetric ? std::nullopt : std::optional<at::Tensor>(qw.zeros);
+          const at::Tensor w_hat = linquant::dequantize_weight(qw.qweight, qw.scales, z, bits, g, 32, dtype);
+          const at::Tensor step = qw.scales.to(at::kDouble).repeat_interleave(g.value_or(32), 1);
+          const at::Tensor err = (w_hat.to(at::kDouble) - w.to(at::kDouble)).abs() / step;
+          EXPECT_TRUE(w_hat.isfinite().all().item<bool>()) << bits << " bits, " << dtype;
+          EXPECT_LT(err.max().item<double>(), 1.0) << bits << " bits, symmetric " << symmetric << ", " << dtype;
+        }
+      }
+    }
+  }
+}
+
 TEST(QLinearCpp, TinyFp16ScalesAreSubnormalNotClampedToTheSmallestNormal) {
   // Rows of +-1e-6 and +-3e-4 in fp16, 8 bits: the first's scale (1e-6 / 127) rounds to 0 in fp16
   // and is stored as 2^-24, its smallest subnormal; the second's (2.4e-6) is a subnormal kept as it

@@ -79,6 +79,36 @@ TEST(QuantMath, ConstantGroupsRoundTripExactly) {
   }
 }
 
+TEST(QuantMath, RangesReachingFloatMaxKeepFiniteGridPoints) {
+  // FLT_MAX / 127 rounds up, so 127 s was inf: the symmetric scale is one step down. Asymmetric
+  // ends within half a step of FLT_MAX get |end| / k rounded down. Every value of each range (its
+  // ends and values between) comes back finite and within half a step (plus fp32's rounding).
+  const float top = std::numeric_limits<float>::max();
+  EXPECT_TRUE(std::isinf(top / 127.0f * 127.0f));
+  EXPECT_EQ(core::qparams_from_minmax(1.0f, top, 8, true).scale, std::nextafter(top / 127.0f, 0.0f));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  for (int i = 0; i < 2000; ++i) {
+    const float end = top * (1.0f - unit(rng) * std::ldexp(1.0f, -(i % 24))), sign = i % 2 ? 1.0f : -1.0f;
+    const float other = sign * end * (i % 3 ? unit(rng) : 1.0f - unit(rng) * 1e-3f);
+    const float mn = std::min(sign * end, other), mx = std::max(sign * end, other);
+    for (bool sym : {true, false}) {
+      for (int bits : {2, 3, 4, 8}) {
+        const core::QRange r = core::q_range(bits, sym);
+        const core::QParams qp = core::qparams_from_minmax(mn, mx, bits, sym);
+        ASSERT_TRUE(std::isfinite(qp.scale));
+        for (float v : {mn, mx, 0.5f * mn + 0.5f * mx}) {
+          const float back = core::dequantize_value(core::quantize_value(v, qp.scale, qp.zero_point, r.qmin, r.qmax),
+                                                    qp.scale, qp.zero_point);
+          ASSERT_TRUE(std::isfinite(back)) << mn << " " << mx << " bits " << bits << " sym " << sym;
+          const double err = std::fabs(static_cast<double>(back) - v);
+          ASSERT_LE(err, qp.scale / 2.0 + (std::fabs(v) + std::fabs(back)) * std::ldexp(1.0, -23)) << mn << " " << mx;
+        }
+      }
+    }
+  }
+}
+
 TEST(QuantMath, RoundsHalfToEven) {
   EXPECT_EQ(core::quantize_value(2.5f, 1.0f, 0, -128, 127), 2);
   EXPECT_EQ(core::quantize_value(3.5f, 1.0f, 0, -128, 127), 4);

@@ -47,10 +47,13 @@ def ref_qparams(x, bits, symmetric, axis=None, group_size=None):
     constant = torch.where(mx == 0, torch.ones_like(mx), mx.abs())
     s = torch.where(mn == mx, constant, s)
     s = torch.clamp(s, min=FLT_MIN)
-    if symmetric:
-        return s, None
-    z = torch.round(qmin - mn / s).to(torch.int32)
-    return s, z
+    z = torch.zeros_like(s) if symmetric else torch.round(qmin - mn / s)
+    for end in (mx, mn):  # an end whose grid point overflows gets |end| / k, rounded down
+        k = (torch.round(end / s) + z).clamp(qmin, qmax) - z
+        fit = end.abs() / k.abs()
+        fit = torch.where(fit * k.abs() > end.abs(), torch.nextafter(fit, torch.zeros_like(fit)), fit)
+        s = torch.where(torch.isinf(s * k) & torch.isfinite(s), fit, s)
+    return s, None if symmetric else z.to(torch.int32)
 
 
 def broadcast_params(p, x, axis=None, group_size=None):
@@ -110,7 +113,8 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     of the zero point z = round(-min / s) chosen for the rounded scale reaches within half a step
     of the group's max (and |z| <= 2^23 - 2^bits), else up (the next value of dtype), with the zero
     point chosen again; the values quantized with those stored scales, sub-byte symmetric values
-    offset by 2^(bits-1). Returns (values [N, K] int64, as stored before packing, scales [N, G] in
+    offset by 2^(bits-1). Groups at w's dtype's limit: _ref_within_dtype_max, then values whose
+    weight is beyond it step toward z. Returns (values [N, K] int64, as stored before packing, scales [N, G] in
     dtype, zeros [N, G] int32 or None)."""
     dtype = dtype or w.dtype
     axis = 0 if group_size is None else None  # per-channel: one [N, 1] scale per output row
@@ -130,10 +134,48 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
         z = torch.round(-mn / s.float()).to(torch.int32)
     else:
         s = stored
-    q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
+    s, z = _ref_within_dtype_max(w, s, z, bits, axis, group_size)
+    q = ref_weight_values(w, s, z, bits, axis, group_size)
     if symmetric and bits < 8:
         q = q + 2 ** (bits - 1)
     return q, s, z
+
+
+def ref_weight_values(w, s, z, bits, axis, group_size):
+    """ref_quantize(w) as int64, each value whose weight s (q - z) lies beyond w's dtype's largest
+    value stepped toward z until it does not."""
+    q = ref_quantize(w, s, z, bits, axis, group_size).to(torch.int64)
+    zq = 0 if z is None else broadcast_params(z, w, axis, group_size).to(torch.int64)
+    sq = broadcast_params(s.double(), w, axis, group_size)
+    while bool((beyond := (sq * (q - zq)).abs() > torch.finfo(w.dtype).max).any()):
+        q = q - torch.sign(q - zq) * beyond
+    return q
+
+
+def _ref_within_dtype_max(w, s, z, bits, axis, group_size):
+    """Stored scales one step down (zero points chosen again) where the grid point of a group's min
+    or max lies beyond w's dtype's largest value and one step down brings both within it and within
+    half a step of them, with the zero point within 2^23 - 2^bits."""
+    top = torch.finfo(w.dtype).max
+    mn = _reduce(w.float(), axis, group_size, torch.amin)
+    mx = _reduce(w.float(), axis, group_size, torch.amax)
+
+    def points(s, z):  # the ends' grid points, float64
+        zf = 0 if z is None else z.double()
+        return [s.double() * (ref_quantize(end, s, z, bits).double() - zf) for end in (mn, mx)]
+
+    over = torch.zeros(s.shape, dtype=torch.bool)
+    for p in points(s, z):
+        over |= p.abs() > top
+    down = torch.nextafter(s, torch.zeros_like(s))
+    zd = None if z is None else torch.round(-mn / down.float()).to(torch.int32)
+    take = over
+    for p, end in zip(points(down, zd), (mn, mx)):
+        take = take & (p.abs() <= top) & ((p - end.double()).abs() <= down.double() / 2)
+    if z is not None:
+        take = take & (zd.abs() <= ZERO_POINT_LIMIT - 2**bits)
+        z = torch.where(take, zd, z)
+    return torch.where(take, down, s), z
 
 
 def ref_stored_values(qweight, bits, k):
@@ -248,4 +290,18 @@ def extreme_inputs(dtype, gen):
     rows[7] = big
     rows[8, ::2], rows[8, 1::2] = big, -big
     rows[9] = torch.randn(64, generator=gen, dtype=torch.float64) * tiny
-    return {"huge range": huge, "constant rows": rows.to(dtype)}
+    return {"huge range": huge, "constant rows": rows.to(dtype), **largest_values(dtype, gen)}
+
+
+def largest_values(dtype, gen):
+    """Rows reaching the dtype's largest value (where a scale rounded up puts the grid point of the
+    range's end past it): each row's values within 2^-e of it, e = 1..23 by row, a quarter of them
+    0, one at the largest value itself; positive, and negative (one sign each: an asymmetric range
+    of both would overflow fp32)."""
+    top = torch.finfo(dtype).max
+    e = torch.arange(1, 24, dtype=torch.float64).reshape(-1, 1)
+    x = top * (1 - torch.rand(23, 40, generator=gen, dtype=torch.float64) * 2.0**-e)
+    x[:, ::4] = 0
+    x[:, 1] = top
+    x = x.to(dtype)
+    return {"largest values": x, "largest negative values": -x}

@@ -326,6 +326,17 @@ def test_quantize_weight_dtype_is_checked():
             lq.quantize_weight(torch.ones(4, 16, dtype=dtype), 4, 8)
 
 
+def test_scales_beyond_their_dtype_are_refused():
+    # fp32 weights whose scales overflow the dtype asked for: the advice names a dtype that holds
+    # them (it named bfloat16 to a caller already storing bf16 scales).
+    for w, bits, dtype, advice in ((torch.tensor([[1e7, -1.0]]), 8, torch.float16, "float32 or bfloat16"),
+                                   (torch.tensor([[torch.finfo(torch.float32).max, 1.0]]), 2, torch.bfloat16,
+                                    "float32")):
+        with raises(re.escape(f"linquant.quantize_weight: the weight's range needs scales above {dtype}'s largest "
+                              f"value ({torch.finfo(dtype).max:g}); store the scales in {advice} (dtype=...)")):
+            lq.quantize_weight(w, bits, None, symmetric=True, dtype=dtype)
+
+
 def test_expert_indices_are_checked():
     qx = lq.QExpertsWeight.from_weight(torch.randn(3, 4, 16), False, 4, 8, False)
     before = [t.clone() for t in (qx.qweight, qx.scales, qx.zeros)]

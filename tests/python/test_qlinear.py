@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import linquant as lq
-from reference import (linear_bound, ref_quantize, ref_stored_values, ref_stored_weight, ref_weight,
+from reference import (linear_bound, ref_stored_values, ref_stored_weight, ref_weight, ref_weight_values,
                        ref_weight_format)
 
 
@@ -109,6 +109,49 @@ def test_asymmetric_weights_come_back_within_half_a_stored_step(dtype, bits, gro
             assert bool((err <= step * 0.5 + weight.double().abs() * 2.0**-22).all()), float((err / step).max())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weights_at_their_dtypes_largest_value_come_back_finite(dtype, gen):
+    # Groups reaching the weight dtype's largest value, whose stored scale rounded up put the grid
+    # point of the group's end past it: fp16 weights at 65504 stored the 8-bit symmetric scale
+    # 65504 / 127 = 515.8 as 516, and 127 x 516 = 65532 came back inf in fp16 (4-bit asymmetric:
+    # 15 x 4432). Now the scale one step down where that keeps both ends within the limit and
+    # within half a step, else the weight takes the grid point a step in: every weight finite in its
+    # dtype and within a stored step; the reference format bit for bit; the groups away from the
+    # limit within half a step, as ever.
+    top = torch.finfo(dtype).max
+    n, k = 7, 44  # the last group of 16 is 12 long
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    w[0, 0] = top
+    w[1, 21] = -top
+    w[2] = top * (1 - torch.rand(k, generator=gen, dtype=torch.float64) * 2.0**-6)  # far from 0
+    w[3, k - 1] = top
+    w[4, :22] = top * torch.rand(22, generator=gen, dtype=torch.float64)
+    w[5] = -top * (1 - torch.rand(k, generator=gen, dtype=torch.float64) * 2.0**-9)
+    w = w.to(dtype)
+    w64 = w.double()
+    reaches = w64.abs() >= top * (1 - 2.0**-5)
+    # (bf16 scales for fp32 weights at FLT_MAX would overflow: a ValueError, test_errors.py.)
+    for scales_dtype in (None, torch.float32) + ((torch.bfloat16,) if dtype != torch.float32 else ()):
+        for bits, group_size in ((8, None), (8, 16), (4, 16), (4, None), (2, 16)):
+            for symmetric in (True, False):
+                qw = lq.quantize_weight(w, bits, group_size, symmetric, dtype=scales_dtype)
+                check_reference_format(qw, w, bits, group_size, symmetric, scales_dtype)
+                w_hat = lq.dequantize_weight(qw, dtype)
+                assert bool(w_hat.isfinite().all())
+                g = k if group_size is None else group_size
+                step = qw.scales.double().repeat_interleave(g, dim=1)[:, :k]
+                rounding = w64.abs() * torch.finfo(dtype).eps  # w_hat's rounding to dtype, doubled
+                err = (w_hat.double() - w64).abs() - rounding
+                where = (scales_dtype, bits, group_size, symmetric)
+                assert bool((err < step).all()), where
+                g_reach = torch.stack([reaches[:, i:i + g].any(1) for i in range(0, k, g)], 1)
+                calm = ~g_reach.repeat_interleave(g, dim=1)[:, :k]
+                assert bool((err <= step / 2)[calm].all()), where
+    # The mse search's candidates are checked the same way: finite.
+    qw = lq.quantize_weight(w, 4, 16, False, method="mse")
+    assert bool(lq.dequantize_weight(qw, dtype).isfinite().all())
+
+
 def group_sse(w_hat, w, group_size):
     """float64 squared error of each group (each row per channel) of w_hat against w: [N, G]."""
     err = (w_hat - w.double()).square()
@@ -124,7 +167,7 @@ MSE_GRID = [1 - i / 40 for i in range(21)]
 def ref_candidate(w, ratio, bits, group_size, symmetric, dtype):
     """(stored values, scales, zeros) of w quantized with the reference qparams of w * ratio."""
     _, s, z = ref_weight_format(w * ratio, bits, group_size, symmetric, dtype)
-    q = ref_quantize(w, s, z, bits, 0 if group_size is None else None, group_size).to(torch.int64)
+    q = ref_weight_values(w, s, z, bits, 0 if group_size is None else None, group_size)
     return (q + 2 ** (bits - 1) if symmetric and bits < 8 else q), s, z
 
 
@@ -140,7 +183,7 @@ def test_mse_method_takes_each_groups_best_clipping_ratio(bits, group_size, symm
     qw = lq.quantize_weight(w, bits, group_size, symmetric, method="mse")
     got_q = ref_stored_values(qw.qweight, bits, k)
     axis = 0 if group_size is None else None
-    expected_q = ref_quantize(w, qw.scales, qw.zeros, bits, axis, group_size).to(torch.int64)
+    expected_q = ref_weight_values(w, qw.scales, qw.zeros, bits, axis, group_size)
     assert torch.equal(got_q, expected_q + 2 ** (bits - 1) if symmetric and bits < 8 else expected_q)
     got = group_sse(ref_stored_weight(got_q, qw.scales, qw.zeros, bits, group_size, k), w, group_size)
     candidates = torch.stack([

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import linquant as lq
-from reference import (FLT_MIN, ZERO_POINT_LIMIT, column_major, extreme_inputs, q_range, ref_dequantize, ref_qparams,
-                       ref_quantize, strided_view)
+from reference import (FLT_MIN, ZERO_POINT_LIMIT, column_major, extreme_inputs, largest_values, q_range,
+                       ref_dequantize, ref_qparams, ref_quantize, strided_view)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(), (1,), (7,), (3, 5), (4, 33), (2, 3, 67), (5, 256), (0,), (0, 5), (5, 0)]
@@ -173,6 +173,33 @@ def test_extreme_values_match_reference(dtype, gen):
         assert bool((torch.cat(scales) == FLT_MIN).any())
     if dtype == torch.float32:
         assert bool((torch.cat(zero_points).abs() > ZERO_POINT_LIMIT - 2**9).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ranges_reaching_the_largest_value_come_back_finite(dtype, gen):
+    # A range's end within half a step of float32's largest value: the scale, rounded up, put that
+    # end's grid point past it (choose_qparams([FLT_MAX, 1]) came back [inf, 0] at 8 bits). The
+    # end now gets |end| / k rounded down, k its steps from the zero point: every value comes back
+    # finite and within half a step (test_extreme_values_match_reference compares these inputs
+    # with the reference bit for bit). (In float32: quantize_weight keeps a weight's grid within its
+    # own dtype, test_qlinear.py.)
+    top = torch.tensor(torch.finfo(torch.float32).max)
+    scale, _ = lq.choose_qparams(torch.stack([top, torch.tensor(1.0)]), bits=8, symmetric=True)
+    assert torch.isinf((top / 127) * 127)  # top / 127 rounds up in fp32
+    assert torch.equal(scale, torch.nextafter(top / 127, torch.tensor(0.0)))
+    for x in largest_values(dtype, gen).values():
+        for bits in BITS:
+            for symmetric in (True, False):
+                for axis, g in [(None, None), (0, None), (None, 7), (None, 16)]:
+                    scale, zp = lq.choose_qparams(x, bits=bits, symmetric=symmetric, axis=axis, group_size=g)
+                    q = lq.quantize(x, scale, zp, bits=bits, axis=axis, group_size=g)
+                    xh = lq.dequantize(q, scale, zp, axis=axis, group_size=g)
+                    assert bool(xh.isfinite().all())
+                    s = scale.double()
+                    s = s.repeat_interleave(g, dim=-1)[..., :x.shape[-1]] if g else s
+                    err = (x.double() - xh.double()).abs()
+                    assert bool((err <= s / 2 + (x.double().abs() + xh.double().abs()) * 2.0**-23).all()), \
+                        (bits, symmetric, axis, g, float((err / s).max()))
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
