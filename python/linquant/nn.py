@@ -200,8 +200,10 @@ class QLinear(QuantizedMatrix):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op sees only packed bytes, so at 4 or 2 bits it cannot tell K = 7 from K = 8: check here.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError("linquant.QLinear: x must have in_features=" + str(self.in_features)
-                             + " in its last dim, got shape " + str(list(x.shape)))
+            # One f-string: torch.compile cannot trace str() of an int (nor concatenation), and
+            # fullgraph=True then reported that instead of this error.
+            raise ValueError(f"linquant.QLinear: x must have in_features={self.in_features} in its last dim, "
+                             f"got shape {list(x.shape)}")
         if torch.jit.is_scripting():
             return torch.ops.linquant.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
                                              self.group_size)

@@ -362,6 +362,17 @@ def test_in_features_checked(bits, gen):
     assert layer(torch.randn(2, 8, generator=gen)).shape == (2, 3)
     with pytest.raises(torch.jit.Error, match="ValueError: linquant.QLinear: x must have in_features=8"):
         torch.jit.script(layer)(torch.randn(2, 7, generator=gen))
+    # Compiled: the ValueError itself, or under fullgraph=True Dynamo's report of it (the message
+    # used to be built with str(), which Dynamo cannot trace, and only that failure showed).
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=fullgraph, dynamic=True, backend="eager")
+        assert compiled(torch.randn(2, 8, generator=gen)).shape == (2, 3)
+        with pytest.raises(Exception) as raised:
+            compiled(torch.randn(2, 7, generator=gen))
+        error = raised.value if not fullgraph else raised.value.__cause__
+        assert "linquant.QLinear: x must have in_features=8 in its last dim, got shape" in str(error)
+        assert isinstance(raised.value, ValueError) or fullgraph
 
 
 def test_empty_in_features_with_groups(gen):
