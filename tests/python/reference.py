@@ -114,8 +114,8 @@ def ref_weight_format(w, bits, group_size, symmetric, dtype=None):
     of the group's max (and |z| <= 2^23 - 2^bits), else up (the next value of dtype), with the zero
     point chosen again; the values quantized with those stored scales, sub-byte symmetric values
     offset by 2^(bits-1). Groups at w's dtype's limit: _ref_within_dtype_max, then values whose
-    weight is beyond it step toward z. Returns (values [N, K] int64, as stored before packing, scales [N, G] in
-    dtype, zeros [N, G] int32 or None)."""
+    weight is beyond it step toward z (ref_weight_values). Returns (values [N, K] int64, as stored
+    before packing, scales [N, G] in dtype, zeros [N, G] int32 or None)."""
     dtype = dtype or w.dtype
     axis = 0 if group_size is None else None  # per-channel: one [N, 1] scale per output row
     s, z = ref_qparams(w, bits, symmetric, axis, group_size)
