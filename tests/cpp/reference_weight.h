@@ -15,7 +15,7 @@
 // past 2^23 - 2^bits), w quantized with those rounded scales, then s * (q - z) in fp32. Independent
 // of the library's code. It leaves out the formulas' limits (constant groups, the scale floors,
 // zero points far from 0, groups at the dtype's largest value): the tests that use it give it
-// randn weights, and test the limits with worked numbers.
+// randn weights (the limits have tests of their own, here and in tests/python).
 inline at::Tensor reference_candidate(const at::Tensor& w, double ratio, int64_t bits, int64_t group, bool symmetric) {
   const int64_t n = w.size(0), k = w.size(1);
   const at::Tensor shrunk = (w * ratio).to(at::kFloat).view({n, k / group, group});
