@@ -109,9 +109,10 @@ at::Tensor end_points(const at::Tensor& mn, const at::Tensor& mx, const at::Tens
   const at::Tensor s = stored.to(at::kFloat);
   const at::Tensor z = zp.has_value() ? zp->to(at::kFloat) : at::zeros_like(s);
   const core::QRange r = core::q_range(bits, !zp.has_value());
+  const at::Tensor s64 = s.to(at::kDouble);
   std::vector<at::Tensor> points;
   for (const at::Tensor& end : {mn, mx}) {
-    points.push_back(s.to(at::kDouble) * ((at::round(end.div(s)) + z).clamp(r.qmin, r.qmax) - z).to(at::kDouble));
+    points.push_back(s64 * ((at::round(end.div(s)) + z).clamp(r.qmin, r.qmax) - z).to(at::kDouble));
   }
   return at::stack(points);
 }

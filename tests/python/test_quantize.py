@@ -71,18 +71,23 @@ def test_matches_reference_bit_for_bit(shape, axis, group_size, dtype, gen):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_error_is_within_half_a_step_in_float64(bits, symmetric, gen):
     # Independent of the reference: every reconstructed value lies within s/2 of the original
-    # (the range of each group is covered, so nothing clips), plus the fp32 rounding of x / s and
-    # of (q - z) * s: half an ulp of |x| and of |xh| (so 2^-24 of each, doubled for margin).
+    # (the range of each group is covered, so nothing clips).
     x = torch.randn(6, 200, generator=gen, dtype=torch.float64).float()
     for axis, g in [(None, None), (0, None), (None, 64)]:
         scale, zp = lq.choose_qparams(x, bits=bits, symmetric=symmetric, axis=axis, group_size=g)
         xh = lq.dequantize(lq.quantize(x, scale, zp, bits=bits, axis=axis, group_size=g), scale, zp,
                            axis=axis, group_size=g)
-        s = scale.double()
-        s = s.repeat_interleave(g, dim=-1)[..., :200] if g else s
-        err = (x.double() - xh.double()).abs()
-        bound = s / 2 + (x.double().abs() + xh.double().abs()) * 2.0**-23
-        assert bool((err <= bound).all()), float((err / s).max())
+        check_within_half_a_step(x, xh, scale, g)
+
+
+def check_within_half_a_step(x, xh, scale, g):
+    """Every reconstructed value xh within s/2 of x, plus the fp32 rounding of x / s and of
+    (q - z) * s: half an ulp of |x| and of |xh| (so 2^-24 of each, doubled for margin)."""
+    s = scale.double()
+    s = s.repeat_interleave(g, dim=-1)[..., :x.shape[-1]] if g else s
+    err = (x.double() - xh.double()).abs()
+    bound = s / 2 + (x.double().abs() + xh.double().abs()) * 2.0**-23
+    assert bool((err <= bound).all()), float((err / s).max())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -195,11 +200,7 @@ def test_ranges_reaching_the_largest_value_come_back_finite(dtype, gen):
                     q = lq.quantize(x, scale, zp, bits=bits, axis=axis, group_size=g)
                     xh = lq.dequantize(q, scale, zp, axis=axis, group_size=g)
                     assert bool(xh.isfinite().all())
-                    s = scale.double()
-                    s = s.repeat_interleave(g, dim=-1)[..., :x.shape[-1]] if g else s
-                    err = (x.double() - xh.double()).abs()
-                    assert bool((err <= s / 2 + (x.double().abs() + xh.double().abs()) * 2.0**-23).all()), \
-                        (bits, symmetric, axis, g, float((err / s).max()))
+                    check_within_half_a_step(x, xh, scale, g)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
